@@ -1,0 +1,1 @@
+"""convnext-edge: ConvNeXt from PyTorch to verified, measured TVM artifacts."""
