@@ -1,0 +1,49 @@
+"""Every setting of a pipeline run, resolved once and printed before work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+PRECISIONS = ("fp32", "fp16", "int8")
+PARAMS_MODES = ("embedded", "separate")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    # Model
+    variant: str = "micro"
+    weights: Path | None = None  # None: random init with `seed`
+    num_classes: int = 1000
+    in_chans: int = 3
+    seed: int = 0
+    # Export
+    input_size: int = 224
+    batch_size: int = 1
+    opset: int = 17
+    dynamic_batch: bool = False
+    # Compile
+    precision: str = "fp32"
+    params_mode: str = "embedded"
+    # Bench
+    warmup: int = 5
+    repeats: int = 50
+    # Evaluate: None means random inputs (agreement and error only, no top-1)
+    data: str | None = None
+    preprocessing: str = "imagenet"
+    eval_limit: int | None = 256
+    eval_random_count: int = 16
+    # Where things go
+    artifacts: Path = Path("artifacts")
+    reports_dir: Path = Path("reports")
+
+    def describe(self) -> str:
+        """The resolved settings, one per line, for the start of a run."""
+        width = max(len(f.name) for f in dataclasses.fields(self))
+        return "\n".join(
+            f"  {f.name:<{width}}  {getattr(self, f.name)}" for f in dataclasses.fields(self)
+        )
+
+    def replace(self, **changes) -> "PipelineConfig":
+        return dataclasses.replace(self, **changes)

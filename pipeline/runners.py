@@ -1,0 +1,72 @@
+"""One small runner per backend, all with the same shape: infer(batch) -> logits.
+
+Every latency and accuracy number goes through these, so PyTorch, ONNX Runtime
+and TVM are always fed the same array the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+
+class Runner(Protocol):
+    name: str
+
+    def infer(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class TorchRunner:
+    """PyTorch eager, the FP32 reference."""
+
+    model: object
+    name: str = "pytorch"
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Path) -> "TorchRunner":
+        from pipeline.checkpoints import load_model_from_checkpoint
+
+        return cls(load_model_from_checkpoint(checkpoint))
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(np.ascontiguousarray(batch))).numpy()
+
+
+class OnnxRuntimeRunner:
+    """ONNX Runtime on the CPU with all graph optimizations, as users run it."""
+
+    name = "onnxruntime"
+
+    def __init__(self, onnx_path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})[0]
+
+
+class TvmRunner:
+    """A compiled artifact, loaded through the TVM runtime only."""
+
+    name = "tvm"
+
+    def __init__(self, library: Path, device: str = "cpu"):
+        from pipeline.runtime_only import LoadedArtifact
+
+        self.artifact = LoadedArtifact(library, device=device)
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.artifact.infer(batch)

@@ -1,0 +1,102 @@
+"""bench: latency of the artifact, with PyTorch and ONNX Runtime measured in the
+same process on the same input as baselines (trtexec-style statistics)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import PipelineConfig
+from pipeline.engine import Stage, log
+from targets import Target
+
+
+def settings(config: PipelineConfig, target: Target) -> dict:
+    return {"target": target.name, "warmup": config.warmup, "repeats": config.repeats}
+
+
+def latency_stats(seconds: list[float], batch_size: int) -> dict:
+    """Summary statistics of per-call latencies, in milliseconds."""
+    ms = np.asarray(seconds) * 1e3
+    median = float(np.median(ms))
+    return {
+        "repeats": int(ms.size),
+        "min_ms": float(ms.min()),
+        "median_ms": median,
+        "mean_ms": float(ms.mean()),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "max_ms": float(ms.max()),
+        "std_ms": float(ms.std()),
+        "throughput_ips": batch_size * 1e3 / median,
+    }
+
+
+def measure(runner, batch: np.ndarray, warmup: int, repeats: int) -> dict:
+    """Time `repeats` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        runner.infer(batch)
+    seconds = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        runner.infer(batch)
+        seconds.append(time.perf_counter() - start)
+    return latency_stats(seconds, batch.shape[0])
+
+
+def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir: Path) -> dict:
+    from pipeline.runners import OnnxRuntimeRunner, TorchRunner, TvmRunner
+
+    if target.runner != "local":
+        from pipeline.errors import PipelineError
+
+        raise PipelineError(f"target '{target.name}' is measured over RPC; pass --rpc-tracker HOST:PORT")
+    meta = json.loads(Path(inputs["library_metadata"]).read_text())
+    shape = tuple(meta["input"]["shape"])
+    batch = np.random.default_rng(config.seed).standard_normal(shape, dtype=np.float32)
+
+    runners = [("tvm", lambda: TvmRunner(inputs["library"]))]
+    runners.append(("onnxruntime", lambda: OnnxRuntimeRunner(inputs["onnx_simplified"])))
+    if "checkpoint" in inputs:
+        runners.append(("pytorch", lambda: TorchRunner.from_checkpoint(inputs["checkpoint"])))
+    results = {}
+    for name, make in runners:
+        log(f"[bench] {name}: {config.warmup} warm-up + {config.repeats} timed runs, batch {shape[0]}")
+        stats = measure(make(), batch, config.warmup, config.repeats)
+        log(f"[bench] {name}: median {stats['median_ms']:.2f} ms, p99 {stats['p99_ms']:.2f} ms")
+        results[name] = stats
+    if "pytorch" not in results:
+        results["pytorch"] = {"not_measured": "no PyTorch model for a user-supplied ONNX file"}
+
+    tvm_median = results["tvm"]["median_ms"]
+    speedups = {
+        f"vs_{name}": stats["median_ms"] / tvm_median
+        for name, stats in results.items() if name != "tvm" and "median_ms" in stats
+    }
+    latency = {
+        "target": target.name,
+        "precision": config.precision,
+        "batch_size": int(shape[0]),
+        "input_shape": list(shape),
+        "warmup": config.warmup,
+        "backends": results,
+        "tvm_speedup": speedups,
+        "artifact_bytes": Path(inputs["library"]).stat().st_size
+        + (Path(inputs["params"]).stat().st_size if "params" in inputs else 0),
+    }
+    (out_dir / "latency.json").write_text(json.dumps(latency, indent=2) + "\n")
+    return {"outputs": {"latency": "latency.json"}, "info": {"tvm_median_ms": tvm_median}}
+
+
+STAGE = Stage(
+    name="bench",
+    inputs=("library", "library_metadata", "params", "onnx_simplified", "checkpoint"),
+    optional_inputs=("params", "checkpoint"),
+    outputs=("latency",),
+    settings=settings,
+    run=run,
+    cacheable=False,
+)

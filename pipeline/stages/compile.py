@@ -1,0 +1,57 @@
+"""compile: simplified ONNX -> a TVM shared library for the target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import PipelineConfig
+from pipeline.engine import Stage
+from pipeline.errors import PipelineError
+from targets import Target
+
+
+def settings(config: PipelineConfig, target: Target) -> dict:
+    return {
+        "target": target.name,
+        "target_json": target.tvm_target,
+        "host_triple": target.host_triple,
+        "precision": config.precision,
+        "params_mode": config.params_mode,
+        "input_size": config.input_size,
+        "batch_size": config.batch_size,
+    }
+
+
+def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir: Path) -> dict:
+    from pipeline.tvm_backend import compile_onnx
+
+    if config.precision not in target.precisions:
+        raise PipelineError(
+            f"target '{target.name}' does not support precision '{config.precision}'; "
+            f"use one of: {', '.join(target.precisions)}"
+        )
+    if config.precision != "fp32":
+        raise PipelineError(f"precision '{config.precision}' is not implemented yet; use --precision fp32")
+    library = out_dir / "model.so"
+    info = compile_onnx(
+        inputs["onnx_simplified"], target, library,
+        params_mode=config.params_mode,
+        input_shape=(config.batch_size, config.in_chans, config.input_size, config.input_size),
+    )
+    outputs = {"library": library.name}
+    for path in sorted(out_dir.iterdir()):
+        # The metadata and (with separate params) the weights file travel with the library.
+        if path.name.endswith(".json"):
+            outputs["library_metadata"] = path.name
+        elif path.name.endswith(".npz"):
+            outputs["params"] = path.name
+    return {"outputs": outputs, "info": info}
+
+
+STAGE = Stage(
+    name="compile",
+    inputs=("onnx_simplified",),
+    outputs=("library", "library_metadata", "params"),
+    settings=settings,
+    run=run,
+)

@@ -1,0 +1,130 @@
+"""evaluate: accuracy of the artifact against the PyTorch reference.
+
+With a labeled dataset it reports top-1/top-5 of both; on an unlabeled folder
+or on random inputs, agreement and error statistics only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.compare import compare_logits
+from pipeline.config import PipelineConfig
+from pipeline.engine import Stage, log
+from targets import Target
+
+
+def data_fingerprint(source: str | None) -> str | None:
+    """A cheap content fingerprint of the evaluation data (names, sizes, mtimes)."""
+    if source is None:
+        return None
+    if source.startswith("fashion-mnist"):
+        from calibration import fashion_mnist
+
+        root = Path(fashion_mnist.data_dir())
+        entries = sorted(root.glob("*")) if root.is_dir() else []
+    else:
+        root = Path(source)
+        entries = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    digest = hashlib.sha256(source.encode())
+    for path in entries:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        digest.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def settings(config: PipelineConfig, target: Target) -> dict:
+    return {
+        "data": config.data,
+        "data_fingerprint": data_fingerprint(config.data),
+        "preprocessing": config.preprocessing,
+        "eval_limit": config.eval_limit,
+        "eval_random_count": config.eval_random_count if config.data is None else None,
+        "seed": config.seed,
+    }
+
+
+def run_batched(runner, images: np.ndarray, batch_size: int, label: str) -> np.ndarray:
+    """Feed a fixed-batch-size runner, padding the last batch with copies of its last image."""
+    outputs = []
+    total = images.shape[0]
+    step = max(total // 10, batch_size)
+    next_report = step
+    for start in range(0, total, batch_size):
+        chunk = images[start:start + batch_size]
+        real = chunk.shape[0]
+        if real < batch_size:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - real, axis=0)])
+        outputs.append(runner.infer(chunk)[:real])
+        if start + real >= next_report or start + real == total:
+            print(f"\r[evaluate] {label}: {start + real}/{total} images", end="", file=sys.stderr, flush=True)
+            next_report += step
+    print(file=sys.stderr)
+    return np.concatenate(outputs)
+
+
+def load_inputs(config: PipelineConfig, in_chans: int, input_size: int):
+    """(images, labels or None, description of the data) for the evaluation."""
+    if config.data is None:
+        rng = np.random.default_rng(config.seed)
+        images = rng.standard_normal((config.eval_random_count, in_chans, input_size, input_size), dtype=np.float32)
+        return images, None, {"source": "random normal inputs", "count": config.eval_random_count, "labeled": False}
+    from calibration import load_dataset
+
+    dataset = load_dataset(
+        config.data, input_size=input_size, preprocessing=config.preprocessing,
+        in_chans=in_chans, limit=config.eval_limit, seed=config.seed, progress=True,
+    )
+    description = {
+        "source": dataset.source,
+        "description": dataset.description,
+        "count": len(dataset),
+        "skipped": len(dataset.skipped),
+        "skipped_examples": [f"{path}: {reason}" for path, reason in dataset.skipped[:5]],
+        "labeled": dataset.labels is not None,
+        "class_names": dataset.class_names,
+    }
+    return dataset.images, dataset.labels, description
+
+
+def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir: Path) -> dict:
+    from pipeline.runners import OnnxRuntimeRunner, TorchRunner, TvmRunner
+
+    meta = json.loads(Path(inputs["library_metadata"]).read_text())
+    batch_size, in_chans, input_size = meta["input"]["shape"][0], meta["input"]["shape"][1], meta["input"]["shape"][2]
+    images, labels, data = load_inputs(config, in_chans, input_size)
+    log(f"[evaluate] {data['count']} images from {data['source']}")
+
+    if "checkpoint" in inputs:
+        reference = TorchRunner.from_checkpoint(inputs["checkpoint"])
+    else:
+        reference = OnnxRuntimeRunner(inputs["onnx_simplified"])
+    reference_logits = run_batched(reference, images, batch_size, reference.name)
+    artifact_logits = run_batched(TvmRunner(inputs["library"]), images, batch_size, "tvm")
+    accuracy = {
+        "target": target.name,
+        "precision": config.precision,
+        "reference": reference.name,
+        "data": data,
+        "metrics": compare_logits(reference_logits, artifact_logits, labels),
+    }
+    (out_dir / "accuracy.json").write_text(json.dumps(accuracy, indent=2) + "\n")
+    return {"outputs": {"accuracy": "accuracy.json"}, "info": accuracy["metrics"]}
+
+
+STAGE = Stage(
+    name="evaluate",
+    inputs=("library", "library_metadata", "params", "onnx_simplified", "checkpoint"),
+    optional_inputs=("params", "checkpoint"),
+    outputs=("accuracy",),
+    settings=settings,
+    run=run,
+)

@@ -1,0 +1,69 @@
+"""report: latency.json + accuracy.json -> reports/<target>/ with report.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline import artifacts
+from pipeline.config import PipelineConfig
+from pipeline.engine import Stage, log
+from pipeline.provenance import provenance
+from targets import Target
+
+
+def settings(config: PipelineConfig, target: Target) -> dict:
+    return {"target": target.name, "reports_dir": str(config.reports_dir)}
+
+
+def model_summary(inputs: dict[str, Path]) -> dict:
+    """What the upstream manifests say about the model and the artifact."""
+    build = artifacts.manifest_beside(inputs["checkpoint"]) if "checkpoint" in inputs else {}
+    simplify = artifacts.manifest_beside(inputs["onnx_simplified"])
+    compiled = artifacts.manifest_beside(inputs["library"])
+    return {
+        "variant": build.get("settings", {}).get("variant", "user-supplied ONNX"),
+        "num_classes": build.get("settings", {}).get("num_classes"),
+        "parameters": build.get("info", {}).get("parameters"),
+        "weights": build.get("info", {}).get("weights", "user-supplied ONNX"),
+        "checkpoint_sha256": build.get("output_sha256", {}).get("checkpoint"),
+        "nodes_before": simplify.get("info", {}).get("nodes_before"),
+        "nodes_after": simplify.get("info", {}).get("nodes_after"),
+        "compile_seconds": compiled.get("seconds"),
+        "target_json": compiled.get("settings", {}).get("target_json"),
+        "tuning": compiled.get("info", {}).get("tuning", "untuned"),
+    }
+
+
+def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir: Path) -> dict:
+    from reports.target_report import render_report
+
+    latency = json.loads(Path(inputs["latency"]).read_text())
+    accuracy = json.loads(Path(inputs["accuracy"]).read_text())
+    model = model_summary(inputs)
+    origin = provenance()
+    for record in (latency, accuracy):
+        record["model"] = model
+        record["provenance"] = origin
+    markdown = render_report(latency, accuracy, model, origin)
+    (out_dir / "report.md").write_text(markdown)
+
+    # The committed copy: one folder per target, or per target and precision beyond FP32.
+    folder = target.name if config.precision == "fp32" else f"{target.name}-{config.precision}"
+    destination = Path(config.reports_dir) / folder
+    artifacts.atomic_write_json(destination / "latency.json", latency)
+    artifacts.atomic_write_json(destination / "accuracy.json", accuracy)
+    artifacts.atomic_write_text(destination / "report.md", markdown)
+    log(f"[report] wrote {destination}/report.md")
+    return {"outputs": {"report": "report.md"}, "info": {"reports_dir": str(destination)}}
+
+
+STAGE = Stage(
+    name="report",
+    inputs=("latency", "accuracy", "library", "onnx_simplified", "checkpoint"),
+    optional_inputs=("checkpoint",),
+    outputs=("report",),
+    settings=settings,
+    run=run,
+    cacheable=False,
+)

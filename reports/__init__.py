@@ -1,0 +1,1 @@
+"""Report writers (per target and aggregated) and, beside them, the committed reports."""

@@ -1,0 +1,96 @@
+"""Renders one target's report.md from its latency.json and accuracy.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+BACKEND_ORDER = ("tvm", "onnxruntime", "pytorch")
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def latency_table(latency: dict) -> list[str]:
+    lines = [
+        "| backend | median ms | p90 ms | p99 ms | mean ms | min ms | std ms | throughput img/s | TVM speed-up |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in BACKEND_ORDER:
+        stats = latency["backends"].get(name)
+        if stats is None:
+            continue
+        if "median_ms" not in stats:
+            lines.append(f"| {name} | not measured: {stats.get('not_measured', 'unknown')} |||||||")
+            continue
+        speedup = "1.00x" if name == "tvm" else f"{latency['tvm_speedup'].get('vs_' + name, 0):.2f}x"
+        lines.append(
+            f"| {name} | {_fmt(stats['median_ms'])} | {_fmt(stats['p90_ms'])} | {_fmt(stats['p99_ms'])} "
+            f"| {_fmt(stats['mean_ms'])} | {_fmt(stats['min_ms'])} | {_fmt(stats['std_ms'])} "
+            f"| {_fmt(stats['throughput_ips'], 1)} | {speedup} |"
+        )
+    return lines
+
+
+def accuracy_table(accuracy: dict) -> list[str]:
+    m = accuracy["metrics"]
+    lines = ["| metric | value |", "|---|---|"]
+    if "top1" in m:
+        lines += [
+            f"| top-1 ({accuracy['reference']} reference) | {_pct(m['reference_top1'])} |",
+            f"| top-1 (TVM artifact) | {_pct(m['top1'])} |",
+            f"| top-5 ({accuracy['reference']} reference) | {_pct(m['reference_top5'])} |",
+            f"| top-5 (TVM artifact) | {_pct(m['top5'])} |",
+        ]
+    lines += [
+        f"| top-1 agreement with {accuracy['reference']} | {_pct(m['top1_agreement'])} |",
+        f"| max abs logit error | {m['max_abs_error']:.3e} |",
+        f"| mean abs logit error | {m['mean_abs_error']:.3e} |",
+        f"| min / mean logit cosine | {m['cosine_min']:.6f} / {m['cosine_mean']:.6f} |",
+    ]
+    return lines
+
+
+def render_report(latency: dict, accuracy: dict, model: dict, provenance: dict) -> str:
+    """Markdown for one target x precision."""
+    data = accuracy["data"]
+    lines = [
+        f"# {model.get('variant', '?')} on `{latency['target']}` ({latency['precision'].upper()})",
+        "",
+        f"- device: {provenance['device']}",
+        f"- date: {provenance['date']}",
+        f"- commit: {provenance['commit']}",
+        f"- command: `{provenance['command']}`",
+        "- tools: " + ", ".join(f"{k} {v}" for k, v in provenance["tools"].items()),
+        "",
+        "## Model",
+        "",
+        f"- variant: {model.get('variant')} ({_fmt(model.get('parameters'))} parameters), "
+        f"{model.get('num_classes')} classes, input {latency['input_shape']}",
+        f"- weights: {model.get('weights')}",
+        f"- ONNX nodes: {_fmt(model.get('nodes_before'))} exported, {_fmt(model.get('nodes_after'))} after onnxsim",
+        f"- artifact: {latency['artifact_bytes'] / 1e6:.2f} MB, compiled in {_fmt(model.get('compile_seconds'), 1)} s, "
+        f"{_fmt(model.get('tuning', 'untuned'))}",
+        "",
+        f"## Latency (batch {latency['batch_size']}, {latency['warmup']} warm-up runs, "
+        f"{latency['backends']['tvm']['repeats']} timed runs, same input and process for every backend)",
+        "",
+        *latency_table(latency),
+        "",
+        f"## Accuracy ({data['count']} images: {data.get('description') or data['source']})",
+        "",
+    ]
+    if not data.get("labeled"):
+        lines += ["No labels: agreement and error against the reference only.", ""]
+    lines += accuracy_table(accuracy)
+    if data.get("skipped"):
+        lines += ["", f"{data['skipped']} unreadable files were skipped, e.g. " + "; ".join(data["skipped_examples"])]
+    return "\n".join(lines) + "\n"
