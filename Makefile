@@ -1,0 +1,49 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both install first.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIPELINE := $(VENV)/bin/pipeline
+STAMP := $(VENV)/.installed
+TARGET ?= x86
+ARGS ?=
+# The demo's model and inputs: small enough that an untuned CPU build stays quick.
+DEMO_ARGS ?= --variant micro --input-size 64 --num-classes 10 --repeats 30
+
+.PHONY: install system-deps demo test test-all compile bench report reports run clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
+		{ echo "error: Python 3.11 is required (found $$($(PYTHON) --version)); set PYTHON=/path/to/python3.11" >&2; exit 2; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	$(MAKE) --no-print-directory system-deps
+	touch $(STAMP)
+
+# Debian packages the pipeline reads or runs: the Fashion-MNIST data set.
+system-deps:
+	@bash scripts/system-deps.sh
+
+demo: install
+	$(PIPELINE) run --target x86 $(DEMO_ARGS) $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+compile: install
+	$(PIPELINE) compile --target $(TARGET) $(DEMO_ARGS) $(ARGS)
+
+bench: install
+	$(PIPELINE) bench --target $(TARGET) $(DEMO_ARGS) $(ARGS)
+
+report: install
+	$(PIPELINE) report --target $(TARGET) $(DEMO_ARGS) $(ARGS)
+
+run: install
+	$(PIPELINE) run --target $(TARGET) $(DEMO_ARGS) $(ARGS)
+
+clean:
+	rm -rf artifacts .pytest_cache
