@@ -354,3 +354,21 @@ __all__ = [
     "load_weights",
     "save_checkpoint",
 ]
+
+
+def load_model_from_checkpoint(path: str | os.PathLike[str]) -> nn.Module:
+    """Rebuild a model from a checkpoint written by `save_checkpoint` (eval mode)."""
+    from pipeline.model import create_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"checkpoint file not found: {path}; run `pipeline build` first")
+    raw = _load_file(path)
+    if not isinstance(raw, dict) or not {"model", "variant", "num_classes", "in_chans"} <= set(raw):
+        raise PipelineError(
+            f"{path} was not written by `pipeline build` (no variant/num_classes/in_chans); "
+            "pass it as --weights instead"
+        )
+    model = create_model(raw["variant"], num_classes=int(raw["num_classes"]), in_chans=int(raw["in_chans"]), seed=None)
+    model.load_state_dict(raw["model"], strict=True)
+    return model.eval()

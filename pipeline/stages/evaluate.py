@@ -26,7 +26,7 @@ def data_fingerprint(source: str | None) -> str | None:
     if source.startswith("fashion-mnist"):
         from calibration import fashion_mnist
 
-        root = Path(fashion_mnist.data_dir())
+        root = Path(fashion_mnist.dataset_dir())
         entries = sorted(root.glob("*")) if root.is_dir() else []
     else:
         root = Path(source)

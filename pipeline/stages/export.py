@@ -63,7 +63,8 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
     from pipeline.checkpoints import load_model_from_checkpoint
 
     model = load_model_from_checkpoint(inputs["checkpoint"])
-    input_shape = (config.batch_size, model.in_chans, config.input_size, config.input_size)
+    in_chans = model.downsample_layers[0][0].in_channels
+    input_shape = (config.batch_size, in_chans, config.input_size, config.input_size)
     path = out_dir / "model.onnx"
     export_onnx(model, path, input_shape, config.opset, config.dynamic_batch)
     max_error = check_against_torch(model, path, input_shape, config.seed)
