@@ -89,7 +89,7 @@ def ensure_writable_root(root: Path) -> Path:
             f"artifacts directory '{root}' is not writable ({exc.strerror or exc}); "
             "pass --artifacts DIR pointing to a writable directory"
         ) from None
-    return root
+    return root.resolve()
 
 
 def new_temp_dir(stage_dir: StageDir) -> Path:

@@ -38,6 +38,10 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
         params_mode=config.params_mode,
         input_shape=(config.batch_size, config.in_chans, config.input_size, config.input_size),
     )
+    # Paths inside the scratch directory mean nothing once it is renamed into place.
+    info = {k: v for k, v in info.items() if k not in ("library", "metadata_file")}
+    if info.get("params_file"):
+        info["params_file"] = Path(info["params_file"]).name
     outputs = {"library": library.name}
     for path in sorted(out_dir.iterdir()):
         # The metadata and (with separate params) the weights file travel with the library.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import numpy as np
 from pipeline.compare import compare_logits
 from pipeline.config import PipelineConfig
 from pipeline.engine import Stage, log
+from pipeline.progress import Progress
 from targets import Target
 
 
@@ -56,18 +56,14 @@ def run_batched(runner, images: np.ndarray, batch_size: int, label: str) -> np.n
     """Feed a fixed-batch-size runner, padding the last batch with copies of its last image."""
     outputs = []
     total = images.shape[0]
-    step = max(total // 10, batch_size)
-    next_report = step
+    progress = Progress(f"[evaluate] {label}", total)
     for start in range(0, total, batch_size):
         chunk = images[start:start + batch_size]
         real = chunk.shape[0]
         if real < batch_size:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - real, axis=0)])
         outputs.append(runner.infer(chunk)[:real])
-        if start + real >= next_report or start + real == total:
-            print(f"\r[evaluate] {label}: {start + real}/{total} images", end="", file=sys.stderr, flush=True)
-            next_report += step
-    print(file=sys.stderr)
+        progress.update(start + real)
     return np.concatenate(outputs)
 
 
