@@ -29,8 +29,9 @@ StageFunction = Callable[[PipelineConfig, Target, dict[str, Path], Path], dict[s
 @dataclass(frozen=True)
 class Stage:
     name: str
-    # Names of files, produced upstream or supplied by the user, that the stage reads.
-    inputs: tuple[str, ...]
+    # Names of files, produced upstream or supplied by the user, that the stage reads;
+    # a function of the config where they depend on a setting (e.g. precision).
+    inputs: tuple[str, ...] | Callable[[PipelineConfig], tuple[str, ...]]
     # Names of the files the stage produces.
     outputs: tuple[str, ...]
     # The settings the result depends on; part of the cache key.
@@ -42,6 +43,10 @@ class Stage:
     cacheable: bool = True
     # Inputs the stage can do without (e.g. a PyTorch baseline for a user-supplied ONNX).
     optional_inputs: tuple[str, ...] = ()
+
+
+def inputs_of(stage: Stage, config: PipelineConfig) -> tuple[str, ...]:
+    return stage.inputs(config) if callable(stage.inputs) else stage.inputs
 
 
 @dataclass
@@ -78,10 +83,11 @@ def run_stage(
     force: bool = False,
 ) -> StageResult:
     """Run one stage, or return its cached result when nothing it depends on changed."""
-    missing = [name for name in stage.inputs if name not in inputs and name not in stage.optional_inputs]
+    wanted = inputs_of(stage, config)
+    missing = [name for name in wanted if name not in inputs and name not in stage.optional_inputs]
     if missing:
         raise PipelineError(f"stage '{stage.name}' needs {', '.join(missing)}, which no earlier stage produced")
-    stage_inputs = {name: Path(inputs[name]) for name in stage.inputs if name in inputs}
+    stage_inputs = {name: Path(inputs[name]) for name in wanted if name in inputs}
     key, description = stage_key(stage, config, target, stage_inputs)
     stage_dir = artifacts.StageDir(Path(root), stage.name, key)
 
@@ -120,7 +126,7 @@ def run_stage(
     return StageResult(stage.name, outputs, manifest, cached=False, path=final)
 
 
-def stages_needed(stages: list[Stage], until: str, provided: dict[str, Path]) -> list[Stage]:
+def stages_needed(stages: list[Stage], until: str, provided: dict[str, Path], config: PipelineConfig) -> list[Stage]:
     """The stages, in order, that must run to produce `until`'s outputs from what is provided."""
     by_name = {stage.name: stage for stage in stages}
     if until not in by_name:
@@ -133,7 +139,7 @@ def stages_needed(stages: list[Stage], until: str, provided: dict[str, Path]) ->
         if stage.name in needed:
             continue
         needed.add(stage.name)
-        for name in stage.inputs:
+        for name in inputs_of(stage, config):
             if name in provided:
                 continue
             if name in producer:
@@ -155,7 +161,7 @@ def run_pipeline(
     root = artifacts.ensure_writable_root(config.artifacts)
     available: dict[str, Path] = dict(provided or {})
     results: dict[str, StageResult] = {}
-    for stage in stages_needed(stages, until, available):
+    for stage in stages_needed(stages, until, available, config):
         result = run_stage(stage, config, target, available, root, force=stage.name in force)
         results[stage.name] = result
         available.update(result.outputs)

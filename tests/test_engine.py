@@ -84,4 +84,4 @@ def test_manifest_records_inputs_settings_and_tools(tmp_path):
 
 def test_unknown_stage_is_a_user_error():
     with pytest.raises(PipelineError, match="unknown stage 'nope'"):
-        stages_needed(make_stages([]), "nope", {})
+        stages_needed(make_stages([]), "nope", {}, PipelineConfig())
