@@ -1,0 +1,188 @@
+"""Run a compiled artifact with nothing but NumPy and the TVM runtime.
+
+This file is copied alone into device bundles as ``run.py``, so it imports no
+``pipeline`` module and nothing of TVM's compiler. An artifact is three files
+side by side, written by ``pipeline.tvm_backend.compile_onnx``:
+
+    model.so            the VM executable and its kernels (and weights, if embedded)
+    model.so.json       metadata: target, input/output shape and dtype, params order
+    model.params.npz    weights, only when compiled with params_mode="separate"
+
+    python run.py model.so --input x.npy --output y.npy [--repeat 20] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__" and "tvm" not in sys.modules:
+    # TVM 0.27: `import tvm` loads libtvm_compiler and imports tvm.relax with all its
+    # frontends (about 1900 modules) unless TVM_USE_RUNTIME_LIB=1 is set before the
+    # first import. Only a process that just runs artifacts may opt in (compiling later
+    # in the same process would fail), hence only here, in the command-line entry.
+    # A runtime-only TVM build (no compiler library) gets the same mode by itself.
+    os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+
+import numpy as np  # noqa: E402
+import tvm  # noqa: E402
+
+# TVM 0.27: the Relax VM lives in tvm.runtime.vm; tvm.relax.VirtualMachine is a re-export
+# that needs the compiler-side tvm.relax package.
+from tvm.runtime.vm import VirtualMachine  # noqa: E402
+
+
+class ArtifactError(Exception):
+    """An artifact that cannot be loaded or run as asked; the message says what to do."""
+
+
+def metadata_path(library_path: Path) -> Path:
+    """The metadata file of a library: ``model.so`` -> ``model.so.json``."""
+    library_path = Path(library_path)
+    return library_path.with_name(library_path.name + ".json")
+
+
+def write_metadata(path: Path, metadata: dict) -> None:
+    """Write artifact metadata as stable, human-readable JSON."""
+    Path(path).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class LoadedArtifact:
+    """A compiled library loaded into a Relax VM, ready for ``infer``."""
+
+    # The exception type for every problem; the pipeline swaps in a PipelineError subclass.
+    error_type: type[Exception] = ArtifactError
+
+    def __init__(self, library_path: Path | str, device: str = "cpu"):
+        self.library_path = Path(library_path)
+        fail = self.error_type
+        if not self.library_path.is_file():
+            raise fail(f"artifact {self.library_path} does not exist")
+        meta_file = metadata_path(self.library_path)
+        try:
+            self.metadata = json.loads(meta_file.read_text())
+        except FileNotFoundError:
+            raise fail(
+                f"{meta_file} is missing; the compile step writes it beside the library "
+                f"and it must travel with it"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise fail(f"cannot read {meta_file}: {_first_line(exc)}") from None
+
+        meta = self.metadata
+        self.target = meta["target"]
+        self.input_name = meta["input"]["name"]
+        self.input_shape = tuple(meta["input"]["shape"])
+        self.input_dtype = np.dtype(meta["input"]["dtype"])
+        self.output_shape = tuple(meta["output"]["shape"])
+
+        try:
+            self.device = tvm.device(device)
+        except Exception as exc:
+            raise fail(f"unknown device '{device}': {_first_line(exc)}") from None
+        if not self.device.exist:
+            raise fail(f"device '{device}' is not available on this machine")
+
+        try:
+            self._module = tvm.runtime.load_module(str(self.library_path))
+            self._vm = VirtualMachine(self._module, self.device)
+            self._main = self._vm[meta.get("entry", "main")]
+        except Exception as exc:
+            raise fail(
+                f"TVM {tvm.__version__} cannot load {self.library_path} "
+                f"(built with TVM {meta.get('tvm_version', '?')} for target '{self.target}'): "
+                f"{_first_line(exc)}"
+            ) from None
+
+        # Separate weights are copied to the device once, in the order "main" takes them.
+        self._params: list = []
+        if meta.get("params_file"):
+            weights = self.library_path.with_name(meta["params_file"])
+            try:
+                with np.load(weights) as arrays:
+                    self._params = [
+                        tvm.runtime.tensor(arrays[name], self.device)
+                        for name in meta["params_order"]
+                    ]
+            except FileNotFoundError:
+                raise fail(
+                    f"weights file {weights} is missing; "
+                    f"it must travel with {self.library_path.name}"
+                ) from None
+            except (KeyError, ValueError, OSError) as exc:
+                raise fail(
+                    f"weights file {weights} does not match the artifact: {_first_line(exc)}"
+                ) from None
+
+    def check_target(self, expected_target_name: str) -> None:
+        """Raise if the artifact was compiled for another target than ``expected_target_name``."""
+        if self.target != expected_target_name:
+            raise self.error_type(
+                f"{self.library_path} was built for target '{self.target}', "
+                f"not '{expected_target_name}'; compile it for '{expected_target_name}'"
+            )
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """Run the model on one input batch of exactly the compiled shape and dtype."""
+        x = np.asarray(x)
+        if x.shape != self.input_shape or x.dtype != self.input_dtype:
+            raise self.error_type(
+                f"input is {x.dtype} {list(x.shape)}, but {self.library_path.name} was compiled "
+                f"for {self.input_dtype} {list(self.input_shape)}"
+            )
+        x_device = tvm.runtime.tensor(np.ascontiguousarray(x), self.device)
+        return self._main(x_device, *self._params).numpy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: run an artifact on a .npy input, save the output, print latency."""
+    parser = argparse.ArgumentParser(description="Run a compiled TVM artifact on a .npy input.")
+    parser.add_argument("library", type=Path, help="the compiled .so (its .json must sit beside it)")
+    parser.add_argument("--input", type=Path, required=True, help=".npy input of the compiled shape")
+    parser.add_argument("--output", type=Path, help="where to save the output as .npy")
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs after one warm-up run")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--target", help="fail unless the artifact was built for this target")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.repeat < 1:
+            raise ArtifactError(f"--repeat must be at least 1, not {args.repeat}")
+        try:
+            x = np.load(args.input)
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"cannot read input {args.input}: {_first_line(exc)}") from None
+        artifact = LoadedArtifact(args.library, device=args.device)
+        if args.target:
+            artifact.check_target(args.target)
+        y = artifact.infer(x)  # warm-up: first-call allocations are not latency
+        times_ms = []
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            y = artifact.infer(x)
+            times_ms.append((time.perf_counter() - start) * 1e3)
+    except ArtifactError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.output is not None:
+        np.save(args.output, y)
+    times_ms.sort()
+    print(
+        f"{args.library.name} on {artifact.device}: input {list(x.shape)} -> output {list(y.shape)}; "
+        f"latency median {times_ms[len(times_ms) // 2]:.3f} ms, min {times_ms[0]:.3f} ms "
+        f"over {len(times_ms)} runs (host copies included)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

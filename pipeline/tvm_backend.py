@@ -1,0 +1,366 @@
+"""ONNX -> TVM Relax -> shared library: the only module that touches TVM's compiler.
+
+TVM's Python API moves between releases (0.27 renamed half of it), so every
+compiler import lives here, and each quirk of the pinned version carries a
+comment that starts with "TVM 0.27:". Running an artifact needs none of this:
+see ``pipeline/runtime_only.py``, which this module reuses for ``load_artifact``.
+
+Artifact layout (all in the library's directory, written atomically):
+
+    model.so            the VM executable and its kernels (weights too, if "embedded")
+    model.so.json       metadata the runtime reads: target, input/output, params order
+    model.params.npz    weights, only for params_mode="separate"
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+import tvm
+from tvm import relax
+
+# TVM 0.27: MetaSchedule moved to tvm.s_tir.meta_schedule and dlight to tvm.s_tir.dlight.
+from tvm.s_tir import dlight
+
+from pipeline import runtime_only
+from pipeline.errors import PipelineError
+from pipeline.runtime_only import LoadedArtifact, metadata_path
+from targets import Target
+
+log = logging.getLogger(__name__)
+
+PARAMS_MODES = ("embedded", "separate")
+
+
+def params_path(library_path: Path) -> Path:
+    """Where the weights of a params_mode="separate" library live: ``<stem>.params.npz``."""
+    return library_path.with_name(f"{library_path.stem}.params.npz")
+
+
+# ---------------------------------------------------------------------------
+# ONNX loading and input resolution
+
+
+def _load_onnx(onnx_path: Path) -> onnx.ModelProto:
+    if not onnx_path.is_file():
+        raise PipelineError(f"ONNX model {onnx_path} does not exist; re-run `pipeline export`")
+    try:
+        model = onnx.load(str(onnx_path))
+        # An empty or truncated file can parse as an empty ModelProto; the checker catches it.
+        onnx.checker.check_model(model)
+    except Exception as exc:  # DecodeError, ValidationError, OSError: all mean "bad file"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(
+            f"{onnx_path} is not a valid ONNX model: {reason}; re-run `pipeline export`"
+        ) from None
+    return model
+
+
+def _resolve_input(
+    model: onnx.ModelProto, input_name: str | None, input_shape: tuple[int, ...] | None
+) -> tuple[str, tuple[int, ...], str]:
+    """Pick the graph input and fix its shape: (name, static shape, numpy dtype name)."""
+    initializers = {init.name for init in model.graph.initializer}
+    # Old exporters list weights among the graph inputs too; those are not real inputs.
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    names = [i.name for i in inputs]
+    if input_name is None:
+        if len(inputs) != 1:
+            raise PipelineError(
+                f"the ONNX model has {len(inputs)} inputs ({', '.join(names)}); "
+                f"name one with input_name"
+            )
+        graph_input = inputs[0]
+    else:
+        matches = [i for i in inputs if i.name == input_name]
+        if not matches:
+            raise PipelineError(
+                f"the ONNX model has no input '{input_name}'; its inputs are: {', '.join(names)}"
+            )
+        graph_input = matches[0]
+
+    tensor_type = graph_input.type.tensor_type
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
+    # A dim is either a positive int (static) or a symbol such as "batch" (dynamic).
+    dims: list[int | str] = [
+        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
+        for d in tensor_type.shape.dim
+    ]
+    model_shape = "(" + ", ".join(str(d) for d in dims) + ")"
+
+    if input_shape is None:
+        dynamic = [d for d in dims if isinstance(d, str)]
+        if dynamic:
+            raise PipelineError(
+                f"input '{graph_input.name}' has dynamic dims {model_shape}; "
+                f"pass a static input_shape, e.g. batch 1"
+            )
+        return graph_input.name, tuple(int(d) for d in dims), dtype
+
+    shape = tuple(int(d) for d in input_shape)
+    fits = len(shape) == len(dims) and all(
+        isinstance(d, str) or d == s for d, s in zip(dims, shape)
+    )
+    if not fits or any(s <= 0 for s in shape):
+        raise PipelineError(
+            f"input_shape {shape} does not match input '{graph_input.name}' of the ONNX model, "
+            f"which is {model_shape}"
+        )
+    return graph_input.name, shape, dtype
+
+
+def _import_relax(
+    model: onnx.ModelProto, onnx_path: Path, name: str, shape: tuple[int, ...], dtype: str
+) -> tuple[tvm.IRModule, list[str], list[tvm.runtime.Tensor]]:
+    """ONNX -> Relax with weights as function inputs: (module, param names, param values)."""
+    # Imported here: the frontend pulls in the onnx converter tables only when compiling.
+    from tvm.relax.frontend import detach_params
+    from tvm.relax.frontend.onnx import from_onnx
+
+    try:
+        # keep_params_in_input=True makes every initializer a parameter of "main" after the
+        # real input (its count is in the "num_input" attribute) and puts the values in the
+        # function's "params" attribute; detach_params takes them out again.
+        mod = from_onnx(
+            model, shape_dict={name: list(shape)}, dtype_dict={name: dtype},
+            keep_params_in_input=True,
+        )
+    except tvm.error.OpNotImplemented as exc:
+        # TVM 0.27: the message reads "The following operators are not supported for
+        # frontend ONNX: Celu, ..." and so already names the operators.
+        raise PipelineError(
+            f"{onnx_path} uses operators TVM {tvm.__version__} cannot import: "
+            f"{str(exc).split(':', 1)[-1].strip().splitlines()[0]}"
+        ) from None
+    except Exception as exc:  # the importer raises bare ValueError/TVMError on odd graphs
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(f"TVM could not import {onnx_path}: {first}") from exc
+    mod, params = detach_params(mod)
+    main = mod["main"]
+    num_input = int(main.attrs["num_input"])
+    # TVM 0.27: relax.Var's name is `.name` (was `.name_hint`) and its type is `.ty`
+    # (was `.struct_info`); the frontend strips a leading "onnx::" from weight names.
+    param_names = [str(var.name) for var in main.params[num_input:]]
+    return mod, param_names, list(params.get("main", []))
+
+
+def _output_spec(mod: tvm.IRModule) -> dict[str, Any]:
+    # TVM 0.27: a function's return type is `.ret_ty` (was `.ret_struct_info`).
+    ret = mod["main"].ret_ty
+    if not isinstance(ret, relax.TensorType) or ret.shape is None:
+        raise PipelineError(f"the model must have exactly one tensor output; TVM sees {ret}")
+    return {"shape": [int(d) for d in ret.shape], "dtype": str(ret.dtype)}
+
+
+# ---------------------------------------------------------------------------
+# The Relax pipeline, written out
+
+
+def relax_phases(target: tvm.target.Target) -> list[tuple[str, list[tvm.transform.Pass]]]:
+    """The Relax passes from an imported graph to VM-ready code, in order, per phase.
+
+    This follows TVM's own per-target pipeline (relax/backend/cpu_generic/pipeline.py)
+    rather than relax.build's "default", because on CPU that default skips fusion
+    (TVM 0.27: vm_build.py keeps the unfused pipeline for CPU because fusion can drop
+    side-effecting call_pure_packed calls; ONNX vision graphs have none).
+    """
+    transform = relax.transform
+    is_gpu = "gpu" in target.keys
+    return [
+        # Simplify: split composite ops (batch_norm, attention) into basic ones, drop
+        # trivial bindings so that legalization sees plain ops.
+        ("simplify", [transform.DecomposeOpsForInference(), transform.CanonicalizeBindings()]),
+        # Library dispatch: route sampling/sort ops to hand-written kernels (a no-op for
+        # CNNs, kept so that the list matches TVM's own CPU pipeline).
+        ("dispatch", [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()]),
+        # Legalize: every Relax op becomes a call_tir to a TE-generated PrimFunc; constant
+        # subgraphs (weight transposes of embedded params) are evaluated now.
+        ("legalize", [
+            transform.LegalizeOps(),
+            transform.AnnotateTIROpPattern(),
+            transform.FoldConstant(),
+        ]),
+        # Fuse: group elementwise/injective ops into their producers and merge each group
+        # into one PrimFunc. A tuning database would be applied right after this phase.
+        ("fuse", [transform.FuseOps(), transform.FuseTIR()]),
+        # Schedule: GPU kernels need thread bindings, which dlight's default rules give
+        # (untested until a GPU target exists). CPU PrimFuncs stay unscheduled: correct
+        # but slow until MetaSchedule tunes them.
+        ("schedule", [dlight.ApplyDefaultSchedule(
+            dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
+            dlight.gpu.GeneralReduction(), dlight.gpu.Fallback(),
+        )] if is_gpu else []),
+        # Dataflow lowering: leave the pure dataflow world; call_tir becomes explicit
+        # output allocation plus a call.
+        ("lower_dataflow", [
+            transform.RewriteDataflowReshape(),
+            transform.ToNonDataflow(),
+            transform.RemovePurityChecking(),
+            transform.CallTIRRewrite(),
+        ]),
+        # VM finalization: plan and reuse memory statically, free after last use, lower
+        # builtins and shape computations to VM instructions, name the entry points.
+        ("finalize", [
+            transform.StaticPlanBlockMemory(),
+            transform.LowerAllocTensor(),
+            transform.KillAfterLastUse(),
+            transform.LowerRuntimeBuiltin(),
+            transform.ComputePrimValue(),
+            transform.VMShapeLower(),
+            transform.AttachGlobalSymbol(),
+        ]),
+    ]
+
+
+def _dump(dump_ir_dir: Path | None, index: int, phase: str, mod: tvm.IRModule) -> None:
+    if dump_ir_dir is not None:
+        dump_ir_dir.mkdir(parents=True, exist_ok=True)
+        (dump_ir_dir / f"{index:02d}_{phase}.py").write_text(mod.script())
+
+
+def _count_primfuncs(mod: tvm.IRModule) -> int:
+    # TVM 0.27: TIR lives in tvm.tirx (was tvm.tir).
+    return sum(isinstance(func, tvm.tirx.PrimFunc) for func in mod.functions.values())
+
+
+def _link_function(target: Target):
+    """The export_library fcompile: None (host cc) or the target's cross compiler."""
+    if target.cross_compiler is None:
+        return None
+    # TVM 0.27: cc helpers moved to tvm.support.cc (was tvm.contrib.cc).
+    from tvm.support import cc
+
+    return cc.cross_compiler(target.cross_compiler)
+
+
+# ---------------------------------------------------------------------------
+# Public API
+
+
+def compile_onnx(
+    onnx_path: Path,
+    target: Target,
+    library_path: Path,
+    *,
+    params_mode: str = "embedded",
+    input_name: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    dump_ir_dir: Path | None = None,
+) -> dict:
+    """Compile an ONNX model into ``library_path`` (+ metadata, + weights if "separate").
+
+    Nothing appears at ``library_path`` unless the whole build succeeded. Returns a
+    JSON-friendly summary: sizes, input/output, PrimFunc count, compile seconds.
+    """
+    start = time.perf_counter()
+    onnx_path, library_path = Path(onnx_path), Path(library_path)
+    dump_ir_dir = Path(dump_ir_dir) if dump_ir_dir is not None else None
+    if params_mode not in PARAMS_MODES:
+        raise PipelineError(
+            f"unknown params_mode '{params_mode}'; use one of: {', '.join(PARAMS_MODES)}"
+        )
+
+    model = _load_onnx(onnx_path)
+    name, shape, dtype = _resolve_input(model, input_name, input_shape)
+    log.info(
+        "compile %s -> %s: target %s %s, input %s %s %s, params %s, TVM %s",
+        onnx_path, library_path, target.name, target.target_json(), name, shape, dtype,
+        params_mode, tvm.__version__,
+    )
+
+    mod, param_names, param_values = _import_relax(model, onnx_path, name, shape, dtype)
+    output = _output_spec(mod)
+    _dump(dump_ir_dir, 0, "imported", mod)
+    if params_mode == "embedded":
+        # Weights become constants, so FoldConstant can pre-compute their transposes and
+        # the executable carries them in its constant pool.
+        main = mod["main"]
+        num_input = int(main.attrs["num_input"])
+        bindings = dict(zip(main.params[num_input:], param_values))
+        mod = relax.transform.BindParams("main", bindings)(mod)
+        _dump(dump_ir_dir, 1, "params_bound", mod)
+
+    tvm_target = tvm.target.Target(target.tvm_target)
+    with tvm_target:
+        for index, (phase, passes) in enumerate(relax_phases(tvm_target), start=2):
+            if passes:
+                mod = tvm.transform.Sequential(passes, name=phase)(mod)
+                _dump(dump_ir_dir, index, phase, mod)
+        num_primfuncs = _count_primfuncs(mod)
+        # relax_pipeline=None: the Relax passes ran above; tvm.compile now runs TIR's
+        # default lowering pipeline and LLVM (or the target's) codegen.
+        executable = tvm.compile(mod, target=tvm_target, relax_pipeline=None)
+
+    library_path.parent.mkdir(parents=True, exist_ok=True)
+    weights = params_path(library_path)
+    metadata = {
+        "format": 1,
+        "target": target.name,
+        "target_json": target.tvm_target,
+        "tvm_version": tvm.__version__,
+        "library": library_path.name,
+        "entry": "main",
+        "input": {"name": name, "shape": list(shape), "dtype": dtype},
+        "output": output,
+        "params_mode": params_mode,
+        "params_file": weights.name if params_mode == "separate" else None,
+        "params_order": param_names if params_mode == "separate" else [],
+    }
+
+    # Everything is written to temporary names in the destination directory and renamed
+    # into place at the end, the library last: a crash leaves no half-written artifact.
+    tag = f".tmp-{os.getpid()}"
+    temp_library = library_path.with_name(f".{library_path.stem}{tag}{library_path.suffix}")
+    temp_metadata = library_path.with_name(f".{metadata_path(library_path).name}{tag}")
+    temp_weights = weights.with_name(f".{weights.stem}{tag}.npz")
+    temps = [temp_library, temp_metadata, temp_weights]
+    try:
+        executable.export_library(str(temp_library), fcompile=_link_function(target))
+        if params_mode == "separate":
+            with open(temp_weights, "wb") as f:
+                np.savez(f, **{n: v.numpy() for n, v in zip(param_names, param_values)})
+        runtime_only.write_metadata(temp_metadata, metadata)
+        if params_mode == "separate":
+            os.replace(temp_weights, weights)
+        elif weights.exists():
+            weights.unlink()  # a stale weights file from an earlier "separate" build
+        os.replace(temp_metadata, metadata_path(library_path))
+        os.replace(temp_library, library_path)
+    finally:
+        for temp in temps:
+            temp.unlink(missing_ok=True)
+
+    return {
+        "library": str(library_path),
+        "library_bytes": library_path.stat().st_size,
+        "metadata_file": str(metadata_path(library_path)),
+        "params_file": str(weights) if params_mode == "separate" else None,
+        "params_bytes": weights.stat().st_size if params_mode == "separate" else 0,
+        "params_mode": params_mode,
+        "input": metadata["input"],
+        "output": output,
+        "num_primfuncs": num_primfuncs,
+        "compile_s": round(time.perf_counter() - start, 3),
+        "tvm_version": tvm.__version__,
+        "target": target.name,
+    }
+
+
+class ArtifactPipelineError(PipelineError, runtime_only.ArtifactError):
+    """An artifact problem met inside the pipeline: a user error like any other (exit 2)."""
+
+
+class _PipelineArtifact(LoadedArtifact):
+    error_type = ArtifactPipelineError
+
+
+def load_artifact(library_path: Path, device: str = "cpu") -> LoadedArtifact:
+    """Load a compiled library for inference (runtime_only.LoadedArtifact, PipelineError errors)."""
+    return _PipelineArtifact(library_path, device=device)
