@@ -67,7 +67,11 @@ def _run_until(until: str, config: PipelineConfig, target_name: str, onnx: Optio
         provided["onnx" if until == "simplify" else "onnx_simplified"] = onnx
     log(f"pipeline {until} for target {target.name}: {target.target_json()}")
     log(config.describe())
-    results = run_pipeline(STAGES, config, target, until, provided, force=(until,) if force else ())
+    # A user's ONNX file has no PyTorch model behind it: baselines and references use ONNX Runtime.
+    unavailable = frozenset({"checkpoint"}) if onnx is not None else frozenset()
+    results = run_pipeline(
+        STAGES, config, target, until, provided, force=(until,) if force else (), unavailable=unavailable
+    )
     final = results[until]
     for name, path in final.outputs.items():
         print(f"{name}: {path}")

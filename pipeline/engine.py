@@ -126,8 +126,17 @@ def run_stage(
     return StageResult(stage.name, outputs, manifest, cached=False, path=final)
 
 
-def stages_needed(stages: list[Stage], until: str, provided: dict[str, Path], config: PipelineConfig) -> list[Stage]:
-    """The stages, in order, that must run to produce `until`'s outputs from what is provided."""
+def stages_needed(
+    stages: list[Stage],
+    until: str,
+    provided: dict[str, Path],
+    config: PipelineConfig,
+    unavailable: frozenset[str] = frozenset(),
+) -> list[Stage]:
+    """The stages, in order, that must run to produce `until`'s outputs from what is provided.
+
+    Optional inputs named in `unavailable` are not produced (e.g. no PyTorch model
+    exists for a user-supplied ONNX file, so none is built for the baselines)."""
     by_name = {stage.name: stage for stage in stages}
     if until not in by_name:
         raise PipelineError(f"unknown stage '{until}'; stages: {', '.join(by_name)}")
@@ -140,7 +149,7 @@ def stages_needed(stages: list[Stage], until: str, provided: dict[str, Path], co
             continue
         needed.add(stage.name)
         for name in inputs_of(stage, config):
-            if name in provided:
+            if name in provided or (name in unavailable and name in stage.optional_inputs):
                 continue
             if name in producer:
                 pending.append(producer[name])
@@ -156,12 +165,13 @@ def run_pipeline(
     until: str,
     provided: dict[str, Path] | None = None,
     force: tuple[str, ...] = (),
+    unavailable: frozenset[str] = frozenset(),
 ) -> dict[str, StageResult]:
     """Run every stage `until` depends on, in order, reusing cached results."""
     root = artifacts.ensure_writable_root(config.artifacts)
     available: dict[str, Path] = dict(provided or {})
     results: dict[str, StageResult] = {}
-    for stage in stages_needed(stages, until, available, config):
+    for stage in stages_needed(stages, until, available, config, unavailable):
         result = run_stage(stage, config, target, available, root, force=stage.name in force)
         results[stage.name] = result
         available.update(result.outputs)

@@ -165,3 +165,12 @@ def test_targets_and_variants_listings(tmp_path):
     listing = run_cli("variants", cwd=tmp_path, check=True).stdout
     for name in ("atto", "femto", "pico", "nano", "tiny", "small", "base", "large", "xlarge"):
         assert name in listing
+
+
+def test_user_onnx_runs_without_pytorch_model(tiny_run, tmp_path):
+    (onnx_file,) = (tiny_run / "artifacts" / "simplify").glob("*/model.sim.onnx")
+    result = run_cli("bench", *TINY_ARGS, "--onnx", str(onnx_file), cwd=tmp_path, check=True)
+    assert "[build]" not in result.stderr
+    latency = json.loads(Path(result.stdout.split("latency:")[1].strip()).read_text())
+    assert "not_measured" in latency["backends"]["pytorch"]
+    assert latency["backends"]["onnxruntime"]["median_ms"] > 0

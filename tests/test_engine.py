@@ -85,3 +85,11 @@ def test_manifest_records_inputs_settings_and_tools(tmp_path):
 def test_unknown_stage_is_a_user_error():
     with pytest.raises(PipelineError, match="unknown stage 'nope'"):
         stages_needed(make_stages([]), "nope", {}, PipelineConfig())
+
+
+def test_unavailable_optional_input_is_not_built(tmp_path):
+    calls: list[str] = []
+    stages = make_stages(calls)
+    optional_b = Stage("b", ("x",), ("y",), stages[1].settings, stages[1].run, optional_inputs=("x",))
+    run_pipeline([stages[0], optional_b], PipelineConfig(artifacts=tmp_path), TARGET, "b", unavailable=frozenset({"x"}))
+    assert calls == ["b"]
