@@ -1,0 +1,610 @@
+"""Gathers every committed reports/<folder>/latency.json and accuracy.json into
+reports/README.md.
+
+One table per model (variant, classes, input shape), one row per target x
+precision. Known targets without a measurement get a row that says why, never a
+number. Each measured row is compared with the previous history.jsonl entry for
+the same target, precision, model and device, and flagged when its median latency
+rose by more than 10% or its top-1 agreement with the FP32 reference fell. Bad or
+missing files are skipped with a warning that names them; half a pair still shows
+what it has.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from pipeline import artifacts
+from reports import history
+from reports.warn import warn
+
+README = "README.md"
+PLOTS_DIR = "plots"
+TUNING_FILE = "tuning.json"
+PRECISION_ORDER = ("fp32", "fp16", "int8")
+# A median more than this fraction slower than the previous entry's is a regression.
+LATENCY_TOLERANCE = 0.10
+# Below this, a lower agreement is float noise in the stored fraction, not a drop.
+AGREEMENT_EPSILON = 1e-9
+# What a target needs beyond a CPU, by TVM target kind: the reason it may be unmeasured.
+DEVICE_BY_KIND = {
+    "cuda": "an NVIDIA GPU",
+    "rocm": "an AMD GPU",
+    "metal": "an Apple GPU",
+    "vulkan": "a Vulkan GPU",
+    "opencl": "an OpenCL device",
+}
+COLUMNS = (
+    "target", "precision", "median ms", "p99 ms", "throughput img/s",
+    "speed-up vs PyTorch", "speed-up vs ONNX Runtime", "top-1", "top-5",
+    "top-1 agreement with FP32 ref", "artifact MB", "tuning", "device", "date", "commit", "flag",
+)
+
+TargetLookup = Callable[[str], Any]
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _num(value: Any) -> float | None:
+    """A finite number from a report, or None for anything else (absent, null, text, NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """What makes two reports comparable in one table."""
+
+    variant: str
+    num_classes: int | None
+    input_shape: tuple[int, ...] | None
+
+    def label(self) -> str:
+        classes = "? classes" if self.num_classes is None else f"{self.num_classes} classes"
+        shape = "input ?" if self.input_shape is None else "input " + "x".join(map(str, self.input_shape))
+        return f"{self.variant}, {classes}, {shape}"
+
+    def text(self) -> str:
+        """The model's name in history.jsonl."""
+        shape = "?" if self.input_shape is None else "x".join(map(str, self.input_shape))
+        return f"{self.variant}/{'?' if self.num_classes is None else self.num_classes}/{shape}"
+
+    def slug(self) -> str:
+        """A file-name-safe form, for the plots."""
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", self.text().replace("/", "-")).strip("-") or "model"
+
+    def sort_key(self) -> tuple:
+        return (self.variant, self.num_classes is None, self.num_classes or 0, self.input_shape or ())
+
+
+# The table that holds the "not measured" rows when nothing at all has been measured.
+NO_MEASUREMENTS = ModelKey("no measurements yet", None, None)
+
+
+@dataclass
+class Row:
+    """One target x precision of one model: a measurement (whole or half) or the reason there is none."""
+
+    target: str
+    precision: str
+    model: ModelKey
+    folder: str | None = None
+    latency: dict | None = None
+    accuracy: dict | None = None
+    not_measured: str | None = None
+    flags: list[str] = field(default_factory=list)
+    previous: dict | None = None
+
+    @property
+    def measured(self) -> bool:
+        return self.latency is not None or self.accuracy is not None
+
+    @property
+    def label(self) -> str:
+        return f"{self.target} {self.precision}"
+
+    def _record(self) -> dict:
+        return self.latency if self.latency is not None else self.accuracy or {}
+
+    @property
+    def provenance(self) -> dict:
+        return _dict(self._record().get("provenance"))
+
+    @property
+    def tvm(self) -> dict:
+        return _dict(_dict(_dict(self.latency).get("backends")).get("tvm"))
+
+    @property
+    def metrics(self) -> dict:
+        return _dict(_dict(self.accuracy).get("metrics"))
+
+    @property
+    def median_ms(self) -> float | None:
+        return _num(self.tvm.get("median_ms"))
+
+    def speedup(self, backend: str) -> float | None:
+        return _num(_dict(_dict(self.latency).get("tvm_speedup")).get(f"vs_{backend}"))
+
+    @property
+    def top1(self) -> float | None:
+        return _num(self.metrics.get("top1"))
+
+    @property
+    def agreement(self) -> float | None:
+        return _num(self.metrics.get("top1_agreement"))
+
+    @property
+    def samples_ms(self) -> tuple[float, ...]:
+        """Raw per-call latencies, when bench recorded them (optional `samples_ms`)."""
+        samples = self.tvm.get("samples_ms")
+        if not isinstance(samples, list):
+            return ()
+        values = [_num(v) for v in samples]
+        return tuple(v for v in values if v is not None)
+
+    @property
+    def tuning(self) -> str:
+        """Tuning trials used, from model.tuning: a count, a dict with one, or a description."""
+        tuning = _dict(self._record().get("model")).get("tuning")
+        if tuning is None or tuning == "":
+            return "untuned"
+        if isinstance(tuning, dict):
+            for name in ("trials", "trials_used", "num_trials", "total_trials"):
+                if _num(tuning.get(name)) is not None:
+                    return f"{int(tuning[name])} trials"
+            return str(tuning.get("summary") or tuning.get("method") or "tuned")
+        if _num(tuning) is not None:
+            return f"{int(tuning)} trials"
+        return str(tuning)
+
+    def history_entry(self) -> dict[str, Any]:
+        origin = self.provenance
+        return {
+            "target": self.target,
+            "precision": self.precision,
+            "model": self.model.text(),
+            "device": origin.get("device"),
+            "commit": origin.get("commit"),
+            "date": origin.get("date"),
+            "median_ms": self.median_ms,
+            "p99_ms": _num(self.tvm.get("p99_ms")),
+            "top1_agreement": self.agreement,
+            "top1": self.top1,
+        }
+
+
+# ---------------------------------------------------------------- gathering
+
+
+def read_report(path: Path, warnings: list[str]) -> dict | None:
+    """A latency.json or accuracy.json, or None (with a warning) when it is not a readable report."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        warn(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); skipped", warnings)
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        warn(f"{path}: unreadable ({exc}); skipped", warnings)
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("target"), str) \
+            or not isinstance(data.get("precision"), str):
+        warn(f'{path}: not a report (needs "target" and "precision"); skipped', warnings)
+        return None
+    return data
+
+
+def model_key(latency: dict | None, accuracy: dict | None) -> ModelKey:
+    """The table a report belongs in. accuracy.json does not record the input shape."""
+    model = _dict(_dict(latency).get("model")) or _dict(_dict(accuracy).get("model"))
+    variant = model.get("variant") if isinstance(model.get("variant"), str) else "unknown model"
+    classes = model.get("num_classes")
+    shape = _dict(latency).get("input_shape")
+    valid_shape = isinstance(shape, list) and shape and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+    return ModelKey(
+        variant,
+        classes if isinstance(classes, int) and not isinstance(classes, bool) else None,
+        tuple(shape) if valid_shape else None,
+    )
+
+
+def gather(reports_dir: Path, warnings: list[str]) -> list[Row]:
+    """A row for every report folder under `reports_dir` with a readable latency.json or accuracy.json."""
+    rows = []
+    for folder in sorted(p for p in Path(reports_dir).iterdir() if p.is_dir()):
+        latency_path, accuracy_path = folder / "latency.json", folder / "accuracy.json"
+        if not latency_path.exists() and not accuracy_path.exists():
+            continue  # plots/, or a folder that holds no report
+        latency = read_report(latency_path, warnings) if latency_path.exists() else None
+        accuracy = read_report(accuracy_path, warnings) if accuracy_path.exists() else None
+        if latency is None and accuracy is None:
+            continue
+        if latency is not None and accuracy is not None and \
+                (latency["target"], latency["precision"]) != (accuracy["target"], accuracy["precision"]):
+            warn(f"{accuracy_path}: is for {accuracy['target']} {accuracy['precision']}, but {latency_path} "
+                 f"is for {latency['target']} {latency['precision']}; accuracy skipped", warnings)
+            accuracy = None
+        for path, record, shown in ((latency_path, latency, "accuracy"), (accuracy_path, accuracy, "latency")):
+            if not path.exists():
+                warn(f"{path}: missing; showing {shown} only", warnings)
+        record = latency if latency is not None else accuracy
+        rows.append(Row(record["target"], record["precision"], model_key(latency, accuracy),
+                        folder=folder.name, latency=latency, accuracy=accuracy))
+    # An accuracy-only row knows its model but not the input shape: give it the shape of
+    # the one table of that model, when there is exactly one, rather than a table of its own.
+    for row in rows:
+        if row.model.input_shape is None:
+            same = {r.model for r in rows if r.model.input_shape is not None
+                    and (r.model.variant, r.model.num_classes) == (row.model.variant, row.model.num_classes)}
+            if len(same) == 1:
+                row.model = same.pop()
+    return rows
+
+
+# ---------------------------------------------------------------- rows without a measurement
+
+
+def not_measured_reason(name: str, precision: str, lookup: TargetLookup) -> str:
+    """Why a known target has no measurement, from its record: the device it needs, if any."""
+    try:
+        target = lookup(name)
+    except Exception:  # noqa: BLE001 -- the reason is a hint; a target that cannot load still gets a row
+        return "no measurement committed"
+    precisions = tuple(getattr(target, "precisions", ()) or ())
+    if precisions and precision not in precisions:
+        return f"{name} does not support {precision} (precisions: {', '.join(precisions)})"
+    kind = _dict(getattr(target, "tvm_target", None)).get("kind")
+    need = DEVICE_BY_KIND.get(kind)
+    arch = _arch(str(getattr(target, "host_triple", "") or ""))
+    if need is None and arch and arch != _arch(platform.machine()):
+        need = f"{arch} hardware"
+    if getattr(target, "runner", "local") == "rpc":
+        key = getattr(target, "rpc_key", None)
+        board = f"the RPC device '{key}'" if key else "an RPC device"
+        need = f"{need} ({board})" if need else board
+    return f"no device: needs {need}" if need else "no measurement committed"
+
+
+def _arch(triple_or_machine: str) -> str:
+    arch = triple_or_machine.split("-", 1)[0].lower()
+    return {"arm64": "aarch64", "amd64": "x86_64"}.get(arch, arch)
+
+
+def expected_rows(
+    known: Iterable[str], extra: Iterable[tuple[str, str]], lookup: TargetLookup
+) -> list[tuple[str, str, str]]:
+    """(target, precision, reason) for every precision of every known target, plus `extra`."""
+    wanted: list[tuple[str, str]] = []
+    for name in known:
+        try:
+            precisions = tuple(getattr(lookup(name), "precisions", ()) or ()) or ("fp32",)
+        except Exception:  # noqa: BLE001 -- see not_measured_reason
+            precisions = ("fp32",)
+        wanted += [(name, precision) for precision in precisions]
+    wanted += [tuple(pair) for pair in extra]
+    unique = list(dict.fromkeys(wanted))
+    return [(name, precision, not_measured_reason(name, precision, lookup)) for name, precision in unique]
+
+
+def build_tables(
+    measured: Sequence[Row], expected: Sequence[tuple[str, str, str]], order: Sequence[str] = ()
+) -> dict[ModelKey, list[Row]]:
+    """Rows grouped by model; every table also lists the expected rows it has no measurement for."""
+    tables: dict[ModelKey, list[Row]] = {}
+    for row in measured:
+        tables.setdefault(row.model, []).append(row)
+    if not tables and expected:
+        tables[NO_MEASUREMENTS] = []
+    position = {name: index for index, name in enumerate(order)}
+
+    def row_order(row: Row) -> tuple:
+        precision = PRECISION_ORDER.index(row.precision) if row.precision in PRECISION_ORDER else len(PRECISION_ORDER)
+        return (position.get(row.target, len(position)), row.target, precision, row.precision, row.folder or "")
+
+    for key, rows in tables.items():
+        present = {(row.target, row.precision) for row in rows}
+        rows += [Row(name, precision, key, not_measured=reason)
+                 for name, precision, reason in expected if (name, precision) not in present]
+        rows.sort(key=row_order)
+    return dict(sorted(tables.items(), key=lambda item: item[0].sort_key()))
+
+
+# ---------------------------------------------------------------- regressions
+
+
+def regression_flags(current: dict, previous: dict | None, tolerance: float = LATENCY_TOLERANCE) -> list[str]:
+    """What got worse since `previous` (history entries): median latency up more than
+    `tolerance`, or top-1 agreement down."""
+    if previous is None:
+        return []
+    flags = []
+    now, before = _num(current.get("median_ms")), _num(previous.get("median_ms"))
+    if now is not None and before is not None and before > 0 and now > before * (1 + tolerance):
+        flags.append(f"median {_ms(before)} -> {_ms(now)} ms (+{100 * (now / before - 1):.1f}%)")
+    now, before = _num(current.get("top1_agreement")), _num(previous.get("top1_agreement"))
+    if now is not None and before is not None and now < before - AGREEMENT_EPSILON:
+        flags.append(f"top-1 agreement {_pct(before)} -> {_pct(now)}")
+    return flags
+
+
+# ---------------------------------------------------------------- Markdown
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.2f}" if value >= 1 else f"{value:.3f}"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def _times(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def _cell(value: Any) -> str:
+    return str(value).replace("\n", " ").replace("|", "\\|")
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return lines
+
+
+def row_cells(row: Row, reports_dir: Path | None = None) -> list[str]:
+    """The main table's cells for one row."""
+    target = row.target
+    if row.folder and reports_dir is not None and (Path(reports_dir) / row.folder / "report.md").is_file():
+        target = f"[{row.target}]({row.folder}/report.md)"
+    if not row.measured:
+        return [target, row.precision, f"not measured: {row.not_measured}"] + [""] * (len(COLUMNS) - 3)
+    if row.latency is None:
+        latency = ["no latency.json"] + ["n/a"] * 4
+    else:
+        tvm = row.tvm
+        throughput = _num(tvm.get("throughput_ips"))
+        latency = [
+            _ms(row.median_ms), _ms(_num(tvm.get("p99_ms"))),
+            "n/a" if throughput is None else f"{throughput:.1f}",
+            _times(row.speedup("pytorch")), _times(row.speedup("onnxruntime")),
+        ]
+    if row.accuracy is None:
+        accuracy = ["n/a", "n/a", "no accuracy.json"]
+    else:
+        accuracy = [_pct(row.top1), _pct(_num(row.metrics.get("top5"))), _pct(row.agreement)]
+    size = _num(_dict(row.latency).get("artifact_bytes"))
+    origin = row.provenance
+    return [
+        target, row.precision, *latency, *accuracy,
+        "n/a" if size is None else f"{size / 1e6:.2f}",
+        row.tuning,
+        origin.get("device", "n/a"), str(origin.get("date", "n/a"))[:10], origin.get("commit", "n/a"),
+        ("⚠ " + "; ".join(row.flags)) if row.flags else "",
+    ]
+
+
+def provenance_cells(row: Row) -> list[str]:
+    """The provenance table's cells for one measured row."""
+    origin = row.provenance
+    host = _dict(origin.get("host"))
+    tools = _dict(origin.get("tools"))
+    cpu = host.get("cpu", "n/a")
+    if host.get("cores"):
+        cpu = f"{cpu} ({host['cores']} cores)"
+    gpu = origin.get("gpu") or host.get("gpu") or "none recorded"
+    command = origin.get("command")
+    return [
+        row.target, row.precision, row.model.label(), _dict(row.accuracy).get("reference", "n/a"),
+        origin.get("device", "n/a"), cpu, gpu,
+        tools.get("apache-tvm", "n/a"), tools.get("torch", "n/a"), tools.get("onnxruntime", "n/a"),
+        origin.get("date", "n/a"), origin.get("commit", "n/a"), f"`{command}`" if command else "n/a",
+    ]
+
+
+@dataclass
+class TablePlots:
+    """The plots of one table, as paths relative to the README, or None with the reason in a note."""
+
+    latency: str | None = None
+    accuracy: str | None = None
+    accuracy_metric: str = ""
+    tuning: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def render_readme(
+    tables: dict[ModelKey, list[Row]],
+    plots: dict[ModelKey, TablePlots],
+    warnings: Sequence[str],
+    reports_dir: Path | None = None,
+) -> str:
+    """The whole reports/README.md."""
+    lines = [
+        "# Latency and accuracy per target",
+        "",
+        "Generated by `pipeline reports` (`make reports`) from `reports/*/latency.json` and "
+        "`accuracy.json`; do not edit by hand. Each target's full report is its `report.md`.",
+        "",
+        "Latency is the TVM artifact's time per call after warm-up; the speed-ups divide the median of "
+        "PyTorch and of ONNX Runtime, measured in the same process on the same input, by TVM's. "
+        "Top-1 agreement is the share of inputs whose top class matches the FP32 reference's (PyTorch, or "
+        "ONNX Runtime for a user-supplied ONNX file; see Provenance); "
+        "top-1 and top-5 need labeled data. A flag marks a regression against the previous "
+        "measurement of the same target, precision, model and device (see Regressions).",
+        "",
+    ]
+    for key, rows in tables.items():
+        lines += [f"## {key.label()}", ""]
+        lines += _table(COLUMNS, (row_cells(row, reports_dir) for row in rows))
+        lines.append("")
+        table_plots = plots.get(key, TablePlots())
+        if table_plots.latency:
+            lines += [f"![TVM latency per target, {key.label()}]({table_plots.latency})", ""]
+        if table_plots.accuracy:
+            lines += [f"![median latency against {table_plots.accuracy_metric}, {key.label()}]"
+                      f"({table_plots.accuracy})", ""]
+        if table_plots.tuning:
+            lines += [f"![tuning curves, {key.label()}]({table_plots.tuning})", ""]
+        lines += [f"_{note}_" + "  " for note in table_plots.notes]
+        if table_plots.notes:
+            lines.append("")
+
+    measured = [row for rows in tables.values() for row in rows if row.measured]
+    flagged = [row for row in measured if row.flags]
+    lines += [
+        "## Regressions",
+        "",
+        f"Against the previous `history.jsonl` entry for the same target, precision, model and device: "
+        f"median latency up more than {100 * LATENCY_TOLERANCE:.0f}%, or top-1 agreement down.",
+        "",
+    ]
+    if not flagged:
+        lines += ["None.", ""]
+    for row in flagged:
+        before = row.previous or {}
+        lines.append(
+            f"- **{row.target} {row.precision}** ({row.model.label()}; {row.provenance.get('device', 'n/a')}): "
+            f"{'; '.join(row.flags)}; previous: commit {before.get('commit', 'n/a')}, {before.get('date', 'n/a')}"
+        )
+    if flagged:
+        lines.append("")
+
+    if measured:
+        lines += ["## Provenance", ""]
+        lines += _table(
+            ("target", "precision", "model", "reference", "device", "CPU", "GPU", "TVM", "torch", "ONNX Runtime",
+             "date", "commit", "command"),
+            (provenance_cells(row) for row in measured),
+        )
+        lines.append("")
+    if warnings:
+        lines += ["## Skipped files", ""]
+        lines += [f"- {_cell(message)}" for message in warnings]
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- plots and the whole regeneration
+
+
+def write_plots(reports_dir: Path, tables: dict[ModelKey, list[Row]], warnings: list[str]) -> dict[ModelKey, TablePlots]:
+    """Draw each table's plots into reports_dir/plots/ and remove the PNGs no table draws any more."""
+    from reports import plots  # matplotlib is only loaded when plots are drawn
+
+    plots_dir = Path(reports_dir) / PLOTS_DIR
+    written: set[Path] = set()
+    result = {}
+    for key, rows in tables.items():
+        measured = [row for row in rows if row.measured]
+        table_plots = TablePlots()
+        result[key] = table_plots
+        if not measured:
+            continue
+        title = key.label()
+
+        summaries = [
+            plots.LatencySummary(
+                f"{row.target}\n{row.precision}",
+                *(_num(row.tvm.get(name)) for name in ("min_ms", "median_ms", "p90_ms", "p99_ms", "max_ms")),
+                samples_ms=row.samples_ms,
+            )
+            for row in measured if row.latency is not None
+        ]
+        path = plots.latency_distribution(summaries, plots_dir / f"{key.slug()}-latency.png", title)
+        if path is not None:
+            written.add(path)
+            table_plots.latency = f"{PLOTS_DIR}/{path.name}"
+            if any(not s.samples_ms for s in summaries):
+                table_plots.notes.append(
+                    "Latency plot: where bench recorded no raw samples (`samples_ms`), the strip shows "
+                    "min to max, a bar from median to p90, and p99.")
+
+        both = [row for row in measured if row.median_ms is not None and row.agreement is not None]
+        use_top1 = bool(both) and all(row.top1 is not None for row in both)
+        metric = "top-1" if use_top1 else "top-1 agreement with FP32 reference"
+        points = [
+            plots.AccuracyPoint(row.target, row.precision, row.median_ms, row.top1 if use_top1 else row.agreement)
+            for row in both
+        ]
+        path = plots.latency_vs_accuracy(points, plots_dir / f"{key.slug()}-accuracy.png",
+                                         title, metric)
+        if path is not None:
+            written.add(path)
+            table_plots.accuracy, table_plots.accuracy_metric = f"{PLOTS_DIR}/{path.name}", metric
+        else:
+            table_plots.notes.append("No latency-vs-accuracy plot: no row has both a latency and an agreement.")
+
+        curves = {}
+        for row in measured:
+            if row.folder is not None:
+                curve = plots.read_tuning_curve(Path(reports_dir) / row.folder / TUNING_FILE, warnings)
+                if curve:
+                    curves[row.label] = curve
+        path = plots.tuning_curves(curves, plots_dir / f"{key.slug()}-tuning.png", title)
+        if path is not None:
+            written.add(path)
+            table_plots.tuning = f"{PLOTS_DIR}/{path.name}"
+        else:
+            table_plots.notes.append(f"No tuning curves: no row has a `{TUNING_FILE}` beside its report.")
+
+    if plots_dir.is_dir():
+        for stale in plots_dir.glob("*.png"):
+            if stale not in written:
+                stale.unlink()
+    return result
+
+
+@dataclass
+class Summary:
+    """What a regeneration did."""
+
+    readme: Path
+    tables: dict[ModelKey, list[Row]]
+    warnings: list[str]
+    regressions: list[Row]
+    appended: list[dict]
+
+
+def regenerate(
+    reports_dir: Path,
+    expected: Iterable[tuple[str, str]] = (),
+    known: Sequence[str] | None = None,
+    lookup: TargetLookup | None = None,
+) -> Summary:
+    """Rebuild reports_dir/README.md and its plots from the reports in it, and append
+    the measured rows to history.jsonl (once per report, however often this runs)."""
+    if known is None or lookup is None:
+        from targets import get_target, known_targets
+
+        known = known_targets() if known is None else known
+        lookup = get_target if lookup is None else lookup
+    reports_dir = Path(reports_dir)
+    warnings: list[str] = []
+    measured = gather(reports_dir, warnings)
+    tables = build_tables(measured, expected_rows(known, expected, lookup), order=known)
+    in_order = [row for rows in tables.values() for row in rows if row.measured]
+
+    history_path = reports_dir / history.HISTORY_FILE
+    past = history.load_history(history_path, warnings)
+    for row in in_order:
+        row.previous = history.previous_entry(past, row.history_entry())
+        row.flags = regression_flags(row.history_entry(), row.previous)
+    appended = history.append_entries(history_path, past, [row.history_entry() for row in in_order])
+
+    table_plots = write_plots(reports_dir, tables, warnings)
+    readme = reports_dir / README
+    artifacts.atomic_write_text(readme, render_readme(tables, table_plots, warnings, reports_dir))
+    return Summary(readme, tables, warnings, [row for row in in_order if row.flags], appended)
