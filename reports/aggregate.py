@@ -232,7 +232,7 @@ def gather(reports_dir: Path, warnings: list[str]) -> list[Row]:
             warn(f"{accuracy_path}: is for {accuracy['target']} {accuracy['precision']}, but {latency_path} "
                  f"is for {latency['target']} {latency['precision']}; accuracy skipped", warnings)
             accuracy = None
-        for path, record, shown in ((latency_path, latency, "accuracy"), (accuracy_path, accuracy, "latency")):
+        for path, shown in ((latency_path, "accuracy"), (accuracy_path, "latency")):
             if not path.exists():
                 warn(f"{path}: missing; showing {shown} only", warnings)
         record = latency if latency is not None else accuracy

@@ -251,3 +251,21 @@ def test_target_links_to_its_report(tmp_path):
     folder = write_pair(tmp_path, "x86")
     (folder / "report.md").write_text("# x86\n")
     assert table_row(run(tmp_path).readme.read_text(), "x86", "fp32")[0] == "[x86](x86/report.md)"
+
+
+def test_wrong_types_inside_a_report_show_as_missing_values(tmp_path):
+    record = latency()
+    record.update(backends={"tvm": {"median_ms": "fast", "p99_ms": None, "samples_ms": "many"}}, tvm_speedup=[],
+                  artifact_bytes="big", provenance=3, model=[], input_shape="1x3x64x64")
+    broken_accuracy = accuracy()
+    broken_accuracy.update(metrics={"top1_agreement": float("nan")}, provenance={"host": "x", "tools": 1})
+    write_report(tmp_path, "x86", record, broken_accuracy)
+
+    summary = run(tmp_path)
+
+    cells = table_row(summary.readme.read_text(), "x86", "fp32")
+    assert cells[2:8] == ["n/a"] * 6
+    assert cells[COL["top-1 agreement with FP32 ref"]] == "n/a"
+    assert cells[COL["artifact MB"]] == "n/a"
+    # The model comes from accuracy.json when latency.json's is unusable; the input shape is unknown.
+    assert [key.label() for key in summary.tables] == ["micro, 10 classes, input ?"]
