@@ -34,6 +34,15 @@ class PipelineConfig:
     preprocessing: str = "imagenet"
     eval_limit: int | None = 256
     eval_random_count: int = 16
+    # Quantize (precision int8; see pipeline/quantize.py)
+    calib_data: str | None = None  # None: the evaluation `data` (Fashion-MNIST: its train split)
+    calib_size: int = 256
+    calib_method: str = "minmax"  # minmax, percentile, entropy, mse
+    calib_percentile: float = 99.99
+    quant_per_channel: bool = True
+    quant_exclude: tuple[str, ...] = ()  # fnmatch patterns on node names and op types
+    quant_analyze: bool = False  # per-layer sensitivity in the quantization report
+    quant_max_drop: float | None = None  # keep sensitive layers float until agreement drop <= this
     # Where things go
     artifacts: Path = Path("artifacts")
     reports_dir: Path = Path("reports")
