@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from pipeline import artifacts
+from pipeline.errors import PipelineError
 from reports import history
 from reports.warn import warn
 
@@ -256,19 +257,22 @@ def not_measured_reason(name: str, precision: str, lookup: TargetLookup) -> str:
     """Why a known target has no measurement, from its record: the device it needs, if any."""
     try:
         target = lookup(name)
+    except PipelineError as exc:
+        # A detected target says itself why it is not here (e.g. "cuda" on a machine without a GPU).
+        return f"no device: {str(exc).split(';')[0]}"
     except Exception:  # noqa: BLE001 -- the reason is a hint; a target that cannot load still gets a row
         return "no measurement committed"
     precisions = tuple(getattr(target, "precisions", ()) or ())
     if precisions and precision not in precisions:
         return f"{name} does not support {precision} (precisions: {', '.join(precisions)})"
     kind = _dict(getattr(target, "tvm_target", None)).get("kind")
-    need = DEVICE_BY_KIND.get(kind)
+    need = DEVICE_BY_KIND.get(kind) or DEVICE_BY_KIND.get(getattr(target, "device", None))
     arch = _arch(str(getattr(target, "host_triple", "") or ""))
     if need is None and arch and arch != _arch(platform.machine()):
         need = f"{arch} hardware"
     if getattr(target, "runner", "local") == "rpc":
         key = getattr(target, "rpc_key", None)
-        board = f"the RPC device '{key}'" if key else "an RPC device"
+        board = f"RPC key '{key}'" if key else "an RPC device"
         need = f"{need} ({board})" if need else board
     return f"no device: needs {need}" if need else "no measurement committed"
 

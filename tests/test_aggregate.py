@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from pipeline.errors import PipelineError
 from reports import aggregate
 from reports.aggregate import regenerate, regression_flags
 from report_samples import KNOWN, accuracy, latency, lookup, write_pair, write_report
@@ -75,7 +76,7 @@ def test_known_targets_without_measurements_say_why(tmp_path):
     assert table_row(markdown, "cuda", "fp32")[2] == "not measured: no device: needs an NVIDIA GPU"
     assert table_row(markdown, "cuda", "fp16")[2] == "not measured: no device: needs an NVIDIA GPU"
     assert table_row(markdown, "jetson-orin", "fp16")[2] == \
-        "not measured: no device: needs an NVIDIA GPU (the RPC device 'orin')"
+        "not measured: no device: needs an NVIDIA GPU (RPC key 'orin')"
     assert table_row(markdown, "arm-a76", "fp32")[2] == "not measured: no device: needs aarch64 hardware"
     assert table_row(markdown, "x86", "int8")[2] == "not measured: no measurement committed"
     # An expected row the target does not declare still appears, with that reason.
@@ -99,6 +100,15 @@ def test_unloadable_target_gets_a_generic_reason(tmp_path):
 
     summary = regenerate(tmp_path, known=["x86"], lookup=broken)
     assert table_row(summary.readme.read_text(), "x86", "fp32")[2] == "not measured: no measurement committed"
+
+
+def test_detected_target_that_is_absent_says_why(tmp_path):
+    def detect(name):
+        raise PipelineError("target 'cuda' means this machine's GPU, and none was found; pick cuda-sm90")
+
+    summary = regenerate(tmp_path, known=["cuda"], lookup=detect)
+    assert table_row(summary.readme.read_text(), "cuda", "fp32")[2] == \
+        "not measured: no device: target 'cuda' means this machine's GPU, and none was found"
 
 
 @pytest.mark.parametrize(
