@@ -45,5 +45,9 @@ report: install
 run: install
 	$(PIPELINE) run --target $(TARGET) $(DEMO_ARGS) $(ARGS)
 
+# Rebuild reports/README.md (one table per model, plots, history.jsonl, regression flags) from reports/*/.
+reports: install
+	$(PIPELINE) reports --reports-dir reports
+
 clean:
 	rm -rf artifacts .pytest_cache

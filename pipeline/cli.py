@@ -11,6 +11,7 @@ import typer
 
 from pipeline.config import PARAMS_MODES, PRECISIONS, PipelineConfig
 from pipeline.errors import EXIT_USER_ERROR, PipelineError
+from pipeline.report_command import register as register_reports
 
 app = typer.Typer(
     add_completion=False,
@@ -118,6 +119,9 @@ def _make_stage_command(until: str):
 
 for _stage in STAGE_HELP:
     app.command(name=_stage)(_make_stage_command(_stage))
+
+# Commands with options of their own live in their own modules (one file per command).
+register_reports(app)
 
 
 @app.command()

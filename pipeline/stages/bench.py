@@ -32,6 +32,8 @@ def latency_stats(seconds: list[float], batch_size: int) -> dict:
         "max_ms": float(ms.max()),
         "std_ms": float(ms.std()),
         "throughput_ips": batch_size * 1e3 / median,
+        # Every run, so that reports can draw the distribution, not only its summary.
+        "samples_ms": [round(float(v), 4) for v in ms],
     }
 
 
