@@ -14,8 +14,12 @@ Artifact layout (all in the library's directory, written atomically):
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import struct
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -241,6 +245,193 @@ def _link_function(target: Target):
 
 
 # ---------------------------------------------------------------------------
+# Cross builds and CUDA device code
+#
+# TVM 0.27: without libcuda.so.1 (any machine with no GPU driver) the CUDA runtime module
+# does not load, so codegen silently keeps the kernels as CUDA *source* in a placeholder
+# module (CUDAFallbackModuleNode), which a GPU machine would have to JIT-compile at load
+# time with NVRTC or nvcc. Artifacts must carry machine code instead, so for CUDA targets
+# we always take that source path (TVM_COMPILE_FORCE_FALLBACK=1, the same on machines with
+# and without a GPU), compile the source with nvcc for the target's sm_XX at export time,
+# and write the module as a fatbin (SASS for sm_XX plus PTX for newer GPUs).
+
+
+def _check_build_tools(target: Target) -> None:
+    """Everything the build will run, checked before any compile work starts."""
+    from pipeline import cross
+
+    target.check_available()
+    cross.require_cross_compiler(target)
+    if target.cuda_arch is not None:
+        _require_nvcc(target)
+
+
+def _nvcc_archs(nvcc: str) -> tuple[str, ...]:
+    result = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60)
+    return tuple(result.stdout.split()) if result.returncode == 0 else ()
+
+
+def _require_nvcc(target: Target) -> None:
+    from pipeline import cross
+
+    nvcc = cross.require_tool(
+        "nvcc", "nvidia-cuda-toolkit", f"compile the GPU kernels of target '{target.name}'"
+    )
+    compute = target.cuda_arch.replace("sm_", "compute_")
+    archs = _nvcc_archs(nvcc)
+    if compute not in archs:
+        raise PipelineError(
+            f"{nvcc} cannot compile for {target.cuda_arch} (target '{target.name}'); it supports "
+            f"{', '.join(a for a in archs if a.startswith('compute_')) or 'nothing it would list'}; "
+            f"install a CUDA toolkit that does (sm_110 needs CUDA 13)"
+        )
+
+
+@contextlib.contextmanager
+def _cuda_source_codegen(target: Target):
+    """Make TVM keep CUDA kernels as source (compiled by us at export), GPU or not."""
+    if target.cuda_arch is None:
+        yield
+        return
+    previous = os.environ.get("TVM_COMPILE_FORCE_FALLBACK")
+    os.environ["TVM_COMPILE_FORCE_FALLBACK"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TVM_COMPILE_FORCE_FALLBACK"]
+        else:
+            os.environ["TVM_COMPILE_FORCE_FALLBACK"] = previous
+
+
+def _compile_fatbin(source: str, target: Target) -> bytes:
+    """CUDA source -> fatbin with SASS for the target's sm_XX and PTX of the same version."""
+    from tvm.support import nvcc
+
+    number = target.cuda_arch.removeprefix("sm_")
+    gencode = ["-gencode", f"arch=compute_{number},code=[sm_{number},compute_{number}]"]
+    # TVM 0.27: compile_cuda reads the current target for its compute version.
+    with tvm.target.Target(target.tvm_target):
+        try:
+            return bytes(nvcc.compile_cuda(source, target_format="fatbin", arch=gencode, compiler="nvcc"))
+        except RuntimeError as exc:
+            message = str(exc).split("Compilation error:")[-1].strip()
+            raise PipelineError(
+                f"nvcc failed on the kernels for {target.cuda_arch}: {message.splitlines()[0] if message else exc}"
+            ) from None
+
+
+def _u64(value: int) -> bytes:
+    return struct.pack("<Q", value)
+
+
+def _string(value: bytes) -> bytes:
+    return _u64(len(value)) + value
+
+
+def _fatbin_module_blob(blob: bytes, sources: list[str], compile_source) -> tuple[bytes, int]:
+    """Rewrite the "cuda" modules of a serialized module tree from source to fatbin.
+
+    TVM 0.27 (tvm-ffi) serialization, every integer u64 little-endian, strings and byte
+    strings length-prefixed: total length, import-tree row pointers (vector), child
+    indices (vector), then per module its kind and, unless the kind is "_lib", its bytes.
+    A CUDA module's bytes are: format, function table, code; the code is the CUDA source
+    for format "cuda". Only the format and the code change; the function table is kept
+    byte for byte. Returns the new blob and the number of modules rewritten.
+    """
+    view = memoryview(blob)
+    offset = 0
+
+    def read_u64() -> int:
+        nonlocal offset
+        (value,) = struct.unpack_from("<Q", view, offset)
+        offset += 8
+        return value
+
+    def read_bytes() -> bytes:
+        nonlocal offset
+        size = read_u64()
+        value = bytes(view[offset:offset + size])
+        offset += size
+        return value
+
+    if read_u64() != len(blob) - 8:
+        raise RuntimeError("unexpected TVM module serialization: length header mismatch")
+    header_start = offset
+    row_ptr = [read_u64() for _ in range(read_u64())]
+    for _ in range(read_u64()):
+        read_u64()
+    out = [bytes(view[header_start:offset])]
+    encoded_sources = [source.encode() for source in sources]
+    rewritten = 0
+    for _ in range(len(row_ptr) - 1):
+        kind = read_bytes()
+        out.append(_string(kind))
+        if kind == b"_lib":
+            continue
+        payload = read_bytes()
+        fmt_length = struct.unpack_from("<Q", payload, 0)[0]
+        if kind == b"cuda" and payload[8:8 + fmt_length] == b"cuda":
+            source = next(
+                (s for s in encoded_sources if payload.endswith(_string(s))), None
+            )
+            if source is None:
+                raise RuntimeError("unexpected TVM module serialization: CUDA source not found")
+            function_table = payload[8 + fmt_length:len(payload) - len(source) - 8]
+            payload = _string(b"fatbin") + function_table + _string(compile_source(source.decode()))
+            rewritten += 1
+        out.append(_string(payload))
+    if offset != len(blob):
+        raise RuntimeError("unexpected TVM module serialization: trailing bytes")
+    body = b"".join(out)
+    return _u64(len(body)) + body, rewritten
+
+
+def _fatbin_import_packer(target: Target):
+    """An export_library ``fpack_imports``: the module tree with CUDA modules as fatbins,
+    embedded in an object file by LLVM (as TVM's default packer does)."""
+
+    def pack(module, is_system_lib: bool, prefix: str, workspace_dir: str) -> str:
+        get = tvm.get_global_func
+        blob = get("runtime.ModulePackImportsToTensor")(module).numpy().tobytes()
+        sources = [
+            m.inspect_source("cuda")
+            for m in module._collect_from_import_tree(lambda m: m.kind == "cuda")
+        ]
+        blob, rewritten = _fatbin_module_blob(blob, sources, lambda s: _compile_fatbin(s, target))
+        if rewritten == 0:
+            raise RuntimeError(f"no CUDA kernels to compile for target '{target.name}'")
+        packed = get("codegen.codegen_blob")(
+            blob, is_system_lib, json.dumps(target.host_target), prefix
+        )
+        path = os.path.join(workspace_dir, f"{prefix}devc.o")
+        packed.write_to_file(path)
+        return path
+
+    return pack
+
+
+def _export_library(executable, path: Path, target: Target) -> list[str]:
+    """Link the executable into ``path``; returns the GPU code it carries ([] for CPU)."""
+    if target.cuda_arch is None:
+        executable.export_library(str(path), fcompile=_link_function(target))
+        return []
+    # TVM 0.27: Executable.export_library does not pass fpack_imports on; its .mod does.
+    executable.mod.export_library(
+        str(path), fcompile=_link_function(target), fpack_imports=_fatbin_import_packer(target)
+    )
+    from pipeline import cross
+
+    code = cross.cuda_device_code(path)
+    if not any(entry.kind == "sass" and entry.arch == target.cuda_arch for entry in code):
+        raise RuntimeError(
+            f"{path.name} has no {target.cuda_arch} code after the build (found: "
+            f"{', '.join(map(str, code)) or 'none'})"
+        )
+    return [str(entry) for entry in code]
+
+
+# ---------------------------------------------------------------------------
 # Public API
 
 
@@ -267,6 +458,7 @@ def compile_onnx(
             f"unknown params_mode '{params_mode}'; use one of: {', '.join(PARAMS_MODES)}"
         )
 
+    _check_build_tools(target)
     model = _load_onnx(onnx_path)
     name, shape, dtype = _resolve_input(model, input_name, input_shape)
     log.info(
@@ -288,7 +480,7 @@ def compile_onnx(
         _dump(dump_ir_dir, 1, "params_bound", mod)
 
     tvm_target = tvm.target.Target(target.tvm_target)
-    with tvm_target:
+    with tvm_target, _cuda_source_codegen(target):
         for index, (phase, passes) in enumerate(relax_phases(tvm_target), start=2):
             if passes:
                 mod = tvm.transform.Sequential(passes, name=phase)(mod)
@@ -304,6 +496,8 @@ def compile_onnx(
         "format": 1,
         "target": target.name,
         "target_json": target.tvm_target,
+        "host_triple": target.host_triple,
+        "device": target.device,
         "tvm_version": tvm.__version__,
         "library": library_path.name,
         "entry": "main",
@@ -322,7 +516,9 @@ def compile_onnx(
     temp_weights = weights.with_name(f".{weights.stem}{tag}.npz")
     temps = [temp_library, temp_metadata, temp_weights]
     try:
-        executable.export_library(str(temp_library), fcompile=_link_function(target))
+        device_code = _export_library(executable, temp_library, target)
+        if device_code:
+            metadata["device_code"] = device_code
         if params_mode == "separate":
             with open(temp_weights, "wb") as f:
                 np.savez(f, **{n: v.numpy() for n, v in zip(param_names, param_values)})

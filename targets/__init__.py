@@ -1,9 +1,22 @@
 """Targets as data: one frozen record per place an artifact can run.
 
 A target names everything the compile and measure stages need: the full TVM
-target JSON (never a TVM tag: tags drift between releases), the host triple the
-artifact's host code is built for, the cross compiler that links it, the default
-precision and how it is measured.
+target JSON (never a TVM tag: tags drift between releases, and TVM 0.27's
+``nvidia/jetson-orin-nano`` tag names Xavier's Carmel CPU), the host triple the
+artifact's host code is built for, the cross compiler that links it, the
+precisions it supports and how it is measured.
+
+The table (``_TARGETS``) is in display order:
+
+    x86                  this machine's CPU (detected)
+    cuda                 this machine's NVIDIA GPU (detected), x86-64 host code
+    cuda-sm75 ... sm90   a fixed GPU architecture, x86-64 host code
+    jetson-orin(-cpu)    Orin: sm_87 GPU + Cortex-A78AE host (or the CPU alone)
+    jetson-thor(-cpu)    Thor: sm_110 GPU + Neoverse-V3AE host (or the CPU alone)
+    arm-*                64-bit ARM CPUs, cross-compiled, measured over RPC
+
+CPU features are written out per core (``mattr``) from the Arm TRMs; the tests check
+each against LLVM's own feature list for that ``mcpu``.
 """
 
 from __future__ import annotations
@@ -11,11 +24,19 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
+import subprocess
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable
 
 from pipeline.errors import PipelineError
+
+X86_TRIPLE = "x86_64-linux-gnu"
+AARCH64_TRIPLE = "aarch64-linux-gnu"
+# Debian's cross toolchain for aarch64; links the artifacts and the qemu test runner.
+AARCH64_GCC = "aarch64-linux-gnu-gcc"
+AARCH64_GCC_PACKAGE = "gcc-aarch64-linux-gnu"
 
 
 @dataclass(frozen=True)
@@ -33,10 +54,36 @@ class Target:
     # "local": measured in this process; "rpc": through a TVM RPC tracker.
     runner: str = "local"
     rpc_key: str | None = None
+    # The TVM device the artifact runs on: "cpu" or "cuda".
+    device: str = "cpu"
+    # What building or measuring needs beyond the Python packages, for `pipeline targets`.
+    needs: tuple[str, ...] = ()
+    # Why this target cannot be built on this machine (a detected device that is absent);
+    # None when it can. Listing still works; check_available() raises the reason.
+    unavailable: str | None = None
 
     def target_json(self) -> str:
         """Canonical JSON of the TVM target, used in cache keys and manifests."""
         return json.dumps(self.tvm_target, sort_keys=True)
+
+    def check_available(self) -> None:
+        """Raise the reason this target cannot be built here, if there is one."""
+        if self.unavailable is not None:
+            raise PipelineError(self.unavailable)
+
+    @property
+    def cuda_arch(self) -> str | None:
+        """The GPU architecture ("sm_87") of a CUDA target, None for a CPU target."""
+        return self.tvm_target.get("arch") if self.tvm_target.get("kind") == "cuda" else None
+
+    @property
+    def host_target(self) -> dict[str, Any]:
+        """The TVM target of the CPU code: the host of a GPU target, else the target itself."""
+        return self.tvm_target.get("host", self.tvm_target)
+
+
+# ---------------------------------------------------------------------------
+# Building blocks of the table
 
 
 def _host_cpu() -> str:
@@ -46,6 +93,105 @@ def _host_cpu() -> str:
     return codegen.llvm_get_system_cpu()
 
 
+def _aarch64_cpu(mcpu: str, mattr: tuple[str, ...]) -> dict[str, Any]:
+    return {"kind": "llvm", "mtriple": AARCH64_TRIPLE, "mcpu": mcpu, "mattr": list(mattr)}
+
+
+def _cuda_gpu(arch: str, host: dict[str, Any]) -> dict[str, Any]:
+    """A CUDA target with its limits written out (the same for sm_75 ... sm_110).
+
+    49152 bytes is the shared memory a block gets without opting in (TVM's CUDA runtime
+    does not opt in); 64K 32-bit registers per block on every architecture listed here.
+    """
+    return {
+        "kind": "cuda",
+        "arch": arch,
+        "max_num_threads": 1024,
+        "max_threads_per_block": 1024,
+        "thread_warp_size": 32,
+        "max_shared_memory_per_block": 49152,
+        "registers_per_block": 65536,
+        "host": host,
+    }
+
+
+# Any x86-64 server: the host side of a fixed-architecture GPU artifact.
+_X86_64_HOST = {"kind": "llvm", "mtriple": X86_TRIPLE}
+
+# Per-core features (Arm TRMs). Armv8.0 cores (A53, A72) have NEON only; Armv8.2 cores add
+# dot product and FP16 arithmetic; Neoverse V1 (Armv8.4) adds SVE, BF16 and int8 matmul;
+# Neoverse V3AE (Armv9.2) adds SVE2.
+_V80 = ("+neon",)
+_V82 = ("+neon", "+dotprod", "+fullfp16")
+_V84_SVE = _V82 + ("+i8mm", "+bf16", "+sve")
+_V92_SVE2 = _V84_SVE + ("+sve2",)
+
+_CUDA_NEEDS = ("nvcc (CUDA toolkit) to build", "an NVIDIA GPU to measure")
+_ARM_NEEDS = (AARCH64_GCC_PACKAGE, "the board over RPC to measure")
+
+
+def _arm_cpu_target(name: str, board: str, mcpu: str, mattr: tuple[str, ...]) -> Target:
+    return Target(
+        name=name,
+        description=f"{board} (64-bit, {mcpu}), cross-compiled for {AARCH64_TRIPLE}",
+        tvm_target=_aarch64_cpu(mcpu, mattr),
+        host_triple=AARCH64_TRIPLE,
+        cross_compiler=AARCH64_GCC,
+        cross_compiler_package=AARCH64_GCC_PACKAGE,
+        precisions=("fp32", "int8"),
+        runner="rpc",
+        rpc_key=name,
+        needs=_ARM_NEEDS,
+    )
+
+
+def _cuda_sm_target(arch: str, gpus: str) -> Target:
+    return Target(
+        name=f"cuda-{arch.replace('_', '')}",
+        description=f"NVIDIA {arch} GPUs ({gpus}), x86-64 host code; kernels compiled by nvcc",
+        tvm_target=_cuda_gpu(arch, _X86_64_HOST),
+        host_triple=X86_TRIPLE,
+        precisions=("fp32", "fp16"),
+        device="cuda",
+        needs=_CUDA_NEEDS,
+    )
+
+
+def _jetson_target(name: str, board: str, arch: str, mcpu: str, mattr: tuple[str, ...], gpu: bool) -> Target:
+    host = _aarch64_cpu(mcpu, mattr)
+    return Target(
+        name=name,
+        description=(
+            f"{board}: {arch} GPU, {mcpu} host code" if gpu else f"{board} CPU only ({mcpu})"
+        ),
+        tvm_target=_cuda_gpu(arch, host) if gpu else host,
+        host_triple=AARCH64_TRIPLE,
+        cross_compiler=AARCH64_GCC,
+        cross_compiler_package=AARCH64_GCC_PACKAGE,
+        precisions=("fp32", "fp16") if gpu else ("fp32", "int8"),
+        runner="rpc",
+        rpc_key=name,
+        device="cuda" if gpu else "cpu",
+        needs=(("nvcc (CUDA toolkit)",) if gpu else ()) + _ARM_NEEDS,
+    )
+
+
+# Jetson Thor's CPU. LLVM 19+ knows it; an older LLVM gets Neoverse V2, the Armv9.0 core
+# with the same SVE2/BF16/int8-matmul features, so the code it emits runs on Thor too.
+THOR_CPU, THOR_CPU_FALLBACK = "neoverse-v3ae", "neoverse-v2"
+
+
+@lru_cache(maxsize=None)
+def _thor_cpu() -> str:
+    from tvm.target import codegen
+
+    return THOR_CPU if codegen.llvm_is_valid_cpu(THOR_CPU, AARCH64_TRIPLE) else THOR_CPU_FALLBACK
+
+
+# ---------------------------------------------------------------------------
+# Detected targets
+
+
 @lru_cache(maxsize=None)
 def _x86_host() -> Target:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -53,15 +199,107 @@ def _x86_host() -> Target:
         name="x86",
         description="this machine's x86-64 CPU (LLVM, detected -mcpu and core count)",
         tvm_target={"kind": "llvm", "mcpu": _host_cpu(), "num-cores": int(cores or 1)},
-        host_triple="x86_64-linux-gnu",
+        host_triple=X86_TRIPLE,
         precisions=("fp32", "int8"),
     )
 
 
-# Name -> factory. Factories (not instances) so that a detected target probes the
-# machine only when it is asked for.
-_TARGETS = {
+def _nvidia_smi_arch() -> str | None:
+    """The first GPU's architecture from nvidia-smi ("sm_90"), None when it cannot tell."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=compute_cap", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"sm_{out[0].replace('.', '')}" if out and out[0].replace(".", "").isdigit() else None
+
+
+def _tvm_cuda_arch() -> str | None:
+    import tvm
+
+    device = tvm.cuda(0)
+    return f"sm_{device.compute_version.replace('.', '')}" if device.exist else None
+
+
+@lru_cache(maxsize=None)
+def _local_cuda() -> Target:
+    arch = _nvidia_smi_arch() or _tvm_cuda_arch()
+    machine = platform.machine()
+    host_triple = AARCH64_TRIPLE if machine in ("aarch64", "arm64") else X86_TRIPLE
+    host = {"kind": "llvm", "mtriple": host_triple, "mcpu": _host_cpu()}
+    if arch is None:
+        fixed = ", ".join(name for name in _TARGETS if name.startswith("cuda-"))
+        # Still a row (so that listing targets works); building it raises this reason.
+        return Target(
+            name="cuda",
+            description=f"this machine's NVIDIA GPU (none found here; use one of {fixed})",
+            tvm_target={"kind": "cuda", "host": host},
+            host_triple=host_triple,
+            precisions=("fp32", "fp16"),
+            device="cuda",
+            needs=_CUDA_NEEDS,
+            unavailable=(
+                "target 'cuda' means this machine's GPU, and none was found (no nvidia-smi, or TVM "
+                f"sees no CUDA device); to build for a GPU elsewhere pick its architecture: {fixed}"
+            ),
+        )
+    return Target(
+        name="cuda",
+        description=f"this machine's NVIDIA GPU ({arch}, detected), host code for this CPU",
+        tvm_target=_cuda_gpu(arch, host),
+        host_triple=host_triple,
+        precisions=("fp32", "fp16"),
+        device="cuda",
+        needs=_CUDA_NEEDS,
+    )
+
+
+def _fixed(target: Target) -> Callable[[], Target]:
+    return lambda: target
+
+
+# ---------------------------------------------------------------------------
+# The table. Name -> factory: factories (not instances) so that a detected target
+# probes the machine only when it is asked for.
+
+_TARGETS: dict[str, Callable[[], Target]] = {
     "x86": _x86_host,
+    "cuda": _local_cuda,
+    **{
+        target.name: _fixed(target)
+        for target in (
+            _cuda_sm_target("sm_75", "Turing: T4, RTX 20xx"),
+            _cuda_sm_target("sm_80", "Ampere: A100, A30"),
+            _cuda_sm_target("sm_86", "Ampere: A10, A40, RTX 30xx"),
+            _cuda_sm_target("sm_89", "Ada: L4, L40, RTX 40xx"),
+            _cuda_sm_target("sm_90", "Hopper: H100, H200"),
+        )
+    },
+    "jetson-orin": lambda: _jetson_target(
+        "jetson-orin", "Jetson AGX Orin / Orin NX / Orin Nano", "sm_87", "cortex-a78ae", _V82, gpu=True),
+    "jetson-orin-cpu": lambda: _jetson_target(
+        "jetson-orin-cpu", "Jetson AGX Orin / Orin NX / Orin Nano", "sm_87", "cortex-a78ae", _V82, gpu=False),
+    # CUDA 13 numbers Thor's GPU sm_110 (CUDA 12.8/12.9 called it sm_101).
+    "jetson-thor": lambda: _jetson_target(
+        "jetson-thor", "Jetson AGX Thor", "sm_110", _thor_cpu(), _V92_SVE2, gpu=True),
+    "jetson-thor-cpu": lambda: _jetson_target(
+        "jetson-thor-cpu", "Jetson AGX Thor", "sm_110", _thor_cpu(), _V92_SVE2, gpu=False),
+    **{
+        target.name: _fixed(target)
+        for target in (
+            _arm_cpu_target("arm-a53", "Cortex-A53 boards: Raspberry Pi 3 / Zero 2 W", "cortex-a53", _V80),
+            _arm_cpu_target("arm-a72", "Cortex-A72 boards: Raspberry Pi 4", "cortex-a72", _V80),
+            _arm_cpu_target("arm-a76", "Cortex-A76 boards: Raspberry Pi 5", "cortex-a76", _V82),
+            _arm_cpu_target("arm-neoverse-n1", "Neoverse N1 servers: AWS Graviton2, Ampere Altra",
+                            "neoverse-n1", _V82),
+            _arm_cpu_target("arm-neoverse-v1", "Neoverse V1 servers: AWS Graviton3", "neoverse-v1", _V84_SVE),
+        )
+    },
 }
 
 

@@ -1,0 +1,188 @@
+"""CUDA artifacts built without a GPU carry machine code for their sm_XX (compiled by nvcc
+at build time), load through TVM's own module loader, and record their target; a GPU
+run against the CPU build is marked `gpu` and skips without one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import tvm
+import tvm_ffi
+
+from edge_models import compiled, elf_machine, sample
+from pipeline import cross, tvm_backend
+from pipeline.errors import PipelineError
+from pipeline.runtime_only import metadata_path
+from targets import get_target
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not installed")
+
+
+def _has_gpu() -> bool:
+    try:
+        return bool(tvm.cuda(0).exist)
+    except Exception:  # noqa: BLE001 -- no CUDA runtime at all
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Fast: the pieces, on synthetic bytes
+
+
+def _fatbin(entries: list[tuple[int, int]]) -> bytes:
+    """A fatbin with (kind, sm) entries and 8-byte payloads, laid out as nvcc lays it out."""
+    body = b""
+    for kind, sm in entries:
+        header = struct.pack("<HHIQ", kind, 0x101, 64, 8) + bytes(12) + struct.pack("<I", sm) + bytes(32)
+        body += header + b"payload!"
+    return struct.pack("<IHHQ", cross.FATBIN_MAGIC, 1, 16, len(body)) + body
+
+
+def test_fatbin_entries_are_read_from_headers_anywhere_in_a_file():
+    data = b"\0" * 37 + _fatbin([(2, 87), (1, 87)]) + b"xx" + _fatbin([(2, 110)])
+    assert [str(e) for e in cross.fatbin_entries(data)] == ["sass:sm_87", "ptx:compute_87", "sass:sm_110"]
+    assert cross.fatbin_entries(b"no gpu code here") == []
+
+
+def _serialized(modules: list[tuple[bytes, bytes | None]]) -> bytes:
+    u64 = lambda v: struct.pack("<Q", v)  # noqa: E731
+    string = lambda b: u64(len(b)) + b  # noqa: E731
+    body = u64(3) + u64(0) + u64(1) + u64(1) + u64(1) + u64(1)  # row_ptr [0,1,1], children [1]
+    for kind, payload in modules:
+        body += string(kind) + (b"" if payload is None else string(payload))
+    return u64(len(body)) + body
+
+
+def test_cuda_modules_are_rewritten_from_source_to_fatbin_keeping_the_function_table():
+    u64 = lambda v: struct.pack("<Q", v)  # noqa: E731
+    source = "extern \"C\" __global__ void k() {}"
+    table = u64(1) + u64(1) + b"k" + b"\x01\x02\x03 opaque function table"
+    cuda = u64(4) + b"cuda" + table + u64(len(source)) + source.encode()
+    blob = _serialized([(b"_lib", None), (b"cuda", cuda)])
+
+    new, count = tvm_backend._fatbin_module_blob(blob, [source], lambda s: b"FATBIN<" + s.encode() + b">")
+
+    expected_cuda = u64(6) + b"fatbin" + table + u64(len(source) + 8) + b"FATBIN<" + source.encode() + b">"
+    assert count == 1
+    assert new == _serialized([(b"_lib", None), (b"cuda", expected_cuda)])
+
+
+def test_a_serialization_tvm_might_change_to_is_refused_not_misread():
+    blob = _serialized([(b"_lib", None)])
+    with pytest.raises(RuntimeError, match="length header"):
+        tvm_backend._fatbin_module_blob(blob + b"x", [], str.encode)
+
+
+def test_missing_nvcc_is_an_error_naming_the_toolkit_before_any_work(monkeypatch, tmp_path):
+    real_which = shutil.which
+    monkeypatch.setattr(cross.shutil, "which", lambda name: None if name == "nvcc" else real_which(name))
+    with pytest.raises(PipelineError, match="nvcc is not installed.*apt-get install nvidia-cuda-toolkit"):
+        # The ONNX file does not even exist: the tool check comes first.
+        tvm_backend.compile_onnx(tmp_path / "none.onnx", get_target("cuda-sm80"), tmp_path / "m.so")
+
+
+@needs_nvcc
+def test_an_nvcc_without_the_architecture_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr(tvm_backend, "_nvcc_archs", lambda nvcc: ("compute_75", "compute_80"))
+    with pytest.raises(PipelineError, match="cannot compile for sm_110.*compute_75, compute_80.*CUDA 13"):
+        tvm_backend.compile_onnx(tmp_path / "none.onnx", get_target("jetson-thor"), tmp_path / "m.so")
+
+
+# ---------------------------------------------------------------------------
+# Slow: real builds of the micro model, no GPU needed
+
+
+@pytest.fixture
+def cuda_loader_probe():
+    """Stand in for the CUDA runtime's module loader (absent without libcuda), recording
+    what TVM's own library loader hands it: proof the file's module tree is well formed."""
+    seen: list[dict] = []
+
+    def load(data):
+        data = bytes(data)
+        (length,) = struct.unpack_from("<Q", data, 0)
+        seen.append({"format": data[8:8 + length].decode(), "code": cross.fatbin_entries(data)})
+        return tvm.get_global_func("runtime.SourceModuleCreate")("", "cuda")
+
+    previous = tvm_ffi.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True)
+    if previous is not None:
+        pytest.skip("a real CUDA runtime is loaded; the GPU tests cover loading")
+    tvm_ffi.register_global_func("ffi.Module.load_from_bytes.cuda", load, override=True)
+    yield seen
+    tvm_ffi.remove_global_func("ffi.Module.load_from_bytes.cuda")
+
+
+@needs_nvcc
+@pytest.mark.slow
+@pytest.mark.parametrize("name, arch, machine", [("cuda-sm80", "sm_80", 62), ("jetson-orin", "sm_87", 183)])
+def test_gpu_artifact_carries_sass_for_its_arch_and_no_cuda_source(tmp_path_factory, name, arch, machine):
+    library = compiled(tmp_path_factory, name)
+    data = library.read_bytes()
+    code = [str(entry) for entry in cross.cuda_device_code(library)]
+    assert f"sass:{arch}" in code and f"ptx:{arch.replace('sm_', 'compute_')}" in code
+    assert not [c for c in code if arch.split("_")[1] not in c], "code for another architecture"
+    assert b"__global__" not in data, "CUDA source left in the library"
+    assert elf_machine(library) == machine
+
+    meta = json.loads(metadata_path(library).read_text())
+    assert meta["target"] == name
+    assert meta["target_json"] == get_target(name).tvm_target
+    assert meta["device"] == "cuda"
+    assert meta["host_triple"] == get_target(name).host_triple
+    assert meta["device_code"] == code
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_tvm_loads_the_library_and_finds_a_fatbin_module(tmp_path_factory, cuda_loader_probe):
+    library = compiled(tmp_path_factory, "cuda-sm80")
+    module = tvm.runtime.load_module(str(library))
+    assert module.kind == "relax.VMExecutable"
+    assert len(cuda_loader_probe) == 1
+    assert cuda_loader_probe[0]["format"] == "fatbin"
+    assert [str(c) for c in cuda_loader_probe[0]["code"]] == ["sass:sm_80", "ptx:compute_80"]
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_cuda_build_with_separate_params(tmp_path_factory):
+    library = compiled(tmp_path_factory, "cuda-sm75", params_mode="separate")
+    assert "sass:sm_75" in [str(c) for c in cross.cuda_device_code(library)]
+    assert tvm_backend.params_path(library).is_file()
+
+
+# ---------------------------------------------------------------------------
+# GPU: the artifact runs and matches the CPU build
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
+def test_local_gpu_matches_the_cpu_build(tmp_path_factory):
+    gpu = tvm_backend.load_artifact(compiled(tmp_path_factory, "cuda"), device="cuda")
+    cpu = tvm_backend.load_artifact(compiled(tmp_path_factory, "x86"))
+    x = sample()
+    np.testing.assert_allclose(gpu.infer(x), cpu.infer(x), atol=1e-3, rtol=1e-3)
+    gpu.check_target("cuda")
+    with pytest.raises(PipelineError, match="built for target 'cuda'"):
+        gpu.check_target("x86")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
+def test_fixed_arch_build_runs_on_a_matching_gpu(tmp_path_factory):
+    local = get_target("cuda")
+    fixed = [n for n in ("cuda-sm75", "cuda-sm80", "cuda-sm86", "cuda-sm89", "cuda-sm90")
+             if get_target(n).cuda_arch == local.cuda_arch]
+    if not fixed:
+        pytest.skip(f"no fixed target for this GPU's {local.cuda_arch}")
+    gpu = tvm_backend.load_artifact(compiled(tmp_path_factory, fixed[0]), device="cuda")
+    cpu = tvm_backend.load_artifact(compiled(tmp_path_factory, "x86"))
+    x = sample(1)
+    np.testing.assert_allclose(gpu.infer(x), cpu.infer(x), atol=1e-3, rtol=1e-3)
+

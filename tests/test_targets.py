@@ -1,0 +1,174 @@
+"""The target table: every row is a valid TVM target, CPU features match LLVM's for that
+core, GPU rows carry their host, and the detected targets fail clearly."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import tvm
+from tvm.target import codegen
+
+import targets
+from pipeline.errors import PipelineError
+from pipeline.tvm_backend import compile_onnx
+from targets import get_target, known_targets
+
+# Every row but the detected local GPU, which needs one.
+FIXED = [name for name in known_targets() if name != "cuda"]
+AARCH64 = [name for name in FIXED if get_target(name).host_triple.startswith("aarch64")]
+
+
+def _features(mcpu: str) -> set[str]:
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": mcpu})
+    return set(codegen.llvm_get_cpu_features(target))
+
+
+def test_table_lists_the_edge_targets_in_display_order():
+    names = known_targets()
+    assert names[:2] == ["x86", "cuda"]
+    for name in ("cuda-sm75", "cuda-sm80", "cuda-sm86", "cuda-sm89", "cuda-sm90", "jetson-orin",
+                 "jetson-orin-cpu", "jetson-thor", "jetson-thor-cpu", "arm-a53", "arm-a72", "arm-a76",
+                 "arm-neoverse-n1", "arm-neoverse-v1"):
+        assert name in names
+
+
+@pytest.mark.parametrize("name", FIXED)
+def test_every_row_is_a_valid_tvm_target(name):
+    target = get_target(name)
+    assert target.name == name
+    parsed = tvm.target.Target(target.tvm_target)
+    assert parsed.kind.name == target.tvm_target["kind"]
+    # Written out in full: no tags, and the JSON is stable (it is part of cache keys).
+    assert "tag" not in target.target_json()
+    assert json.loads(target.target_json()) == target.tvm_target
+    assert target.unavailable is None
+    assert target.default_precision in target.precisions
+    assert target.runner in ("local", "rpc")
+    assert target.device in ("cpu", "cuda")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        target.name = "other"
+
+
+@pytest.mark.parametrize("name", FIXED)
+def test_host_code_matches_the_host_triple(name):
+    target = get_target(name)
+    host = target.host_target
+    assert host["kind"] == "llvm"
+    if "mtriple" in host:
+        assert host["mtriple"] == target.host_triple
+    if target.cuda_arch is not None:
+        assert target.device == "cuda"
+        assert target.tvm_target["host"] is host
+        assert "gpu" in tvm.target.Target(target.tvm_target).keys
+
+
+@pytest.mark.parametrize("name", AARCH64)
+def test_aarch64_rows_are_cross_compiled_and_measured_over_rpc(name):
+    target = get_target(name)
+    assert target.cross_compiler == "aarch64-linux-gnu-gcc"
+    assert target.cross_compiler_package == "gcc-aarch64-linux-gnu"
+    assert target.runner == "rpc" and target.rpc_key
+    assert "gcc-aarch64-linux-gnu" in target.needs
+
+
+@pytest.mark.parametrize("name", AARCH64)
+def test_mcpu_is_known_to_llvm_and_every_mattr_feature_is_the_cores_own(name):
+    host = get_target(name).host_target
+    assert codegen.llvm_is_valid_cpu(host["mcpu"], host["mtriple"])
+    features = _features(host["mcpu"])
+    for feature in host["mattr"]:
+        assert feature.startswith("+")
+        assert feature[1:] in features, f"{host['mcpu']} has no {feature}"
+
+
+@pytest.mark.parametrize(
+    "name, dotprod, i8mm_bf16_sve",
+    [("arm-a53", False, False), ("arm-a72", False, False), ("arm-a76", True, False),
+     ("arm-neoverse-n1", True, False), ("arm-neoverse-v1", True, True),
+     ("jetson-orin-cpu", True, False), ("jetson-thor-cpu", True, True)],
+)
+def test_arm_feature_sets(name, dotprod, i8mm_bf16_sve):
+    mattr = get_target(name).host_target["mattr"]
+    assert "+neon" in mattr
+    assert ("+dotprod" in mattr) == dotprod
+    for feature in ("+i8mm", "+bf16", "+sve"):
+        assert (feature in mattr) == i8mm_bf16_sve
+
+
+@pytest.mark.parametrize(
+    "name, arch, mcpu",
+    [("cuda-sm75", "sm_75", None), ("cuda-sm80", "sm_80", None), ("cuda-sm86", "sm_86", None),
+     ("cuda-sm89", "sm_89", None), ("cuda-sm90", "sm_90", None),
+     ("jetson-orin", "sm_87", "cortex-a78ae"), ("jetson-thor", "sm_110", targets.THOR_CPU)],
+)
+def test_gpu_rows(name, arch, mcpu):
+    target = get_target(name)
+    assert target.cuda_arch == arch
+    assert target.tvm_target["max_shared_memory_per_block"] == 49152
+    assert target.host_target.get("mcpu") == mcpu
+    assert target.precisions == ("fp32", "fp16")
+
+
+def test_jetson_cpu_rows_share_the_boards_host():
+    assert get_target("jetson-orin-cpu").tvm_target == get_target("jetson-orin").host_target
+    assert get_target("jetson-thor-cpu").tvm_target == get_target("jetson-thor").host_target
+    assert get_target("jetson-orin-cpu").cuda_arch is None
+
+
+def test_thor_falls_back_to_neoverse_v2_on_an_llvm_without_v3ae(monkeypatch):
+    monkeypatch.setattr(codegen, "llvm_is_valid_cpu", lambda cpu, triple: cpu != targets.THOR_CPU)
+    targets._thor_cpu.cache_clear()
+    try:
+        assert get_target("jetson-thor").host_target["mcpu"] == targets.THOR_CPU_FALLBACK
+    finally:
+        targets._thor_cpu.cache_clear()
+
+
+def test_local_cuda_without_a_gpu_names_the_fixed_architectures(monkeypatch, tmp_path):
+    monkeypatch.setattr(targets, "_nvidia_smi_arch", lambda: None)
+    monkeypatch.setattr(targets, "_tvm_cuda_arch", lambda: None)
+    targets._local_cuda.cache_clear()
+    try:
+        target = get_target("cuda")  # listing it still works
+        assert "none found here" in target.description and target.cuda_arch is None
+        with pytest.raises(PipelineError, match="none was found.*cuda-sm80"):
+            target.check_available()
+        with pytest.raises(PipelineError, match="none was found"):
+            # Building raises it before any work (the ONNX file need not exist).
+            compile_onnx(tmp_path / "none.onnx", target, tmp_path / "m.so")
+    finally:
+        targets._local_cuda.cache_clear()
+
+
+def test_local_cuda_takes_the_detected_architecture(monkeypatch):
+    monkeypatch.setattr(targets, "_nvidia_smi_arch", lambda: "sm_89")
+    targets._local_cuda.cache_clear()
+    try:
+        target = get_target("cuda")
+        assert target.cuda_arch == "sm_89" and target.device == "cuda"
+        target.check_available()
+        tvm.target.Target(target.tvm_target)
+    finally:
+        targets._local_cuda.cache_clear()
+
+
+def test_nvidia_smi_output_is_parsed(monkeypatch):
+    class Done:
+        stdout = "9.0\n9.0\n"
+
+    monkeypatch.setattr(targets.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(targets.subprocess, "run", lambda *a, **k: Done())
+    assert targets._nvidia_smi_arch() == "sm_90"
+
+
+def test_unknown_target_lists_the_known_ones():
+    with pytest.raises(PipelineError, match="unknown target 'orin'.*jetson-orin"):
+        get_target("orin")
+
+
+def test_thors_fallback_core_has_every_feature_thor_is_built_with():
+    assert codegen.llvm_is_valid_cpu(targets.THOR_CPU_FALLBACK, "aarch64-linux-gnu")
+    features = _features(targets.THOR_CPU_FALLBACK)
+    assert all(f[1:] in features for f in get_target("jetson-thor-cpu").host_target["mattr"])
