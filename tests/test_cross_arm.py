@@ -1,0 +1,111 @@
+"""aarch64 artifacts, verified without the board: cross-linked with Debian's toolchain,
+run under qemu-user by a C++ runner on the aarch64 TVM runtime, compared with x86."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_models import compiled, elf_machine, sample
+from pipeline import cross
+from pipeline.errors import PipelineError
+from pipeline.tvm_backend import compile_onnx, load_artifact
+from targets import get_target
+
+REPO = Path(__file__).resolve().parents[1]
+MISSING = [
+    f"{tool} (apt-get install {package})"
+    for tool, package in (
+        ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
+        (cross.AARCH64_GXX, cross.AARCH64_GXX_PACKAGE),
+        ("qemu-aarch64-static", cross.QEMU_PACKAGE),
+    )
+    if shutil.which(tool) is None
+]
+needs_qemu = pytest.mark.skipif(bool(MISSING), reason=f"missing: {', '.join(MISSING)}")
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> np.ndarray:
+    """The x86 build's output on the sample: what every aarch64 build must reproduce."""
+    return load_artifact(compiled(tmp_path_factory, "x86")).infer(sample())
+
+
+def test_missing_cross_compiler_names_the_debian_package(tmp_path):
+    target = dataclasses.replace(get_target("arm-a72"), cross_compiler="aarch64-linux-gnu-gcc-none")
+    with pytest.raises(PipelineError, match=r"aarch64-linux-gnu-gcc-none is not installed.*"
+                                            r"apt-get install gcc-aarch64-linux-gnu"):
+        # The ONNX file does not even exist: the toolchain is checked before any work.
+        compile_onnx(tmp_path / "none.onnx", target, tmp_path / "model.so")
+
+
+def test_missing_qemu_names_the_package(monkeypatch):
+    monkeypatch.setattr(cross.shutil, "which", lambda name: None)
+    with pytest.raises(PipelineError, match="apt-get install qemu-user-static"):
+        cross._qemu()
+
+
+@needs_qemu
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, params_mode",
+    [("arm-a53", "embedded"), ("arm-neoverse-v1", "separate"), ("jetson-orin-cpu", "embedded")],
+)
+def test_aarch64_artifact_under_qemu_matches_x86(tmp_path_factory, reference, name, params_mode):
+    library = compiled(tmp_path_factory, name, params_mode)
+    assert elf_machine(library) == 183  # EM_AARCH64
+    meta = json.loads(library.with_name("model.so.json").read_text())
+    assert meta["target"] == name and meta["host_triple"] == "aarch64-linux-gnu"
+
+    result = cross.verify_under_qemu(library, sample(), reference, atol=ATOL)
+    assert result["max_abs_error"] <= ATOL
+    assert result["top1_agreement"] == 1.0
+
+
+@needs_qemu
+@pytest.mark.slow
+def test_runtime_is_cached_and_built_for_aarch64(tmp_path_factory):
+    first = cross.aarch64_runtime()
+    assert cross.aarch64_runtime() == first
+    assert elf_machine(first / "tvm_runner") == 183
+    assert elf_machine(first / "lib" / "libtvm_runtime.so") == 183
+    recorded = json.loads((first / "runtime.json").read_text())
+    assert recorded["apache-tvm"] == cross._versions()["apache-tvm"]
+
+
+@needs_qemu
+@pytest.mark.slow
+def test_qemu_refuses_an_x86_artifact(tmp_path_factory):
+    with pytest.raises(PipelineError, match="built for target 'x86'.*not for aarch64"):
+        cross.run_under_qemu(compiled(tmp_path_factory, "x86"), sample())
+
+
+@needs_qemu
+@pytest.mark.slow
+def test_command_line_runs_and_compares_in_a_fresh_process(tmp_path_factory, tmp_path, reference):
+    library = compiled(tmp_path_factory, "arm-a53")
+    np.save(tmp_path / "x.npy", sample())
+    np.save(tmp_path / "reference.npy", reference)
+    np.save(tmp_path / "wrong.npy", reference + 1.0)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    base = [sys.executable, "-m", "pipeline.cross", "run", str(library), "--input", str(tmp_path / "x.npy")]
+
+    ok = subprocess.run([*base, "--output", str(tmp_path / "y.npy"), "--reference", str(tmp_path / "reference.npy")],
+                        env=env, capture_output=True, text=True, timeout=600)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["comparison"]["max_abs_error"] <= ATOL
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), reference, atol=ATOL)
+
+    bad = subprocess.run([*base, "--reference", str(tmp_path / "wrong.npy")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: the output differs from the reference by")
