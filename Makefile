@@ -29,6 +29,7 @@ system-deps:
 
 demo: install
 	$(PIPELINE) run --target x86 $(DEMO_ARGS) $(ARGS)
+	$(PIPELINE) reports --reports-dir reports
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
