@@ -14,6 +14,7 @@ Nothing here imports TVM's compiler. Three jobs:
 
     python -m pipeline.cross runtime                       # build the cache, print its path
     python -m pipeline.cross run model.so --input x.npy --output y.npy [--reference r.npy]
+    python -m pipeline.cross verify --target arm-a72       # compile for it and x86, compare
 """
 
 from __future__ import annotations
@@ -299,6 +300,32 @@ def verify_under_qemu(library: Path, x: np.ndarray, reference: np.ndarray, atol:
     return {**comparison, "qemu_median_ms": timing["median_ms"]}
 
 
+def verify_target(target_name: str, config) -> dict:
+    """Compile the configured model for an aarch64 CPU target and for x86 (both cached in
+    the artifacts folder), run the first under qemu and compare it with the second."""
+    from pipeline.engine import log, run_pipeline
+    from pipeline.runtime_only import LoadedArtifact
+    from pipeline.stages import STAGES
+    from targets import get_target
+
+    target = get_target(target_name)
+    if not target.host_triple.startswith("aarch64") or target.cuda_arch is not None:
+        raise PipelineError(
+            f"qemu checks aarch64 CPU targets; '{target_name}' is not one"
+            + (f" (try '{target_name}-cpu')" if target.cuda_arch and target.name.startswith("jetson") else "")
+        )
+    libraries = {
+        name: run_pipeline(STAGES, config, get_target(name), "compile")["compile"].outputs["library"]
+        for name in (target.name, "x86")
+    }
+    shape = json.loads(Path(f"{libraries['x86']}.json").read_text())["input"]["shape"]
+    x = np.random.default_rng(config.seed).standard_normal(shape, dtype=np.float32)
+    reference = LoadedArtifact(libraries["x86"]).infer(x)
+    result = verify_under_qemu(libraries[target.name], x, reference)
+    log(f"[verify] {target.name} under qemu matches x86: max abs error {result['max_abs_error']:.3g}")
+    return {"target": target.name, "library": str(libraries[target.name]), **result}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: build the aarch64 runtime, or run an artifact under qemu."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.cross", description=__doc__.split("\n\n")[0])
@@ -311,10 +338,24 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--output", type=Path, help="where to save the output as .npy")
     run.add_argument("--reference", type=Path, help=".npy output to compare with (tolerance --atol)")
     run.add_argument("--atol", type=float, default=1e-4)
+    verify = commands.add_parser("verify", help="compile for an aarch64 target and x86, compare under qemu")
+    verify.add_argument("--target", default="arm-a53")
+    verify.add_argument("--variant", default="micro")
+    verify.add_argument("--input-size", type=int, default=64)
+    verify.add_argument("--num-classes", type=int, default=10)
+    verify.add_argument("--seed", type=int, default=0)
+    verify.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     args = parser.parse_args(argv)
     try:
         if args.command == "runtime":
             print(aarch64_runtime(rebuild=args.rebuild))
+            return 0
+        if args.command == "verify":
+            from pipeline.config import PipelineConfig
+
+            config = PipelineConfig(variant=args.variant, input_size=args.input_size, num_classes=args.num_classes,
+                                    seed=args.seed, artifacts=args.artifacts)
+            print(json.dumps(verify_target(args.target, config)))
             return 0
         output, timing = run_under_qemu(args.library, np.load(args.input))
         if args.output is not None:

@@ -109,3 +109,12 @@ def test_command_line_runs_and_compares_in_a_fresh_process(tmp_path_factory, tmp
                          env=env, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: the output differs from the reference by")
+
+
+def test_verify_refuses_targets_qemu_cannot_run():
+    from pipeline.config import PipelineConfig
+
+    with pytest.raises(PipelineError, match="'jetson-orin' is not one \\(try 'jetson-orin-cpu'\\)"):
+        cross.verify_target("jetson-orin", PipelineConfig())
+    with pytest.raises(PipelineError, match="'cuda-sm80' is not one$"):
+        cross.verify_target("cuda-sm80", PipelineConfig())
