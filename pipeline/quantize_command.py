@@ -1,0 +1,117 @@
+"""`pipeline quantize`: calibrate and quantize the model to INT8 (QDQ ONNX), optionally with a
+per-layer sensitivity analysis and a float fallback for the layers that hurt most.
+
+Registered on the main app by `pipeline.cli` with `register(app)`. The model options
+(variant, weights, input size, --onnx, ...) are the stage commands' own, taken from
+`pipeline.cli` so that they cannot drift apart; the quantization options are added here.
+The run also writes the quantization report to <reports-dir>/<target>-int8/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.errors import PipelineError
+
+# The stage commands' options that matter to quantization (bench/evaluate ones do not).
+MODEL_OPTIONS = (
+    "target", "variant", "weights", "num_classes", "in_chans", "seed", "input_size", "batch_size",
+    "opset", "dynamic_batch", "data", "preprocessing", "onnx", "artifacts", "reports_dir", "force",
+)
+
+
+def _quantize_options(
+    method: Annotated[str, typer.Option(help="Calibration: minmax, percentile, entropy or mse.")] = "minmax",
+    percentile: Annotated[float, typer.Option(help="Percentile kept by --method percentile.")] = 99.99,
+    per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel or one per tensor.")] = True,
+    calib_size: Annotated[int, typer.Option(help="Calibration images (fewer available: all are used).")] = 256,
+    calib_data: Annotated[Optional[str], typer.Option(help="Calibration images: folder, .npy/.npz, list file or 'fashion-mnist'. Default: --data (Fashion-MNIST: its train split).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="Keep layers matching this pattern in float (fnmatch on node names and op types; repeatable).")] = None,
+    analyze: Annotated[bool, typer.Option(help="Measure each layer's error with only it quantized; write the table to the report.")] = False,
+    max_drop: Annotated[Optional[float], typer.Option(help="Keep the most sensitive layers float until top-1 agreement with FP32 drops by at most this fraction (e.g. 0.01).")] = None,
+) -> None:
+    """Signature holder: its parameters are appended to the model options."""
+
+
+def _config_from_options(options: dict):
+    """PipelineConfig from the command's options: same names as its fields, plus the few
+    the stage commands map (weights 'none', --params)."""
+    from pipeline.config import PipelineConfig
+
+    fields = {f.name for f in dataclasses.fields(PipelineConfig)}
+    values = {name: value for name, value in options.items() if name in fields}
+    weights = options.get("weights", "none")
+    values["weights"] = None if weights.lower() == "none" else Path(weights)
+    values.update(
+        precision="int8",
+        calib_method=options["method"], calib_percentile=options["percentile"],
+        quant_per_channel=options["per_channel"], quant_exclude=tuple(options["exclude"] or ()),
+        quant_analyze=options["analyze"], quant_max_drop=options["max_drop"],
+    )
+    return PipelineConfig(**values)
+
+
+def quantize_command(**options) -> None:
+    """Calibrate and quantize the model to INT8 (QDQ ONNX); --analyze ranks layers by sensitivity."""
+    from pipeline import artifacts, cli
+    from pipeline.engine import log, run_pipeline
+    from pipeline.quantize import METHODS
+    from pipeline.stages import STAGES
+    from pipeline.stages.quantize import check_max_drop
+    from targets import get_target
+
+    if options["method"] not in METHODS:
+        raise PipelineError(f"unknown --method '{options['method']}'; use one of: {', '.join(METHODS)}")
+    check_max_drop(options["max_drop"])
+    config = _config_from_options(options)
+    onnx = options.get("onnx")
+    cli._validate(config, onnx)
+    target = get_target(options["target"])
+    provided = {}
+    if config.weights is not None:
+        provided["weights"] = config.weights
+    if onnx is not None:
+        provided["onnx_simplified"] = onnx
+    log(f"pipeline quantize for target {target.name}")
+    log(config.describe())
+    unavailable = frozenset({"checkpoint"}) if onnx is not None else frozenset()
+    results = run_pipeline(
+        STAGES, config, target, "quantize", provided,
+        force=("quantize",) if options.get("force") else (), unavailable=unavailable,
+    )
+    result = results["quantize"]
+    destination = Path(config.reports_dir) / f"{target.name}-int8"
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in ("quantization.json", "quantization.md"):
+        artifacts.atomic_write_text(destination / name, (result.path / name).read_text())
+    log(f"[quantize] wrote {destination}/quantization.md")
+    for name, path in result.outputs.items():
+        print(f"{name}: {path}")
+
+
+def _signature() -> inspect.Signature:
+    from pipeline import cli
+
+    stage = inspect.signature(cli._make_stage_command("run"), eval_str=True).parameters
+    model = [stage[name] for name in MODEL_OPTIONS if name in stage]
+    extra = list(inspect.signature(_quantize_options, eval_str=True).parameters.values())
+    return inspect.Signature(model + extra)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `quantize` command to `app`."""
+    quantize_command.__signature__ = _signature()
+    app.command(name="quantize")(quantize_command)
+
+
+if __name__ == "__main__":
+    # `python -m pipeline.quantize_command quantize ...` works before the main CLI registers it.
+    from pipeline import cli
+
+    register(cli.app)
+    cli.main()
