@@ -30,11 +30,15 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
             f"target '{target.name}' does not support precision '{config.precision}'; "
             f"use one of: {', '.join(target.precisions)}"
         )
-    if config.precision != "fp32":
-        raise PipelineError(f"precision '{config.precision}' is not implemented yet; use --precision fp32")
+    if config.precision not in ("fp32", "int8"):
+        raise PipelineError(f"precision '{config.precision}' is not implemented yet; use --precision fp32 or int8")
+    if config.precision == "int8":
+        # The QDQ model from the quantize stage, with its convolutions and matmuls lowered
+        # to int8 x int8 -> int32 (pipeline/tvm_int8.py).
+        from pipeline.tvm_int8 import compile_onnx_int8 as compile_onnx
     library = out_dir / "model.so"
     info = compile_onnx(
-        inputs["onnx_simplified"], target, library,
+        inputs[model_input(config)[0]], target, library,
         params_mode=config.params_mode,
         input_shape=(config.batch_size, config.in_chans, config.input_size, config.input_size),
     )
@@ -52,9 +56,14 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
     return {"outputs": outputs, "info": info}
 
 
+def model_input(config: PipelineConfig) -> tuple[str, ...]:
+    """INT8 compiles the quantized model; every other precision the simplified one."""
+    return ("onnx_quantized",) if config.precision == "int8" else ("onnx_simplified",)
+
+
 STAGE = Stage(
     name="compile",
-    inputs=("onnx_simplified",),
+    inputs=model_input,
     outputs=("library", "library_metadata", "params"),
     settings=settings,
     run=run,

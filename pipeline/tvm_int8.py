@@ -1,0 +1,523 @@
+"""Integer compute for QDQ models in TVM Relax: dequantize -> conv2d/matmul -> quantize
+becomes int8 x int8 -> int32 plus a requantize epilogue.
+
+TVM 0.27's ONNX importer turns a QDQ model (what `pipeline quantize` writes) into float
+ops between `R.quantize` and `R.dequantize`: the convolutions and matmuls still run in
+float32 on dequantized values, so nothing is gained but rounding. No built-in pass makes
+them integer. This pass does, for every pattern
+
+    x  = dequantize(xq, sx, zx)                   xq int8, per-tensor sx, zx
+    w  = dequantize(wq, sw, 0)                    constant int8 weights, per-channel sw
+    y  = conv2d(x, w) | matmul(x, w)              (matmul: w may be transposed, Gemm)
+    y  = y + dequantize(bq, sb, zb)               optional bias (reshaped for conv2d)
+    q  = quantize(y, sy, zy)                      optional int8 output
+
+it writes
+
+    acc = conv2d(pad(xq, zx), wq, out_dtype=int32) | matmul(xq, wq, out_dtype=int32)
+    acc = acc + (bq - zb - zx * sum(wq))           one int32 constant per output channel
+    q   = cast<int8>(clip(round(acc * sx * sw / sy) + zy, -128, 127))
+
+which is exact up to the final rounding: the zero point of x is handled by padding with
+zx (so the border sees the real value 0) and by subtracting zx * sum(wq) per output
+channel, and an int32 bias in ORT's scale sx * sw adds without rescaling. The epilogue is
+elementwise, so TVM's FuseOps fuses it into the convolution's PrimFunc. Layers that stay
+float in the QDQ model (excluded, or LayerNorm/GELU) have no such pattern and are left
+alone, as are patterns this pass cannot prove exact (non-constant scales, weight zero
+points, layouts other than NCHW/OIHW): those keep computing in float and are counted.
+
+Everything constant is computed here in NumPy, so the weights must be bound as constants
+(params "embedded"). Use `compile_onnx_int8`, or `lower_qdq_to_integer` on an IRModule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import tvm
+from tvm import relax
+
+from pipeline.errors import PipelineError
+
+INT8_MIN, INT8_MAX = -128, 127
+COMPUTE_OPS = ("relax.nn.conv2d", "relax.matmul")
+
+
+# ---------------------------------------------------------------------------
+# Matching
+
+
+@dataclass
+class _Match:
+    """One dequantize -> conv2d/matmul (+bias) (-> quantize) chain to rewrite."""
+
+    op: str  # "relax.nn.conv2d" or "relax.matmul"
+    call: relax.Call  # the float conv2d/matmul
+    xq: relax.Expr  # the int8 input
+    zx: int
+    sx: float
+    wq: np.ndarray  # int8 weight, OIHW for conv2d, (K, N) for matmul
+    sw: np.ndarray  # float32 per output channel (O,) or (N,)
+    bias_int: np.ndarray | None  # int32 in scale sx*sw, or None
+    bias_float: np.ndarray | None  # float32, when the bias scale is not sx*sw
+    sy: float | None  # output quantization, None when the output stays float
+    zy: int | None
+    end: relax.Var  # the binding whose value the rewrite replaces
+
+
+@dataclass
+class Int8Report:
+    """What the lowering did: counts per op, and why any conv2d/matmul stayed float."""
+
+    lowered: Counter = field(default_factory=Counter)
+    with_requantize: int = 0
+    float_kept: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "integer_ops": {op.split(".")[-1]: n for op, n in sorted(self.lowered.items())},
+            "requantize_epilogues": self.with_requantize,
+            "float_compute_ops": len(self.float_kept),
+            "float_compute_reasons": dict(Counter(self.float_kept)),
+        }
+
+
+def _is_op(expr: relax.Expr, name: str) -> bool:
+    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
+
+
+def _dtype(expr: relax.Expr) -> str | None:
+    # TVM 0.27: an expression's type is `.ty` (was `.struct_info`), a relax.TensorType.
+    ty = expr.ty
+    return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
+
+
+def _is_constant(expr: relax.Expr) -> bool:
+    # TVM 0.27: relax.Constant is gone; relax.const makes a tvm.ir.expr.GenericConst whose
+    # `.value` is a runtime Tensor.
+    return isinstance(expr, tvm.ir.expr.GenericConst) and hasattr(expr.value, "numpy")
+
+
+class _Graph:
+    """The bindings of a function: value of each var, and who uses each var."""
+
+    def __init__(self, func: relax.Function):
+        self.value: dict[relax.Var, relax.Expr] = {}
+        self.users: dict[relax.Var, list[relax.Var]] = {}
+        self.order: list[relax.Var] = []
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                if not isinstance(binding, relax.VarBinding):
+                    continue
+                self.value[binding.var] = binding.value
+                self.order.append(binding.var)
+                for used in _vars_in(binding.value):
+                    self.users.setdefault(used, []).append(binding.var)
+        for used in _vars_in(func.body.body):
+            self.users.setdefault(used, []).append(None)  # the function's result
+
+    def resolve(self, expr: relax.Expr) -> relax.Expr:
+        while isinstance(expr, relax.Var) and expr in self.value:
+            expr = self.value[expr]
+        return expr
+
+    def only_user(self, var: relax.Var) -> relax.Var | None:
+        users = self.users.get(var, [])
+        return users[0] if len(users) == 1 else None
+
+
+def _vars_in(expr: relax.Expr) -> list[relax.Var]:
+    if isinstance(expr, relax.Var):
+        return [expr]
+    if isinstance(expr, relax.Call):
+        return [v for arg in expr.args for v in _vars_in(arg)]
+    if isinstance(expr, relax.Tuple):
+        return [v for field_ in expr.fields for v in _vars_in(field_)]
+    if isinstance(expr, relax.TupleGetItem):
+        return _vars_in(expr.tuple_value)
+    return []
+
+
+def _constant(graph: _Graph, expr: relax.Expr) -> np.ndarray | None:
+    """The value of a constant subexpression (dequantize/reshape/permute of constants), or None."""
+    expr = graph.resolve(expr)
+    if _is_constant(expr):
+        return expr.value.numpy()
+    if _is_op(expr, "relax.dequantize"):
+        parts = [_constant(graph, arg) for arg in expr.args]
+        if any(p is None for p in parts):
+            return None
+        data, scale, zero = parts
+        return _dequantize_np(data, scale, zero, int(expr.attrs.axis)).astype(np.float32)
+    if _is_op(expr, "relax.reshape"):
+        data = _constant(graph, expr.args[0])
+        shape = [int(d) for d in expr.ty.shape]
+        return None if data is None else data.reshape(shape)
+    if _is_op(expr, "relax.permute_dims"):
+        data = _constant(graph, expr.args[0])
+        axes = None if expr.attrs.axes is None else [int(a) for a in expr.attrs.axes]
+        return None if data is None else np.transpose(data, axes)
+    return None
+
+
+def _dequantize_np(data: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int) -> np.ndarray:
+    shape = [1] * data.ndim
+    if scale.size > 1:
+        shape[axis] = -1
+    scale = scale.astype(np.float32).reshape(shape if scale.size > 1 else ())
+    zero = zero.astype(np.int64).reshape(shape if zero.size > 1 else ())
+    return (data.astype(np.int64) - zero).astype(np.float32) * scale
+
+
+def _scalar(graph: _Graph, expr: relax.Expr) -> float | None:
+    value = _constant(graph, expr)
+    return None if value is None or value.size != 1 else value.reshape(()).item()
+
+
+def _weight(graph: _Graph, expr: relax.Expr, op: str) -> tuple[np.ndarray, np.ndarray] | str:
+    """(int8 weight in the layout the op uses, float32 scale per output channel), or why not."""
+    expr = graph.resolve(expr)
+    transposed = False
+    if op == "relax.matmul" and _is_op(expr, "relax.permute_dims"):
+        axes = expr.attrs.axes
+        if axes is not None and [int(a) for a in axes] != [1, 0]:
+            return "weight permuted other than a 2-D transpose"
+        transposed = True
+        expr = graph.resolve(expr.args[0])
+    if not _is_op(expr, "relax.dequantize"):
+        return "weight is float (layer not quantized)"
+    wq, sw, zw = (_constant(graph, arg) for arg in expr.args)
+    if wq is None or sw is None or zw is None:
+        return "weight or its scale is not a constant (params not embedded)"
+    if wq.dtype != np.int8:
+        return f"weight is {wq.dtype}, not int8"
+    if np.any(zw != 0):
+        return "weight zero point is not 0 (asymmetric weights)"
+    axis = int(expr.attrs.axis) % wq.ndim
+    if transposed:
+        wq = wq.T
+        axis = 1 - axis
+    channel_axis = 0 if op == "relax.nn.conv2d" else wq.ndim - 1
+    channels = wq.shape[channel_axis]
+    if sw.size == 1:
+        sw = np.full(channels, sw.reshape(()).item(), np.float32)
+    elif axis != channel_axis or sw.size != channels:
+        return "weight scale is not per output channel"
+    return np.ascontiguousarray(wq), sw.reshape(-1).astype(np.float32)
+
+
+def _find_matches(func: relax.Function, report: Int8Report) -> dict[relax.Var, _Match]:
+    graph = _Graph(func)
+    matches: dict[relax.Var, _Match] = {}
+    for var in graph.order:
+        call = graph.value[var]
+        if not (_is_op(call, "relax.nn.conv2d") or _is_op(call, "relax.matmul")):
+            continue
+        op = call.op.name
+        match_or_reason = _match_one(graph, var, call, op)
+        if isinstance(match_or_reason, str):
+            report.float_kept.append(match_or_reason)
+        else:
+            matches[match_or_reason.end] = match_or_reason
+    return matches
+
+
+def _match_one(graph: _Graph, var: relax.Var, call: relax.Call, op: str) -> _Match | str:
+    weight = _weight(graph, call.args[1], op)
+    if isinstance(weight, str):
+        return weight
+    wq, sw = weight
+    x = graph.resolve(call.args[0])
+    if not _is_op(x, "relax.dequantize"):
+        return "input is float"
+    xq = x.args[0]
+    if _dtype(xq) != "int8":
+        return f"input is {_dtype(xq)}, not int8"
+    sx, zx = _scalar(graph, x.args[1]), _scalar(graph, x.args[2])
+    if sx is None or zx is None:
+        return "input scale is not a per-tensor constant"
+    if op == "relax.nn.conv2d":
+        attrs = call.attrs
+        if (attrs.data_layout, attrs.kernel_layout) != ("NCHW", "OIHW"):
+            return f"conv2d layout {attrs.data_layout}/{attrs.kernel_layout} (only NCHW/OIHW)"
+        if attrs.out_layout not in ("", "NCHW", None):
+            return f"conv2d out_layout {attrs.out_layout}"
+    channels = sw.size
+    if op == "relax.matmul" and ((xq.ty.ndim or 0) < 2 or wq.ndim != 2):
+        return "matmul is not (..., K) x (K, N)"
+
+    end, bias_float, bias_int = var, None, None
+    user = graph.only_user(end)
+    if user is not None and _is_op(graph.value[user], "relax.add"):
+        add = graph.value[user]
+        other = add.args[1] if add.args[0].same_as(end) else add.args[0]
+        bias = _constant(graph, other)
+        if bias is not None and bias.size == channels and _bias_broadcasts(bias.shape, op):
+            bias = bias.reshape(-1).astype(np.float32)
+            bias_int = _as_int32_bias(graph, other, sx * sw)
+            if bias_int is None:
+                bias_float = bias
+            end = user
+    sy = zy = None
+    user = graph.only_user(end)
+    if user is not None and _is_op(graph.value[user], "relax.quantize"):
+        quantize = graph.value[user]
+        scale, zero = _scalar(graph, quantize.args[1]), _scalar(graph, quantize.args[2])
+        if str(quantize.attrs.out_dtype) == "int8" and scale is not None and zero is not None:
+            sy, zy, end = float(scale), int(zero), user
+    return _Match(op, call, xq, int(zx), float(sx), wq, sw, bias_int, bias_float, sy, zy, end)
+
+
+def _bias_broadcasts(shape: tuple[int, ...], op: str) -> bool:
+    if op == "relax.matmul":
+        return len(shape) == 1
+    return len(shape) == 1 or (len(shape) == 4 and shape[0] == shape[2] == shape[3] == 1)
+
+
+def _as_int32_bias(graph: _Graph, expr: relax.Expr, scale: np.ndarray) -> np.ndarray | None:
+    """The bias as int32 in the accumulator's scale sx*sw, when it was quantized that way
+    (ORT quantizes biases with exactly that scale); None otherwise."""
+    expr = graph.resolve(expr)
+    if _is_op(expr, "relax.reshape"):
+        expr = graph.resolve(expr.args[0])
+    if not _is_op(expr, "relax.dequantize"):
+        return None
+    bq, sb, zb = (_constant(graph, arg) for arg in expr.args)
+    if bq is None or sb is None or zb is None or bq.dtype != np.int32:
+        return None
+    sb = np.broadcast_to(sb.reshape(-1), scale.shape)
+    if not np.allclose(sb, scale, rtol=1e-6, atol=0):
+        return None
+    return (bq.astype(np.int64).reshape(-1) - np.broadcast_to(zb.reshape(-1), scale.shape)).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------
+# Rewriting
+
+
+@relax.expr_functor.mutator
+class _Lowering(relax.PyExprMutator):
+    """Re-emits every binding, replacing each matched chain's last one with integer compute."""
+
+    def __init__(self, mod: tvm.IRModule, matches: dict[relax.Var, _Match], report: Int8Report):
+        super().__init__(mod)
+        self.matches = matches
+        self.report = report
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        match = self.matches.get(binding.var)
+        if match is None:
+            super().visit_var_binding_(binding)
+            return
+        value = self._integer_chain(match)
+        if isinstance(binding.var, relax.DataflowVar):
+            new_var = self.builder_.emit(value, binding.var.name)
+        else:
+            new_var = self.builder_.emit_output(value, binding.var.name)
+        self.set_var_remap(binding.var, new_var)
+        self.report.lowered[match.op] += 1
+        self.report.with_requantize += match.sy is not None
+
+    def _emit(self, expr: relax.Expr, name: str) -> relax.Var:
+        return self.builder_.emit(expr, name)
+
+    def _integer_chain(self, m: _Match) -> relax.Expr:
+        xq = self.visit_expr(m.xq)
+        # Weight sums per output channel: what zx contributes to every accumulator.
+        reduce_axes = (1, 2, 3) if m.op == "relax.nn.conv2d" else (0,)
+        weight_sum = m.wq.astype(np.int64).sum(axis=reduce_axes)
+        offset = -m.zx * weight_sum
+        if m.bias_int is not None:
+            offset = offset + m.bias_int
+        if np.abs(offset).max(initial=0) >= 2**31:
+            raise PipelineError("an int32 bias overflows; re-quantize with --per-channel or another --method")
+        per_channel_shape = (1, -1, 1, 1) if m.op == "relax.nn.conv2d" else (-1,)
+
+        def channel_const(values: np.ndarray, dtype: str) -> relax.Constant:
+            return relax.const(np.asarray(values, dtype).reshape(per_channel_shape), dtype)
+
+        weight = relax.const(m.wq, "int8")
+        if m.op == "relax.nn.conv2d":
+            attrs = m.call.attrs
+            padding = [int(p) for p in attrs.padding]  # (top, left, bottom, right)
+            if m.zx != 0 and any(padding):
+                # Pad with the zero point: in the integer domain that is the real value 0.
+                top, left, bottom, right = padding
+                xq = self._emit(
+                    relax.op.nn.pad(xq, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(m.zx)),
+                    "pad_zx",
+                )
+                padding = [0, 0, 0, 0]
+            acc = self._emit(
+                relax.op.nn.conv2d(
+                    xq, weight, strides=[int(s) for s in attrs.strides], padding=padding,
+                    dilation=[int(d) for d in attrs.dilation], groups=int(attrs.groups),
+                    data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32",
+                ),
+                "conv_i32",
+            )
+        else:
+            acc = self._emit(relax.op.matmul(xq, weight, out_dtype="int32"), "matmul_i32")
+        if np.any(offset != 0):
+            acc = self._emit(relax.op.add(acc, channel_const(offset, "int32")), "acc_i32")
+        real = self._emit(relax.op.astype(acc, "float32"), "acc_f32")
+
+        # Requantize epilogue: one multiply per channel, round, add zero point, clip, cast.
+        accumulator_scale = (m.sx * m.sw).astype(np.float32)
+        if m.sy is None:
+            out = self._emit(relax.op.multiply(real, channel_const(accumulator_scale, "float32")), "dequant")
+            if m.bias_float is not None:
+                out = self._emit(relax.op.add(out, channel_const(m.bias_float, "float32")), "bias")
+            return out
+        scaled = self._emit(
+            relax.op.multiply(real, channel_const(accumulator_scale / np.float32(m.sy), "float32")), "requant"
+        )
+        if m.bias_float is not None:
+            scaled = self._emit(
+                relax.op.add(scaled, channel_const(m.bias_float / np.float32(m.sy), "float32")), "bias"
+            )
+        rounded = self._emit(relax.op.round(scaled), "round")
+        if m.zy:
+            rounded = self._emit(relax.op.add(rounded, relax.const(float(m.zy), "float32")), "zero_point")
+        clipped = self._emit(
+            relax.op.clip(rounded, relax.prim_value(float(INT8_MIN)), relax.prim_value(float(INT8_MAX))), "clip"
+        )
+        return relax.op.astype(clipped, "int8")
+
+
+def lower_qdq_to_integer(mod: tvm.IRModule, report: Int8Report | None = None) -> tvm.IRModule:
+    """Rewrite every provable dequantize -> conv2d/matmul -> quantize chain of every Relax
+    function in `mod` into integer compute; counts go to `report`."""
+    report = report if report is not None else Int8Report()
+    updated = {}
+    for gvar, func in mod.functions.items():
+        if not isinstance(func, relax.Function):
+            continue
+        matches = _find_matches(func, report)
+        if not matches:
+            continue
+        mutator = _Lowering(mod, matches, report)
+        updated[gvar] = mutator.visit_expr(func)
+    for gvar, func in updated.items():
+        mod[gvar] = func
+    # The float conv2d/matmul and the weight dequantizes they read are now unused.
+    return relax.transform.DeadCodeElimination()(mod)
+
+
+def int8_lowering_pass(report: Int8Report) -> tvm.transform.Pass:
+    """`lower_qdq_to_integer` as a module pass, for a Relax pass list."""
+
+    @tvm.transform.module_pass(opt_level=0, name="LowerQDQToInteger")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        return lower_qdq_to_integer(mod, report)
+
+    return _pass
+
+
+# ---------------------------------------------------------------------------
+# Inspection (what the tests and the compile manifest check)
+
+
+def compute_ops(mod: tvm.IRModule) -> list[dict[str, Any]]:
+    """Every conv2d/matmul left in the Relax functions: its input dtypes and output dtype."""
+    found: list[dict[str, Any]] = []
+
+    def visit(expr: relax.Expr) -> None:
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name in COMPUTE_OPS:
+            found.append({
+                "op": expr.op.name.split(".")[-1],
+                "inputs": [_dtype(arg) for arg in expr.args],
+                "output": _dtype(expr),
+            })
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return found
+
+
+def primfunc_compute_dtypes(mod: tvm.IRModule) -> list[dict[str, Any]]:
+    """After legalization: each PrimFunc that reduces a product (conv2d, matmul) with the
+    dtypes of what it multiplies and of what it accumulates into."""
+    found = []
+    for gvar, func in mod.functions.items():
+        # TVM 0.27: TIR lives in tvm.tirx (was tvm.tir).
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        name = str(gvar.name_hint)
+        if "conv2d" not in name and "matmul" not in name:
+            continue
+        # TVM 0.27: PrimFunc params are buffer vars with a dtype (no buffer_map any more).
+        params = list(func.params)
+        found.append({
+            "name": name,
+            "inputs": [str(p.dtype) for p in params[:2]],
+            "output": str(params[-1].dtype),
+        })
+    return found
+
+
+# ---------------------------------------------------------------------------
+# Compiling
+
+
+@contextlib.contextmanager
+def _int8_phase(report: Int8Report):
+    """Put the lowering first in tvm_backend's Relax pass list for the duration of a compile.
+
+    compile_onnx reads `relax_phases` when it runs, so this swaps in a list that starts
+    with an "int8" phase (params are bound by then, which the rewrite needs). A
+    `rewrites` parameter on compile_onnx would make this unnecessary.
+    """
+    from pipeline import tvm_backend
+
+    original = tvm_backend.relax_phases
+
+    def phases(target):
+        return [("int8", [int8_lowering_pass(report)]), *original(target)]
+
+    tvm_backend.relax_phases = phases
+    try:
+        yield
+    finally:
+        tvm_backend.relax_phases = original
+
+
+def compile_onnx_int8(onnx_path: Path, target, library_path: Path, **kwargs) -> dict:
+    """`tvm_backend.compile_onnx` for a QDQ model, with its convolutions and matmuls in integers.
+
+    Returns compile_onnx's summary plus "int8": what was lowered and what stayed float.
+    """
+    from pipeline import tvm_backend
+
+    if kwargs.get("params_mode", "embedded") != "embedded":
+        raise PipelineError(
+            "precision int8 folds weights and scales into integer constants at compile time; "
+            "use --params embedded"
+        )
+    import onnx
+
+    onnx_path = Path(onnx_path)
+    if onnx_path.is_file():
+        ops = {node.op_type for node in onnx.load(str(onnx_path), load_external_data=False).graph.node}
+        if "DequantizeLinear" not in ops:
+            raise PipelineError(
+                f"{onnx_path} is a float model; precision int8 compiles the QDQ model that "
+                "`pipeline quantize` writes"
+            )
+    report = Int8Report()
+    with _int8_phase(report):
+        info = tvm_backend.compile_onnx(onnx_path, target, library_path, **kwargs)
+    if not report.lowered:
+        raise PipelineError(
+            f"{onnx_path} has no quantized convolution or matmul to compile in int8; "
+            "pass the model `pipeline quantize` writes (QDQ format)"
+        )
+    info["int8"] = report.to_dict()
+    return info
