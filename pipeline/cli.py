@@ -32,6 +32,9 @@ STAGE_HELP = {
 }
 
 
+MEASURING_STAGES = ("bench", "evaluate", "report")
+
+
 def _validate(config: PipelineConfig, onnx: Optional[Path]) -> None:
     """Checks that are cheap and should fail before any work starts."""
     from pipeline.model import VARIANTS
@@ -60,6 +63,12 @@ def _run_until(until: str, config: PipelineConfig, target_name: str, onnx: Optio
 
     _validate(config, onnx)
     target = get_target(target_name)
+    if until in MEASURING_STAGES and target.runner == "rpc" and not config.rpc_tracker:
+        # Fail before compiling: the artifact could not be measured anyway.
+        raise PipelineError(
+            f"target '{target.name}' is measured on its board; pass --rpc-tracker HOST:PORT "
+            f"[--rpc-key KEY] (the board runs: python -m tvm.exec.rpc_server --tracker HOST:PORT --key {target.rpc_key})"
+        )
     provided: dict[str, Path] = {}
     if config.weights is not None:
         provided["weights"] = config.weights
@@ -98,6 +107,8 @@ def _make_stage_command(until: str):
         preprocessing: Annotated[str, typer.Option(help="Preprocessing table entry (imagenet, fashion-mnist).")] = "imagenet",
         eval_limit: Annotated[int, typer.Option(help="Evaluate at most this many images (0: all).")] = 256,
         onnx: Annotated[Optional[Path], typer.Option(help="Use this ONNX file instead of exporting one.")] = None,
+        rpc_tracker: Annotated[Optional[str], typer.Option(help="Measure on a board registered with this TVM RPC tracker (HOST:PORT).")] = None,
+        rpc_key: Annotated[Optional[str], typer.Option(help="The board's key at the tracker (default: the target's).")] = None,
         artifacts: Annotated[Path, typer.Option(help="Artifacts directory (content-keyed cache).")] = Path("artifacts"),
         reports_dir: Annotated[Path, typer.Option(help="Where `report` writes <target>/report.md.")] = Path("reports"),
         force: Annotated[bool, typer.Option(help="Re-run this stage even if a cached result exists.")] = False,
@@ -109,7 +120,7 @@ def _make_stage_command(until: str):
             input_size=input_size, batch_size=batch_size, opset=opset, dynamic_batch=dynamic_batch,
             precision=precision, params_mode=params, warmup=warmup, repeats=repeats,
             data=data, preprocessing=preprocessing, eval_limit=eval_limit or None,
-            artifacts=artifacts, reports_dir=reports_dir,
+            artifacts=artifacts, reports_dir=reports_dir, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
         )
         _run_until("report" if until == "run" else until, config, target, onnx, force)
 

@@ -29,6 +29,9 @@ class PipelineConfig:
     # Bench
     warmup: int = 5
     repeats: int = 50
+    # Remote measurement through a TVM RPC tracker ("host:port"); key defaults to the target's.
+    rpc_tracker: str | None = None
+    rpc_key: str | None = None
     # Evaluate: None means random inputs (agreement and error only, no top-1)
     data: str | None = None
     preprocessing: str = "imagenet"

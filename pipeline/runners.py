@@ -64,9 +64,32 @@ class TvmRunner:
     name = "tvm"
 
     def __init__(self, library: Path, device: str = "cpu"):
-        from pipeline.runtime_only import LoadedArtifact
+        from pipeline.tvm_backend import load_artifact
 
-        self.artifact = LoadedArtifact(library, device=device)
+        self.artifact = load_artifact(library, device=device)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return self.artifact.infer(batch)
+
+
+def artifact_runner(library: Path, target, rpc_tracker: str | None = None, rpc_key: str | None = None):
+    """The runner for a target's artifact: over RPC when a tracker is given, else in this
+    process, refusing an artifact that this machine cannot run."""
+    import platform
+
+    from pipeline.errors import PipelineError
+
+    if rpc_tracker:
+        from pipeline.rpc import RpcRunner
+
+        return RpcRunner(library, target, rpc_tracker, rpc_key or target.rpc_key)
+    host_arch = target.host_triple.split("-", 1)[0]
+    if target.runner == "rpc" or host_arch != platform.machine():
+        raise PipelineError(
+            f"target '{target.name}' runs on its own board ({target.host_triple}), not this "
+            f"{platform.machine()} machine; pass --rpc-tracker HOST:PORT [--rpc-key KEY] with the board "
+            "registered there (python -m tvm.exec.rpc_server --tracker HOST:PORT --key KEY)"
+        )
+    runner = TvmRunner(library, device=target.device)
+    runner.artifact.check_target(target.name)
+    return runner

@@ -174,3 +174,9 @@ def test_user_onnx_runs_without_pytorch_model(tiny_run, tmp_path):
     latency = json.loads(Path(result.stdout.split("latency:")[1].strip()).read_text())
     assert "not_measured" in latency["backends"]["pytorch"]
     assert latency["backends"]["onnxruntime"]["median_ms"] > 0
+
+
+def test_board_target_without_tracker_fails_before_compiling(tmp_path):
+    result = run_cli("bench", *TINY_ARGS, "--target", "arm-a72", cwd=tmp_path)
+    assert_user_error(result, "--rpc-tracker")
+    assert not (tmp_path / "artifacts").exists()

@@ -15,7 +15,10 @@ from targets import Target
 
 
 def settings(config: PipelineConfig, target: Target) -> dict:
-    return {"target": target.name, "warmup": config.warmup, "repeats": config.repeats}
+    return {
+        "target": target.name, "warmup": config.warmup, "repeats": config.repeats,
+        "rpc_tracker": config.rpc_tracker, "rpc_key": config.rpc_key,
+    }
 
 
 def latency_stats(seconds: list[float], batch_size: int) -> dict:
@@ -50,28 +53,37 @@ def measure(runner, batch: np.ndarray, warmup: int, repeats: int) -> dict:
 
 
 def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir: Path) -> dict:
-    from pipeline.runners import OnnxRuntimeRunner, TorchRunner, TvmRunner
+    from pipeline.runners import OnnxRuntimeRunner, TorchRunner, artifact_runner
 
-    if target.runner != "local":
-        from pipeline.errors import PipelineError
-
-        raise PipelineError(f"target '{target.name}' is measured over RPC; pass --rpc-tracker HOST:PORT")
+    artifact = artifact_runner(inputs["library"], target, config.rpc_tracker, config.rpc_key)
     meta = json.loads(Path(inputs["library_metadata"]).read_text())
     shape = tuple(meta["input"]["shape"])
     batch = np.random.default_rng(config.seed).standard_normal(shape, dtype=np.float32)
 
-    runners = [("tvm", lambda: TvmRunner(inputs["library"]))]
-    runners.append(("onnxruntime", lambda: OnnxRuntimeRunner(inputs["onnx_simplified"])))
-    if "checkpoint" in inputs:
-        runners.append(("pytorch", lambda: TorchRunner.from_checkpoint(inputs["checkpoint"])))
     results = {}
-    for name, make in runners:
-        log(f"[bench] {name}: {config.warmup} warm-up + {config.repeats} timed runs, batch {shape[0]}")
-        stats = measure(make(), batch, config.warmup, config.repeats)
-        log(f"[bench] {name}: median {stats['median_ms']:.2f} ms, p99 {stats['p99_ms']:.2f} ms")
-        results[name] = stats
-    if "pytorch" not in results:
-        results["pytorch"] = {"not_measured": "no PyTorch model for a user-supplied ONNX file"}
+    log(f"[bench] tvm: {config.warmup} warm-up + {config.repeats} timed runs, batch {shape[0]}")
+    if config.rpc_tracker:
+        # Timed on the device by TVM's time_evaluator: no network round trip in the numbers.
+        results["tvm"] = artifact.measure(config.warmup, config.repeats, batch)
+        remote = "measured on the host, not on the remote device: no like-for-like baseline"
+        results["onnxruntime"] = {"not_measured": remote}
+        results["pytorch"] = {"not_measured": remote}
+    else:
+        results["tvm"] = measure(artifact, batch, config.warmup, config.repeats)
+        baselines = [("onnxruntime", lambda: OnnxRuntimeRunner(inputs["onnx_simplified"]))]
+        if "checkpoint" in inputs:
+            baselines.append(("pytorch", lambda: TorchRunner.from_checkpoint(inputs["checkpoint"])))
+        else:
+            results["pytorch"] = {"not_measured": "no PyTorch model for a user-supplied ONNX file"}
+        if target.device != "cpu":
+            results["onnxruntime"] = {"not_measured": "ONNX Runtime here has only its CPU provider"}
+            baselines = [b for b in baselines if b[0] != "onnxruntime"]
+        for name, make in baselines:
+            log(f"[bench] {name}: {config.warmup} warm-up + {config.repeats} timed runs, batch {shape[0]}")
+            results[name] = measure(make(), batch, config.warmup, config.repeats)
+    for name, stats in results.items():
+        if "median_ms" in stats:
+            log(f"[bench] {name}: median {stats['median_ms']:.2f} ms, p99 {stats['p99_ms']:.2f} ms")
 
     tvm_median = results["tvm"]["median_ms"]
     speedups = {

@@ -49,6 +49,8 @@ def settings(config: PipelineConfig, target: Target) -> dict:
         "eval_limit": config.eval_limit,
         "eval_random_count": config.eval_random_count if config.data is None else None,
         "seed": config.seed,
+        # Where the artifact ran does not change its outputs, but a different board might.
+        "rpc_key": config.rpc_key or (target.rpc_key if config.rpc_tracker else None),
     }
 
 
@@ -92,7 +94,7 @@ def load_inputs(config: PipelineConfig, in_chans: int, input_size: int):
 
 
 def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir: Path) -> dict:
-    from pipeline.runners import OnnxRuntimeRunner, TorchRunner, TvmRunner
+    from pipeline.runners import OnnxRuntimeRunner, TorchRunner, artifact_runner
 
     meta = json.loads(Path(inputs["library_metadata"]).read_text())
     batch_size, in_chans, input_size = meta["input"]["shape"][0], meta["input"]["shape"][1], meta["input"]["shape"][2]
@@ -104,7 +106,8 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
     else:
         reference = OnnxRuntimeRunner(inputs["onnx_simplified"])
     reference_logits = run_batched(reference, images, batch_size, reference.name)
-    artifact_logits = run_batched(TvmRunner(inputs["library"]), images, batch_size, "tvm")
+    artifact = artifact_runner(inputs["library"], target, config.rpc_tracker, config.rpc_key)
+    artifact_logits = run_batched(artifact, images, batch_size, "tvm")
     accuracy = {
         "target": target.name,
         "precision": config.precision,
