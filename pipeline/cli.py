@@ -11,7 +11,10 @@ import typer
 
 from pipeline.config import PARAMS_MODES, PRECISIONS, PipelineConfig
 from pipeline.errors import EXIT_USER_ERROR, PipelineError
+from pipeline.package_command import register as register_package
+from pipeline.quantize_command import register as register_quantize
 from pipeline.report_command import register as register_reports
+from pipeline.train_command import register as register_train
 
 app = typer.Typer(
     add_completion=False,
@@ -132,6 +135,9 @@ for _stage in STAGE_HELP:
     app.command(name=_stage)(_make_stage_command(_stage))
 
 # Commands with options of their own live in their own modules (one file per command).
+register_quantize(app)
+register_train(app)
+register_package(app)
 register_reports(app)
 
 
