@@ -172,7 +172,8 @@ def _jetson_target(name: str, board: str, arch: str, mcpu: str, mattr: tuple[str
         runner="rpc",
         rpc_key=name,
         device="cuda" if gpu else "cpu",
-        needs=(("nvcc (CUDA toolkit)",) if gpu else ()) + _ARM_NEEDS,
+        # CUDA 13 is the first toolkit that knows sm_110.
+        needs=((f"nvcc (CUDA {'13+' if arch == 'sm_110' else 'toolkit'})",) if gpu else ()) + _ARM_NEEDS,
     )
 
 
