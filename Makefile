@@ -10,7 +10,7 @@ ARGS ?=
 # The demo's model and inputs: small enough that an untuned CPU build stays quick.
 DEMO_ARGS ?= --variant micro --input-size 64 --num-classes 10 --repeats 30
 
-.PHONY: install system-deps demo test test-all compile bench report reports run clean
+.PHONY: install system-deps demo test compile bench report reports run package arm-runtime verify-arm clean
 
 install: $(STAMP)
 
@@ -45,6 +45,17 @@ report: install
 
 run: install
 	$(PIPELINE) run --target $(TARGET) $(DEMO_ARGS) $(ARGS)
+
+# A device bundle: artifact, metadata, weights, manifest and run.py (TVM runtime + NumPy only).
+package: install
+	$(PIPELINE) package --target $(TARGET) $(DEMO_ARGS) $(ARGS)
+
+# The cached aarch64 TVM runtime and runner that check ARM artifacts under qemu.
+arm-runtime: install
+	$(PY) -m pipeline.cross runtime
+
+verify-arm: install
+	$(PY) -m pipeline.cross verify --target $(or $(filter arm-% %-cpu,$(TARGET)),arm-a53)
 
 # Rebuild reports/README.md (one table per model, plots, history.jsonl, regression flags) from reports/*/.
 reports: install

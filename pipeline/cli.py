@@ -66,6 +66,7 @@ def _run_until(until: str, config: PipelineConfig, target_name: str, onnx: Optio
 
     _validate(config, onnx)
     target = get_target(target_name)
+    target.check_available()
     if until in MEASURING_STAGES and target.runner == "rpc" and not config.rpc_tracker:
         # Fail before compiling: the artifact could not be measured anyway.
         raise PipelineError(
@@ -149,8 +150,9 @@ def targets() -> None:
     for name in known_targets():
         target = get_target(name)
         print(f"{name:<18} {target.description}")
+        needs = f"; needs {', '.join(target.needs)}" if target.needs else ""
         print(f"{'':<18} tvm target {target.target_json()}; precisions {', '.join(target.precisions)}; "
-              f"measured {target.runner}")
+              f"measured {target.runner}{needs}")
 
 
 @app.command()

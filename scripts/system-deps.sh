@@ -3,6 +3,10 @@
 set -euo pipefail
 packages=()
 [ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] || packages+=(dataset-fashion-mnist)
+# Cross toolchain and emulator: ARM/Jetson artifacts are linked and checked here without a board.
+command -v aarch64-linux-gnu-gcc >/dev/null || packages+=(gcc-aarch64-linux-gnu)
+command -v aarch64-linux-gnu-g++ >/dev/null || packages+=(g++-aarch64-linux-gnu)
+command -v qemu-aarch64-static >/dev/null || packages+=(qemu-user-static)
 [ ${#packages[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
     echo "warning: missing Debian packages: ${packages[*]}; install them with: sudo apt-get install ${packages[*]}" >&2
