@@ -20,7 +20,9 @@ it writes
 
 which is exact up to the final rounding: the zero point of x is handled by padding with
 zx (so the border sees the real value 0) and by subtracting zx * sum(wq) per output
-channel, and an int32 bias in ORT's scale sx * sw adds without rescaling. The epilogue is
+channel, and an int32 bias in ORT's scale sx * sw adds without rescaling. Without an int8
+output (the layer's consumers compute in float: see quantize.float_consumers_read_float)
+the epilogue dequantizes instead: `acc * sx * sw (+ float bias)`. Either epilogue is
 elementwise, so TVM's FuseOps fuses it into the convolution's PrimFunc. Layers that stay
 float in the QDQ model (excluded, or LayerNorm/GELU) have no such pattern and are left
 alone, as are patterns this pass cannot prove exact (non-constant scales, weight zero
@@ -339,7 +341,7 @@ class _Lowering(relax.PyExprMutator):
             raise PipelineError("an int32 bias overflows; re-quantize with --per-channel or another --method")
         per_channel_shape = (1, -1, 1, 1) if m.op == "relax.nn.conv2d" else (-1,)
 
-        def channel_const(values: np.ndarray, dtype: str) -> relax.Constant:
+        def channel_const(values: np.ndarray, dtype: str) -> relax.Expr:
             return relax.const(np.asarray(values, dtype).reshape(per_channel_shape), dtype)
 
         weight = relax.const(m.wq, "int8")
@@ -395,19 +397,15 @@ def lower_qdq_to_integer(mod: tvm.IRModule, report: Int8Report | None = None) ->
     """Rewrite every provable dequantize -> conv2d/matmul -> quantize chain of every Relax
     function in `mod` into integer compute; counts go to `report`."""
     report = report if report is not None else Int8Report()
-    updated = {}
+    lowered = mod.clone()  # a pass must not change the module it is given
     for gvar, func in mod.functions.items():
         if not isinstance(func, relax.Function):
             continue
         matches = _find_matches(func, report)
-        if not matches:
-            continue
-        mutator = _Lowering(mod, matches, report)
-        updated[gvar] = mutator.visit_expr(func)
-    for gvar, func in updated.items():
-        mod[gvar] = func
+        if matches:
+            lowered.update_func(gvar, _Lowering(mod, matches, report).visit_expr(func))
     # The float conv2d/matmul and the weight dequantizes they read are now unused.
-    return relax.transform.DeadCodeElimination()(mod)
+    return relax.transform.DeadCodeElimination()(lowered)
 
 
 def int8_lowering_pass(report: Int8Report) -> tvm.transform.Pass:
