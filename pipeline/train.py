@@ -417,6 +417,10 @@ def _train(
         head = "a new head" if init["head_reset"] else "its head"
         progress(f"initialized from {config.init_weights} ({init['layout']} layout, {head})")
 
+    # Channels-last makes oneDNN's depthwise 7x7 convolutions (most of the time at these sizes)
+    # over twice as fast on CPUs; the checkpoint is written back in the default layout.
+    model = model.to(memory_format=torch.channels_last)
+
     n = len(train_set.images)
     steps_per_epoch = math.ceil(n / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -457,6 +461,7 @@ def _train(
         for step, index in enumerate(order.split(config.batch_size), start=1):
             tick = time.perf_counter()
             images = augment(train_set.images[index], config, background, aug_gen)
+            images = images.contiguous(memory_format=torch.channels_last)
             labels = train_set.labels[index]
             loss = F.cross_entropy(model(images), labels, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
@@ -513,7 +518,11 @@ def _train(
             f"({train_seconds:.0f}s, {seen / train_seconds:.0f} img/s) ETA {_duration(eta)}"
         )
 
-    final = history[-1]
+    # The reported accuracy is the written model's, in the layout evaluation loads it with (the
+    # per-epoch figures came from channels-last kernels, which round differently).
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    top1, top5 = evaluate(model, test_set.images, test_set.labels)
+    final = {"test_top1": round(top1, 3), "test_top5": round(top5, 3)}
     wall = wall_before + time.perf_counter() - started
     training = {
         "command": command or "pipeline " + shlex.join(sys.argv[1:]),
@@ -529,9 +538,9 @@ def _train(
         "history": history,
         "wall_s": round(wall, 1),
         "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # TorchVersion would not load weights-only
     }
-    save_checkpoint(model.eval(), output_path, config.variant, config.num_classes, config.in_chans,
+    save_checkpoint(model, output_path, config.variant, config.num_classes, config.in_chans,
                     extra={"training": training})
     resume_file.unlink(missing_ok=True)
     record = {
