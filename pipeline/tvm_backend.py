@@ -195,8 +195,8 @@ def relax_phases(target: tvm.target.Target) -> list[tuple[str, list[tvm.transfor
         # into one PrimFunc. A tuning database would be applied right after this phase.
         ("fuse", [transform.FuseOps(), transform.FuseTIR()]),
         # Schedule: GPU kernels need thread bindings, which dlight's default rules give
-        # (untested until a GPU target exists). CPU PrimFuncs stay unscheduled: correct
-        # but slow until MetaSchedule tunes them.
+        # (untested until a GPU target exists). CPU PrimFuncs were scheduled right after
+        # fusion: tuning records or default schedules (compile_onnx, pipeline/tvm_tuning.py).
         ("schedule", [dlight.ApplyDefaultSchedule(
             dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
             dlight.gpu.GeneralReduction(), dlight.gpu.Fallback(),
@@ -444,11 +444,14 @@ def compile_onnx(
     input_name: str | None = None,
     input_shape: tuple[int, ...] | None = None,
     dump_ir_dir: Path | None = None,
+    tuning_database: Path | None = None,
 ) -> dict:
     """Compile an ONNX model into ``library_path`` (+ metadata, + weights if "separate").
 
     Nothing appears at ``library_path`` unless the whole build succeeded. Returns a
-    JSON-friendly summary: sizes, input/output, PrimFunc count, compile seconds.
+    JSON-friendly summary: sizes, input/output, PrimFunc count, compile seconds, and
+    ``tuning``: how many PrimFuncs got a schedule from ``tuning_database`` (a directory
+    made by `pipeline tune`) and how many a default schedule (pipeline/tvm_tuning.py).
     """
     start = time.perf_counter()
     onnx_path, library_path = Path(onnx_path), Path(library_path)
@@ -485,6 +488,13 @@ def compile_onnx(
             if passes:
                 mod = tvm.transform.Sequential(passes, name=phase)(mod)
                 _dump(dump_ir_dir, index, phase, mod)
+            if phase == "fuse":
+                # Tuning records where the database has them, default schedules for every
+                # other PrimFunc on CPU (GPU ones get dlight's in the next phase).
+                from pipeline import tvm_tuning
+
+                mod, tuning = tvm_tuning.schedule_module(mod, tvm_target, target, tuning_database)
+                _dump(dump_ir_dir, index, "scheduled", mod)
         num_primfuncs = _count_primfuncs(mod)
         # relax_pipeline=None: the Relax passes ran above; tvm.compile now runs TIR's
         # default lowering pipeline and LLVM (or the target's) codegen.
@@ -543,6 +553,7 @@ def compile_onnx(
         "input": metadata["input"],
         "output": output,
         "num_primfuncs": num_primfuncs,
+        "tuning": tuning,
         "compile_s": round(time.perf_counter() - start, 3),
         "tvm_version": tvm.__version__,
         "target": target.name,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import PipelineConfig
-from pipeline.engine import Stage
+from pipeline.engine import Stage, log
 from pipeline.errors import PipelineError
 from targets import Target
 
@@ -19,6 +19,32 @@ def settings(config: PipelineConfig, target: Target) -> dict:
         "params_mode": config.params_mode,
         "input_size": config.input_size,
         "batch_size": config.batch_size,
+        # New tuning records or new default schedules rebuild the artifact.
+        **tuning_settings(config, target),
+    }
+
+
+def tuning_database(config: PipelineConfig, target: Target) -> Path | None:
+    """The tuning records compile applies to fp32 builds: artifacts/tune/<target>/<model>/,
+    else the repository's tuning/<target>/<model>/ (pipeline/tvm_tuning.py)."""
+    if config.precision != "fp32":
+        return None
+    from pipeline import tvm_tuning
+
+    return tvm_tuning.find_database(
+        Path(config.artifacts).resolve(), target, tvm_tuning.config_model_key(config)
+    )
+
+
+def tuning_settings(config: PipelineConfig, target: Target) -> dict:
+    if config.precision != "fp32":
+        return {}
+    from pipeline import tvm_tuning
+
+    database = tuning_database(config, target)
+    return {
+        "tuning_database_sha256": tvm_tuning.database_digest(database) if database else None,
+        "default_schedules": tvm_tuning.DEFAULT_SCHEDULE_VERSION,
     }
 
 
@@ -37,11 +63,17 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
         # to int8 x int8 -> int32 (pipeline/tvm_int8.py).
         from pipeline.tvm_int8 import compile_onnx_int8 as compile_onnx
     library = out_dir / "model.so"
+    tuning = {"tuning_database": tuning_database(config, target)} if config.precision == "fp32" else {}
     info = compile_onnx(
         inputs[model_input(config)[0]], target, library,
         params_mode=config.params_mode,
         input_shape=(config.batch_size, config.in_chans, config.input_size, config.input_size),
+        **tuning,
     )
+    if "tuning" in info:
+        counts = info["tuning"]
+        log(f"[compile] {counts['tasks_from_records']} of {counts['tasks_total']} kernels from tuning records "
+            f"({counts['database'] or 'no database'}), {counts['tasks_default']} with default schedules")
     # Paths inside the scratch directory mean nothing once it is renamed into place.
     info = {k: v for k, v in info.items() if k not in ("library", "metadata_file")}
     if info.get("params_file"):

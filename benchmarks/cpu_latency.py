@@ -1,0 +1,127 @@
+"""CPU latency of ConvNeXt: PyTorch eager vs ONNX Runtime vs the TVM artifact, one table.
+
+    .venv/bin/python benchmarks/cpu_latency.py                       # ConvNeXt-Tiny, 224, batch 1 and 8
+    .venv/bin/python benchmarks/cpu_latency.py --variant atto --batches 1 --repeats 5
+
+For each batch size it builds (or reuses from the artifacts cache) the model, its ONNX
+export and the x86 artifact, then times all three backends on the same input, in this
+process. The artifact uses the tuning records of `pipeline tune` for that model and batch
+(artifacts/tune/x86/<model>/, else tuning/x86/<model>/) and default schedules elsewhere; the
+table says how many kernels had records. Effective GFLOP/s = the model's FLOPs (counted
+from the TVM kernels, multiply-add = 2) / median latency, next to a NumPy SGEMM rate on
+this machine as the practical ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def sgemm_gflops(n: int = 1024, seconds: float = 2.0) -> float:
+    """NumPy float32 matmul rate (its BLAS, all cores): a practical ceiling for this CPU."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+    a @ b
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        runs += 1
+    return 2 * n**3 * runs / (time.perf_counter() - start) / 1e9
+
+
+def model_flops(onnx_path: Path, target, shape: tuple[int, ...]) -> float:
+    """FLOPs of one forward pass: every TVM kernel's FLOPs times how often it runs."""
+    from pipeline import tvm_tuning
+
+    mod, tvm_target = tvm_tuning.fused_module(onnx_path, target, shape)
+    return sum(task.flops * task.weight for task in tvm_tuning.extract_tasks(mod, tvm_target))
+
+
+def time_runner(runner, batch: np.ndarray, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        runner.infer(batch)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        runner.infer(batch)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", default="tiny")
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--artifacts", type=Path, default=REPO / "artifacts")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+
+    from pipeline.config import PipelineConfig
+    from pipeline.engine import run_pipeline
+    from pipeline.runners import OnnxRuntimeRunner, TorchRunner, TvmRunner
+    from pipeline.stages import STAGES
+    from targets import get_target
+
+    target = get_target("x86")
+    sgemm = sgemm_gflops()
+    rows = []
+    for batch_size in (int(b) for b in args.batches.split(",")):
+        config = PipelineConfig(
+            variant=args.variant, input_size=args.input_size, num_classes=args.num_classes,
+            batch_size=batch_size, artifacts=args.artifacts,
+        )
+        results = run_pipeline(STAGES, config, target, "compile")
+        onnx_path = results["simplify"].outputs["onnx_simplified"]
+        library = results["compile"].outputs["library"]
+        tuning = results["compile"].manifest["info"].get("tuning", {})
+        shape = (batch_size, 3, args.input_size, args.input_size)
+        flops = model_flops(onnx_path, target, shape)
+        batch = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+        runners = [
+            TorchRunner.from_checkpoint(results["build"].outputs["checkpoint"]),
+            OnnxRuntimeRunner(onnx_path),
+            TvmRunner(library),
+        ]
+        medians = {}
+        for runner in runners:
+            seconds = time_runner(runner, batch, args.warmup, args.repeats)
+            median = float(np.median(seconds))
+            medians[runner.name] = median
+            rows.append({
+                "backend": runner.name, "batch": batch_size, "median_ms": median * 1e3,
+                "p90_ms": float(np.percentile(seconds, 90)) * 1e3, "images_per_s": batch_size / median,
+                "gflops": flops / median / 1e9,
+            })
+            print(f"  measured {runner.name} batch {batch_size}: {median * 1e3:.2f} ms", file=sys.stderr, flush=True)
+        rows[-1]["tvm_over_ort"] = medians["tvm"] / medians["onnxruntime"]
+        rows[-1]["tuning"] = (f"{tuning.get('tasks_from_records', 0)}/{tuning.get('tasks_total', '?')} kernels from "
+                              f"records ({tuning.get('database') or 'no database'})")
+
+    print(f"\nConvNeXt-{args.variant} {args.input_size}x{args.input_size} on {target.target_json()}; "
+          f"NumPy SGEMM {sgemm:.0f} GFLOP/s")
+    print(f"{'backend':<12} {'batch':>5} {'median ms':>10} {'p90 ms':>9} {'img/s':>8} {'GFLOP/s':>8}  notes")
+    for row in rows:
+        notes = ""
+        if "tvm_over_ort" in row:
+            notes = f"TVM/ORT {row['tvm_over_ort']:.2f}x; {row['tuning']}"
+        print(f"{row['backend']:<12} {row['batch']:>5} {row['median_ms']:>10.2f} {row['p90_ms']:>9.2f} "
+              f"{row['images_per_s']:>8.1f} {row['gflops']:>8.1f}  {notes}")
+    if args.json:
+        args.json.write_text(json.dumps({"sgemm_gflops": sgemm, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

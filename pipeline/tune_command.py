@@ -1,0 +1,133 @@
+"""`pipeline tune` (MetaSchedule tuning records for a target and model) and
+`pipeline tune-db merge A B -o C`.
+
+Registered on the main app by `pipeline.cli` with `register(app)`. Records go to
+``artifacts/tune/<target>/<model-key>/``; `pipeline compile` with the same model settings
+picks them up (see pipeline/tvm_tuning.py for the layout and the shipped ``tuning/`` tree).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.errors import PipelineError
+
+db_app = typer.Typer(no_args_is_help=True, help="Work with tuning databases.")
+
+
+def tune_command(
+    target: Annotated[str, typer.Option(help="Target name; `pipeline targets` lists them.")] = "x86",
+    variant: Annotated[str, typer.Option(help="ConvNeXt variant; `pipeline variants` lists them.")] = "micro",
+    weights: Annotated[str, typer.Option(help="Checkpoint .pth, or 'none' (schedules do not depend on weights).")] = "none",
+    num_classes: Annotated[int, typer.Option(help="Classifier outputs.")] = 1000,
+    in_chans: Annotated[int, typer.Option(help="Input channels.")] = 3,
+    input_size: Annotated[int, typer.Option(help="Input height and width.")] = 224,
+    batch_size: Annotated[int, typer.Option(help="Batch size compiled into the artifact.")] = 1,
+    trials: Annotated[Optional[int], typer.Option(help="Trials in all for this run (default: trials-per-task for every task tuned).")] = None,
+    trials_per_task: Annotated[int, typer.Option(help="At most this many trials per task; a task stops earlier once it stops improving.")] = 64,
+    time_budget: Annotated[Optional[float], typer.Option(help="Stop starting new rounds after this many minutes.")] = None,
+    max_tasks: Annotated[Optional[int], typer.Option(help="Tune only the N tasks with the most FLOPs x occurrences.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an earlier (interrupted) run into the same database.")] = False,
+    rpc_tracker: Annotated[Optional[str], typer.Option(help="Measure on a device through this TVM RPC tracker, HOST:PORT.")] = None,
+    rpc_key: Annotated[Optional[str], typer.Option(help="The device's key at the tracker (default: the target's).")] = None,
+    rpc_timeout: Annotated[float, typer.Option(help="Seconds to wait for the tracker to answer.")] = 30.0,
+    round_trials: Annotated[int, typer.Option(help="Candidates built and measured per round.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed of the search (and of random init weights).")] = 0,
+    artifacts: Annotated[Path, typer.Option(help="Artifacts directory; records go to <artifacts>/tune/<target>/<model-key>/.")] = Path("artifacts"),
+) -> None:
+    """Tune the model's kernels for a target with MetaSchedule; compile reuses the records."""
+    from pipeline.config import PipelineConfig
+    from pipeline.engine import log, run_pipeline
+    from pipeline.stages import STAGES
+    from targets import get_target
+
+    for name, value in (("trials-per-task", trials_per_task), ("round-trials", round_trials)):
+        if value < 1:
+            raise PipelineError(f"--{name} must be at least 1, got {value}")
+    for name, value in (("trials", trials), ("max-tasks", max_tasks)):
+        if value is not None and value < 1:
+            raise PipelineError(f"--{name} must be at least 1, got {value}")
+    if time_budget is not None and time_budget <= 0:
+        raise PipelineError(f"--time-budget is in minutes and must be positive, got {time_budget:g}")
+    if rpc_key is not None and rpc_tracker is None:
+        raise PipelineError("--rpc-key needs --rpc-tracker HOST:PORT")
+    config = PipelineConfig(
+        variant=variant, weights=None if weights.lower() == "none" else Path(weights),
+        num_classes=num_classes, in_chans=in_chans, seed=seed, input_size=input_size,
+        batch_size=batch_size, artifacts=artifacts,
+    )
+    from pipeline.cli import _validate
+
+    _validate(config, None)
+    resolved = get_target(target)
+
+    # Imported after the cheap checks: MetaSchedule pulls in all of TVM's compiler.
+    from pipeline import tvm_tuning
+
+    settings = tvm_tuning.TuneSettings(
+        trials=trials, trials_per_task=trials_per_task,
+        time_budget_s=time_budget * 60 if time_budget is not None else None,
+        max_tasks=max_tasks, resume=resume, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
+        rpc_timeout_s=rpc_timeout, round_trials=round_trials, seed=seed,
+    )
+    # A device target without a tracker, or a tracker that does not answer, fails here,
+    # before the model is built.
+    tvm_tuning.check_rpc(resolved, settings)
+    key = tvm_tuning.config_model_key(config)
+    db_dir = tvm_tuning.local_database_dir(config.artifacts, resolved.name, key)
+    log(f"pipeline tune for target {resolved.name}: {resolved.target_json()} -> {db_dir}")
+    log(config.describe())
+    log(settings.describe())
+
+    provided = {"weights": config.weights} if config.weights is not None else {}
+    results = run_pipeline(STAGES, config, resolved, "simplify", provided)
+    onnx_path = results["simplify"].outputs["onnx_simplified"]
+    try:
+        summary = tvm_tuning.tune(
+            onnx_path, resolved, db_dir, key, settings,
+            input_shape=(config.batch_size, config.in_chans, config.input_size, config.input_size),
+            command="pipeline " + shlex.join(sys.argv[1:]),
+        )
+    except KeyboardInterrupt:
+        # tune() has said where the records are; exit like any interrupted command.
+        sys.exit(130)
+    print(f"database: {summary['database']}")
+    print(f"records: {summary['records']} ({summary['trials']} trials this run, "
+          f"{summary['tasks_tuned']} of {summary['tasks_total']} tasks have records)")
+    if summary["stopped"]:
+        print(f"stopped: {summary['stopped']}; continue with the same command and --resume")
+
+
+@db_app.command("merge")
+def merge_command(
+    sources: Annotated[list[Path], typer.Argument(help="Tuning database directories of one target.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="New directory for the merged database.")],
+) -> None:
+    """Merge tuning databases of the same target (and TVM version) into a new one."""
+    from pipeline import tvm_tuning
+
+    for source in sources:
+        if not source.is_dir():
+            raise PipelineError(f"{source} is not a directory; pass tuning database directories (artifacts/tune/<target>/<model>)")
+    result = tvm_tuning.merge_databases(sources, output)
+    print(json.dumps(result, indent=2))
+
+
+def register(app: typer.Typer) -> None:
+    """Add `tune` and `tune-db` to `app`."""
+    app.command(name="tune")(tune_command)
+    app.add_typer(db_app, name="tune-db")
+
+
+if __name__ == "__main__":
+    # `python -m pipeline.tune_command tune ...` works before (or without) the main CLI registering it.
+    from pipeline import cli
+
+    register(cli.app)
+    cli.main()

@@ -1,0 +1,993 @@
+"""MetaSchedule for the pipeline: tuning tasks, the tuning loop, tuning databases, and the
+default schedules that every task without a tuning record gets.
+
+Like ``tvm_backend`` this module imports TVM's moving internals (MetaSchedule lives in
+``tvm.s_tir.meta_schedule`` in TVM 0.27); quirks of the pinned version carry a comment
+that starts with "TVM 0.27:".
+
+A tuning database is a directory with MetaSchedule's two JSON tables and a ``meta.json``
+naming the target and the TVM version that made it (a MetaSchedule database ignores the
+target when it looks records up, so there is one database per target and model):
+
+    artifacts/tune/<target>/<model-key>/   written by `pipeline tune`, read by compile
+    tuning/<target>/<model-key>/           committed to the repository, read when the
+                                           artifacts tree has none (shipped records)
+
+        database_workload.json         MetaSchedule's workload table (one PrimFunc a line)
+        database_tuning_record.json    MetaSchedule's records (schedule trace, run seconds)
+        meta.json                      target JSON, TVM version, model key
+        tune_state.json                per task: trials measured, best latency, finished?
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import inspect
+import json
+import linecache
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import tvm
+import tvm_ffi
+from tvm import relax
+from tvm.ir.utils import derived_object
+
+# TVM 0.27: MetaSchedule and the TensorIR schedule moved to tvm.s_tir.
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir import Schedule
+from tvm.s_tir.analysis import estimate_tir_flops
+
+from pipeline import artifacts, tvm_backend
+from pipeline.errors import PipelineError
+from targets import Target
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_ROOT = REPO / "tuning"
+WORKLOAD_FILE = "database_workload.json"
+RECORD_FILE = "database_tuning_record.json"
+META_FILE = "meta.json"
+STATE_FILE = "tune_state.json"
+DATABASE_FORMAT = 1
+# Bump when the default schedules change, so compiled artifacts are rebuilt.
+DEFAULT_SCHEDULE_VERSION = 1
+
+log = logging.getLogger(__name__)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# TVM 0.27: tensor intrinsics load slowly enough to break MetaSchedule on a small machine.
+#
+# TuneContext and every LocalBuilder worker import tvm.s_tir.tensor_intrin, which parses
+# ~250 TVMScript intrinsics; the parser calls inspect.stack() for each, and that reads the
+# source context of every frame, scanning all of sys.modules per frame. Here (2 busy cores,
+# ~2000 modules) the import takes 45-95 s, so a builder with the default 30 s timeout kills
+# every worker before its first build and nothing is ever measured. The parser only reads
+# the frame objects and the current line of each frame, which the stand-in below gives
+# without the scan: the import takes ~4 s.
+
+
+def _frames_without_source_scan(context: int = 1) -> list[inspect.FrameInfo]:
+    frame = sys._getframe(1)
+    frames = []
+    while frame is not None:
+        code = frame.f_code
+        line = linecache.getline(code.co_filename, frame.f_lineno)
+        frames.append(inspect.FrameInfo(
+            frame, code.co_filename, frame.f_lineno, code.co_name, [line] if line else None, 0 if line else None,
+        ))
+        frame = frame.f_back
+    return frames
+
+
+def load_tensor_intrinsics() -> None:
+    """Import tvm.s_tir.tensor_intrin quickly (also the LocalBuilder worker initializer)."""
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    original = inspect.stack
+    inspect.stack = _frames_without_source_scan
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.stack = original
+
+
+# ---------------------------------------------------------------------------
+# Where databases live, and whether one can be used
+
+
+def model_key(variant: str, input_size: int, batch_size: int, num_classes: int, in_chans: int,
+              precision: str) -> str:
+    """The directory name of a model's databases: every setting that changes its tasks."""
+    return f"{variant}-{input_size}-b{batch_size}-c{num_classes}-in{in_chans}-{precision}"
+
+
+def config_model_key(config) -> str:
+    """model_key of a PipelineConfig."""
+    return model_key(config.variant, config.input_size, config.batch_size, config.num_classes,
+                     config.in_chans, config.precision)
+
+
+def local_database_dir(artifacts_root: Path, target_name: str, key: str) -> Path:
+    """Where `pipeline tune` writes: artifacts/tune/<target>/<model-key>/."""
+    return Path(artifacts_root) / "tune" / target_name / key
+
+
+def shipped_database_dir(target_name: str, key: str) -> Path:
+    """Records committed to the repository: tuning/<target>/<model-key>/."""
+    return SHIPPED_ROOT / target_name / key
+
+
+def _read_meta(db_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(db_dir) / META_FILE).read_text())
+
+
+def database_problem(db_dir: Path, target: Target | None) -> str | None:
+    """Why the database in db_dir cannot be used for target (None: it can).
+
+    Records made by another TVM version may not replay (schedule primitives and the IR
+    printer change between releases), and records made for another target would be
+    applied anyway, since MetaSchedule looks records up by workload only."""
+    db_dir = Path(db_dir)
+    missing = [name for name in (WORKLOAD_FILE, RECORD_FILE, META_FILE) if not (db_dir / name).is_file()]
+    if missing:
+        return f"{db_dir} is not a tuning database (no {', '.join(missing)})"
+    try:
+        meta = _read_meta(db_dir)
+        made_for, made_with = meta["target_json"], meta["tvm_version"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{db_dir / META_FILE} is unreadable or incomplete"
+    if made_with != tvm.__version__:
+        return f"{db_dir} was tuned with TVM {made_with}, this is TVM {tvm.__version__}"
+    if target is not None and made_for != target.tvm_target:
+        return (f"{db_dir} was tuned for {json.dumps(made_for, sort_keys=True)}, "
+                f"not for target '{target.name}' {target.target_json()}")
+    return None
+
+
+def find_database(artifacts_root: Path, target: Target, key: str) -> Path | None:
+    """The database compile uses for a target and model: the artifacts tree's, else the
+    repository's. One that exists but cannot be used is skipped with a warning."""
+    for db_dir in (local_database_dir(artifacts_root, target.name, key), shipped_database_dir(target.name, key)):
+        if not (db_dir / WORKLOAD_FILE).is_file():
+            continue
+        problem = database_problem(db_dir, target)
+        if problem is None:
+            return db_dir
+        _warn(f"ignoring tuning records: {problem}")
+    return None
+
+
+def database_digest(db_dir: Path) -> str:
+    """sha256 over the database's tables and meta: part of the compile stage's cache key."""
+    digest = hashlib.sha256()
+    for name in (WORKLOAD_FILE, RECORD_FILE, META_FILE):
+        digest.update(name.encode())
+        digest.update(bytes.fromhex(artifacts.file_sha256(Path(db_dir) / name)))
+    return digest.hexdigest()
+
+
+def open_database(db_dir: Path, target: Target | None, *, strict: bool) -> "ms.database.JSONDatabase | None":
+    """Load a database; a foreign or corrupt one raises (strict) or warns and gives None."""
+    db_dir = Path(db_dir)
+    problem = database_problem(db_dir, target)
+    if problem is None:
+        try:
+            return ms.database.JSONDatabase(
+                str(db_dir / WORKLOAD_FILE), str(db_dir / RECORD_FILE), allow_missing=False,
+            )
+        except Exception as exc:  # TVMError/ValueError from the JSON reader or the IR parser
+            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            problem = f"{db_dir} is corrupt ({first[:200]})"
+    if strict:
+        raise PipelineError(f"{problem}; delete it, or point to a database made by `pipeline tune`")
+    _warn(f"ignoring tuning records: {problem}; building with default schedules")
+    return None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    artifacts.atomic_write_json(path, data)
+    path.chmod(0o644)  # mkstemp makes 0600; databases are shared and committed
+
+
+def _write_meta(db_dir: Path, target: Target, key: str, **extra: Any) -> None:
+    _write_json(Path(db_dir) / META_FILE, {
+        "format": DATABASE_FORMAT,
+        "target": target.name,
+        "target_json": target.tvm_target,
+        "tvm_version": tvm.__version__,
+        "model_key": key,
+        **extra,
+    })
+
+
+def merge_databases(sources: list[Path], output: Path) -> dict[str, Any]:
+    """Merge tuning databases of one target into a new one at `output`, through
+    MetaSchedule's Database API (workloads are re-committed, duplicates dropped)."""
+    output = Path(output)
+    if len(sources) < 2:
+        raise PipelineError("tune-db merge needs at least two databases")
+    if output.exists() and any(output.iterdir()):
+        raise PipelineError(f"{output} already exists; choose a new -o directory or delete it")
+    metas = []
+    for source in sources:
+        problem = database_problem(source, None)
+        if problem is not None:
+            raise PipelineError(f"cannot merge: {problem}")
+        metas.append(_read_meta(source))
+    targets = {json.dumps(meta["target_json"], sort_keys=True) for meta in metas}
+    if len(targets) > 1:
+        raise PipelineError(
+            "cannot merge databases of different targets ("
+            + "; ".join(f"{s}: {json.dumps(m['target_json'], sort_keys=True)}" for s, m in zip(sources, metas))
+            + "): MetaSchedule would apply one target's records to the other"
+        )
+    keys = sorted({meta.get("model_key", "?") for meta in metas})
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        merged = ms.database.JSONDatabase(str(temp / WORKLOAD_FILE), str(temp / RECORD_FILE), allow_missing=True)
+        seen: set[tuple[int, str]] = set()
+        counts = {"records_in": 0, "records_out": 0}
+        for source in sources:
+            database = open_database(source, None, strict=True)
+            for record in database.get_all_tuning_records():
+                counts["records_in"] += 1
+                workload_mod = record.workload.mod
+                identity = (tvm_ffi.structural_hash(workload_mod), json.dumps(record.as_json(), default=str))
+                if identity in seen:
+                    continue
+                seen.add(identity)
+                workload = merged.commit_workload(workload_mod)
+                merged.commit_tuning_record(ms.database.TuningRecord(
+                    record.trace, workload, record.run_secs, record.target, record.args_info,
+                ))
+                counts["records_out"] += 1
+        meta = dict(metas[0])
+        meta.update(merged_from=[str(s) for s in sources], model_key=keys[0] if len(keys) == 1 else keys)
+        _write_json(temp / META_FILE, meta)
+        temp.chmod(0o755)
+        if output.exists():
+            output.rmdir()
+        os.replace(temp, output)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return {"output": str(output), "workloads": len(merged_workloads(output)), **counts}
+
+
+def merged_workloads(db_dir: Path) -> list[str]:
+    """The lines of a database's workload table (one per distinct PrimFunc)."""
+    text = (Path(db_dir) / WORKLOAD_FILE).read_text()
+    return [line for line in text.splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------
+# Tasks: the distinct PrimFuncs of the fused model, as compile produces them
+
+
+@dataclass
+class Task:
+    name: str
+    mod: tvm.IRModule
+    # How many times the model calls it, and its floating-point operations per call.
+    weight: int
+    flops: float
+
+    @property
+    def score(self) -> float:
+        """Where the latency is: FLOPs times occurrences (a tie-breaker of 1 FLOP keeps
+        FLOP-free data movement tasks ordered by how often they run)."""
+        return (self.flops + 1.0) * self.weight
+
+
+def fused_module(
+    onnx_path: Path, target: Target, input_shape: tuple[int, ...] | None = None,
+) -> tuple[tvm.IRModule, tvm.target.Target]:
+    """The model after compile's phases up to fusion: the PrimFuncs that compile schedules.
+
+    Uses compile's own import and pass list (tvm_backend.relax_phases), so the tasks tuned
+    here are exactly the functions compile looks up (with embedded weights, the default)."""
+    onnx_path = Path(onnx_path)
+    model = tvm_backend._load_onnx(onnx_path)
+    name, shape, dtype = tvm_backend._resolve_input(model, None, input_shape)
+    mod, _, param_values = tvm_backend._import_relax(model, onnx_path, name, shape, dtype)
+    main = mod["main"]
+    num_input = int(main.attrs["num_input"])
+    mod = relax.transform.BindParams("main", dict(zip(main.params[num_input:], param_values)))(mod)
+    tvm_target = tvm.target.Target(target.tvm_target)
+    with tvm_target:
+        for phase, passes in tvm_backend.relax_phases(tvm_target):
+            if passes:
+                mod = tvm.transform.Sequential(passes, name=phase)(mod)
+            if phase == "fuse":
+                return mod, tvm_target
+    raise RuntimeError("tvm_backend.relax_phases has no 'fuse' phase")
+
+
+def extract_tasks(mod: tvm.IRModule, tvm_target: tvm.target.Target) -> list[Task]:
+    """The tuning tasks of a fused module, most latency first (FLOPs x occurrences)."""
+    tasks = []
+    for extracted in ms.relax_integration.extract_tasks(mod, tvm_target):
+        task_mod = extracted.dispatched[0]
+        try:
+            flops = float(estimate_tir_flops(task_mod))
+        except Exception:  # data movement without arithmetic
+            flops = 0.0
+        tasks.append(Task(str(extracted.task_name), task_mod, int(extracted.weight), flops))
+    tasks.sort(key=lambda task: (-task.score, task.name))
+    return tasks
+
+
+# ---------------------------------------------------------------------------
+# Applying schedules at compile time: tuning records first, defaults for the rest
+
+
+def _is_scheduled(func) -> bool:
+    return bool(func.attrs is not None and func.attrs.get("tirx.is_scheduled", False))
+
+
+def schedule_module(
+    mod: tvm.IRModule, tvm_target: tvm.target.Target, target: Target, database_dir: Path | None,
+) -> tuple[tvm.IRModule, dict[str, Any]]:
+    """Give every PrimFunc a schedule: its tuning record where the database has one, a
+    default schedule (``apply_default_schedules``) otherwise. Call inside ``with tvm_target``.
+
+    Returns the module and the counts compile reports."""
+    total = sum(isinstance(f, tvm.tirx.PrimFunc) and not _is_scheduled(f) for f in mod.functions.values())
+    database = open_database(database_dir, target, strict=False) if database_dir is not None else None
+    from_records = 0
+    if database is not None:
+        with database:
+            # Looks each PrimFunc up by structure; found ones get "tirx.is_scheduled".
+            mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        from_records = sum(isinstance(f, tvm.tirx.PrimFunc) and _is_scheduled(f) for f in mod.functions.values())
+    mod, defaults = apply_default_schedules(mod, tvm_target)
+    return mod, {
+        "database": str(database_dir) if database is not None else None,
+        "tasks_total": total,
+        "tasks_from_records": from_records,
+        "tasks_default": total - from_records,
+        # Of the defaults: tiled (dense contractions) and kept as lowered (see below).
+        "default_tiled": defaults["tiled"],
+        "default_as_lowered": defaults["as_lowered"],
+        "default_schedule_version": DEFAULT_SCHEDULE_VERSION,
+    }
+
+
+# Default schedules, chosen by measurement (znver4, 2 busy cores: every PrimFunc of
+# ConvNeXt-atto at 224 built alone and timed with time_evaluator, lowered vs candidates):
+#
+#   * Dense contractions (the 1x1-conv matmuls with their bias/GELU epilogues, the 2x2
+#     downsampling convolutions) are 6-60x faster with MetaSchedule's own CPU sketch
+#     (multi-level tiling "SSRSRS", epilogue fused, outer loops parallel, inner vectorized)
+#     and these fixed decisions: innermost output tile = one vector register of lanes,
+#     4 rows x 8 row-blocks, inner reduction 4, unroll 64. A randomly sampled sketch was
+#     2-10x worse than these on the same tasks; fixed decisions also make builds repeatable.
+#   * Depthwise 7x7 convolutions, the 4x4 stem (reduction of 48), LayerNorms, means and
+#     the data movement tasks were as fast or faster as lowered (LLVM vectorizes the plain
+#     loops) than with any generic schedule tried: the same sketch, parallel+vectorize+
+#     unroll alone, and random sketches were 1.2-20x slower. They keep the lowered loops.
+#
+# Whole model, one inference (same machine and load): atto 224 untuned ~1000 ms, with these
+# defaults ~71 ms, ONNX Runtime ~65 ms; micro 64: 7.6 ms, 1.2 ms, 0.21 ms. Records replace them.
+_MIN_CONV_REDUCTION = 64
+_UNROLL_STEPS = (0, 16, 64, 512)
+_DEFAULT_DECISIONS = {"rows": 4, "row_blocks": 8, "inner_reduction": 4, "unroll": 64}
+
+
+def _dense_contraction(func) -> bool:
+    """Whether the function's main computation is a dense contraction worth tiling: every
+    operand is reused across some output axis (so not depthwise), and it is a matmul (one
+    reduction axis) or a convolution with a reduction of at least _MIN_CONV_REDUCTION."""
+    from tvm.s_tir.analysis import find_anchor_sblock
+    from tvm.tirx.analysis import undefined_vars
+
+    block = find_anchor_sblock(tvm.IRModule({"main": func}))
+    if block is None:
+        return False
+    # TVM 0.27: IterVar.iter_type 0 = data parallel, 2 = commutative reduction.
+    # Unit axes (keepdims of a mean) index nothing and reuse nothing.
+    spatial = {iv.var.name for iv in block.iter_vars if int(iv.iter_type) == 0 and int(iv.dom.extent) > 1}
+    reduce = [iv for iv in block.iter_vars if int(iv.iter_type) == 2]
+    if not reduce or not spatial:
+        return False
+    # Measured for float32 only; integer kernels (pipeline/tvm_int8.py) keep their loops.
+    if any(str(region.source.dtype) != "float32" for region in block.writes):
+        return False
+    written = {region.source.name for region in block.writes}
+    operands = [region for region in block.reads if region.source.name not in written]
+    if len(operands) < 2:  # a reduction of one tensor (mean, sum) contracts nothing
+        return False
+    reused = all(
+        not spatial <= {var.name for r in region.region for var in undefined_vars(r.min)}
+        for region in operands
+    )
+    extent = math.prod(int(iv.dom.extent) for iv in reduce)
+    return reused and (len(reduce) == 1 or extent >= _MIN_CONV_REDUCTION)
+
+
+def _largest_divisor(n: int, cap: int) -> int:
+    return max(d for d in range(1, max(1, min(n, cap)) + 1) if n % d == 0)
+
+
+def _vector_lanes(tvm_target: tvm.target.Target, bits: int = 32) -> int:
+    try:
+        width = int(tvm.target.codegen.llvm_get_vector_width(tvm_target))
+    except Exception:  # an LLVM without this target: assume 128-bit vectors
+        width = 128
+    return max(1, width // bits)
+
+
+def _default_space_generator() -> "ms.space_generator.PostOrderApply":
+    """MetaSchedule's CPU sketch reduced to one design space: inline elementwise ops,
+    multi-level tiling with the epilogue fused at the second level, then
+    parallelize/vectorize/unroll."""
+    rule = ms.schedule_rule
+    return ms.space_generator.PostOrderApply(
+        sch_rules=[
+            rule.AutoInline(
+                into_producer=False, into_consumer=True, inline_const_tensor=True,
+                disallow_if_then_else=True, require_injective=True, require_ordered=True,
+                disallow_op=["tirx.exp"],
+            ),
+            rule.MultiLevelTiling(
+                structure="SSRSRS", tile_binds=None, max_innermost_factor=64, reuse_read=None,
+                reuse_write=rule.ReuseType(req="must", levels=[2], scope="global"),
+            ),
+            rule.ParallelizeVectorizeUnroll(
+                max_jobs_per_core=16, max_vectorize_extent=64, unroll_max_steps=list(_UNROLL_STEPS),
+                unroll_explicit=True,
+            ),
+        ],
+        postprocs=[
+            ms.postproc.DisallowDynamicLoop(),
+            ms.postproc.RewriteParallelVectorizeUnroll(),
+            ms.postproc.RewriteReductionBlock(),
+        ],
+        mutator_probs={},
+    )
+
+
+def _tiled_default(func, tvm_target: tvm.target.Target, lanes: int):
+    """The tiled default schedule of a dense contraction, or None if the sketch fails."""
+    load_tensor_intrinsics()
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    context = ms.TuneContext(
+        mod=mod, target=tvm_target, space_generator=_default_space_generator(), task_name="default",
+        num_threads=1, rand_state=1,
+    )
+    spaces = context.space_generator.generate_design_space(mod)
+    if len(spaces) != 1:
+        return None
+    trace = spaces[0].trace
+    # Each tiled block's loops are split in loop order: 4-way for spatial loops, 2-way for
+    # reduction loops. Its last spatial loop is the contiguous output axis (vector lanes),
+    # the one before it gives the rows of the register tile.
+    roles: list[str] = []
+    group: list[int] = []
+    for inst in trace.insts:
+        kind = inst.kind.name
+        if kind == "GetLoops" and group:
+            roles[group[-1]] = "lanes"
+            if len(group) > 1:
+                roles[group[-2]] = "rows"
+            group = []
+        if kind == "SamplePerfectTile":
+            if int(inst.attrs[0]) == 4:
+                group.append(len(roles))
+                roles.append("outer")
+            else:
+                roles.append("reduction")
+    if group:
+        roles[group[-1]] = "lanes"
+        if len(group) > 1:
+            roles[group[-2]] = "rows"
+    if not roles:
+        return None
+    sch = Schedule(mod, seed=1)
+    position = iter(roles)
+    decisions = _DEFAULT_DECISIONS
+
+    def decide(inst, inputs, attrs, decision):
+        kind = inst.kind.name
+        if kind == "SamplePerfectTile":
+            role = next(position)
+            extent = int(sch.get(inputs[0]).extent)
+            if role == "lanes":
+                inner = _largest_divisor(extent, lanes)
+                return [extent // inner, 1, 1, inner]
+            if role == "rows":
+                rows = _largest_divisor(extent, decisions["rows"])
+                blocks = _largest_divisor(extent // rows, decisions["row_blocks"])
+                return [extent // rows // blocks, 1, blocks, rows]
+            if role == "reduction":
+                inner = _largest_divisor(extent, decisions["inner_reduction"])
+                return [extent // inner, inner]
+            return [extent, 1, 1, 1]
+        if kind == "SampleCategorical":
+            candidates = [int(c) for c in attrs[0]]
+            return candidates.index(decisions["unroll"]) if decisions["unroll"] in candidates else decision
+        return decision
+
+    trace.apply_to_schedule(sch, remove_postproc=True, decision_provider=decide)
+    if not all(postproc.apply(sch) for postproc in context.space_generator.postprocs):
+        return None
+    scheduled = sch.mod["main"]
+    symbol = func.attrs.get("global_symbol") if func.attrs is not None else None
+    scheduled = scheduled.with_attr("global_symbol", symbol) if symbol else scheduled.without_attr("global_symbol")
+    return scheduled.with_attr("tirx.is_scheduled", True)
+
+
+def apply_default_schedules(mod: tvm.IRModule, tvm_target: tvm.target.Target) -> tuple[tvm.IRModule, dict[str, int]]:
+    """Default schedules for every PrimFunc not scheduled yet (see the notes above).
+
+    CPU (LLVM) targets only: GPU targets get dlight's rules in compile's schedule phase."""
+    counts = {"tiled": 0, "as_lowered": 0}
+    pending = [(gv, f) for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and not _is_scheduled(f)]
+    if tvm_target.kind.name != "llvm" or "gpu" in tvm_target.keys:
+        counts["as_lowered"] = len(pending)
+        return mod, counts
+    lanes = _vector_lanes(tvm_target)
+    for gv, func in pending:
+        scheduled = None
+        if _dense_contraction(func):
+            try:
+                scheduled = _tiled_default(func, tvm_target, lanes)
+            except Exception as exc:  # a sketch that does not apply keeps the lowered loops
+                log.info("no tiled default for %s: %s", gv.name_hint, exc)
+        if scheduled is None:
+            counts["as_lowered"] += 1
+        else:
+            mod[gv] = scheduled
+            counts["tiled"] += 1
+    return mod, counts
+
+
+# ---------------------------------------------------------------------------
+# The tuning loop
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """Everything `pipeline tune` was asked, resolved; printed before work starts."""
+
+    trials: int | None = None  # total this run; None: trials_per_task for each task
+    trials_per_task: int = 64
+    time_budget_s: float | None = None
+    max_tasks: int | None = None
+    resume: bool = False
+    rpc_tracker: str | None = None
+    rpc_key: str | None = None
+    rpc_timeout_s: float = 30.0
+    # Candidates built and measured per round; a task stops after `patience` rounds
+    # that improve its best latency by less than `min_improvement`.
+    round_trials: int = 16
+    patience: int = 2
+    min_improvement: float = 0.01
+    builder_timeout_s: float = 300.0
+    runner_timeout_s: float = 60.0
+    population: int = 256
+    seed: int = 0
+
+    def describe(self) -> str:
+        width = max(len(f.name) for f in dataclasses.fields(self))
+        return "\n".join(f"  {f.name:<{width}}  {getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+
+def _export_library(cross_compiler: str | None, mod) -> str:
+    """LocalBuilder export: a shared library linked for the target (cross compiler or cc)."""
+    from tvm.support import cc
+
+    directory = tempfile.mkdtemp(prefix="tvm-tune-build-")
+    path = os.path.join(directory, "candidate.so")
+    mod.export_library(path, fcompile=cc.cross_compiler(cross_compiler) if cross_compiler else None)
+    return path
+
+
+def _builder(target: Target, settings: TuneSettings) -> "ms.builder.LocalBuilder":
+    return ms.builder.LocalBuilder(
+        max_workers=1,
+        timeout_sec=settings.builder_timeout_s,
+        initializer=load_tensor_intrinsics,
+        f_export=functools.partial(_export_library, target.cross_compiler),
+    )
+
+
+def _evaluator() -> "ms.runner.EvaluatorConfig":
+    return ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=50, enable_cpu_cache_flush=False)
+
+
+def _runner(target: Target, settings: TuneSettings):
+    if settings.rpc_tracker is None:
+        return ms.runner.LocalRunner(timeout_sec=settings.runner_timeout_s, evaluator_config=_evaluator())
+    from pipeline.rpc import parse_tracker
+
+    host, port = parse_tracker(settings.rpc_tracker)
+    return ms.runner.RPCRunner(
+        rpc_config=ms.runner.RPCConfig(
+            tracker_host=host, tracker_port=port, tracker_key=settings.rpc_key or target.rpc_key or target.name,
+            session_priority=1, session_timeout_sec=int(settings.runner_timeout_s),
+        ),
+        evaluator_config=_evaluator(),
+        max_workers=1,
+    )
+
+
+def check_rpc(target: Target, settings: TuneSettings) -> None:
+    """Before any work: a device target needs a tracker, and the tracker must answer and
+    have a device registered under the key."""
+    key = settings.rpc_key or target.rpc_key or target.name
+    connect_hint = (
+        f"start a tracker (`python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port 9190`), on the board run "
+        f"`python -m tvm.exec.rpc_server --tracker HOST:9190 --key {key}`, then pass "
+        f"--rpc-tracker HOST:9190 --rpc-key {key}"
+    )
+    if settings.rpc_tracker is None:
+        if target.runner == "rpc":
+            raise PipelineError(f"target '{target.name}' is measured on the device itself, through an RPC tracker; {connect_hint}")
+        return
+    from tvm import rpc
+
+    from pipeline.rpc import check_tracker, parse_tracker
+
+    host, port = parse_tracker(settings.rpc_tracker)
+    check_tracker(host, port, settings.rpc_timeout_s)
+    try:
+        session = rpc.connect_tracker(host, port)
+        # TVM 0.27: TrackerSession keeps its socket in ._sock, with no timeout of its own.
+        session._sock.settimeout(settings.rpc_timeout_s)
+        summary = session.summary()
+        session.close()
+    except (OSError, RuntimeError) as exc:
+        raise PipelineError(f"the RPC tracker at {host}:{port} did not answer a summary request ({exc}); {connect_hint}") from None
+    free = int(summary.get("queue_info", {}).get(key, {}).get("free", 0))
+    registered = [info["key"].split(":", 1)[-1] for info in summary.get("server_info", [])]
+    if key not in registered and free == 0:
+        raise PipelineError(
+            f"no device with key '{key}' is registered with the RPC tracker at {host}:{port} "
+            f"(registered: {', '.join(sorted(set(registered))) or 'none'}); {connect_hint}"
+        )
+
+
+@derived_object
+class _RoundResults(ms.measure_callback.PyMeasureCallback):
+    """Collects what one round measured: run seconds of successes, error messages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: list[float] = []
+        self.errors: list[str] = []
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+        for built, ran in zip(builder_results, runner_results):
+            if built.error_msg is not None:
+                self.errors.append(str(built.error_msg))
+            elif ran.error_msg is not None:
+                self.errors.append(str(ran.error_msg))
+            elif ran.run_secs:
+                runs = sorted(float(s) for s in ran.run_secs)
+                self.seconds.append(runs[len(runs) // 2])
+
+
+@dataclass
+class TaskProgress:
+    name: str
+    flops: float
+    weight: int
+    trials: int = 0
+    best_s: float | None = None
+    status: str = "pending"  # pending, tuning, converged, done, budget, failed
+
+    def as_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _fmt_latency(seconds: float | None, flops: float) -> str:
+    if seconds is None:
+        return "none yet"
+    rate = f", {flops / seconds / 1e9:.1f} GFLOP/s" if flops > 0 else ""
+    return f"{seconds * 1e3:.3f} ms{rate}"
+
+
+def _load_state(db_dir: Path) -> dict[str, TaskProgress]:
+    path = Path(db_dir) / STATE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())["tasks"]
+        return {name: TaskProgress(**entry) for name, entry in raw.items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        _warn(f"{path} is unreadable; tasks are tuned as if none had been")
+        return {}
+
+
+def _save_state(db_dir: Path, state: dict[str, TaskProgress], command: str) -> None:
+    _write_json(Path(db_dir) / STATE_FILE, {
+        "command": command, "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "tasks": {name: progress.as_json() for name, progress in state.items()},
+    })
+
+
+def _best_record_seconds(database, task: Task) -> float | None:
+    if not database.has_workload(task.mod):
+        return None
+    records = database.get_top_k(database.commit_workload(task.mod), 1)
+    if not records or not records[0].run_secs:
+        return None
+    runs = sorted(float(s) for s in records[0].run_secs)
+    return runs[len(runs) // 2]
+
+
+class _CtrlC:
+    """Ctrl-C during tuning: the first stops after the round in flight (its records are
+    measured and kept), a second stops at once. TVM 0.27: a KeyboardInterrupt raised inside
+    MetaSchedule's C++ loop (in a Python callback) comes out as a bare RuntimeError, so the
+    first one must not be raised there."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.say = say
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self) -> "_CtrlC":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.say("[tune] Ctrl-C: stopping after the round in flight (Ctrl-C again stops now); records are kept")
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def tune(
+    onnx_path: Path,
+    target: Target,
+    db_dir: Path,
+    key: str,
+    settings: TuneSettings,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    command: str = "",
+    say: Callable[[str], None] = _say,
+) -> dict[str, Any]:
+    """Tune the model's tasks for target into the database at db_dir.
+
+    Tasks go most latency first; each gets up to trials_per_task trials in rounds and stops
+    early once a round no longer improves it. Every measured record is in the database as
+    soon as it is measured, so an interruption (Ctrl-C, a tracker that goes away) loses
+    only the round in flight; `resume` continues where the state file says it stopped."""
+    db_dir = Path(db_dir)
+    started = time.monotonic()
+    check_rpc(target, settings)
+    has_records = (db_dir / RECORD_FILE).is_file() and (db_dir / RECORD_FILE).stat().st_size > 0
+    if has_records and not settings.resume:
+        raise PipelineError(
+            f"{db_dir} holds records of an earlier tuning run; pass --resume to continue it, "
+            f"or delete the directory to start over"
+        )
+    if settings.resume and (db_dir / META_FILE).is_file():
+        problem = database_problem(db_dir, target)
+        if problem is not None:
+            raise PipelineError(f"cannot resume: {problem}; delete the directory to start over")
+    db_dir.mkdir(parents=True, exist_ok=True)
+    _write_meta(db_dir, target, key, onnx_sha256=artifacts.file_sha256(onnx_path))
+    for name in (WORKLOAD_FILE, RECORD_FILE):
+        (db_dir / name).touch()
+    load_tensor_intrinsics()
+    database = open_database(db_dir, target, strict=True)
+
+    mod, tvm_target = fused_module(onnx_path, target, input_shape)
+    all_tasks = extract_tasks(mod, tvm_target)
+    state = _load_state(db_dir) if settings.resume else {}
+    chosen = all_tasks[: settings.max_tasks] if settings.max_tasks else all_tasks
+    for task in all_tasks:
+        state.setdefault(task.name, TaskProgress(task.name, task.flops, task.weight))
+    todo = [t for t in chosen if state[t.name].status not in ("converged", "done")
+            and state[t.name].trials < settings.trials_per_task]
+    budget_trials = settings.trials if settings.trials is not None else settings.trials_per_task * len(todo)
+    say(f"[tune] {len(all_tasks)} tasks for {target.name}; tuning {len(todo)} "
+        f"({len(chosen) - len(todo)} already done) with up to {budget_trials} trials -> {db_dir}")
+
+    tuner = _Tuner(target, tvm_target, settings, database, db_dir, command, say)
+    stop_reason = None
+    with _CtrlC(say) as ctrl_c:
+        try:
+            for index, task in enumerate(todo, start=1):
+                stop_reason = tuner.tune_task(task, state, index, len(todo), budget_trials, started, ctrl_c)
+                _save_state(db_dir, state, command)
+                if stop_reason:
+                    break
+        except BaseException as exc:
+            _save_state(db_dir, state, command)
+            if not (ctrl_c.requested or isinstance(exc, KeyboardInterrupt)):
+                raise
+            stop_reason = "interrupted"
+    summary = {
+        "database": str(db_dir),
+        "tasks_total": len(all_tasks),
+        "tasks_tuned": sum(1 for t in all_tasks if state[t.name].trials > 0),
+        "trials": tuner.spent,
+        "records": len(database),
+        "stopped": stop_reason,
+        "seconds": round(time.monotonic() - started, 1),
+        "tasks": [state[t.name].as_json() for t in all_tasks],
+    }
+    say(_summary_table(all_tasks, state))
+    if stop_reason == "interrupted":
+        say(f"[tune] interrupted: {len(database)} records are kept in {db_dir}; "
+            f"run the same command with --resume to continue")
+        raise KeyboardInterrupt
+    return summary
+
+
+class _Tuner:
+    """Rounds of MetaSchedule search for one task at a time, into one database."""
+
+    def __init__(self, target: Target, tvm_target, settings: TuneSettings, database, db_dir: Path,
+                 command: str, say: Callable[[str], None]):
+        self.target, self.tvm_target, self.settings = target, tvm_target, settings
+        self.database, self.db_dir, self.command, self.say = database, db_dir, command, say
+        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.builder, self.runner = _builder(target, settings), _runner(target, settings)
+        # One cost model for the whole run: what it learns on one task helps the next.
+        self.cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=self.cores)
+        self.spent = 0
+
+    def run_round(self, task: Task, trials: int, seed: int) -> _RoundResults:
+        """Search, build and measure `trials` candidates; records go to the database."""
+        results = _RoundResults()
+        context = ms.TuneContext(
+            mod=task.mod, target=self.tvm_target, space_generator="post-order-apply",
+            search_strategy=ms.search_strategy.EvolutionarySearch(
+                population_size=self.settings.population,
+                init_min_unmeasured=min(50, self.settings.population),
+            ),
+            task_name=task.name, rand_state=seed, num_threads=self.cores,
+        ).clone()
+        ms.tune.tune_tasks(
+            tasks=[context], task_weights=[1.0], work_dir=str(self.db_dir),
+            max_trials_global=trials, max_trials_per_task=trials, num_trials_per_iter=trials,
+            builder=self.builder, runner=self.runner, database=self.database, cost_model=self.cost_model,
+            measure_callbacks=[
+                ms.measure_callback.AddToDatabase(), ms.measure_callback.RemoveBuildArtifact(),
+                ms.measure_callback.UpdateCostModel(), results,
+            ],
+            task_scheduler="round-robin",
+        )
+        return results
+
+    def tune_task(self, task: Task, state: dict[str, TaskProgress], index: int, count: int,
+                  budget_trials: int, started: float, ctrl_c: "_CtrlC") -> str | None:
+        """Rounds until the task has its trials, stops improving, or a budget runs out
+        (returned as the reason to stop the whole run)."""
+        settings = self.settings
+        progress = state[task.name]
+        progress.status = "tuning"
+        progress.best_s = _best_record_seconds(self.database, task) or progress.best_s
+        stale = failed_rounds = rounds = 0
+        while progress.trials < settings.trials_per_task:
+            elapsed = time.monotonic() - started
+            if ctrl_c.requested:
+                progress.status = "pending"
+                return "interrupted"
+            if settings.time_budget_s is not None and elapsed >= settings.time_budget_s:
+                progress.status = "pending"
+                return "time budget spent"
+            if self.spent >= budget_trials:
+                progress.status = "pending"
+                return "trial budget spent"
+            if settings.rpc_tracker is not None:
+                # Before each round: a tracker that went away is an error now, not after
+                # a round of connection retries.
+                _tracker_gone(settings, self.db_dir, self.database)
+            trials = min(settings.round_trials, settings.trials_per_task - progress.trials, budget_trials - self.spent)
+            results = self.run_round(task, trials, seed=settings.seed + 7919 * rounds + progress.trials + 1)
+            rounds += 1
+            measured = len(results.seconds) + len(results.errors)
+            progress.trials += measured
+            self.spent += measured
+            previous = progress.best_s
+            if results.seconds:
+                progress.best_s = min(results.seconds + ([previous] if previous is not None else []))
+            _save_state(self.db_dir, state, self.command)
+            self._report(task, progress, index, count, budget_trials, started)
+            if measured == 0:
+                progress.status = "done"  # the search space has nothing left to try
+                return None
+            if not results.seconds:
+                failed_rounds += 1
+                first = results.errors[0].strip().splitlines()[0] if results.errors else "no result"
+                if settings.rpc_tracker is not None and "RPCRunner" in first:
+                    _tracker_gone(settings, self.db_dir, self.database)
+                if failed_rounds >= 2:
+                    self.say(f"[tune] task {task.name}: every candidate failed twice ({first[:160]}); moving on")
+                    progress.status = "failed"
+                    return None
+                continue
+            failed_rounds = 0
+            improved = previous is None or progress.best_s < previous * (1 - settings.min_improvement)
+            stale = 0 if improved else stale + 1
+            if stale >= settings.patience:
+                progress.status = "converged"
+                return None
+        progress.status = "done"
+        return None
+
+    def _report(self, task: Task, progress: TaskProgress, index: int, count: int, budget_trials: int,
+                started: float) -> None:
+        settings = self.settings
+        elapsed = time.monotonic() - started
+        if settings.time_budget_s is not None:
+            left = f"{_fmt_duration(settings.time_budget_s - elapsed)} left of the budget"
+        else:
+            left = f"~{_fmt_duration(elapsed / max(self.spent, 1) * (budget_trials - self.spent))} left"
+        self.say(
+            f"[tune] task {index} of {count} {task.name} ({task.flops / 1e6:.1f} MFLOP x{task.weight}): "
+            f"{progress.trials}/{settings.trials_per_task} trials, best {_fmt_latency(progress.best_s, task.flops)}; "
+            f"{self.spent}/{budget_trials} trials in all, {left}"
+        )
+
+
+def _tracker_gone(settings: TuneSettings, db_dir: Path, database) -> None:
+    """After a round where every run failed over RPC: a clear error if the tracker is gone."""
+    from pipeline.rpc import check_tracker, parse_tracker
+
+    host, port = parse_tracker(settings.rpc_tracker)
+    try:
+        check_tracker(host, port, settings.rpc_timeout_s)
+    except PipelineError as exc:
+        raise PipelineError(
+            f"{exc}; the {len(database)} records measured so far are kept in {db_dir}: "
+            f"run the same command with --resume once the tracker is back"
+        ) from None
+
+
+def _summary_table(tasks: list[Task], state: dict[str, TaskProgress]) -> str:
+    """The tasks that have trials, most latency first; the rest in one line."""
+    lines = [f"{'task':<58} {'MFLOP':>8} {'x':>3} {'trials':>6} {'best':>26}  status"]
+    untouched = 0
+    for task in tasks:
+        progress = state[task.name]
+        if progress.trials == 0:
+            untouched += 1
+            continue
+        lines.append(
+            f"{task.name[:58]:<58} {task.flops / 1e6:>8.2f} {task.weight:>3} {progress.trials:>6} "
+            f"{_fmt_latency(progress.best_s, task.flops):>26}  {progress.status}"
+        )
+    if untouched:
+        lines.append(f"{untouched} more tasks have no trials yet: compile gives them default schedules")
+    return "\n".join(lines)

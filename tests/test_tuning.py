@@ -1,0 +1,282 @@
+"""pipeline tune / tune-db and compile's use of tuning records, on the micro model at 32x32.
+
+One tuning run through an RPC tracker and server started here on loopback (this machine
+acting as the device) is shared by the tests; each tunes at most two tasks with one or two
+trials, since every MetaSchedule round costs tens of seconds on a small machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_cli
+from pipeline.errors import PipelineError
+
+pytestmark = pytest.mark.slow
+
+KEY = "tune-loopback"
+MODEL = ["--variant", "micro", "--input-size", "32", "--num-classes", "10"]
+DB = Path("artifacts/tune/x86/micro-32-b1-c10-in3-fp32")
+
+
+def run_tune(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`pipeline tune ...` / `pipeline tune-db ...` in a fresh process."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.tune_command", *args], cwd=cwd, env=env,
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    # A session of its own: tracker and server fork workers, which are stopped with them.
+    return subprocess.Popen(
+        [sys.executable, "-m", *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+    )
+
+
+def _stop(process: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=10)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def tracker(tmp_path_factory):
+    """host:port of a loopback tracker with one device registered under KEY."""
+    from tvm import rpc
+
+    logs = tmp_path_factory.mktemp("tune-rpc")
+    port = _free_port()
+    processes = [_start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
+                         "--port-end", str(port + 1)], logs / "tracker.log")]
+    try:
+        server_port = _free_port()
+        processes.append(_start(
+            ["tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key", KEY, "--host", "127.0.0.1",
+             "--port", str(server_port), "--port-end", str(server_port + 20)], logs / "server.log"))
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if rpc.connect_tracker("127.0.0.1", port).summary()["queue_info"].get(KEY, {}).get("free", 0):
+                    break
+            except (OSError, RuntimeError):
+                pass
+            if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
+                pytest.fail("the loopback tracker/server did not start:\n"
+                            + "\n".join(f.read_text() for f in sorted(logs.iterdir())))
+            time.sleep(1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        for process in reversed(processes):
+            _stop(process)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, tracker) -> Path:
+    """A working directory whose database has the top task tuned (2 trials, measured over RPC)."""
+    workdir = tmp_path_factory.mktemp("tuned")
+    result = run_tune("tune", *MODEL, "--max-tasks", "1", "--trials-per-task", "2",
+                      "--rpc-tracker", tracker, "--rpc-key", KEY, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (workdir / "tune.log").write_text(result.stderr)
+    return workdir
+
+
+def _records(db_dir: Path) -> list[str]:
+    return [line for line in (db_dir / "database_tuning_record.json").read_text().splitlines() if line.strip()]
+
+
+def test_tune_over_rpc_writes_records_with_their_target(tuned):
+    from targets import get_target
+
+    db_dir = tuned / DB
+    assert len(_records(db_dir)) >= 1
+    meta = json.loads((db_dir / "meta.json").read_text())
+    assert meta["target_json"] == get_target("x86").tvm_target
+    assert meta["tvm_version"]
+    state = json.loads((db_dir / "tune_state.json").read_text())["tasks"]
+    tuned_tasks = [name for name, task in state.items() if task["trials"] > 0]
+    assert len(tuned_tasks) == 1 and state[tuned_tasks[0]]["status"] == "done"
+    # The most FLOPs x occurrences first, with a progress line per round.
+    assert max(state.values(), key=lambda t: (t["flops"] + 1) * t["weight"])["name"] == tuned_tasks[0]
+    progress = (tuned / "tune.log").read_text()
+    assert "task 1 of 1" in progress and "2/2 trials" in progress
+
+
+def test_compile_applies_records_and_a_default_to_every_other_task(tuned):
+    import onnxruntime as ort
+
+    from pipeline.tvm_backend import load_artifact
+
+    result = run_cli("compile", *MODEL, cwd=tuned)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "kernels from tuning records" in result.stderr
+    library = Path(next(line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith("library:")))
+    manifest = json.loads((library.parent / "manifest.json").read_text())
+    tuning = manifest["info"]["tuning"]
+    assert tuning["database"] == str((tuned / DB).resolve())
+    assert tuning["tasks_from_records"] >= 1
+    # No task is left without a decision: a record, or a default (tiled, or kept as lowered
+    # where that measured fastest).
+    assert tuning["tasks_from_records"] + tuning["tasks_default"] == tuning["tasks_total"]
+    assert tuning["default_tiled"] + tuning["default_as_lowered"] == tuning["tasks_default"]
+    assert tuning["default_tiled"] >= 1
+    assert manifest["settings"]["tuning_database_sha256"]
+
+    onnx_path = Path(manifest["input_files"]["onnx_simplified"])
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32), dtype=np.float32)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {session.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(load_artifact(library).infer(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_second_run_needs_resume_and_resume_skips_finished_tasks(tuned):
+    result = run_tune("tune", *MODEL, "--max-tasks", "1", "--trials-per-task", "2", cwd=tuned)
+    assert result.returncode == 2 and "--resume" in result.stderr
+
+    before = len(_records(tuned / DB))
+    result = run_tune("tune", *MODEL, "--max-tasks", "2", "--trials-per-task", "2", "--trials", "1", "--resume",
+                      cwd=tuned)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tuning 1 (1 already done)" in result.stderr
+    state = json.loads((tuned / DB / "tune_state.json").read_text())["tasks"]
+    assert sorted(task["trials"] for task in state.values() if task["trials"]) == [1, 2]
+    assert len(_records(tuned / DB)) == before + 1
+
+
+def test_merge_dedupes_and_refuses_other_targets(tuned, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tuned / DB, copy)
+    result = run_tune("tune-db", "merge", str(tuned / DB), str(copy), "-o", str(tmp_path / "merged"), cwd=tuned)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["records_out"] == len(_records(copy)) == summary["records_in"] // 2
+    assert len(_records(tmp_path / "merged")) == len(_records(copy))
+    assert json.loads((tmp_path / "merged" / "meta.json").read_text())["target"] == "x86"
+
+    meta = json.loads((copy / "meta.json").read_text())
+    meta["target_json"] = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"}
+    (copy / "meta.json").write_text(json.dumps(meta))
+    result = run_tune("tune-db", "merge", str(tuned / DB), str(copy), "-o", str(tmp_path / "mixed"), cwd=tuned)
+    assert result.returncode == 2 and "different targets" in result.stderr
+    assert not (tmp_path / "mixed").exists()
+
+
+def test_corrupt_or_foreign_databases_warn_and_build_with_defaults(tuned, tmp_path, capsys):
+    from pipeline import tvm_tuning
+    from pipeline.tvm_backend import compile_onnx
+    from targets import get_target
+
+    target = get_target("x86")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tuned / DB, corrupt)
+    (corrupt / "database_tuning_record.json").write_text('[0, [["GetSBlock", not json\n')
+    onnx_path = next((tuned / "artifacts" / "simplify").glob("*/model.sim.onnx"))
+    info = compile_onnx(onnx_path, target, tmp_path / "lib" / "model.so", input_shape=(1, 3, 32, 32),
+                        tuning_database=corrupt)
+    assert "ignoring tuning records" in capsys.readouterr().err
+    assert info["tuning"]["database"] is None
+    assert info["tuning"]["tasks_default"] == info["tuning"]["tasks_total"]
+
+    # Merging it is an error that names the database, not a crash.
+    result = run_tune("tune-db", "merge", str(corrupt), str(tuned / DB), "-o", str(tmp_path / "m"), cwd=tuned)
+    assert result.returncode == 2 and "corrupt" in result.stderr
+
+    # Records from another TVM version (or target) are skipped by the lookup, with a warning.
+    foreign = tmp_path / "artifacts" / "tune" / "x86" / "micro-32-b1-c10-in3-fp32"
+    shutil.copytree(tuned / DB, foreign)
+    meta = json.loads((foreign / "meta.json").read_text())
+    meta["tvm_version"] = "0.19.0"
+    (foreign / "meta.json").write_text(json.dumps(meta))
+    assert tvm_tuning.find_database(tmp_path / "artifacts", target, "micro-32-b1-c10-in3-fp32") is None
+    assert "tuned with TVM 0.19.0" in capsys.readouterr().err
+
+
+def test_a_device_target_without_a_tracker_says_how_to_connect_one():
+    from pipeline import tvm_tuning
+    from targets import get_target
+
+    with pytest.raises(PipelineError, match="--rpc-tracker HOST:9190 --rpc-key arm-a72"):
+        tvm_tuning.check_rpc(get_target("arm-a72"), tvm_tuning.TuneSettings())
+
+
+def test_a_tracker_that_does_not_answer_times_out_clearly(tmp_path):
+    # Accepts connections and never says a word.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.5)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        started = time.monotonic()
+        result = run_tune("tune", *MODEL, "--rpc-tracker", f"127.0.0.1:{listener.getsockname()[1]}",
+                          "--rpc-timeout", "2", cwd=tmp_path, timeout=120)
+        assert result.returncode == 2
+        assert "did not answer in 2 s" in result.stderr
+        assert time.monotonic() - started < 90
+        assert not (tmp_path / "artifacts").exists()  # it failed before building anything
+    finally:
+        stop.set()
+        thread.join()
+        for conn in accepted:
+            conn.close()
+        listener.close()
+
+
+def test_default_schedules_cover_every_task_and_keep_results(tmp_path_factory, tmp_path):
+    """Without any database every PrimFunc gets a default, and the outputs stay exact."""
+    import onnxruntime as ort
+
+    from edge_models import SHAPE, micro_onnx, sample
+    from pipeline.tvm_backend import compile_onnx, load_artifact
+    from targets import get_target
+
+    onnx_path = micro_onnx(tmp_path_factory)
+    info = compile_onnx(onnx_path, get_target("x86"), tmp_path / "model.so", input_shape=SHAPE)
+    tuning = info["tuning"]
+    assert tuning["database"] is None and tuning["tasks_from_records"] == 0
+    assert tuning["tasks_default"] == tuning["tasks_total"] == info["num_primfuncs"]
+    # The dense contractions (pointwise-conv matmuls, downsampling convs) are tiled.
+    assert tuning["default_tiled"] >= 8
+
+    x = sample()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {session.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(load_artifact(tmp_path / "model.so").infer(x), expected, rtol=1e-4, atol=1e-4)
