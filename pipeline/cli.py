@@ -110,6 +110,9 @@ def _make_stage_command(until: str):
         data: Annotated[Optional[str], typer.Option(help="Evaluation images: ImageFolder, flat folder, .npy/.npz, list file or 'fashion-mnist'. Default: random inputs.")] = None,
         preprocessing: Annotated[str, typer.Option(help="Preprocessing table entry (imagenet, fashion-mnist).")] = "imagenet",
         eval_limit: Annotated[int, typer.Option(help="Evaluate at most this many images (0: all).")] = 256,
+        calib_data: Annotated[Optional[str], typer.Option(help="INT8 calibration images (default: --data; Fashion-MNIST calibrates on its train split).")] = None,
+        calib_size: Annotated[int, typer.Option(help="INT8 calibration images to use.")] = 256,
+        calib_method: Annotated[str, typer.Option(help="INT8 calibration: minmax, percentile, entropy or mse.")] = "minmax",
         onnx: Annotated[Optional[Path], typer.Option(help="Use this ONNX file instead of exporting one.")] = None,
         rpc_tracker: Annotated[Optional[str], typer.Option(help="Measure on a board registered with this TVM RPC tracker (HOST:PORT).")] = None,
         rpc_key: Annotated[Optional[str], typer.Option(help="The board's key at the tracker (default: the target's).")] = None,
@@ -125,6 +128,7 @@ def _make_stage_command(until: str):
             precision=precision, params_mode=params, warmup=warmup, repeats=repeats,
             data=data, preprocessing=preprocessing, eval_limit=eval_limit or None,
             artifacts=artifacts, reports_dir=reports_dir, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
+            calib_data=calib_data, calib_size=calib_size, calib_method=calib_method,
         )
         _run_until("report" if until == "run" else until, config, target, onnx, force)
 

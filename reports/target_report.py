@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-BACKEND_ORDER = ("tvm", "onnxruntime", "pytorch")
+BACKEND_ORDER = ("tvm", "onnxruntime", "onnxruntime-int8", "pytorch")
 
 
 def _fmt(value: Any, digits: int = 2) -> str:

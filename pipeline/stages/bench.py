@@ -75,6 +75,9 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
             baselines.append(("pytorch", lambda: TorchRunner.from_checkpoint(inputs["checkpoint"])))
         else:
             results["pytorch"] = {"not_measured": "no PyTorch model for a user-supplied ONNX file"}
+        if "onnx_quantized" in inputs:
+            # The same QDQ model the INT8 artifact was compiled from, in ONNX Runtime's INT8 kernels.
+            baselines.append(("onnxruntime-int8", lambda: OnnxRuntimeRunner(inputs["onnx_quantized"])))
         if target.device != "cpu":
             results["onnxruntime"] = {"not_measured": "ONNX Runtime here has only its CPU provider"}
             baselines = [b for b in baselines if b[0] != "onnxruntime"]
@@ -105,9 +108,14 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
     return {"outputs": {"latency": "latency.json"}, "info": {"tvm_median_ms": tvm_median}}
 
 
+def bench_inputs(config: PipelineConfig) -> tuple[str, ...]:
+    common = ("library", "library_metadata", "params", "onnx_simplified", "checkpoint")
+    return common + (("onnx_quantized",) if config.precision == "int8" else ())
+
+
 STAGE = Stage(
     name="bench",
-    inputs=("library", "library_metadata", "params", "onnx_simplified", "checkpoint"),
+    inputs=bench_inputs,
     optional_inputs=("params", "checkpoint"),
     outputs=("latency",),
     settings=settings,
