@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import inspect
 import json
 import linecache
@@ -791,6 +792,13 @@ def tune(
     only the round in flight; `resume` continues where the state file says it stopped."""
     db_dir = Path(db_dir)
     started = time.monotonic()
+    # LocalBuilder ships work to its workers with cloudpickle; the cost model is XGBoost.
+    missing = [name for name in ("cloudpickle", "xgboost") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise PipelineError(
+            f"tuning needs the Python packages {', '.join(missing)}; run `make install` "
+            f"(or `pip install cloudpickle xgboost-cpu`)"
+        )
     check_rpc(target, settings)
     has_records = (db_dir / RECORD_FILE).is_file() and (db_dir / RECORD_FILE).stat().st_size > 0
     if has_records and not settings.resume:
