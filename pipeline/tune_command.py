@@ -66,6 +66,11 @@ def tune_command(
 
     _validate(config, None)
     resolved = get_target(target)
+    if resolved.cuda_arch is not None:
+        raise PipelineError(
+            f"tuning is implemented for CPU targets; '{resolved.name}' builds its GPU kernels with "
+            f"dlight's default schedules, which need no tuning records"
+        )
 
     # Imported after the cheap checks: MetaSchedule pulls in all of TVM's compiler.
     from pipeline import tvm_tuning
