@@ -1,15 +1,12 @@
 import inspect
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from calibration import fashion_mnist
+from conftest import run_cli
 from pipeline.checkpoints import load_model_from_checkpoint, save_checkpoint
 from pipeline.errors import PipelineError
 from pipeline.model import create_model
@@ -24,8 +21,6 @@ from pipeline.train import (
     train,
 )
 from pipeline.train_command import train_command
-
-REPO = Path(__file__).resolve().parents[1]
 
 needs_data = pytest.mark.skipif(
     not fashion_mnist.available(), reason=f"Fashion-MNIST not installed (apt-get install {fashion_mnist.APT_PACKAGE})"
@@ -205,17 +200,14 @@ def test_fine_tuning_to_other_classes_needs_reset_head(tmp_path):
 
 @needs_data
 def test_command_line_trains_and_reports_user_errors(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    base = [sys.executable, "-m", "pipeline.train_command", "train", "--output", str(tmp_path / "cli.pth")]
-    ok = subprocess.run(
-        base + ["--epochs", "1", "--warmup-epochs", "0.5", "--train-limit", "64", "--test-limit", "64", "--batch-size", "32", "--threads", "1"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert ok.returncode == 0, ok.stderr
+    output = ["--output", str(tmp_path / "cli.pth")]
+    tiny = ["--epochs", "1", "--warmup-epochs", "0.5", "--train-limit", "64", "--test-limit", "64",
+            "--batch-size", "32", "--threads", "1"]
+    ok = run_cli("train", *output, *tiny, cwd=tmp_path, check=True)
     assert "epoch 1/1 loss" in ok.stdout
     record = json.loads((tmp_path / "cli.json").read_text())
     assert record["command"].startswith("pipeline train --output") and record["epochs"] == 1
 
-    bad = subprocess.run(base + ["--input-size", "40"], env=env, capture_output=True, text=True, timeout=300)
+    bad = run_cli("train", *output, "--input-size", "40", cwd=tmp_path)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "multiple of 32" in bad.stderr
