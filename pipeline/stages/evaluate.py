@@ -19,6 +19,9 @@ from pipeline.progress import Progress
 from targets import Target
 
 
+REFERENCE_BATCH = 256
+
+
 def data_fingerprint(source: str | None) -> str | None:
     """A cheap content fingerprint of the evaluation data (names, sizes, mtimes)."""
     if source is None:
@@ -102,10 +105,12 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
     log(f"[evaluate] {data['count']} images from {data['source']}")
 
     if "checkpoint" in inputs:
-        reference = TorchRunner.from_checkpoint(inputs["checkpoint"])
+        # PyTorch takes any batch size: large batches make the reference pass cheap.
+        reference, reference_batch = TorchRunner.from_checkpoint(inputs["checkpoint"]), REFERENCE_BATCH
     else:
-        reference = OnnxRuntimeRunner(inputs["onnx_simplified"])
-    reference_logits = run_batched(reference, images, batch_size, reference.name)
+        # The ONNX file has the artifact's static batch size.
+        reference, reference_batch = OnnxRuntimeRunner(inputs["onnx_simplified"]), batch_size
+    reference_logits = run_batched(reference, images, reference_batch, reference.name)
     artifact = artifact_runner(inputs["library"], target, config.rpc_tracker, config.rpc_key)
     artifact_logits = run_batched(artifact, images, batch_size, "tvm")
     accuracy = {
