@@ -154,18 +154,10 @@ class Row:
 
     @property
     def tuning(self) -> str:
-        """Tuning trials used, from model.tuning: a count, a dict with one, or a description."""
-        tuning = _dict(self._record().get("model")).get("tuning")
-        if tuning is None or tuning == "":
-            return "untuned"
-        if isinstance(tuning, dict):
-            for name in ("trials", "trials_used", "num_trials", "total_trials"):
-                if _num(tuning.get(name)) is not None:
-                    return f"{int(tuning[name])} trials"
-            return str(tuning.get("summary") or tuning.get("method") or "tuned")
-        if _num(tuning) is not None:
-            return f"{int(tuning)} trials"
-        return str(tuning)
+        """Tuning used, from model.tuning (see reports.target_report.describe_tuning)."""
+        from reports.target_report import describe_tuning
+
+        return describe_tuning(_dict(self._record().get("model")).get("tuning"))
 
     def history_entry(self) -> dict[str, Any]:
         origin = self.provenance

@@ -15,6 +15,25 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def describe_tuning(tuning: Any) -> str:
+    """One phrase for model.tuning: the compile stage's task counts, a trial count, or text."""
+    if tuning in (None, ""):
+        return "untuned"
+    if isinstance(tuning, dict):
+        trials = next((tuning[k] for k in ("trials", "trials_used", "num_trials", "total_trials")
+                       if isinstance(tuning.get(k), (int, float))), None)
+        total, tuned = tuning.get("tasks_total"), tuning.get("tasks_from_records")
+        if isinstance(total, int) and isinstance(tuned, int):
+            phrase = f"{tuned}/{total} kernels from tuning records" if tuned else f"untuned ({total} kernels on default schedules)"
+            return phrase + (f", {int(trials)} trials" if trials is not None else "")
+        if trials is not None:
+            return f"{int(trials)} trials"
+        return str(tuning.get("summary") or tuning.get("method") or "tuned")
+    if isinstance(tuning, (int, float)) and not isinstance(tuning, bool):
+        return f"{int(tuning)} trials"
+    return str(tuning)
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
@@ -78,7 +97,7 @@ def render_report(latency: dict, accuracy: dict, model: dict, provenance: dict) 
         f"- weights: {model.get('weights')}",
         f"- ONNX nodes: {_fmt(model.get('nodes_before'))} exported, {_fmt(model.get('nodes_after'))} after onnxsim",
         f"- artifact: {latency['artifact_bytes'] / 1e6:.2f} MB, compiled in {_fmt(model.get('compile_seconds'), 1)} s, "
-        f"{_fmt(model.get('tuning', 'untuned'))}",
+        f"{describe_tuning(model.get('tuning'))}",
         "",
         f"## Latency (batch {latency['batch_size']}, {latency['warmup']} warm-up runs, "
         f"{latency['backends']['tvm']['repeats']} timed runs, same input and process for every backend)",

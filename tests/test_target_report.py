@@ -1,0 +1,34 @@
+from reports.target_report import describe_tuning, latency_table, render_report
+
+
+def test_describe_tuning_forms():
+    assert describe_tuning(None) == "untuned"
+    assert describe_tuning({"tasks_total": 43, "tasks_from_records": 0}) == "untuned (43 kernels on default schedules)"
+    assert describe_tuning({"tasks_total": 43, "tasks_from_records": 40, "trials": 512}) == (
+        "40/43 kernels from tuning records, 512 trials"
+    )
+    assert describe_tuning(64) == "64 trials"
+
+
+def _stats(median):
+    return {"median_ms": median, "p90_ms": median, "p99_ms": median, "mean_ms": median, "min_ms": median,
+            "std_ms": 0.0, "throughput_ips": 1e3 / median, "repeats": 3}
+
+
+def test_report_shows_every_backend_and_unmeasured_reasons():
+    latency = {
+        "target": "x86", "precision": "fp32", "batch_size": 1, "input_shape": [1, 3, 64, 64], "warmup": 1,
+        "backends": {"tvm": _stats(2.0), "onnxruntime": _stats(1.0), "pytorch": {"not_measured": "no model"}},
+        "tvm_speedup": {"vs_onnxruntime": 0.5}, "artifact_bytes": 2_000_000,
+    }
+    accuracy = {
+        "reference": "pytorch", "data": {"source": "x", "count": 4, "labeled": True},
+        "metrics": {"top1": 0.5, "top5": 1.0, "reference_top1": 0.5, "reference_top5": 1.0, "top1_agreement": 1.0,
+                    "max_abs_error": 1e-6, "mean_abs_error": 1e-7, "cosine_min": 1.0, "cosine_mean": 1.0},
+    }
+    provenance = {"device": "cpu", "date": "d", "commit": "c", "command": "pipeline run", "tools": {"tvm": "0.27"}}
+    text = render_report(latency, accuracy, {"variant": "micro"}, provenance)
+    assert "| onnxruntime | 1.00 |" in text and "0.50x" in text
+    assert "not measured: no model" in text
+    assert "top-1 (TVM artifact) | 50.00%" in text
+    assert len(latency_table(latency)) == 5
