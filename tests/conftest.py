@@ -21,6 +21,15 @@ def run_cli(*args: str, cwd: Path, check: bool = False) -> subprocess.CompletedP
     return result
 
 
+def output_path(result: subprocess.CompletedProcess, name: str) -> Path:
+    """The path a stage command printed as `name: PATH` on stdout."""
+    for line in result.stdout.splitlines():
+        key, sep, value = line.partition(": ")
+        if sep and key == name:
+            return Path(value.strip())
+    raise AssertionError(f"no '{name}:' line in:\n{result.stdout}")
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """One whole pipeline run of a tiny model; tests read what it left behind."""

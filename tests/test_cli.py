@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_ARGS, run_cli
+from conftest import TINY_ARGS, output_path, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,7 @@ def test_evaluate_on_labeled_image_folder(tiny_run, tmp_path):
             Image.fromarray(pixels).save(tmp_path / "data" / label / f"{i}.png")
     (tmp_path / "data" / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
     result = run_cli("evaluate", *TINY_ARGS, "--data", str(tmp_path / "data"), cwd=tiny_run, check=True)
-    accuracy = json.loads(Path(result.stdout.split("accuracy:")[1].strip()).read_text())
+    accuracy = json.loads(output_path(result, "accuracy").read_text())
     metrics = accuracy["metrics"]
     assert accuracy["data"]["count"] == 6 and accuracy["data"]["skipped"] == 1
     assert metrics["top1"] == metrics["reference_top1"] and 0.0 <= metrics["top5"] <= 1.0
@@ -118,7 +118,7 @@ def test_user_checkpoint_is_loaded(tmp_path):
 
     save_checkpoint(create_model("micro", num_classes=10, seed=7), tmp_path / "w.pth", "micro", 10, 3)
     result = run_cli("build", *TINY_ARGS, "--weights", "w.pth", cwd=tmp_path, check=True)
-    manifest = json.loads((Path(result.stdout.split("checkpoint:")[1].strip()).parent / "manifest.json").read_text())
+    manifest = json.loads((output_path(result, "checkpoint").parent / "manifest.json").read_text())
     assert manifest["info"]["layout"] == "official"
 
 
@@ -171,7 +171,7 @@ def test_user_onnx_runs_without_pytorch_model(tiny_run, tmp_path):
     (onnx_file,) = (tiny_run / "artifacts" / "simplify").glob("*/model.sim.onnx")
     result = run_cli("bench", *TINY_ARGS, "--onnx", str(onnx_file), cwd=tmp_path, check=True)
     assert "[build]" not in result.stderr
-    latency = json.loads(Path(result.stdout.split("latency:")[1].strip()).read_text())
+    latency = json.loads(output_path(result, "latency").read_text())
     assert "not_measured" in latency["backends"]["pytorch"]
     assert latency["backends"]["onnxruntime"]["median_ms"] > 0
 

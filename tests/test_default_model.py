@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from calibration import fashion_mnist
-from conftest import REPO, run_cli
+from conftest import REPO, output_path, run_cli
 
 MODEL = REPO / "models" / "convnext-micro-fmnist.pth"
 RECORD = json.loads((REPO / "models" / "convnext-micro-fmnist.json").read_text())
@@ -32,7 +32,7 @@ def test_full_test_set_accuracy_through_the_artifact(tmp_path):
         "--preprocessing", "fashion-mnist", "--eval-limit", "0",
         cwd=tmp_path, check=True,
     )
-    accuracy = json.loads(Path(result.stdout.split("accuracy:")[1].strip()).read_text())
+    accuracy = json.loads(output_path(result, "accuracy").read_text())
     metrics = accuracy["metrics"]
     assert metrics["count"] == 10_000 and accuracy["data"]["labeled"]
     # PyTorch reproduces the training record; the TVM artifact stays within 0.05 point of it.

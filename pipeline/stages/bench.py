@@ -11,6 +11,7 @@ import numpy as np
 
 from pipeline.config import PipelineConfig
 from pipeline.engine import Stage, log
+from reports.target_report import latency_table
 from targets import Target
 
 
@@ -105,7 +106,9 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
         + (Path(inputs["params"]).stat().st_size if "params" in inputs else 0),
     }
     (out_dir / "latency.json").write_text(json.dumps(latency, indent=2) + "\n")
-    return {"outputs": {"latency": "latency.json"}, "info": {"tvm_median_ms": tvm_median}}
+    (out_dir / "latency.md").write_text("\n".join(latency_table(latency)) + "\n")
+    log("\n".join(latency_table(latency)))
+    return {"outputs": {"latency": "latency.json", "latency_table": "latency.md"}, "info": {"tvm_median_ms": tvm_median}}
 
 
 def bench_inputs(config: PipelineConfig) -> tuple[str, ...]:
@@ -117,7 +120,7 @@ STAGE = Stage(
     name="bench",
     inputs=bench_inputs,
     optional_inputs=("params", "checkpoint"),
-    outputs=("latency",),
+    outputs=("latency", "latency_table"),
     settings=settings,
     run=run,
     cacheable=False,
