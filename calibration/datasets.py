@@ -3,6 +3,8 @@
 `load_dataset(source, ...)` accepts:
 
 - "fashion-mnist", "fashion-mnist:train", "fashion-mnist:test" (Debian package `dataset-fashion-mnist`);
+- "sample-photos": a few real color photos shipped in installed wheels, with ImageNet-1k
+  labels and class names (see calibration.sample_photos);
 - an ImageFolder directory (one sub-folder per class; class index = sorted folder names);
 - a flat directory of images (unlabeled);
 - a .npy array (N,C,H,W), (N,H,W,C) or (N,H,W), or a .npz with `images` and optional
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from calibration import fashion_mnist
+from calibration import fashion_mnist, sample_photos
 from calibration.preprocess import (
     Preprocessing,
     preprocess_array,
@@ -92,6 +94,8 @@ def load_dataset(
     if source == "fashion-mnist" or source.startswith("fashion-mnist:"):
         _, _, suffix = source.partition(":")
         dataset = _load_fashion_mnist(suffix or split, input_size, spec, in_chans, limit, seed)
+    elif source == sample_photos.SOURCE_NAME:
+        dataset = _load_sample_photos(input_size, spec, in_chans, limit, seed, progress)
     else:
         path = Path(source).expanduser()
         if not path.exists():
@@ -300,6 +304,29 @@ def _load_list_file(
         source=str(path),
         skipped=skipped,
         description=f"list file '{path}': " + _count_note(limit, len(files), "list") + _skipped_note(skipped),
+    )
+
+
+# --- sample photos ---------------------------------------------------------------------------
+
+
+def _load_sample_photos(
+    input_size: int, spec: Preprocessing, in_chans: int, limit: int | None, seed: int, progress: bool
+) -> Dataset:
+    """The packaged color photos (calibration.sample_photos), labeled with ImageNet-1k indices."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="sample-photos-") as folder:
+        listed = _load_list_file(sample_photos.photo_list(folder), input_size, spec, in_chans, limit, seed, progress)
+    return Dataset(
+        images=listed.images,
+        labels=listed.labels,
+        class_names=sample_photos.imagenet_class_names(),
+        source=sample_photos.SOURCE_NAME,
+        skipped=listed.skipped,
+        description=f"{sample_photos.SOURCE_NAME} (real color photos from installed packages, ImageNet-1k labels): "
+        + _count_note(limit, len(sample_photos.SAMPLE_PHOTOS), "set")
+        + _skipped_note(listed.skipped),
     )
 
 
