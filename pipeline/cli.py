@@ -107,7 +107,7 @@ def _make_stage_command(until: str):
         params: Annotated[str, typer.Option(help="'embedded' weights in the .so, or 'separate' .params.npz file.")] = "embedded",
         warmup: Annotated[int, typer.Option(help="Untimed runs before measuring.")] = 5,
         repeats: Annotated[int, typer.Option(help="Timed runs.")] = 50,
-        data: Annotated[Optional[str], typer.Option(help="Evaluation images: ImageFolder, flat folder, .npy/.npz, list file or 'fashion-mnist'. Default: random inputs.")] = None,
+        data: Annotated[Optional[str], typer.Option(help="Evaluation images: ImageFolder, flat folder, .npy/.npz, list file or 'fashion-mnist' or 'sample-photos'. Default: random inputs.")] = None,
         preprocessing: Annotated[str, typer.Option(help="Preprocessing table entry (imagenet, fashion-mnist).")] = "imagenet",
         eval_limit: Annotated[int, typer.Option(help="Evaluate at most this many images (0: all).")] = 256,
         calib_data: Annotated[Optional[str], typer.Option(help="INT8 calibration images (default: --data; Fashion-MNIST calibrates on its train split).")] = None,

@@ -223,6 +223,23 @@ def relax_phases(target: tvm.target.Target) -> list[tuple[str, list[tvm.transfor
     ]
 
 
+def precision_phases(precision: str, target: Target) -> list[tuple[str, list[tvm.transform.Pass]]]:
+    """Passes that change the arithmetic precision, run before legalization.
+
+    FP16: convolutions and matmuls take float16 operands and accumulate in float32
+    (ToMixedPrecision's out_dtype), the rest of the graph follows the float16 values where
+    it is numerically safe; the model's input and output stay float32. Only GPU targets
+    offer it: their tensor cores are where FP16 pays off.
+    """
+    if precision in ("fp32", "int8"):
+        return []
+    if precision != "fp16":
+        raise PipelineError(f"unknown precision '{precision}'; use fp32, fp16 or int8")
+    if target.device != "cuda":
+        raise PipelineError(f"precision fp16 is for GPU targets, not '{target.name}'; use --precision fp32 or int8")
+    return [("fp16", [relax.transform.ToMixedPrecision(out_dtype="float32")])]
+
+
 def _dump(dump_ir_dir: Path | None, index: int, phase: str, mod: tvm.IRModule) -> None:
     if dump_ir_dir is not None:
         dump_ir_dir.mkdir(parents=True, exist_ok=True)
@@ -445,6 +462,8 @@ def compile_onnx(
     input_shape: tuple[int, ...] | None = None,
     dump_ir_dir: Path | None = None,
     tuning_database: Path | None = None,
+    precision: str = "fp32",
+    rewrites: tuple[tuple[str, list], ...] = (),
 ) -> dict:
     """Compile an ONNX model into ``library_path`` (+ metadata, + weights if "separate").
 
@@ -452,6 +471,10 @@ def compile_onnx(
     JSON-friendly summary: sizes, input/output, PrimFunc count, compile seconds, and
     ``tuning``: how many PrimFuncs got a schedule from ``tuning_database`` (a directory
     made by `pipeline tune`) and how many a default schedule (pipeline/tvm_tuning.py).
+
+    ``rewrites`` are extra (phase name, passes) run first, once params are bound (the
+    INT8 lowering in pipeline/tvm_int8.py is one); ``precision="fp16"`` adds TVM's mixed
+    precision rewrite for GPU targets.
     """
     start = time.perf_counter()
     onnx_path, library_path = Path(onnx_path), Path(library_path)
@@ -483,8 +506,9 @@ def compile_onnx(
         _dump(dump_ir_dir, 1, "params_bound", mod)
 
     tvm_target = tvm.target.Target(target.tvm_target)
+    phases = [*rewrites, *precision_phases(precision, target), *relax_phases(tvm_target)]
     with tvm_target, _cuda_source_codegen(target):
-        for index, (phase, passes) in enumerate(relax_phases(tvm_target), start=2):
+        for index, (phase, passes) in enumerate(phases, start=2):
             if passes:
                 mod = tvm.transform.Sequential(passes, name=phase)(mod)
                 _dump(dump_ir_dir, index, phase, mod)

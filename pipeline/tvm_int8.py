@@ -34,7 +34,6 @@ Everything constant is computed here in NumPy, so the weights must be bound as c
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -465,28 +464,6 @@ def primfunc_compute_dtypes(mod: tvm.IRModule) -> list[dict[str, Any]]:
 # Compiling
 
 
-@contextlib.contextmanager
-def _int8_phase(report: Int8Report):
-    """Put the lowering first in tvm_backend's Relax pass list for the duration of a compile.
-
-    compile_onnx reads `relax_phases` when it runs, so this swaps in a list that starts
-    with an "int8" phase (params are bound by then, which the rewrite needs). A
-    `rewrites` parameter on compile_onnx would make this unnecessary.
-    """
-    from pipeline import tvm_backend
-
-    original = tvm_backend.relax_phases
-
-    def phases(target):
-        return [("int8", [int8_lowering_pass(report)]), *original(target)]
-
-    tvm_backend.relax_phases = phases
-    try:
-        yield
-    finally:
-        tvm_backend.relax_phases = original
-
-
 def compile_onnx_int8(onnx_path: Path, target, library_path: Path, **kwargs) -> dict:
     """`tvm_backend.compile_onnx` for a QDQ model, with its convolutions and matmuls in integers.
 
@@ -510,8 +487,10 @@ def compile_onnx_int8(onnx_path: Path, target, library_path: Path, **kwargs) -> 
                 "`pipeline quantize` writes"
             )
     report = Int8Report()
-    with _int8_phase(report):
-        info = tvm_backend.compile_onnx(onnx_path, target, library_path, **kwargs)
+    # Params are bound by the time rewrites run, which the lowering needs.
+    info = tvm_backend.compile_onnx(
+        onnx_path, target, library_path, rewrites=(("int8", [int8_lowering_pass(report)]),), **kwargs
+    )
     if not report.lowered:
         raise PipelineError(
             f"{onnx_path} has no quantized convolution or matmul to compile in int8; "

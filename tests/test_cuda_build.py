@@ -186,3 +186,38 @@ def test_fixed_arch_build_runs_on_a_matching_gpu(tmp_path_factory):
     x = sample(1)
     np.testing.assert_allclose(gpu.infer(x), cpu.infer(x), atol=1e-3, rtol=1e-3)
 
+
+
+# ---------------------------------------------------------------------------
+# FP16
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_fp16_build_computes_convolutions_and_matmuls_in_half(tmp_path_factory):
+    from edge_models import SHAPE, micro_onnx
+
+    out = tmp_path_factory.mktemp("fp16")
+    tvm_backend.compile_onnx(
+        micro_onnx(tmp_path_factory), get_target("cuda-sm80"), out / "model.so",
+        input_shape=SHAPE, precision="fp16", dump_ir_dir=out / "ir",
+    )
+    (rewritten,) = (out / "ir").glob("*_fp16.py")
+    text = rewritten.read_text()
+    # Operands in float16, accumulation and the model's interface in float32.
+    assert 'R.nn.conv2d(' in text and 'R.matmul(' in text
+    assert text.count('"float16"') > 10
+    assert 'out_dtype="float32"' in text
+    meta = json.loads(metadata_path(out / "model.so").read_text())
+    assert meta["input"]["dtype"] == "float32" and meta["output"]["dtype"] == "float32"
+    assert "sass:sm_80" in meta["device_code"]
+
+
+def test_fp16_is_refused_for_cpu_targets(tmp_path_factory):
+    from edge_models import SHAPE, micro_onnx
+
+    with pytest.raises(PipelineError, match="fp16 is for GPU targets"):
+        tvm_backend.compile_onnx(
+            micro_onnx(tmp_path_factory), get_target("x86"), tmp_path_factory.mktemp("x") / "m.so",
+            input_shape=SHAPE, precision="fp16",
+        )

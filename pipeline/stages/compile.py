@@ -56,16 +56,15 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
             f"target '{target.name}' does not support precision '{config.precision}'; "
             f"use one of: {', '.join(target.precisions)}"
         )
-    if config.precision not in ("fp32", "int8"):
-        raise PipelineError(f"precision '{config.precision}' is not implemented yet; use --precision fp32 or int8")
     if config.precision == "int8":
         # The QDQ model from the quantize stage, with its convolutions and matmuls lowered
         # to int8 x int8 -> int32 (pipeline/tvm_int8.py).
         from pipeline.tvm_int8 import compile_onnx_int8 as compile_onnx
     library = out_dir / "model.so"
     tuning = {"tuning_database": tuning_database(config, target)} if config.precision == "fp32" else {}
+    extra = {"precision": config.precision} if config.precision == "fp16" else {}
     info = compile_onnx(
-        inputs[model_input(config)[0]], target, library,
+        inputs[model_input(config)[0]], target, library, **extra,
         params_mode=config.params_mode,
         input_shape=(config.batch_size, config.in_chans, config.input_size, config.input_size),
         **tuning,
