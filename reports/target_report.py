@@ -78,6 +78,15 @@ def accuracy_table(accuracy: dict) -> list[str]:
     return lines
 
 
+def _training_lines(training: dict | None) -> list[str]:
+    if not training:
+        return []
+    return [
+        f"- trained by: `{training.get('command')}` (seed {training.get('seed')}, {training.get('epochs')} epochs, "
+        f"recorded test top-1 {training.get('test_top1')}%; record {training.get('record')})"
+    ]
+
+
 def render_report(latency: dict, accuracy: dict, model: dict, provenance: dict) -> str:
     """Markdown for one target x precision."""
     data = accuracy["data"]
@@ -94,7 +103,9 @@ def render_report(latency: dict, accuracy: dict, model: dict, provenance: dict) 
         "",
         f"- variant: {model.get('variant')} ({_fmt(model.get('parameters'))} parameters), "
         f"{model.get('num_classes')} classes, input {latency['input_shape']}",
-        f"- weights: {model.get('weights')}",
+        f"- weights: {model.get('weights')}"
+        + (f" (sha256 {model['weights_sha256'][:16]}...)" if model.get("weights_sha256") else ""),
+        *_training_lines(model.get("training")),
         f"- ONNX nodes: {_fmt(model.get('nodes_before'))} exported, {_fmt(model.get('nodes_after'))} after onnxsim",
         f"- artifact: {latency['artifact_bytes'] / 1e6:.2f} MB, compiled in {_fmt(model.get('compile_seconds'), 1)} s, "
         f"{describe_tuning(model.get('tuning'))}",

@@ -16,6 +16,19 @@ def settings(config: PipelineConfig, target: Target) -> dict:
     return {"target": target.name, "reports_dir": str(config.reports_dir)}
 
 
+def training_record(weights: str | None) -> dict | None:
+    """The record `pipeline train` writes beside a checkpoint (<name>.json), if there is one."""
+    if not weights:
+        return None
+    record_path = Path(weights).with_suffix(".json")
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    keys = ("command", "seed", "epochs", "test_top1", "test_top5", "sha256", "date")
+    return {key: record.get(key) for key in keys} | {"record": str(record_path)}
+
+
 def model_summary(inputs: dict[str, Path]) -> dict:
     """What the upstream manifests say about the model and the artifact."""
     build = artifacts.manifest_beside(inputs["checkpoint"]) if "checkpoint" in inputs else {}
@@ -26,6 +39,8 @@ def model_summary(inputs: dict[str, Path]) -> dict:
         "num_classes": build.get("settings", {}).get("num_classes"),
         "parameters": build.get("info", {}).get("parameters"),
         "weights": build.get("info", {}).get("weights", "user-supplied ONNX"),
+        "weights_sha256": build.get("info", {}).get("sha256"),
+        "training": training_record(build.get("info", {}).get("path")),
         "checkpoint_sha256": build.get("output_sha256", {}).get("checkpoint"),
         "nodes_before": simplify.get("info", {}).get("nodes_before"),
         "nodes_after": simplify.get("info", {}).get("nodes_after"),
