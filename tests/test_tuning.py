@@ -123,6 +123,9 @@ def test_tune_over_rpc_writes_records_with_their_target(tuned):
     state = json.loads((db_dir / "tune_state.json").read_text())["tasks"]
     tuned_tasks = [name for name, task in state.items() if task["trials"] > 0]
     assert len(tuned_tasks) == 1 and state[tuned_tasks[0]]["status"] == "done"
+    # Its default schedule was measured too, as a record of its own (2 trials + 1 default).
+    assert state[tuned_tasks[0]]["default_s"] > 0
+    assert len(_records(db_dir)) == 3
     # The most FLOPs x occurrences first, with a progress line per round.
     assert max(state.values(), key=lambda t: (t["flops"] + 1) * t["weight"])["name"] == tuned_tasks[0]
     progress = (tuned / "tune.log").read_text()
@@ -167,7 +170,7 @@ def test_a_second_run_needs_resume_and_resume_skips_finished_tasks(tuned):
     assert "tuning 1 (1 already done)" in result.stderr
     state = json.loads((tuned / DB / "tune_state.json").read_text())["tasks"]
     assert sorted(task["trials"] for task in state.values() if task["trials"]) == [1, 2]
-    assert len(_records(tuned / DB)) == before + 1
+    assert len(_records(tuned / DB)) == before + 2  # the new task's default and its one trial
 
 
 def test_merge_dedupes_and_refuses_other_targets(tuned, tmp_path):
