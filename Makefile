@@ -12,7 +12,7 @@ ARGS ?=
 DEMO_ARGS ?= --variant micro --weights models/convnext-micro-fmnist.pth --num-classes 10 --in-chans 1 \
 	--input-size 32 --data fashion-mnist --preprocessing fashion-mnist --eval-limit 0 --repeats 100
 
-.PHONY: install system-deps demo test compile bench report reports run package arm-runtime verify-arm clean
+.PHONY: install system-deps demo test tune compile bench report reports run package arm-runtime verify-arm clean
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ demo: reports
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
+
+# MetaSchedule tuning; records land in artifacts/tune/<target>/<model>/ and compile reuses them.
+TUNE_ARGS ?= --variant micro --input-size 64 --num-classes 10 --time-budget 30
+tune: install
+	$(PIPELINE) tune --target $(TARGET) $(TUNE_ARGS) $(ARGS)
 
 compile: install
 	$(PIPELINE) compile --target $(TARGET) $(DEMO_ARGS) $(ARGS)

@@ -15,6 +15,7 @@ from pipeline.package_command import register as register_package
 from pipeline.quantize_command import register as register_quantize
 from pipeline.report_command import register as register_reports
 from pipeline.train_command import register as register_train
+from pipeline.tune_command import register as register_tune
 
 app = typer.Typer(
     add_completion=False,
@@ -141,6 +142,7 @@ for _stage in STAGE_HELP:
 
 # Commands with options of their own live in their own modules (one file per command).
 register_quantize(app)
+register_tune(app)
 register_train(app)
 register_package(app)
 register_reports(app)
@@ -172,22 +174,21 @@ def variants() -> None:
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:
+        # typer 0.29 vendors click; older releases use the click package itself.
+        from typer._click.exceptions import ClickException
+    except ImportError:  # pragma: no cover
+        from click.exceptions import ClickException
+    try:
         app(standalone_mode=False)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
-    except KeyboardInterrupt:
+    except ClickException as exc:  # unknown option, bad option value, missing argument
+        exc.show()
+        sys.exit(EXIT_USER_ERROR)
+    except (KeyboardInterrupt, typer.Abort):
         print("interrupted; finished stages are kept, the unfinished one left nothing behind", file=sys.stderr)
         sys.exit(130)
-    except (typer.Abort,):
-        sys.exit(1)
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(EXIT_USER_ERROR)
-        raise
 
 
 if __name__ == "__main__":

@@ -180,3 +180,8 @@ def test_board_target_without_tracker_fails_before_compiling(tmp_path):
     result = run_cli("bench", *TINY_ARGS, "--target", "arm-a72", cwd=tmp_path)
     assert_user_error(result, "--rpc-tracker")
     assert not (tmp_path / "artifacts").exists()
+
+
+def test_unknown_option_is_a_usage_error_without_traceback(tmp_path):
+    result = run_cli("compile", "--no-such-option", cwd=tmp_path)
+    assert result.returncode == 2 and "No such option" in result.stderr and "Traceback" not in result.stderr
