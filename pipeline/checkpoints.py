@@ -328,6 +328,13 @@ def save_checkpoint(
         )
 
     payload = {**extra, "model": sd, "variant": variant, "num_classes": num_classes, "in_chans": in_chans}
+    atomic_torch_save(payload, path)
+    return path
+
+
+def atomic_torch_save(payload: Any, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, then rename it over `path`."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -341,7 +348,6 @@ def save_checkpoint(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 __all__ = [

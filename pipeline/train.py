@@ -23,7 +23,6 @@ import math
 import os
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.checkpoints import atomic_torch_save
 from pipeline.errors import PipelineError
 from pipeline.model import VARIANTS, create_model
 
@@ -298,22 +298,6 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 # --- state on disk -------------------------------------------------------------------------------
 
 
-def _atomic_save(payload: Any, path: Path) -> None:
-    """torch.save to a temporary file beside `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load_resume(path: Path, config: TrainConfig) -> dict[str, Any]:
     if not path.is_file():
         raise PipelineError(f"resume file '{path}' does not exist; drop --resume to start from scratch")
@@ -499,7 +483,7 @@ def _train(
             "test_top5": round(top5, 3),
             "seconds": round(train_seconds + eval_seconds[-1], 2),
         })
-        _atomic_save(
+        atomic_torch_save(
             {
                 "config": config.as_dict(),
                 "epoch": epoch + 1,

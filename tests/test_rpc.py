@@ -3,17 +3,13 @@ machine acting as the device, key "loopback"), and every bounded failure."""
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from rpc_loopback import free_port, loopback_tracker
 from edge_models import compiled, sample
 from pipeline.errors import PipelineError
 from pipeline.rpc import RpcRunner, parse_tracker
@@ -23,62 +19,11 @@ from targets import get_target
 KEY = "loopback"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start(args: list[str], log: Path) -> subprocess.Popen:
-    # A session of its own: the tracker and server fork workers, stopped with them.
-    return subprocess.Popen(
-        [sys.executable, "-m", *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
-    )
-
-
-def _stop(process: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-            process.wait(timeout=10)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @pytest.fixture(scope="module")
 def tracker(tmp_path_factory):
     """host:port of a tracker with one loopback device registered under KEY."""
-    from tvm import rpc
-
-    logs = tmp_path_factory.mktemp("rpc")
-    port = _free_port()
-    processes = [_start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
-                         "--port-end", str(port + 1)], logs / "tracker.log")]
-    try:
-        server_port = _free_port()
-        processes.append(_start(
-            ["tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key", KEY, "--host", "127.0.0.1",
-             "--port", str(server_port), "--port-end", str(server_port + 20)], logs / "server.log"))
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                summary = rpc.connect_tracker("127.0.0.1", port).summary()
-                if summary["queue_info"].get(KEY, {}).get("free", 0) >= 1:
-                    break
-            except (OSError, RuntimeError):
-                pass
-            if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
-                pytest.fail("the loopback tracker/server did not start:\n"
-                            + "\n".join(f.read_text() for f in sorted(logs.iterdir())))
-            time.sleep(1)
-        yield f"127.0.0.1:{port}"
-    finally:
-        for process in reversed(processes):
-            _stop(process)
+    with loopback_tracker(tmp_path_factory.mktemp("rpc"), KEY) as address:
+        yield address
 
 
 @pytest.mark.slow
@@ -140,7 +85,7 @@ def test_tracker_down_is_a_quick_clear_error(tmp_path):
     (tmp_path / "model.so.json").write_text('{"target": "x86", "input": {"shape": [1], "dtype": "float32"}}')
     start = time.monotonic()
     with pytest.raises(PipelineError, match=r"cannot reach the RPC tracker at 127.0.0.1:\d+.*rpc_tracker"):
-        RpcRunner(tmp_path / "model.so", get_target("x86"), f"127.0.0.1:{_free_port()}", KEY, connect_timeout=3)
+        RpcRunner(tmp_path / "model.so", get_target("x86"), f"127.0.0.1:{free_port()}", KEY, connect_timeout=3)
     assert time.monotonic() - start < 10
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rpc_loopback import loopback_tracker
 from conftest import REPO, run_cli
 from pipeline.errors import PipelineError
 
@@ -40,61 +40,11 @@ def run_tune(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Complete
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start(args: list[str], log: Path) -> subprocess.Popen:
-    # A session of its own: tracker and server fork workers, which are stopped with them.
-    return subprocess.Popen(
-        [sys.executable, "-m", *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
-    )
-
-
-def _stop(process: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-            process.wait(timeout=10)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @pytest.fixture(scope="module")
 def tracker(tmp_path_factory):
     """host:port of a loopback tracker with one device registered under KEY."""
-    from tvm import rpc
-
-    logs = tmp_path_factory.mktemp("tune-rpc")
-    port = _free_port()
-    processes = [_start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
-                         "--port-end", str(port + 1)], logs / "tracker.log")]
-    try:
-        server_port = _free_port()
-        processes.append(_start(
-            ["tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key", KEY, "--host", "127.0.0.1",
-             "--port", str(server_port), "--port-end", str(server_port + 20)], logs / "server.log"))
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if rpc.connect_tracker("127.0.0.1", port).summary()["queue_info"].get(KEY, {}).get("free", 0):
-                    break
-            except (OSError, RuntimeError):
-                pass
-            if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
-                pytest.fail("the loopback tracker/server did not start:\n"
-                            + "\n".join(f.read_text() for f in sorted(logs.iterdir())))
-            time.sleep(1)
-        yield f"127.0.0.1:{port}"
-    finally:
-        for process in reversed(processes):
-            _stop(process)
+    with loopback_tracker(tmp_path_factory.mktemp("tune-rpc"), KEY) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
