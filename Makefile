@@ -43,8 +43,13 @@ tune: install
 compile: install
 	$(PIPELINE) compile --target $(TARGET) $(DEMO_ARGS) $(ARGS)
 
+# The target's bench stage, then (on x86) the speed-goal benchmark: PyTorch vs ONNX Runtime vs
+# TVM for the variant with committed tuning records (BENCH_ARGS="--variant tiny --batches 1,8"
+# for the ConvNeXt-T goal once tuning/x86/ has its records).
+BENCH_ARGS ?= --variant atto --batches 1 --repeats 20
 bench: install
 	$(PIPELINE) bench --target $(TARGET) $(DEMO_ARGS) $(ARGS)
+	if [ "$(TARGET)" = x86 ]; then $(PY) benchmarks/cpu_latency.py $(BENCH_ARGS); fi
 
 report: install
 	$(PIPELINE) report --target $(TARGET) $(DEMO_ARGS) $(ARGS)
