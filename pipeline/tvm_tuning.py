@@ -749,6 +749,33 @@ def _save_state(db_dir: Path, state: dict[str, TaskProgress], command: str) -> N
     })
 
 
+CURVE_FILE = "tune_curve.jsonl"
+
+
+def _append_curve(db_dir: Path, state: dict[str, TaskProgress], started: float) -> None:
+    """One point of the tuning curve per round: all trials so far against the model's
+    estimated latency (sum over measured kernels of calls x best time), for the reports."""
+    measured = [p for p in state.values() if (p.best_s or p.default_s) is not None]
+    point = {
+        "trials": sum(p.trials for p in state.values()),
+        "best_ms": 1e3 * sum(p.weight * (p.best_s if p.best_s is not None else p.default_s) for p in measured),
+        "kernels_measured": len(measured),
+        "seconds": round(time.monotonic() - started, 1),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    with open(Path(db_dir) / CURVE_FILE, "a") as f:
+        f.write(json.dumps(point) + "\n")
+
+
+def read_curve(db_dir: Path) -> list[dict[str, Any]]:
+    """The points _append_curve wrote; [] when there are none or the file is unreadable."""
+    try:
+        lines = (Path(db_dir) / CURVE_FILE).read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
 def _best_record_seconds(database, task: Task) -> float | None:
     if not database.has_workload(task.mod):
         return None
@@ -981,6 +1008,7 @@ class _Tuner:
             if results.seconds:
                 progress.best_s = min(results.seconds + ([previous] if previous is not None else []))
             _save_state(self.db_dir, state, self.command)
+            _append_curve(self.db_dir, state, started)
             self._report(task, progress, index, count, budget_trials, started)
             if measured == 0:
                 progress.status = "done"  # the search space has nothing left to try

@@ -80,6 +80,11 @@ def test_tune_over_rpc_writes_records_with_their_target(tuned):
     assert max(state.values(), key=lambda t: (t["flops"] + 1) * t["weight"])["name"] == tuned_tasks[0]
     progress = (tuned / "tune.log").read_text()
     assert "task 1 of 1" in progress and "2/2 trials" in progress
+    # A tuning curve for the reports: trials so far against the estimated model latency.
+    from pipeline.tvm_tuning import read_curve
+
+    curve = read_curve(db_dir)
+    assert curve and curve[-1]["trials"] == 2 and curve[-1]["best_ms"] > 0
 
 
 def test_compile_applies_records_and_a_default_to_every_other_task(tuned):

@@ -29,6 +29,15 @@ def training_record(weights: str | None) -> dict | None:
     return {key: record.get(key) for key in keys} | {"record": str(record_path)}
 
 
+def tuning_curve(tuning) -> list[dict]:
+    """Best estimated latency against trials, from the database the artifact was compiled with."""
+    if not isinstance(tuning, dict) or not tuning.get("database"):
+        return []
+    from pipeline.tvm_tuning import read_curve
+
+    return read_curve(Path(tuning["database"]))
+
+
 def model_summary(inputs: dict[str, Path]) -> dict:
     """What the upstream manifests say about the model and the artifact."""
     build = artifacts.manifest_beside(inputs["checkpoint"]) if "checkpoint" in inputs else {}
@@ -69,6 +78,9 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
     artifacts.atomic_write_json(destination / "latency.json", latency)
     artifacts.atomic_write_json(destination / "accuracy.json", accuracy)
     artifacts.atomic_write_text(destination / "report.md", markdown)
+    curve = tuning_curve(model.get("tuning"))
+    if curve:
+        artifacts.atomic_write_json(destination / "tuning.json", {"database": model["tuning"]["database"], "curve": curve})
     log(f"[report] wrote {destination}/report.md")
     return {"outputs": {"report": "report.md"}, "info": {"reports_dir": str(destination)}}
 
