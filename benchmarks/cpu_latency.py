@@ -46,17 +46,6 @@ def model_flops(onnx_path: Path, target, shape: tuple[int, ...]) -> float:
     return sum(task.flops * task.weight for task in tvm_tuning.extract_tasks(mod, tvm_target))
 
 
-def time_runner(runner, batch: np.ndarray, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        runner.infer(batch)
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        runner.infer(batch)
-        seconds.append(time.perf_counter() - start)
-    return seconds
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="tiny")
@@ -73,6 +62,7 @@ def main() -> None:
     from pipeline.engine import run_pipeline
     from pipeline.runners import OnnxRuntimeRunner, TorchRunner, TvmRunner
     from pipeline.stages import STAGES
+    from pipeline.stages.bench import measure
     from targets import get_target
 
     target = get_target("x86")
@@ -97,12 +87,13 @@ def main() -> None:
         ]
         medians = {}
         for runner in runners:
-            seconds = time_runner(runner, batch, args.warmup, args.repeats)
-            median = float(np.median(seconds))
+            # The same timing loop and statistics as the pipeline's bench stage.
+            stats = measure(runner, batch, args.warmup, args.repeats)
+            median = stats["median_ms"] / 1e3
             medians[runner.name] = median
             rows.append({
-                "backend": runner.name, "batch": batch_size, "median_ms": median * 1e3,
-                "p90_ms": float(np.percentile(seconds, 90)) * 1e3, "images_per_s": batch_size / median,
+                "backend": runner.name, "batch": batch_size, "median_ms": stats["median_ms"],
+                "p90_ms": stats["p90_ms"], "images_per_s": stats["throughput_ips"],
                 "gflops": flops / median / 1e9,
             })
             print(f"  measured {runner.name} batch {batch_size}: {median * 1e3:.2f} ms", file=sys.stderr, flush=True)
