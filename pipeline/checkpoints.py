@@ -282,7 +282,8 @@ def load_weights(
         model_classes = own["head.weight"].shape[0]
         raise PipelineError(
             f"checkpoint head has {ckpt_classes} classes, model expects {model_classes}; "
-            f"pass --num-classes {ckpt_classes} or --reset-head to fine-tune"
+            f"pass --num-classes {ckpt_classes}, or fine-tune it on your classes with "
+            f"`pipeline train --init-weights {path} --reset-head`"
         )
 
     model.load_state_dict(sd, strict=True)

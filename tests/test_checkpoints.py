@@ -287,7 +287,8 @@ def test_head_mismatch_and_reset_head(tmp_path):
     target = create_model("micro", num_classes=10, seed=2)
     message = _error(target, path, "micro")
     assert message == (
-        "checkpoint head has 1000 classes, model expects 10; pass --num-classes 1000 or --reset-head to fine-tune"
+        "checkpoint head has 1000 classes, model expects 10; pass --num-classes 1000, or fine-tune it on "
+        f"your classes with `pipeline train --init-weights {path} --reset-head`"
     )
 
     fresh_head = {k: v.clone() for k, v in target.state_dict().items() if k.startswith("head.")}
