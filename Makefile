@@ -9,7 +9,7 @@ TARGET ?= x86
 ARGS ?=
 # The demo's model: the committed ConvNeXt-micro trained on Fashion-MNIST (models/*.json has its
 # record), evaluated on all 10 000 test images; small enough that an untuned CPU build stays quick.
-DEMO_ARGS ?= --variant micro --weights models/convnext-micro-fmnist.pth --num-classes 10 --in-chans 1 \
+MODEL_ARGS ?= --variant micro --weights models/convnext-micro-fmnist.pth --num-classes 10 --in-chans 1 \
 	--input-size 32 --data fashion-mnist --preprocessing fashion-mnist --eval-limit 0 --repeats 100
 
 .PHONY: install system-deps demo test tune compile bench report reports run package arm-runtime verify-arm clean
@@ -41,25 +41,25 @@ tune: install
 	$(PIPELINE) tune --target $(TARGET) $(TUNE_ARGS) $(ARGS)
 
 compile: install
-	$(PIPELINE) compile --target $(TARGET) $(DEMO_ARGS) $(ARGS)
+	$(PIPELINE) compile --target $(TARGET) $(MODEL_ARGS) $(ARGS)
 
 # The target's bench stage, then (on x86) the speed-goal benchmark: PyTorch vs ONNX Runtime vs
 # TVM for the variant with committed tuning records (BENCH_ARGS="--variant tiny --batches 1,8"
 # for the ConvNeXt-T goal once tuning/x86/ has its records).
 BENCH_ARGS ?= --variant atto --batches 1 --repeats 20
 bench: install
-	$(PIPELINE) bench --target $(TARGET) $(DEMO_ARGS) $(ARGS)
+	$(PIPELINE) bench --target $(TARGET) $(MODEL_ARGS) $(ARGS)
 	if [ "$(TARGET)" = x86 ]; then $(PY) benchmarks/cpu_latency.py $(BENCH_ARGS); fi
 
 report: install
-	$(PIPELINE) report --target $(TARGET) $(DEMO_ARGS) $(ARGS)
+	$(PIPELINE) report --target $(TARGET) $(MODEL_ARGS) $(ARGS)
 
 run: install
-	$(PIPELINE) run --target $(TARGET) $(DEMO_ARGS) $(ARGS)
+	$(PIPELINE) run --target $(TARGET) $(MODEL_ARGS) $(ARGS)
 
 # A device bundle: artifact, metadata, weights, manifest and run.py (TVM runtime + NumPy only).
 package: install
-	$(PIPELINE) package --target $(TARGET) $(DEMO_ARGS) $(ARGS)
+	$(PIPELINE) package --target $(TARGET) $(MODEL_ARGS) $(ARGS)
 
 # The cached aarch64 TVM runtime and runner that check ARM artifacts under qemu.
 arm-runtime: install
@@ -71,8 +71,8 @@ verify-arm: install
 # Re-measure the CPU rows (FP32 and INT8 on x86), then rebuild reports/README.md (one table per
 # model, plots, history.jsonl, regression flags) from every reports/*/ folder, measured here or not.
 reports: install
-	$(PIPELINE) run --target x86 $(DEMO_ARGS) $(ARGS)
-	$(PIPELINE) run --target x86 --precision int8 --calib-method percentile $(DEMO_ARGS) $(ARGS)
+	$(PIPELINE) run --target x86 $(MODEL_ARGS) $(ARGS)
+	$(PIPELINE) run --target x86 --precision int8 --calib-method percentile $(MODEL_ARGS) $(ARGS)
 	$(PIPELINE) reports --reports-dir reports
 
 clean:
