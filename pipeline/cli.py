@@ -10,7 +10,9 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline.config import PARAMS_MODES, PRECISIONS, PipelineConfig
+from pipeline.engine import StageResult
 from pipeline.errors import EXIT_USER_ERROR, PipelineError
+from targets import Target
 from pipeline.package_command import register as register_package
 from pipeline.quantize_command import register as register_quantize
 from pipeline.report_command import register as register_reports
@@ -39,7 +41,7 @@ STAGE_HELP = {
 MEASURING_STAGES = ("bench", "evaluate", "report")
 
 
-def _validate(config: PipelineConfig, onnx: Optional[Path]) -> None:
+def validate_config(config: PipelineConfig, onnx: Optional[Path]) -> None:
     """Checks that are cheap and should fail before any work starts."""
     from pipeline.model import VARIANTS
 
@@ -60,13 +62,13 @@ def _validate(config: PipelineConfig, onnx: Optional[Path]) -> None:
         raise PipelineError(f"--input-size {config.input_size} is not a multiple of 32 (ConvNeXt downsamples 32x)")
 
 
-def _run_until(until: str, config: PipelineConfig, target_name: str, onnx: Optional[Path], force: bool) -> None:
+def run_stages(until: str, config: PipelineConfig, target: Target, onnx: Optional[Path] = None,
+               force: bool = False) -> dict[str, StageResult]:
+    """Validate the settings, then run every stage `until` needs (cached); every command goes through here."""
     from pipeline.engine import log, run_pipeline
     from pipeline.stages import STAGES
-    from targets import get_target
 
-    _validate(config, onnx)
-    target = get_target(target_name)
+    validate_config(config, onnx)
     target.check_available()
     if until in MEASURING_STAGES and target.runner == "rpc" and not config.rpc_tracker:
         # Fail before compiling: the artifact could not be measured anyway.
@@ -84,11 +86,16 @@ def _run_until(until: str, config: PipelineConfig, target_name: str, onnx: Optio
     log(config.describe())
     # A user's ONNX file has no PyTorch model behind it: baselines and references use ONNX Runtime.
     unavailable = frozenset({"checkpoint"}) if onnx is not None else frozenset()
-    results = run_pipeline(
+    return run_pipeline(
         STAGES, config, target, until, provided, force=(until,) if force else (), unavailable=unavailable
     )
-    final = results[until]
-    for name, path in final.outputs.items():
+
+
+def _run_until(until: str, config: PipelineConfig, target_name: str, onnx: Optional[Path], force: bool) -> None:
+    from targets import get_target
+
+    results = run_stages(until, config, get_target(target_name), onnx, force)
+    for name, path in results[until].outputs.items():
         print(f"{name}: {path}")
 
 

@@ -49,10 +49,8 @@ def package(
 def _compile(target, model: dict, weights: str, in_chans: int, seed: int, opset: int,
              onnx: Optional[Path], artifacts: Path) -> Path:
     """Run the pipeline up to `compile` (cached) and return the library path."""
-    from pipeline.cli import _validate
+    from pipeline.cli import run_stages
     from pipeline.config import PipelineConfig
-    from pipeline.engine import log, run_pipeline
-    from pipeline.stages import STAGES
 
     config = PipelineConfig(
         variant=model["variant"], weights=None if weights.lower() == "none" else Path(weights),
@@ -60,15 +58,7 @@ def _compile(target, model: dict, weights: str, in_chans: int, seed: int, opset:
         batch_size=model["batch_size"], opset=opset, precision=model["precision"],
         params_mode=model["params_mode"], artifacts=artifacts,
     )
-    _validate(config, onnx)
-    provided: dict[str, Path] = {}
-    if config.weights is not None:
-        provided["weights"] = config.weights
-    if onnx is not None:
-        provided["onnx_simplified"] = onnx
-    log(f"pipeline package for target {target.name}: {target.target_json()}")
-    log(config.describe())
-    results = run_pipeline(STAGES, config, target, "compile", provided)
+    results = run_stages("compile", config, target, onnx)
     compiled = results["compile"].outputs.get("library")
     if compiled is None:
         raise PipelineError("the compile stage produced no library")

@@ -59,9 +59,8 @@ def _config_from_options(options: dict):
 def quantize_command(**options) -> None:
     """Calibrate and quantize the model to INT8 (QDQ ONNX); --analyze ranks layers by sensitivity."""
     from pipeline import artifacts, cli
-    from pipeline.engine import log, run_pipeline
+    from pipeline.engine import log
     from pipeline.quantize import METHODS
-    from pipeline.stages import STAGES
     from pipeline.stages.quantize import check_max_drop
     from targets import get_target
 
@@ -70,20 +69,8 @@ def quantize_command(**options) -> None:
     check_max_drop(options["max_drop"])
     config = _config_from_options(options)
     onnx = options.get("onnx")
-    cli._validate(config, onnx)
     target = get_target(options["target"])
-    provided = {}
-    if config.weights is not None:
-        provided["weights"] = config.weights
-    if onnx is not None:
-        provided["onnx_simplified"] = onnx
-    log(f"pipeline quantize for target {target.name}")
-    log(config.describe())
-    unavailable = frozenset({"checkpoint"}) if onnx is not None else frozenset()
-    results = run_pipeline(
-        STAGES, config, target, "quantize", provided,
-        force=("quantize",) if options.get("force") else (), unavailable=unavailable,
-    )
+    results = cli.run_stages("quantize", config, target, onnx, bool(options.get("force")))
     result = results["quantize"]
     destination = Path(config.reports_dir) / f"{target.name}-int8"
     destination.mkdir(parents=True, exist_ok=True)

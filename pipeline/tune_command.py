@@ -62,9 +62,9 @@ def tune_command(
         num_classes=num_classes, in_chans=in_chans, seed=seed, input_size=input_size,
         batch_size=batch_size, artifacts=artifacts,
     )
-    from pipeline.cli import _validate
+    from pipeline.cli import validate_config
 
-    _validate(config, None)
+    validate_config(config, None)
     resolved = get_target(target)
     if resolved.cuda_arch is not None:
         raise PipelineError(
