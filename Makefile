@@ -12,7 +12,7 @@ ARGS ?=
 MODEL_ARGS ?= --variant micro --weights models/convnext-micro-fmnist.pth --num-classes 10 --in-chans 1 \
 	--input-size 32 --data fashion-mnist --preprocessing fashion-mnist --eval-limit 0 --repeats 100
 
-.PHONY: install system-deps demo test tune compile bench report reports run package arm-runtime verify-arm clean
+.PHONY: install system-deps demo test tune compile compile-matrix bench report reports run package arm-runtime verify-arm clean
 
 install: $(STAMP)
 
@@ -42,6 +42,13 @@ tune: install
 
 compile: install
 	$(PIPELINE) compile --target $(TARGET) $(MODEL_ARGS) $(ARGS)
+
+# The nightly check (.github/workflows/nightly.yml): ConvNeXt-Tiny compiled for every target in FP32,
+# INT8 and each target's other precisions, into reports/compile-matrix/ (matrix.json, README.md);
+# exits 1 if a cell a target offers failed. E.g. MATRIX_ARGS="--variant tiny --targets x86,arm-a72".
+MATRIX_ARGS ?= --variant tiny --input-size 224
+compile-matrix: install
+	$(PIPELINE) compile-matrix $(MATRIX_ARGS) $(ARGS)
 
 # The target's bench stage, then (on x86) the speed-goal benchmark: PyTorch vs ONNX Runtime vs
 # TVM for the variant with committed tuning records (BENCH_ARGS="--variant tiny --batches 1,8"
