@@ -28,6 +28,8 @@ from reports.warn import warn
 README = "README.md"
 PLOTS_DIR = "plots"
 TUNING_FILE = "tuning.json"
+# The nightly compile matrix (pipeline/compile_matrix.py), linked when it has been written.
+COMPILE_MATRIX = "compile-matrix/README.md"
 PRECISION_ORDER = ("fp32", "fp16", "int8")
 # A median more than this fraction slower than the previous entry's is a regression.
 LATENCY_TOLERANCE = 0.10
@@ -457,6 +459,15 @@ def render_readme(
         lines += [f"_{note}_" + "  " for note in table_plots.notes]
         if table_plots.notes:
             lines.append("")
+
+    if reports_dir is not None and (Path(reports_dir) / COMPILE_MATRIX).is_file():
+        lines += [
+            "## Compile matrix",
+            "",
+            f"Which targets and precisions compile, with artifact sizes and compile times: "
+            f"[{COMPILE_MATRIX}]({COMPILE_MATRIX}) (`make compile-matrix`, run nightly).",
+            "",
+        ]
 
     measured = [row for rows in tables.values() for row in rows if row.measured]
     flagged = [row for row in measured if row.flags]

@@ -279,3 +279,18 @@ def test_wrong_types_inside_a_report_show_as_missing_values(tmp_path):
     assert cells[COL["artifact MB"]] == "n/a"
     # The model comes from accuracy.json when latency.json's is unusable; the input shape is unknown.
     assert [key.label() for key in summary.tables] == ["micro, 10 classes, input ?"]
+
+
+def test_compile_matrix_is_linked_once_written(tmp_path):
+    write_pair(tmp_path, "x86")
+    assert "## Compile matrix" not in run(tmp_path).readme.read_text()
+
+    (tmp_path / "compile-matrix").mkdir()
+    (tmp_path / "compile-matrix" / "README.md").write_text("# Compile matrix\n")
+    (tmp_path / "compile-matrix" / "matrix.json").write_text('{"cells": []}\n')
+    summary = run(tmp_path)
+    link = section(summary.readme.read_text(), "Compile matrix")
+    assert "[compile-matrix/README.md](compile-matrix/README.md)" in link
+    # The matrix folder holds no latency or accuracy report: it adds no row and no warning.
+    assert summary.warnings == [] and [row.folder for rows in summary.tables.values() for row in rows
+                                       if row.measured] == ["x86"]
