@@ -13,6 +13,7 @@ from pipeline.config import PARAMS_MODES, PRECISIONS, PipelineConfig
 from pipeline.engine import StageResult
 from pipeline.errors import EXIT_USER_ERROR, PipelineError
 from targets import Target
+from pipeline.compile_matrix import register as register_compile_matrix
 from pipeline.package_command import register as register_package
 from pipeline.quantize_command import register as register_quantize
 from pipeline.report_command import register as register_reports
@@ -153,6 +154,7 @@ register_tune(app)
 register_train(app)
 register_package(app)
 register_reports(app)
+register_compile_matrix(app)
 
 
 @app.command()
@@ -185,6 +187,10 @@ def main() -> None:
         from typer._click.exceptions import ClickException
     except ImportError:  # pragma: no cover
         from click.exceptions import ClickException
+    from pipeline.runtime_only import configure_cpu_threads
+
+    # Before any TVM kernel runs (constant folding in compile starts the thread pool).
+    configure_cpu_threads()
     try:
         app(standalone_mode=False)
     except PipelineError as exc:

@@ -32,6 +32,12 @@ class TorchRunner:
 
         return cls(load_model_from_checkpoint(checkpoint))
 
+    @property
+    def threads(self) -> int:
+        import torch
+
+        return torch.get_num_threads()
+
     def infer(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
@@ -52,6 +58,10 @@ class OnnxRuntimeRunner:
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        # 0 (ORT's default) means one thread per physical core.
+        from pipeline.runtime_only import physical_cores
+
+        self.threads = threads or physical_cores()
         self.input_name = self.session.get_inputs()[0].name
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
@@ -67,6 +77,9 @@ class TvmRunner:
         from pipeline.tvm_backend import load_artifact
 
         self.artifact = load_artifact(library, device=device)
+        import tvm
+
+        self.threads = tvm.runtime.num_threads() if device == "cpu" else None
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return self.artifact.infer(batch)

@@ -36,6 +36,38 @@ import tvm  # noqa: E402
 from tvm.runtime.vm import VirtualMachine  # noqa: E402
 
 
+def physical_cores() -> int:
+    """Physical cores this process may run on (SMT siblings counted once)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add((
+                (topology / "physical_package_id").read_text().strip(),
+                (topology / "core_id").read_text().strip(),
+            ))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
+
+
+def configure_cpu_threads() -> int:
+    """Size TVM's CPU thread pool to the physical cores, unless TVM_NUM_THREADS says otherwise.
+
+    TVM 0.27 starts max(1, logical CPUs / 2) threads on x86, assuming 2-way SMT; on a
+    machine without SMT (most cloud VMs, this 2-core one) that is half the cores, and every
+    TVM number would be measured on fewer cores than ONNX Runtime and PyTorch use (they
+    default to the physical cores). The pool reads the variable once, when it starts, so
+    this must run before the first TVM kernel in the process. Returns the thread count.
+    """
+    os.environ.setdefault("TVM_NUM_THREADS", str(physical_cores()))
+    return int(os.environ["TVM_NUM_THREADS"])
+
+
 class ArtifactError(Exception):
     """An artifact that cannot be loaded or run as asked; the message says what to do."""
 
@@ -79,6 +111,8 @@ class LoadedArtifact:
             raise fail(f"cannot read {meta_file}: {_first_line(exc)}") from None
 
         meta = self.metadata
+        if meta.get("device", "cpu") == "cpu":
+            configure_cpu_threads()
         self.target = meta["target"]
         self.input_name = meta["input"]["name"]
         self.input_shape = tuple(meta["input"]["shape"])

@@ -25,7 +25,15 @@ def describe_tuning(tuning: Any) -> str:
         total, tuned = tuning.get("tasks_total"), tuning.get("tasks_from_records")
         if isinstance(total, int) and isinstance(tuned, int):
             phrase = f"{tuned}/{total} kernels from tuning records" if tuned else f"untuned ({total} kernels on default schedules)"
-            return phrase + (f", {int(trials)} trials" if trials is not None else "")
+            phrase += f", {int(trials)} trials" if trials is not None else ""
+            cost = tuning.get("cost")
+            if tuned and isinstance(cost, dict):
+                phrase += (
+                    f"; tuning took {cost['trials']} trials in {cost['seconds'] / 60:.0f} min, within "
+                    f"{100 * cost['within']:.0f}% of its final estimate after {cost['trials_to_within']} "
+                    f"trials ({cost['seconds_to_within'] / 60:.0f} min)"
+                )
+            return phrase
         if trials is not None:
             return f"{int(trials)} trials"
         return str(tuning.get("summary") or tuning.get("method") or "tuned")
@@ -40,19 +48,19 @@ def _pct(value: float | None) -> str:
 
 def latency_table(latency: dict) -> list[str]:
     lines = [
-        "| backend | median ms | p90 ms | p99 ms | mean ms | min ms | std ms | throughput img/s | TVM speed-up |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| backend | threads | median ms | p90 ms | p99 ms | mean ms | min ms | std ms | throughput img/s | TVM speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in BACKEND_ORDER:
         stats = latency["backends"].get(name)
         if stats is None:
             continue
         if "median_ms" not in stats:
-            lines.append(f"| {name} | not measured: {stats.get('not_measured', 'unknown')} |||||||")
+            lines.append(f"| {name} | | not measured: {stats.get('not_measured', 'unknown')} |||||||")
             continue
         speedup = "1.00x" if name == "tvm" else f"{latency['tvm_speedup'].get('vs_' + name, 0):.2f}x"
         lines.append(
-            f"| {name} | {_fmt(stats['median_ms'])} | {_fmt(stats['p90_ms'])} | {_fmt(stats['p99_ms'])} "
+            f"| {name} | {stats.get('threads') or '-'} | {_fmt(stats['median_ms'])} | {_fmt(stats['p90_ms'])} | {_fmt(stats['p99_ms'])} "
             f"| {_fmt(stats['mean_ms'])} | {_fmt(stats['min_ms'])} | {_fmt(stats['std_ms'])} "
             f"| {_fmt(stats['throughput_ips'], 1)} | {speedup} |"
         )

@@ -32,6 +32,12 @@ def test_run_writes_reports_and_artifacts(tiny_run):
         assert stats["repeats"] == 3
         assert stats["min_ms"] <= stats["median_ms"] <= stats["p99_ms"] <= stats["max_ms"]
         assert stats["throughput_ips"] > 0
+    # Every backend computes on all physical cores: TVM's pool is sized like the others.
+    from pipeline.runtime_only import physical_cores
+
+    assert {name: stats["threads"] for name, stats in latency["backends"].items()} == dict.fromkeys(
+        latency["backends"], physical_cores()
+    )
     assert accuracy["metrics"]["top1_agreement"] == 1.0
     assert accuracy["metrics"]["max_abs_error"] < 1e-4
     assert latency["provenance"]["commit"] and latency["provenance"]["tools"]["apache-tvm"]

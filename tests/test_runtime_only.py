@@ -20,6 +20,7 @@ import pipeline.runtime_only as runtime_only
 from pipeline.runtime_only import ArtifactError, LoadedArtifact, metadata_path
 from pipeline.tvm_backend import compile_onnx, params_path
 from targets import get_target
+from conftest import REPO
 
 SHAPE = (1, 3, 64, 64)
 MODES = ("embedded", "separate")
@@ -195,3 +196,21 @@ def test_separate_weights_must_travel_with_the_library(artifact, tmp_path):
 def test_missing_library(tmp_path):
     with pytest.raises(ArtifactError, match="does not exist"):
         LoadedArtifact(tmp_path / "model.so")
+
+
+def test_tvm_runs_on_every_physical_core_unless_told_otherwise():
+    """TVM 0.27 would start logical CPUs / 2 threads on x86 (assumed SMT): half the cores here."""
+    code = (
+        "from pipeline.runtime_only import configure_cpu_threads, physical_cores\n"
+        "n = configure_cpu_threads()\n"
+        "import tvm\n"
+        "print(n, tvm.runtime.num_threads(), physical_cores())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    env["PYTHONPATH"] = str(REPO)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    configured, running, cores = map(int, out.stdout.split())
+    assert configured == running == cores >= 1
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "TVM_NUM_THREADS": "1"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split()[:2] == ["1", "1"]

@@ -50,7 +50,10 @@ def measure(runner, batch: np.ndarray, warmup: int, repeats: int) -> dict:
         start = time.perf_counter()
         runner.infer(batch)
         seconds.append(time.perf_counter() - start)
-    return latency_stats(seconds, batch.shape[0])
+    stats = latency_stats(seconds, batch.shape[0])
+    # CPU threads the backend computed with: comparisons are fair only on equal footing.
+    stats["threads"] = getattr(runner, "threads", None)
+    return stats
 
 
 def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir: Path) -> dict:
