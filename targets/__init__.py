@@ -39,6 +39,11 @@ AARCH64_GCC = "aarch64-linux-gnu-gcc"
 AARCH64_GCC_PACKAGE = "gcc-aarch64-linux-gnu"
 
 
+# GPU targets: FP16 (mixed precision) where tensor cores pay off, and INT8 (the integer
+# kernels of pipeline/tvm_int8.py, scheduled by dlight like every GPU kernel).
+GPU_PRECISIONS = ("fp32", "fp16", "int8")
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
@@ -151,7 +156,7 @@ def _cuda_sm_target(arch: str, gpus: str) -> Target:
         description=f"NVIDIA {arch} GPUs ({gpus}), x86-64 host code; kernels compiled by nvcc",
         tvm_target=_cuda_gpu(arch, _X86_64_HOST),
         host_triple=X86_TRIPLE,
-        precisions=("fp32", "fp16"),
+        precisions=GPU_PRECISIONS,
         device="cuda",
         needs=_CUDA_NEEDS,
     )
@@ -168,7 +173,7 @@ def _jetson_target(name: str, board: str, arch: str, mcpu: str, mattr: tuple[str
         host_triple=AARCH64_TRIPLE,
         cross_compiler=AARCH64_GCC,
         cross_compiler_package=AARCH64_GCC_PACKAGE,
-        precisions=("fp32", "fp16") if gpu else ("fp32", "int8"),
+        precisions=GPU_PRECISIONS if gpu else ("fp32", "int8"),
         runner="rpc",
         rpc_key=name,
         device="cuda" if gpu else "cpu",
@@ -241,7 +246,7 @@ def _local_cuda() -> Target:
             description=f"this machine's NVIDIA GPU (none found here; use one of {fixed})",
             tvm_target={"kind": "cuda", "host": host},
             host_triple=host_triple,
-            precisions=("fp32", "fp16"),
+            precisions=GPU_PRECISIONS,
             device="cuda",
             needs=_CUDA_NEEDS,
             unavailable=(
@@ -254,7 +259,7 @@ def _local_cuda() -> Target:
         description=f"this machine's NVIDIA GPU ({arch}, detected), host code for this CPU",
         tvm_target=_cuda_gpu(arch, host),
         host_triple=host_triple,
-        precisions=("fp32", "fp16"),
+        precisions=GPU_PRECISIONS,
         device="cuda",
         needs=_CUDA_NEEDS,
     )

@@ -51,7 +51,7 @@ def run_matrix_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def matrix_run(tmp_path_factory):
     """One matrix run: (the finished process, its working directory, matrix.json, README.md)."""
     workdir = tmp_path_factory.mktemp("compile-matrix")
-    result = run_matrix_cli(*MODEL_ARGS, "--targets", ",".join(TARGETS), "--precisions", "fp32,int8",
+    result = run_matrix_cli(*MODEL_ARGS, "--targets", ",".join(TARGETS), "--precisions", "fp32,int8,fp16",
                             "--output", "matrix", cwd=workdir)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     matrix = json.loads((workdir / "matrix" / "matrix.json").read_text())
@@ -76,7 +76,7 @@ def table_row(readme: str, target: str) -> list[str]:
 def test_one_cell_per_target_and_precision_in_order(matrix_run):
     result, workdir, matrix, _ = matrix_run
     assert [(c["target"], c["precision"]) for c in matrix["cells"]] == [
-        (target, precision) for target in TARGETS for precision in ("fp32", "int8")
+        (target, precision) for target in TARGETS for precision in ("fp32", "fp16", "int8")
     ]
     assert result.stdout.splitlines() == ["matrix: matrix/matrix.json", "readme: matrix/README.md"]
     # Written whole: no temporary file is left beside them.
@@ -111,16 +111,26 @@ def test_cpu_cells_compile_with_sizes_kernels_and_target(matrix_run, target, pre
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_NVCC, reason="nvcc (CUDA toolkit) is not installed")
-def test_cuda_target_compiles_fp32_and_does_not_offer_int8(matrix_run):
+def test_cuda_target_compiles_fp32_and_int8(matrix_run):
+    from pipeline import cross
+
     _, _, matrix, readme = matrix_run
-    fp32 = cell(matrix, CUDA_TARGET, "fp32")
-    assert fp32["status"] == "compiled" and fp32["library_bytes"] > 0 and fp32["kernels"] > 0
-    assert json.loads(fp32["target_json"])["arch"] == "sm_80"
-    int8 = cell(matrix, CUDA_TARGET, "int8")
-    assert int8["status"] == "not offered"
-    assert int8["reason"] == f"{CUDA_TARGET} offers precisions fp32, fp16"
-    assert int8["library_bytes"] is None and int8["artifact"] is None
-    assert table_row(readme, CUDA_TARGET)[2] == "not offered"
+    for precision in ("fp32", "int8"):
+        entry = cell(matrix, CUDA_TARGET, precision)
+        assert entry["status"] == "compiled" and entry["library_bytes"] > 0 and entry["kernels"] > 0
+        assert json.loads(entry["target_json"])["arch"] == "sm_80"
+        assert "sass:sm_80" in [str(code) for code in cross.cuda_device_code(Path(entry["artifact"]))]
+        assert table_row(readme, CUDA_TARGET)[1 + ("fp32", "fp16", "int8").index(precision)].startswith("ok ")
+    assert sum(cell(matrix, CUDA_TARGET, "int8")["int8"]["integer_ops"].values()) > 0
+
+
+@pytest.mark.slow
+def test_a_precision_a_target_lacks_is_not_offered(matrix_run):
+    _, _, matrix, readme = matrix_run
+    fp16 = cell(matrix, "x86", "fp16")
+    assert fp16["status"] == "not offered" and fp16["library_bytes"] is None
+    assert fp16["reason"] == "x86 offers precisions fp32, int8"
+    assert table_row(readme, "x86")[2] == "not offered"
 
 
 @pytest.mark.slow
@@ -131,20 +141,20 @@ def test_detected_cuda_without_a_gpu_is_unavailable_not_failed(matrix_run):
     result, _, matrix, readme = matrix_run
     fp32 = cell(matrix, "cuda", "fp32")
     assert fp32["status"] == "unavailable" and fp32["reason"] == detected.unavailable
-    assert cell(matrix, "cuda", "int8")["status"] == "not offered"
+    assert cell(matrix, "cuda", "int8")["status"] == "unavailable"
     # Unavailable is not a failure: the run exited 0 (the fixture checks it).
-    assert matrix["counts"]["failed"] == 0 and matrix["counts"]["unavailable"] == 1
+    assert matrix["counts"]["failed"] == 0 and matrix["counts"]["unavailable"] == 3
     row = table_row(readme, "cuda")
-    assert row[1].startswith("unavailable: target 'cuda' means this machine's GPU") and row[2] == "not offered"
+    assert row[1].startswith("unavailable: target 'cuda' means this machine's GPU") and row[3].startswith("unavailable")
 
 
 @pytest.mark.slow
 def test_readme_table_and_provenance(matrix_run):
     _, _, matrix, readme = matrix_run
-    assert "| target | fp32 | int8 |" in readme
+    assert "| target | fp32 | fp16 | int8 |" in readme
     for target in ("x86", "arm-a53"):
         row = table_row(readme, target)
-        for column, precision in ((1, "fp32"), (2, "int8")):
+        for column, precision in ((1, "fp32"), (3, "int8")):
             entry = cell(matrix, target, precision)
             assert row[column].startswith(f"ok {entry['artifact_bytes'] / 1e6:.1f} MB, "), row
     origin = matrix["provenance"]

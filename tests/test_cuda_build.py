@@ -221,3 +221,26 @@ def test_fp16_is_refused_for_cpu_targets(tmp_path_factory):
             micro_onnx(tmp_path_factory), get_target("x86"), tmp_path_factory.mktemp("x") / "m.so",
             input_shape=SHAPE, precision="fp16",
         )
+
+
+# ---------------------------------------------------------------------------
+# INT8
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
+def test_int8_gpu_build_matches_the_int8_cpu_build(tmp_path_factory):
+    """The same integer kernels on the GPU and the CPU: the same logits up to float epilogues."""
+    from test_tvm_int8 import quantized
+
+    from pipeline.tvm_int8 import compile_onnx_int8
+
+    out = tmp_path_factory.mktemp("int8-gpu")
+    qdq = quantized(out)
+    compile_onnx_int8(qdq, get_target("cuda"), out / "gpu.so")
+    compile_onnx_int8(qdq, get_target("x86"), out / "cpu.so")
+    gpu = tvm_backend.load_artifact(out / "gpu.so", device="cuda")
+    cpu = tvm_backend.load_artifact(out / "cpu.so")
+    x = np.random.default_rng(0).standard_normal(cpu.input_shape, dtype=np.float32)
+    np.testing.assert_allclose(gpu.infer(x), cpu.infer(x), atol=1e-3, rtol=1e-3)

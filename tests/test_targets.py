@@ -108,7 +108,7 @@ def test_gpu_rows(name, arch, mcpu):
     assert target.cuda_arch == arch
     assert target.tvm_target["max_shared_memory_per_block"] == 49152
     assert target.host_target.get("mcpu") == mcpu
-    assert target.precisions == ("fp32", "fp16")
+    assert target.precisions == ("fp32", "fp16", "int8")
 
 
 def test_jetson_cpu_rows_share_the_boards_host():
