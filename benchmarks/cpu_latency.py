@@ -4,12 +4,12 @@
     .venv/bin/python benchmarks/cpu_latency.py --variant atto --batches 1 --repeats 5
 
 For each batch size it builds (or reuses from the artifacts cache) the model, its ONNX
-export and the x86 artifact, then times all three backends on the same input, in this
-process. The artifact uses the tuning records of `pipeline tune` for that model and batch
-(artifacts/tune/x86/<model>/, else tuning/x86/<model>/) and default schedules elsewhere; the
-table says how many kernels had records. Effective GFLOP/s = the model's FLOPs (counted
-from the TVM kernels, multiply-add = 2) / median latency, next to a NumPy SGEMM rate on
-this machine as the practical ceiling.
+export and the x86 artifact, then times all three backends on the same input, each in a
+process of its own (pipeline/isolated.py says why). The artifact uses the tuning records of
+`pipeline tune` for that model and batch (artifacts/tune/x86/<model>/, else
+tuning/x86/<model>/) and default schedules elsewhere; the table says how many kernels had
+records. Effective GFLOP/s = the model's FLOPs (counted from the TVM kernels, multiply-add
+= 2) / median latency, next to a NumPy SGEMM rate on this machine as the practical ceiling.
 """
 
 from __future__ import annotations
@@ -58,11 +58,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
 
+    from pipeline.runtime_only import configure_cpu_threads
+
+    # Before compile's constant folding starts TVM's thread pool (see configure_cpu_threads).
+    configure_cpu_threads()
     from pipeline.config import PipelineConfig
     from pipeline.engine import run_pipeline
-    from pipeline.runners import OnnxRuntimeRunner, TorchRunner, TvmRunner
+    from pipeline.isolated import measure_isolated
     from pipeline.stages import STAGES
-    from pipeline.stages.bench import measure
     from targets import get_target
 
     target = get_target("x86")
@@ -80,36 +83,39 @@ def main() -> None:
         shape = (batch_size, 3, args.input_size, args.input_size)
         flops = model_flops(onnx_path, target, shape)
         batch = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-        runners = [
-            TorchRunner.from_checkpoint(results["build"].outputs["checkpoint"]),
-            OnnxRuntimeRunner(onnx_path),
-            TvmRunner(library),
-        ]
+        models = {"pytorch": results["build"].outputs["checkpoint"], "onnxruntime": onnx_path, "tvm": library}
         medians = {}
-        for runner in runners:
-            # The same timing loop and statistics as the pipeline's bench stage.
-            stats = measure(runner, batch, args.warmup, args.repeats)
+        for backend, model in models.items():
+            # The bench stage's own timing loop and statistics, each backend alone in a process.
+            stats = measure_isolated(backend, model, batch, args.warmup, args.repeats)
             median = stats["median_ms"] / 1e3
-            medians[runner.name] = median
+            medians[backend] = median
             rows.append({
-                "backend": runner.name, "batch": batch_size, "median_ms": stats["median_ms"],
+                "backend": backend, "batch": batch_size, "threads": stats["threads"], "median_ms": stats["median_ms"],
                 "p90_ms": stats["p90_ms"], "images_per_s": stats["throughput_ips"],
                 "gflops": flops / median / 1e9,
             })
-            print(f"  measured {runner.name} batch {batch_size}: {median * 1e3:.2f} ms", file=sys.stderr, flush=True)
+            print(f"  measured {backend} batch {batch_size}: {median * 1e3:.2f} ms", file=sys.stderr, flush=True)
         rows[-1]["tvm_over_ort"] = medians["tvm"] / medians["onnxruntime"]
         rows[-1]["tuning"] = (f"{tuning.get('tasks_from_records', 0)}/{tuning.get('tasks_total', '?')} kernels from "
                               f"records ({tuning.get('database') or 'no database'})")
+        rows[-1]["tuning_cost"] = tuning.get("cost")
 
     print(f"\nConvNeXt-{args.variant} {args.input_size}x{args.input_size} on {target.target_json()}; "
           f"NumPy SGEMM {sgemm:.0f} GFLOP/s")
-    print(f"{'backend':<12} {'batch':>5} {'median ms':>10} {'p90 ms':>9} {'img/s':>8} {'GFLOP/s':>8}  notes")
+    print(f"{'backend':<12} {'batch':>5} {'threads':>7} {'median ms':>10} {'p90 ms':>9} {'img/s':>8} {'GFLOP/s':>8}  notes")
     for row in rows:
         notes = ""
         if "tvm_over_ort" in row:
             notes = f"TVM/ORT {row['tvm_over_ort']:.2f}x; {row['tuning']}"
-        print(f"{row['backend']:<12} {row['batch']:>5} {row['median_ms']:>10.2f} {row['p90_ms']:>9.2f} "
-              f"{row['images_per_s']:>8.1f} {row['gflops']:>8.1f}  {notes}")
+        print(f"{row['backend']:<12} {row['batch']:>5} {row['threads'] or '-':>7} {row['median_ms']:>10.2f} "
+              f"{row['p90_ms']:>9.2f} {row['images_per_s']:>8.1f} {row['gflops']:>8.1f}  {notes}")
+    for row in rows:
+        cost = row.get("tuning_cost")
+        if cost:
+            print(f"tuning cost, batch {row['batch']}: {cost['trials']} trials in {cost['seconds'] / 60:.1f} min; "
+                  f"within {100 * cost['within']:.0f}% of the final estimate ({cost['final_estimate_ms']:.2f} ms) "
+                  f"after {cost['trials_to_within']} trials, {cost['seconds_to_within'] / 60:.1f} min")
     if args.json:
         args.json.write_text(json.dumps({"sgemm_gflops": sgemm, "rows": rows}, indent=2) + "\n")
 

@@ -1,10 +1,9 @@
-"""bench: latency of the artifact, with PyTorch and ONNX Runtime measured in the
-same process on the same input as baselines (trtexec-style statistics)."""
+"""bench: latency of the artifact, with PyTorch and ONNX Runtime measured on the same
+input as baselines (trtexec-style statistics), each backend alone in a process of its own."""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -41,23 +40,9 @@ def latency_stats(seconds: list[float], batch_size: int) -> dict:
     }
 
 
-def measure(runner, batch: np.ndarray, warmup: int, repeats: int) -> dict:
-    """Time `repeats` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        runner.infer(batch)
-    seconds = []
-    for i in range(repeats):
-        start = time.perf_counter()
-        runner.infer(batch)
-        seconds.append(time.perf_counter() - start)
-    stats = latency_stats(seconds, batch.shape[0])
-    # CPU threads the backend computed with: comparisons are fair only on equal footing.
-    stats["threads"] = getattr(runner, "threads", None)
-    return stats
-
-
 def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir: Path) -> dict:
-    from pipeline.runners import OnnxRuntimeRunner, TorchRunner, artifact_runner
+    from pipeline.isolated import measure_isolated
+    from pipeline.runners import artifact_runner
 
     artifact = artifact_runner(inputs["library"], target, config.rpc_tracker, config.rpc_key)
     meta = json.loads(Path(inputs["library_metadata"]).read_text())
@@ -73,21 +58,23 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
         results["onnxruntime"] = {"not_measured": remote}
         results["pytorch"] = {"not_measured": remote}
     else:
-        results["tvm"] = measure(artifact, batch, config.warmup, config.repeats)
-        baselines = [("onnxruntime", lambda: OnnxRuntimeRunner(inputs["onnx_simplified"]))]
+        # Each backend alone in a fresh process (pipeline/isolated.py says why).
+        del artifact  # loaded above only to refuse an artifact this machine cannot run
+        results["tvm"] = measure_isolated("tvm", inputs["library"], batch, config.warmup, config.repeats, target.device)
+        baselines = [("onnxruntime", inputs["onnx_simplified"])]
         if "checkpoint" in inputs:
-            baselines.append(("pytorch", lambda: TorchRunner.from_checkpoint(inputs["checkpoint"])))
+            baselines.append(("pytorch", inputs["checkpoint"]))
         else:
             results["pytorch"] = {"not_measured": "no PyTorch model for a user-supplied ONNX file"}
         if "onnx_quantized" in inputs:
             # The same QDQ model the INT8 artifact was compiled from, in ONNX Runtime's INT8 kernels.
-            baselines.append(("onnxruntime-int8", lambda: OnnxRuntimeRunner(inputs["onnx_quantized"])))
+            baselines.append(("onnxruntime-int8", inputs["onnx_quantized"]))
         if target.device != "cpu":
             results["onnxruntime"] = {"not_measured": "ONNX Runtime here has only its CPU provider"}
             baselines = [b for b in baselines if b[0] != "onnxruntime"]
-        for name, make in baselines:
+        for name, model in baselines:
             log(f"[bench] {name}: {config.warmup} warm-up + {config.repeats} timed runs, batch {shape[0]}")
-            results[name] = measure(make(), batch, config.warmup, config.repeats)
+            results[name] = measure_isolated(name, model, batch, config.warmup, config.repeats)
     for name, stats in results.items():
         if "median_ms" in stats:
             log(f"[bench] {name}: median {stats['median_ms']:.2f} ms, p99 {stats['p99_ms']:.2f} ms")
