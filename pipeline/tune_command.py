@@ -39,6 +39,10 @@ def tune_command(
     rpc_timeout: Annotated[float, typer.Option(help="Seconds to wait for the tracker to answer.")] = 30.0,
     round_trials: Annotated[int, typer.Option(help="Candidates built and measured per round.")] = 16,
     seed: Annotated[int, typer.Option(help="Seed of the search (and of random init weights).")] = 0,
+    precision: Annotated[str, typer.Option(help="fp32, or int8: tune the integer kernels of the model `pipeline quantize` makes (needs --data).")] = "fp32",
+    data: Annotated[Optional[str], typer.Option(help="Calibration images for --precision int8 (any --data that `pipeline quantize` takes).")] = None,
+    preprocessing: Annotated[str, typer.Option(help="Preprocessing of --data: imagenet or fashion-mnist.")] = "imagenet",
+    calib_size: Annotated[int, typer.Option(help="Calibration images for --precision int8.")] = 256,
     artifacts: Annotated[Path, typer.Option(help="Artifacts directory; records go to <artifacts>/tune/<target>/<model-key>/.")] = Path("artifacts"),
 ) -> None:
     """Tune the model's kernels for a target with MetaSchedule; compile reuses the records."""
@@ -57,10 +61,20 @@ def tune_command(
         raise PipelineError(f"--time-budget is in minutes and must be positive, got {time_budget:g}")
     if rpc_key is not None and rpc_tracker is None:
         raise PipelineError("--rpc-key needs --rpc-tracker HOST:PORT")
+    from pipeline.stages.compile import TUNABLE_PRECISIONS
+
+    if precision not in TUNABLE_PRECISIONS:
+        raise PipelineError(f"--precision {precision} cannot be tuned; use one of: {', '.join(TUNABLE_PRECISIONS)}")
+    if precision == "int8" and data is None:
+        raise PipelineError(
+            "--precision int8 tunes the quantized model, which needs calibration images; "
+            "pass --data (e.g. --data sample-photos, or the folder `pipeline quantize` uses)"
+        )
     config = PipelineConfig(
         variant=variant, weights=None if weights.lower() == "none" else Path(weights),
         num_classes=num_classes, in_chans=in_chans, seed=seed, input_size=input_size,
-        batch_size=batch_size, artifacts=artifacts,
+        batch_size=batch_size, artifacts=artifacts, precision=precision, data=data,
+        preprocessing=preprocessing, calib_size=calib_size,
     )
     from pipeline.cli import validate_config
 
@@ -91,11 +105,22 @@ def tune_command(
     log(settings.describe())
 
     provided = {"weights": config.weights} if config.weights is not None else {}
-    results = run_pipeline(STAGES, config, resolved, "simplify", provided)
-    onnx_path = results["simplify"].outputs["onnx_simplified"]
+    rewrites: tuple = ()
+    if precision == "int8":
+        # The tasks compile will look up: the QDQ model with its integer lowering. Their
+        # zero points are part of the kernels, so records fit this calibration's model;
+        # kernels of another calibration that differ fall back to default schedules.
+        from pipeline.tvm_int8 import Int8Report, int8_lowering_pass
+
+        results = run_pipeline(STAGES, config, resolved, "quantize", provided)
+        onnx_path = results["quantize"].outputs["onnx_quantized"]
+        rewrites = (("int8", [int8_lowering_pass(Int8Report())]),)
+    else:
+        results = run_pipeline(STAGES, config, resolved, "simplify", provided)
+        onnx_path = results["simplify"].outputs["onnx_simplified"]
     try:
         summary = tvm_tuning.tune(
-            onnx_path, resolved, db_dir, key, settings,
+            onnx_path, resolved, db_dir, key, settings, rewrites=rewrites,
             input_shape=(config.batch_size, config.in_chans, config.input_size, config.input_size),
             command="pipeline " + shlex.join(sys.argv[1:]),
         )

@@ -305,11 +305,13 @@ class Task:
 
 def fused_module(
     onnx_path: Path, target: Target, input_shape: tuple[int, ...] | None = None,
+    rewrites: tuple[tuple[str, list], ...] = (),
 ) -> tuple[tvm.IRModule, tvm.target.Target]:
     """The model after compile's phases up to fusion: the PrimFuncs that compile schedules.
 
-    Uses compile's own import and pass list (tvm_backend.relax_phases), so the tasks tuned
-    here are exactly the functions compile looks up (with embedded weights, the default)."""
+    Uses compile's own import and pass list (tvm_backend.relax_phases, after ``rewrites``
+    as compile_onnx runs them: the INT8 lowering), so the tasks tuned here are exactly the
+    functions compile looks up (with embedded weights, the default)."""
     onnx_path = Path(onnx_path)
     model = tvm_backend._load_onnx(onnx_path)
     name, shape, dtype = tvm_backend._resolve_input(model, None, input_shape)
@@ -319,7 +321,7 @@ def fused_module(
     mod = relax.transform.BindParams("main", dict(zip(main.params[num_input:], param_values)))(mod)
     tvm_target = tvm.target.Target(target.tvm_target)
     with tvm_target:
-        for phase, passes in tvm_backend.relax_phases(tvm_target):
+        for phase, passes in [*rewrites, *tvm_backend.relax_phases(tvm_target)]:
             if passes:
                 mod = tvm.transform.Sequential(passes, name=phase)(mod)
             if phase == "fuse":
@@ -374,6 +376,7 @@ def schedule_module(
         "default_tiled": defaults["tiled"],
         "default_as_lowered": defaults["as_lowered"],
         "default_schedule_version": DEFAULT_SCHEDULE_VERSION,
+        "cost": tuning_cost(read_curve(database_dir)) if database is not None else None,
     }
 
 
@@ -394,6 +397,8 @@ def schedule_module(
 # Whole model, one inference (same machine and load): atto 224 untuned ~1000 ms, with these
 # defaults ~71 ms, ONNX Runtime ~65 ms; micro 64: 7.6 ms, 1.2 ms, 0.21 ms. Records replace them.
 _MIN_CONV_REDUCTION = 64
+# Accumulator types the tiled default was measured for.
+_TILED_ACCUMULATORS = ("float32",)
 _UNROLL_STEPS = (0, 16, 64, 512)
 _DEFAULT_DECISIONS = {"rows": 4, "row_blocks": 8, "inner_reduction": 4, "unroll": 64}
 
@@ -415,7 +420,7 @@ def _dense_contraction(func) -> bool:
     if not reduce or not spatial:
         return False
     # Measured for float32 only; integer kernels (pipeline/tvm_int8.py) keep their loops.
-    if any(str(region.source.dtype) != "float32" for region in block.writes):
+    if any(str(region.source.dtype) not in _TILED_ACCUMULATORS for region in block.writes):
         return False
     written = {region.source.name for region in block.writes}
     operands = [region for region in block.reads if region.source.name not in written]
@@ -632,6 +637,11 @@ def _evaluator() -> "ms.runner.EvaluatorConfig":
 
 def _runner(target: Target, settings: TuneSettings):
     if settings.rpc_tracker is None:
+        # Candidates are timed in worker processes that inherit TVM_NUM_THREADS: on as
+        # many cores as the artifact will run on (runtime_only.configure_cpu_threads).
+        from pipeline.runtime_only import configure_cpu_threads
+
+        configure_cpu_threads()
         return ms.runner.LocalRunner(timeout_sec=settings.runner_timeout_s, evaluator_config=_evaluator())
     from pipeline.rpc import parse_tracker
 
@@ -776,6 +786,36 @@ def read_curve(db_dir: Path) -> list[dict[str, Any]]:
         return []
 
 
+def tuning_cost(curve: list[dict[str, Any]], within: float = 0.10) -> dict[str, Any] | None:
+    """What tuning cost: trials and wall time in all, and to first come within ``within``
+    (10%) of the final estimated latency. None without a curve.
+
+    Only points that cover every kernel measured by the end count (before that the
+    estimate leaves kernels out); the clock restarts with each resumed run, so seconds
+    are summed across runs."""
+    if not curve:
+        return None
+    offset, last, points = 0.0, 0.0, []
+    for point in curve:
+        seconds = float(point.get("seconds") or 0.0)
+        if seconds < last:  # a new (resumed) run started its clock again
+            offset += last
+        last = seconds
+        points.append((int(point["trials"]), offset + seconds, float(point["best_ms"]), point.get("kernels_measured")))
+    kernels = points[-1][3]
+    complete = [p for p in points if p[3] == kernels] or points
+    final_ms = complete[-1][2]
+    reached = next(p for p in complete if p[2] <= final_ms * (1 + within))
+    return {
+        "final_estimate_ms": round(final_ms, 3),
+        "trials": points[-1][0],
+        "seconds": round(points[-1][1], 1),
+        "within": within,
+        "trials_to_within": reached[0],
+        "seconds_to_within": round(reached[1], 1),
+    }
+
+
 def _best_record_seconds(database, task: Task) -> float | None:
     if not database.has_workload(task.mod):
         return None
@@ -821,6 +861,7 @@ def tune(
     settings: TuneSettings,
     *,
     input_shape: tuple[int, ...] | None = None,
+    rewrites: tuple[tuple[str, list], ...] = (),
     command: str = "",
     say: Callable[[str], None] = _say,
 ) -> dict[str, Any]:
@@ -857,7 +898,7 @@ def tune(
     load_tensor_intrinsics()
     database = open_database(db_dir, target, strict=True)
 
-    mod, tvm_target = fused_module(onnx_path, target, input_shape)
+    mod, tvm_target = fused_module(onnx_path, target, input_shape, rewrites)
     all_tasks = extract_tasks(mod, tvm_target)
     state = _load_state(db_dir) if settings.resume else {}
     chosen = all_tasks[: settings.max_tasks] if settings.max_tasks else all_tasks

@@ -238,3 +238,47 @@ def test_default_schedules_cover_every_task_and_keep_results(tmp_path_factory, t
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     expected = session.run(None, {session.get_inputs()[0].name: x})[0]
     np.testing.assert_allclose(load_artifact(tmp_path / "model.so").infer(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_tuning_makes_records_that_compile_applies_to_the_integer_kernels(tmp_path):
+    gray = [*MODEL, "--in-chans", "1"]
+    int8 = ["--precision", "int8", "--data", "fashion-mnist", "--preprocessing", "fashion-mnist", "--calib-size", "16"]
+    result = run_tune("tune", *gray, "--precision", "int8", cwd=tmp_path)
+    assert result.returncode == 2 and "--data" in result.stderr and "Traceback" not in result.stderr
+
+    result = run_tune("tune", *gray, *int8, "--max-tasks", "1", "--trials-per-task", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    db_dir = tmp_path / "artifacts/tune/x86/micro-32-b1-c10-in1-int8"
+    state = json.loads((db_dir / "tune_state.json").read_text())["tasks"]
+    (tuned_task,) = [name for name, task in state.items() if task["trials"] > 0]
+    # The top task of the integer model: an int8 x int8 -> int32 contraction.
+    assert "matmul" in tuned_task or "conv2d" in tuned_task
+
+    result = run_cli("compile", *gray, *int8, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    library = Path(next(line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith("library:")))
+    info = json.loads((library.parent / "manifest.json").read_text())["info"]
+    assert info["tuning"]["database"] == str(db_dir.resolve())
+    assert info["tuning"]["tasks_from_records"] >= 1
+    assert info["int8"]["integer_ops"]["matmul"] > 0
+
+
+def test_tuning_cost_counts_trials_and_time_to_within_ten_percent_across_resumed_runs():
+    from pipeline.tvm_tuning import tuning_cost
+
+    curve = [
+        {"trials": 0, "best_ms": 100.0, "kernels_measured": 3, "seconds": 10.0},
+        {"trials": 16, "best_ms": 60.0, "kernels_measured": 3, "seconds": 40.0},
+        # Resumed: the clock starts again.
+        {"trials": 32, "best_ms": 52.0, "kernels_measured": 3, "seconds": 20.0},
+        {"trials": 48, "best_ms": 50.0, "kernels_measured": 3, "seconds": 50.0},
+    ]
+    cost = tuning_cost(curve)
+    assert cost == {
+        "final_estimate_ms": 50.0, "trials": 48, "seconds": 90.0, "within": 0.10,
+        "trials_to_within": 32, "seconds_to_within": 60.0,
+    }
+    # Points that leave kernels out of the estimate do not count as reaching it.
+    partial = [{"trials": 0, "best_ms": 1.0, "kernels_measured": 1, "seconds": 1.0}] + curve
+    assert tuning_cost(partial)["trials_to_within"] == 32
+    assert tuning_cost([]) is None

@@ -10,6 +10,10 @@ from pipeline.errors import PipelineError
 from targets import Target
 
 
+# What `pipeline tune` can make records for (fp16 is for GPU targets, which tuning skips).
+TUNABLE_PRECISIONS = ("fp32", "int8")
+
+
 def settings(config: PipelineConfig, target: Target) -> dict:
     return {
         "target": target.name,
@@ -25,9 +29,9 @@ def settings(config: PipelineConfig, target: Target) -> dict:
 
 
 def tuning_database(config: PipelineConfig, target: Target) -> Path | None:
-    """The tuning records compile applies to fp32 builds: artifacts/tune/<target>/<model>/,
+    """The tuning records compile applies to CPU builds (fp32, int8): artifacts/tune/<target>/<model>/,
     else the repository's tuning/<target>/<model>/ (pipeline/tvm_tuning.py)."""
-    if config.precision != "fp32":
+    if config.precision not in TUNABLE_PRECISIONS:
         return None
     from pipeline import tvm_tuning
 
@@ -37,7 +41,7 @@ def tuning_database(config: PipelineConfig, target: Target) -> Path | None:
 
 
 def tuning_settings(config: PipelineConfig, target: Target) -> dict:
-    if config.precision != "fp32":
+    if config.precision not in TUNABLE_PRECISIONS:
         return {}
     from pipeline import tvm_tuning
 
@@ -61,7 +65,7 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
         # to int8 x int8 -> int32 (pipeline/tvm_int8.py).
         from pipeline.tvm_int8 import compile_onnx_int8 as compile_onnx
     library = out_dir / "model.so"
-    tuning = {"tuning_database": tuning_database(config, target)} if config.precision == "fp32" else {}
+    tuning = {"tuning_database": tuning_database(config, target)} if config.precision in TUNABLE_PRECISIONS else {}
     extra = {"precision": config.precision} if config.precision == "fp16" else {}
     info = compile_onnx(
         inputs[model_input(config)[0]], target, library, **extra,
