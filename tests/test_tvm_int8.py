@@ -176,6 +176,10 @@ def test_run_int8_flows_through_quantize_compile_and_the_int8_report(int8_run):
     assert metrics["top1_agreement"] >= 0.9 and metrics["cosine_mean"] > 0.99, metrics
     latency = json.loads((reports / "latency.json").read_text())
     assert latency["precision"] == "int8" and latency["backends"]["tvm"]["median_ms"] > 0
+    # How the model was quantized travels with its numbers.
+    assert "quantization.md" in (reports / "report.md").read_text()
+    assert json.loads((reports / "quantization.json").read_text())["settings"]["method"] == "minmax"
+    assert (reports / "quantization.md").read_text().strip()
 
     compiled = json.loads((_stage_dir(workdir, "compile") / "manifest.json").read_text())
     assert compiled["settings"]["precision"] == "int8"

@@ -70,6 +70,11 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
         record["model"] = model
         record["provenance"] = origin
     markdown = render_report(latency, accuracy, model, origin)
+    if "quantization_report" in inputs:
+        markdown += (
+            "\nHow the INT8 model was made (calibration, method, layers kept in float, per-layer "
+            "sensitivity): [quantization.md](quantization.md)\n"
+        )
     (out_dir / "report.md").write_text(markdown)
 
     # The committed copy: one folder per target, or per target and precision beyond FP32.
@@ -78,6 +83,12 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
     artifacts.atomic_write_json(destination / "latency.json", latency)
     artifacts.atomic_write_json(destination / "accuracy.json", accuracy)
     artifacts.atomic_write_text(destination / "report.md", markdown)
+    if "quantization_report" in inputs:
+        # How the INT8 model was made (method, layers kept in float, sensitivity), beside
+        # the numbers it produced.
+        quantized = Path(inputs["quantization_report"])
+        for name in (quantized.name, "quantization.md"):
+            artifacts.atomic_write_text(destination / name, (quantized.parent / name).read_text())
     curve = tuning_curve(model.get("tuning"))
     if curve:
         artifacts.atomic_write_json(destination / "tuning.json", {"database": model["tuning"]["database"], "curve": curve})
@@ -85,9 +96,14 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
     return {"outputs": {"report": "report.md"}, "info": {"reports_dir": str(destination)}}
 
 
+def report_inputs(config: PipelineConfig) -> tuple[str, ...]:
+    common = ("latency", "accuracy", "library", "onnx_simplified", "checkpoint")
+    return common + (("quantization_report",) if config.precision == "int8" else ())
+
+
 STAGE = Stage(
     name="report",
-    inputs=("latency", "accuracy", "library", "onnx_simplified", "checkpoint"),
+    inputs=report_inputs,
     optional_inputs=("checkpoint",),
     outputs=("report",),
     settings=settings,
