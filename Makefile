@@ -51,9 +51,8 @@ compile-matrix: install
 	$(PIPELINE) compile-matrix $(MATRIX_ARGS) $(ARGS)
 
 # The target's bench stage, then (on x86) the speed-goal benchmark: PyTorch vs ONNX Runtime vs
-# TVM for the variant with committed tuning records (BENCH_ARGS="--variant tiny --batches 1,8"
-# for the ConvNeXt-T goal once tuning/x86/ has its records).
-BENCH_ARGS ?= --variant atto --batches 1 --repeats 20
+# TVM on ConvNeXt-T at batch 1 and 8, with the committed tuning records (tuning/x86/).
+BENCH_ARGS ?= --variant tiny --batches 1,8 --repeats 20
 bench: install
 	$(PIPELINE) bench --target $(TARGET) $(MODEL_ARGS) $(ARGS)
 	if [ "$(TARGET)" = x86 ]; then $(PY) benchmarks/cpu_latency.py $(BENCH_ARGS); fi

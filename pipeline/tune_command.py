@@ -43,6 +43,7 @@ def tune_command(
     data: Annotated[Optional[str], typer.Option(help="Calibration images for --precision int8 (any --data that `pipeline quantize` takes).")] = None,
     preprocessing: Annotated[str, typer.Option(help="Preprocessing of --data: imagenet or fashion-mnist.")] = "imagenet",
     calib_size: Annotated[int, typer.Option(help="Calibration images for --precision int8.")] = 256,
+    calib_method: Annotated[str, typer.Option(help="Calibration method for --precision int8, as `pipeline quantize` takes it.")] = "minmax",
     artifacts: Annotated[Path, typer.Option(help="Artifacts directory; records go to <artifacts>/tune/<target>/<model-key>/.")] = Path("artifacts"),
 ) -> None:
     """Tune the model's kernels for a target with MetaSchedule; compile reuses the records."""
@@ -74,7 +75,7 @@ def tune_command(
         variant=variant, weights=None if weights.lower() == "none" else Path(weights),
         num_classes=num_classes, in_chans=in_chans, seed=seed, input_size=input_size,
         batch_size=batch_size, artifacts=artifacts, precision=precision, data=data,
-        preprocessing=preprocessing, calib_size=calib_size,
+        preprocessing=preprocessing, calib_size=calib_size, calib_method=calib_method,
     )
     from pipeline.cli import validate_config
 
