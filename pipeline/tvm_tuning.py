@@ -63,7 +63,7 @@ META_FILE = "meta.json"
 STATE_FILE = "tune_state.json"
 DATABASE_FORMAT = 1
 # Bump when the default schedules change, so compiled artifacts are rebuilt.
-DEFAULT_SCHEDULE_VERSION = 1
+DEFAULT_SCHEDULE_VERSION = 2
 
 log = logging.getLogger(__name__)
 
