@@ -119,7 +119,8 @@ def render_report(latency: dict, accuracy: dict, model: dict, provenance: dict) 
         f"{describe_tuning(model.get('tuning'))}",
         "",
         f"## Latency (batch {latency['batch_size']}, {latency['warmup']} warm-up runs, "
-        f"{latency['backends']['tvm']['repeats']} timed runs, same input and process for every backend)",
+        f"{latency['backends']['tvm']['repeats']} timed runs, same input for every backend, "
+        "each timed alone in a process of its own)",
         "",
         *latency_table(latency),
         "",
