@@ -167,6 +167,20 @@ def _output_spec(mod: tvm.IRModule) -> dict[str, Any]:
 # The Relax pipeline, written out
 
 
+class _FloatMatmul(dlight.gpu.Matmul):
+    """dlight's GPU matmul rule for float kernels only. On int8 operands (pipeline/tvm_int8.py)
+    its tensor-core schedule fails to lower in TVM 0.27 ("fragment_info" check in the TIR
+    pipeline, ConvNeXt-T's INT8 GEMMs); those kernels get dlight's other rules instead."""
+
+    def apply(self, func, target, tunable):
+        if isinstance(func, tvm.tirx.PrimFunc):
+            from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+            if any(str(info.dtype) in ("int8", "uint8") for info in ArgInfo.from_prim_func(func)):
+                return None
+        return super().apply(func, target, tunable)
+
+
 def relax_phases(target: tvm.target.Target) -> list[tuple[str, list[tvm.transform.Pass]]]:
     """The Relax passes from an imported graph to VM-ready code, in order, per phase.
 
@@ -203,7 +217,7 @@ def relax_phases(target: tvm.target.Target) -> list[tuple[str, list[tvm.transfor
         # (untested until a GPU target exists). CPU PrimFuncs were scheduled right after
         # fusion: tuning records or default schedules (compile_onnx, pipeline/tvm_tuning.py).
         ("schedule", [dlight.ApplyDefaultSchedule(
-            dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
+            _FloatMatmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
             dlight.gpu.GeneralReduction(), dlight.gpu.Fallback(),
         )] if is_gpu else []),
         # Dataflow lowering: leave the pure dataflow world; call_tir becomes explicit

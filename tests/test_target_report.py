@@ -28,7 +28,10 @@ def test_report_shows_every_backend_and_unmeasured_reasons():
     }
     provenance = {"device": "cpu", "date": "d", "commit": "c", "command": "pipeline run", "tools": {"tvm": "0.27"}}
     text = render_report(latency, accuracy, {"variant": "micro"}, provenance)
-    assert "| onnxruntime | 1.00 |" in text and "0.50x" in text
+    # Threads are shown where the measurement recorded them ("-" for older records).
+    assert "| onnxruntime | - | 1.00 |" in text and "0.50x" in text
+    latency["backends"]["onnxruntime"]["threads"] = 2
+    assert "| onnxruntime | 2 | 1.00 |" in "\n".join(latency_table(latency))
     assert "not measured: no model" in text
     assert "top-1 (TVM artifact) | 50.00%" in text
     assert len(latency_table(latency)) == 5
