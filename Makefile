@@ -55,7 +55,8 @@ compile-matrix: install
 BENCH_ARGS ?= --variant tiny --batches 1,8 --repeats 20
 bench: install
 	$(PIPELINE) bench --target $(TARGET) $(MODEL_ARGS) $(ARGS)
-	if [ "$(TARGET)" = x86 ]; then $(PY) benchmarks/cpu_latency.py $(BENCH_ARGS); fi
+	if [ "$(TARGET)" = x86 ]; then \
+		$(PY) benchmarks/cpu_latency.py $(BENCH_ARGS) --json reports/benchmarks/cpu_latency.json; fi
 
 report: install
 	$(PIPELINE) report --target $(TARGET) $(MODEL_ARGS) $(ARGS)

@@ -101,23 +101,38 @@ def main() -> None:
                               f"records ({tuning.get('database') or 'no database'})")
         rows[-1]["tuning_cost"] = tuning.get("cost")
 
-    print(f"\nConvNeXt-{args.variant} {args.input_size}x{args.input_size} on {target.target_json()}; "
-          f"NumPy SGEMM {sgemm:.0f} GFLOP/s")
-    print(f"{'backend':<12} {'batch':>5} {'threads':>7} {'median ms':>10} {'p90 ms':>9} {'img/s':>8} {'GFLOP/s':>8}  notes")
+    lines = [
+        f"ConvNeXt-{args.variant} {args.input_size}x{args.input_size} on {target.target_json()}; "
+        f"NumPy SGEMM {sgemm:.0f} GFLOP/s",
+        f"{'backend':<12} {'batch':>5} {'threads':>7} {'median ms':>10} {'p90 ms':>9} {'img/s':>8} {'GFLOP/s':>8}  notes",
+    ]
     for row in rows:
         notes = ""
         if "tvm_over_ort" in row:
             notes = f"TVM/ORT {row['tvm_over_ort']:.2f}x; {row['tuning']}"
-        print(f"{row['backend']:<12} {row['batch']:>5} {row['threads'] or '-':>7} {row['median_ms']:>10.2f} "
-              f"{row['p90_ms']:>9.2f} {row['images_per_s']:>8.1f} {row['gflops']:>8.1f}  {notes}")
+        lines.append(f"{row['backend']:<12} {row['batch']:>5} {row['threads'] or '-':>7} {row['median_ms']:>10.2f} "
+                     f"{row['p90_ms']:>9.2f} {row['images_per_s']:>8.1f} {row['gflops']:>8.1f}  {notes}")
     for row in rows:
         cost = row.get("tuning_cost")
         if cost:
-            print(f"tuning cost, batch {row['batch']}: {cost['trials']} trials in {cost['seconds'] / 60:.1f} min; "
-                  f"within {100 * cost['within']:.0f}% of the final estimate ({cost['final_estimate_ms']:.2f} ms) "
-                  f"after {cost['trials_to_within']} trials, {cost['seconds_to_within'] / 60:.1f} min")
+            lines.append(
+                f"tuning cost, batch {row['batch']}: {cost['trials']} trials in {cost['seconds'] / 60:.1f} min; "
+                f"within {100 * cost['within']:.0f}% of the final estimate ({cost['final_estimate_ms']:.2f} ms) "
+                f"after {cost['trials_to_within']} trials, {cost['seconds_to_within'] / 60:.1f} min"
+            )
+    print("\n" + "\n".join(lines))
     if args.json:
-        args.json.write_text(json.dumps({"sgemm_gflops": sgemm, "rows": rows}, indent=2) + "\n")
+        from pipeline.provenance import provenance
+
+        record = {"model": f"convnext-{args.variant} {args.input_size}x{args.input_size}", "target": target.tvm_target,
+                  "sgemm_gflops": sgemm, "rows": rows, "provenance": provenance()}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        # The table as printed, with where and when it was measured, for readers of the repository.
+        origin = record["provenance"]
+        args.json.with_suffix(".txt").write_text(
+            "\n".join(lines) + f"\n\nmeasured on {origin['device']}, {origin['date']}, commit {origin['commit']}\n"
+        )
 
 
 if __name__ == "__main__":
