@@ -437,7 +437,7 @@ def render_readme(
         "`accuracy.json`; do not edit by hand. Each target's full report is its `report.md`.",
         "",
         "Latency is the TVM artifact's time per call after warm-up; the speed-ups divide the median of "
-        "PyTorch and of ONNX Runtime, measured in the same process on the same input, by TVM's. "
+        "PyTorch and of ONNX Runtime, measured on the same input, each alone in a process of its own, by TVM's. "
         "Top-1 agreement is the share of inputs whose top class matches the FP32 reference's (PyTorch, or "
         "ONNX Runtime for a user-supplied ONNX file; see Provenance); "
         "top-1 and top-5 need labeled data. A flag marks a regression against the previous "
