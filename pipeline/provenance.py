@@ -46,8 +46,10 @@ def git_commit() -> str:
         commit = out.stdout.strip()
         if out.returncode != 0 or not commit:
             return "unknown"
+        # The committed reports are outputs: `make reports` rewrites them between its runs,
+        # which must not mark the code that measured them as modified.
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(exclude,top)reports"],
             capture_output=True, text=True, timeout=10, cwd=Path(__file__).resolve().parent,
         ).stdout.strip()
         return commit + ("-dirty" if dirty else "")
