@@ -90,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    from pipeline.runtime_only import configure_cpu_threads
-
-    configure_cpu_threads()  # before TVM's pool starts, as in the CLI
+    # A TVM artifact sizes the thread pool when it loads (runtime_only.configure_cpu_threads).
     runner = _runner(args.backend, args.model, args.device)
     stats = time_runner(runner, np.load(args.input), args.warmup, args.repeats)
     print(json.dumps(stats))

@@ -65,13 +65,12 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
         # to int8 x int8 -> int32 (pipeline/tvm_int8.py).
         from pipeline.tvm_int8 import compile_onnx_int8 as compile_onnx
     library = out_dir / "model.so"
-    tuning = {"tuning_database": tuning_database(config, target)} if config.precision in TUNABLE_PRECISIONS else {}
     extra = {"precision": config.precision} if config.precision == "fp16" else {}
     info = compile_onnx(
         inputs[model_input(config)[0]], target, library, **extra,
         params_mode=config.params_mode,
         input_shape=(config.batch_size, config.in_chans, config.input_size, config.input_size),
-        **tuning,
+        tuning_database=tuning_database(config, target),
     )
     if "tuning" in info:
         counts = info["tuning"]
