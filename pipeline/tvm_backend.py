@@ -34,6 +34,7 @@ from tvm import relax
 from tvm.s_tir import dlight
 
 from pipeline import runtime_only
+from pipeline import tvm_layout
 from pipeline.errors import PipelineError
 from pipeline.runtime_only import LoadedArtifact, metadata_path
 from targets import Target
@@ -195,6 +196,10 @@ def relax_phases(target: tvm.target.Target) -> list[tuple[str, list[tvm.transfor
         # Simplify: split composite ops (batch_norm, attention) into basic ones, drop
         # trivial bindings so that legalization sees plain ops.
         ("simplify", [transform.DecomposeOpsForInference(), transform.CanonicalizeBindings()]),
+        # Channels last (CPU): NCHW convolutions compute in NHWC so that the transposes
+        # around ConvNeXt's LayerNorms cancel and channel reductions read contiguous
+        # memory (pipeline/tvm_layout.py). GPU targets keep NCHW until measured on one.
+        ("channels_last", [] if is_gpu else [tvm_layout.channels_last_pass()]),
         # Library dispatch: route sampling/sort ops to hand-written kernels (a no-op for
         # CNNs, kept so that the list matches TVM's own CPU pipeline).
         ("dispatch", [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()]),

@@ -51,7 +51,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir import Schedule
 from tvm.s_tir.analysis import estimate_tir_flops
 
-from pipeline import artifacts, tvm_backend
+from pipeline import artifacts, tvm_backend, tvm_depthwise
 from pipeline.errors import PipelineError
 from targets import Target
 
@@ -63,7 +63,7 @@ META_FILE = "meta.json"
 STATE_FILE = "tune_state.json"
 DATABASE_FORMAT = 1
 # Bump when the default schedules change, so compiled artifacts are rebuilt.
-DEFAULT_SCHEDULE_VERSION = 2
+DEFAULT_SCHEDULE_VERSION = 3
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,11 @@ def _frames_without_source_scan(context: int = 1) -> list[inspect.FrameInfo]:
 
 
 def load_tensor_intrinsics() -> None:
-    """Import tvm.s_tir.tensor_intrin quickly (also the LocalBuilder worker initializer)."""
+    """Import tvm.s_tir.tensor_intrin quickly (also the LocalBuilder worker initializer),
+    and register the pipeline's own VNNI intrinsic (pipeline/tvm_vnni.py)."""
+    from pipeline import tvm_vnni
+
+    tvm_vnni.register_intrinsic()
     if "tvm.s_tir.tensor_intrin" in sys.modules:
         return
     original = inspect.stack
@@ -193,6 +197,11 @@ def open_database(db_dir: Path, target: Target | None, *, strict: bool) -> "ms.d
     db_dir = Path(db_dir)
     problem = database_problem(db_dir, target)
     if problem is None:
+        # Reading a record replays its trace, and a trace that tensorizes (the int8 VNNI
+        # kernels: the pipeline's default, and MetaSchedule's own VNNI candidates) needs its
+        # intrinsic registered. Loading them costs seconds, so only for such records.
+        if "Tensorize" in (db_dir / RECORD_FILE).read_text():
+            load_tensor_intrinsics()
         try:
             return ms.database.JSONDatabase(
                 str(db_dir / WORKLOAD_FILE), str(db_dir / RECORD_FILE), allow_missing=False,
@@ -297,6 +306,13 @@ class Task:
     flops: float
 
     @property
+    def key(self) -> str:
+        """The task's name with its workload's hash, what tune_state.json is keyed by: names
+        number kernels in graph order and move when the graph changes (a new layout pass),
+        and a resumed run must not give one kernel's progress to another."""
+        return f"{self.name}#{tvm_ffi.structural_hash(self.mod) % 2**32:08x}"
+
+    @property
     def score(self) -> float:
         """Where the latency is: FLOPs times occurrences (a tie-breaker of 1 FLOP keeps
         FLOP-free data movement tasks ordered by how often they run)."""
@@ -372,8 +388,11 @@ def schedule_module(
         "tasks_total": total,
         "tasks_from_records": from_records,
         "tasks_default": total - from_records,
-        # Of the defaults: tiled (dense contractions) and kept as lowered (see below).
+        # Of the defaults: tiled (dense contractions), VNNI matmuls, depthwise convolutions and
+        # kept as lowered (see below).
         "default_tiled": defaults["tiled"],
+        "default_vnni": defaults["vnni"],
+        "default_depthwise": defaults["depthwise"],
         "default_as_lowered": defaults["as_lowered"],
         "default_schedule_version": DEFAULT_SCHEDULE_VERSION,
         "cost": tuning_cost(read_curve(database_dir)) if database is not None else None,
@@ -389,10 +408,13 @@ def schedule_module(
 #     and these fixed decisions: innermost output tile = one vector register of lanes,
 #     4 rows x 8 row-blocks, inner reduction 4, unroll 64. A randomly sampled sketch was
 #     2-10x worse than these on the same tasks; fixed decisions also make builds repeatable.
-#   * Depthwise 7x7 convolutions, the 4x4 stem (reduction of 48), LayerNorms, means and
-#     the data movement tasks were as fast or faster as lowered (LLVM vectorizes the plain
-#     loops) than with any generic schedule tried: the same sketch, parallel+vectorize+
-#     unroll alone, and random sketches were 1.2-20x slower. They keep the lowered loops.
+#   * Since compile computes channels-last (pipeline/tvm_layout.py), the stem and the
+#     downsampling layers are patch GEMMs (tiled as above) and the depthwise 7x7
+#     convolutions get their own register-tiled schedule (pipeline/tvm_depthwise.py).
+#   * LayerNorms, means and the data movement tasks were as fast or faster as lowered
+#     (LLVM vectorizes the plain loops) than with any generic schedule tried: the same
+#     sketch, parallel+vectorize+unroll alone, and random sketches were 1.2-20x slower.
+#     They keep the lowered loops.
 #
 # Whole model, one inference (same machine and load): atto 224 untuned ~1000 ms, with these
 # defaults ~71 ms, ONNX Runtime ~65 ms; micro 64: 7.6 ms, 1.2 ms, 0.21 ms. Records replace them.
@@ -544,11 +566,35 @@ def _tiled_default(func, tvm_target: tvm.target.Target, lanes: int) -> Schedule 
     return sch
 
 
+def _vnni_default(func, tvm_target: tvm.target.Target) -> Schedule | None:
+    """The VNNI matmul kernels of pipeline/tvm_int8.py (x86 with AVX-512 VNNI) have their own
+    schedule (pipeline/tvm_vnni.py): the generic sketch would not tensorize them."""
+    from pipeline import tvm_vnni
+
+    if tvm_target.kind.name != "llvm" or "gpu" in tvm_target.keys:
+        return None
+    try:
+        return tvm_vnni.schedule_vnni_matmul(func)
+    except Exception as exc:  # a fused shape the schedule does not handle: the generic default
+        log.warning("VNNI matmul keeps the generic schedule: %s", exc)
+        return None
+
+
 def default_schedule(task_mod: tvm.IRModule, tvm_target: tvm.target.Target) -> tuple[Schedule, str]:
     """The default schedule of a task ({"main": PrimFunc}) and its kind: "tiled" for dense
-    contractions, else "as_lowered" (an empty schedule). Its trace is a tuning record's."""
+    contractions, "vnni" for the int8 VNNI matmuls, "depthwise" for channels-last depthwise
+    convolutions (pipeline/tvm_depthwise.py), else "as_lowered" (an empty schedule).
+    Its trace is a tuning record's."""
     func = task_mod["main"]
-    if tvm_target.kind.name == "llvm" and "gpu" not in tvm_target.keys and _dense_contraction(func):
+    sch = _vnni_default(func, tvm_target)
+    if sch is not None:
+        return sch, "vnni"
+    is_cpu = tvm_target.kind.name == "llvm" and "gpu" not in tvm_target.keys
+    if is_cpu and tvm_depthwise.is_depthwise_nhwc(func):
+        sch = tvm_depthwise.depthwise_nhwc_schedule(task_mod, _vector_lanes(tvm_target))
+        if sch is not None:
+            return sch, "depthwise"
+    if is_cpu and _dense_contraction(func):
         try:
             sch = _tiled_default(func, tvm_target, _vector_lanes(tvm_target))
             if sch is not None:
@@ -566,7 +612,7 @@ def apply_default_schedules(mod: tvm.IRModule, tvm_target: tvm.target.Target) ->
     """Default schedules for every PrimFunc not scheduled yet (see the notes above).
 
     CPU (LLVM) targets only: GPU targets get dlight's rules in compile's schedule phase."""
-    counts = {"tiled": 0, "as_lowered": 0}
+    counts = {"tiled": 0, "vnni": 0, "depthwise": 0, "as_lowered": 0}
     pending = [(gv, f) for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and not _is_scheduled(f)]
     if tvm_target.kind.name != "llvm" or "gpu" in tvm_target.keys:
         counts["as_lowered"] = len(pending)
@@ -574,7 +620,7 @@ def apply_default_schedules(mod: tvm.IRModule, tvm_target: tvm.target.Target) ->
     for gv, func in pending:
         sch, kind = default_schedule(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), tvm_target)
         counts[kind] += 1
-        if kind == "tiled":
+        if kind != "as_lowered":
             scheduled = sch.mod["main"]
             symbol = func.attrs.get("global_symbol") if func.attrs is not None else None
             scheduled = scheduled.with_attr("global_symbol", symbol) if symbol else scheduled.without_attr("global_symbol")
@@ -904,9 +950,9 @@ def tune(
     state = _load_state(db_dir) if settings.resume else {}
     chosen = all_tasks[: settings.max_tasks] if settings.max_tasks else all_tasks
     for task in all_tasks:
-        state.setdefault(task.name, TaskProgress(task.name, task.flops, task.weight))
-    todo = [t for t in chosen if state[t.name].status not in ("converged", "done")
-            and state[t.name].trials < settings.trials_per_task]
+        state.setdefault(task.key, TaskProgress(task.name, task.flops, task.weight))
+    todo = [t for t in chosen if state[t.key].status not in ("converged", "done")
+            and state[t.key].trials < settings.trials_per_task]
     budget_trials = settings.trials if settings.trials is not None else settings.trials_per_task * len(todo)
     say(f"[tune] {len(all_tasks)} tasks for {target.name}; tuning {len(todo)} "
         f"({len(chosen) - len(todo)} already done) with up to {budget_trials} trials -> {db_dir}")
@@ -921,9 +967,10 @@ def tune(
                 if ctrl_c.requested:
                     stop_reason = "interrupted"
                     break
-                if state[task.name].default_s is None:
-                    tuner.measure_default(task, state[task.name])
+                if state[task.key].default_s is None:
+                    tuner.measure_default(task, state[task.key])
                     _save_state(db_dir, state, command)
+            todo = [t for t in todo if state[t.key].status != "done"]  # measure_default may finish one
             for index, task in enumerate(todo if stop_reason is None else [], start=1):
                 stop_reason = tuner.tune_task(task, state, index, len(todo), budget_trials, started, ctrl_c)
                 _save_state(db_dir, state, command)
@@ -937,12 +984,12 @@ def tune(
     summary = {
         "database": str(db_dir),
         "tasks_total": len(all_tasks),
-        "tasks_tuned": sum(1 for t in all_tasks if state[t.name].trials > 0),
+        "tasks_tuned": sum(1 for t in all_tasks if state[t.key].trials > 0),
         "trials": tuner.spent,
         "records": len(database),
         "stopped": stop_reason,
         "seconds": round(time.monotonic() - started, 1),
-        "tasks": [state[t.name].as_json() for t in all_tasks],
+        "tasks": [state[t.key].as_json() for t in all_tasks],
     }
     say(_summary_table(all_tasks, state))
     if stop_reason == "interrupted":
@@ -1015,13 +1062,18 @@ class _Tuner:
             progress.best_s = progress.default_s
         self.say(f"[tune] {task.name}: default schedule ({kind.replace('_', ' ')}) "
                  f"{_fmt_latency(progress.default_s, task.flops)}")
+        if kind == "vnni":
+            # MetaSchedule's x86 rules tensorize with TVM's own dot_16x4_vnni, which this
+            # LLVM rejects (pipeline/tvm_vnni.py): every candidate would fail to build.
+            progress.status = "done"
+            self.say(f"[tune] {task.name}: VNNI kernel, kept on its own schedule (not searched)")
 
     def tune_task(self, task: Task, state: dict[str, TaskProgress], index: int, count: int,
                   budget_trials: int, started: float, ctrl_c: "_CtrlC") -> str | None:
         """Rounds until the task has its trials, stops improving, or a budget runs out
         (returned as the reason to stop the whole run)."""
         settings = self.settings
-        progress = state[task.name]
+        progress = state[task.key]
         progress.status = "tuning"
         progress.best_s = _best_record_seconds(self.database, task) or progress.best_s
         stale = failed_rounds = rounds = 0
@@ -1108,7 +1160,7 @@ def _summary_table(tasks: list[Task], state: dict[str, TaskProgress]) -> str:
     lines = [f"{'task':<58} {'MFLOP':>8} {'x':>3} {'trials':>6} {'default ms':>10} {'best':>26}  status"]
     untouched = 0
     for task in tasks:
-        progress = state[task.name]
+        progress = state[task.key]
         if progress.trials == 0 and progress.default_s is None:
             untouched += 1
             continue
