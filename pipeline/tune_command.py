@@ -111,11 +111,11 @@ def tune_command(
         # The tasks compile will look up: the QDQ model with its integer lowering. Their
         # zero points are part of the kernels, so records fit this calibration's model;
         # kernels of another calibration that differ fall back to default schedules.
-        from pipeline.tvm_int8 import Int8Report, int8_lowering_pass
+        from pipeline.tvm_int8 import Int8Report, int8_rewrites
 
         results = run_pipeline(STAGES, config, resolved, "quantize", provided)
         onnx_path = results["quantize"].outputs["onnx_quantized"]
-        rewrites = (("int8", [int8_lowering_pass(Int8Report())]),)
+        rewrites = int8_rewrites(resolved, Int8Report())
     else:
         results = run_pipeline(STAGES, config, resolved, "simplify", provided)
         onnx_path = results["simplify"].outputs["onnx_simplified"]

@@ -28,12 +28,22 @@ float in the QDQ model (excluded, or LayerNorm/GELU) have no such pattern and ar
 alone, as are patterns this pass cannot prove exact (non-constant scales, weight zero
 points, layouts other than NCHW/OIHW): those keep computing in float and are counted.
 
+On x86 CPUs with AVX-512 VNNI (`vnni=True`, which compile_onnx_int8 decides from the
+target) a matmul whose weight fits the instruction computes instead
+
+    xu8 = cast<uint8>(xq + 128)                   elementwise: fuses into xq's producer
+    acc = vnni_matmul(xu8, pack(wq))              R.call_tir, pipeline/tvm_vnni.py
+    acc = acc + (bq - zb - (zx + 128) * sum(wq))
+
+the same integers (the shift is one more zero point), at 64 multiply-adds per instruction.
+
 Everything constant is computed here in NumPy, so the weights must be bound as constants
 (params "embedded"). Use `compile_onnx_int8`, or `lower_qdq_to_integer` on an IRModule.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +54,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from pipeline import tvm_vnni
 from pipeline.errors import PipelineError
 
 INT8_MIN, INT8_MAX = -128, 127
@@ -78,12 +89,14 @@ class Int8Report:
 
     lowered: Counter = field(default_factory=Counter)
     with_requantize: int = 0
+    vnni: Counter = field(default_factory=Counter)  # of the lowered ops, those on AVX-512 VNNI
     float_kept: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "integer_ops": {op.split(".")[-1]: n for op, n in sorted(self.lowered.items())},
             "requantize_epilogues": self.with_requantize,
+            "vnni_ops": {op.split(".")[-1]: n for op, n in sorted(self.vnni.items())},
             "float_compute_ops": len(self.float_kept),
             "float_compute_reasons": dict(Counter(self.float_kept)),
         }
@@ -131,6 +144,15 @@ class _Graph:
     def only_user(self, var: relax.Var) -> relax.Var | None:
         users = self.users.get(var, [])
         return users[0] if len(users) == 1 else None
+
+
+def _static_shape(expr: relax.Expr) -> list[int] | None:
+    """The shape of a tensor whose every dimension is a constant, else None."""
+    shape = expr.ty.shape if isinstance(expr.ty, relax.TensorType) else None
+    if shape is None or not isinstance(shape, relax.ShapeExpr):
+        return None
+    dims = list(shape.values)
+    return [int(d) for d in dims] if all(isinstance(d, tvm.tirx.IntImm) for d in dims) else None
 
 
 def _vars_in(expr: relax.Expr) -> list[relax.Var]:
@@ -302,14 +324,52 @@ def _as_int32_bias(graph: _Graph, expr: relax.Expr, scale: np.ndarray) -> np.nda
 # Rewriting
 
 
+@dataclass(frozen=True)
+class _VnniPlan:
+    """How a chain's conv2d/matmul maps onto the VNNI kernel: (rows, K) x (K, N)."""
+
+    op: str
+    input_shape: tuple[int, ...]
+    rows: int
+    k: int
+    n: int
+    # A convolution whose kernel equals its stride and has no padding (ConvNeXt's stem and
+    # downsampling layers) reads non-overlapping (kh, kw) patches: a matmul of patches.
+    patch: tuple[int, int] | None = None
+
+
+def _vnni_plan(m: _Match, xq: relax.Expr) -> _VnniPlan | None:
+    """The VNNI plan of a chain, None for the generic path: a convolution that overlaps,
+    pads, dilates or groups, a symbolic shape, or a weight that does not fit the kernel."""
+    dims = _static_shape(xq)
+    if dims is None:
+        return None
+    if m.op == "relax.matmul":
+        k, n = m.wq.shape
+        plan = _VnniPlan(m.op, tuple(dims), math.prod(dims[:-1]), k, n)
+    else:
+        attrs = m.call.attrs
+        out_channels, channels, kh, kw = m.wq.shape
+        strides = tuple(int(v) for v in attrs.strides)
+        if (strides != (kh, kw) or any(int(p) for p in attrs.padding) or int(attrs.groups) != 1
+                or any(int(d) != 1 for d in attrs.dilation) or len(dims) != 4
+                or dims[2] % kh or dims[3] % kw):
+            return None
+        batch, _, height, width = dims
+        plan = _VnniPlan(m.op, tuple(dims), batch * (height // kh) * (width // kw), channels * kh * kw,
+                         out_channels, patch=(kh, kw))
+    return plan if tvm_vnni.fits(plan.k, plan.n) else None
+
+
 @relax.expr_functor.mutator
 class _Lowering(relax.PyExprMutator):
     """Re-emits every binding, replacing each matched chain's last one with integer compute."""
 
-    def __init__(self, mod: tvm.IRModule, matches: dict[relax.Var, _Match], report: Int8Report):
+    def __init__(self, mod: tvm.IRModule, matches: dict[relax.Var, _Match], report: Int8Report, vnni: bool):
         super().__init__(mod)
         self.matches = matches
         self.report = report
+        self.vnni = vnni
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         match = self.matches.get(binding.var)
@@ -330,21 +390,65 @@ class _Lowering(relax.PyExprMutator):
 
     def _integer_chain(self, m: _Match) -> relax.Expr:
         xq = self.visit_expr(m.xq)
-        # Weight sums per output channel: what zx contributes to every accumulator.
+        plan = _vnni_plan(m, xq) if self.vnni else None
+        if plan is None:
+            return self._requantized(m, xq, None)
+        out = self._requantized(m, xq, plan)
+        if plan.patch is not None:
+            # (B*Ho*Wo, O) -> (B, Ho, Wo, O) -> (B, O, Ho, Wo), the convolution's NCHW.
+            batch, _, height, width = plan.input_shape
+            ph, pw = plan.patch
+            rows = self._emit(relax.op.reshape(out, [batch, height // ph, width // pw, plan.n]), "patch_rows")
+            return relax.op.permute_dims(rows, [0, 3, 1, 2])
+        if len(plan.input_shape) != 2:
+            # The kernel and its epilogue work on (rows, N); give back (..., N).
+            return relax.op.reshape(self._emit(out, "vnni_out"), [*plan.input_shape[:-1], plan.n])
+        return out
+
+    def _vnni_matmul(self, xq: relax.Expr, wq: np.ndarray, plan: "_VnniPlan") -> relax.Var:
+        """acc (rows, N) int32 of the VNNI kernel, from xq laid out as (rows, K) rows."""
+        if plan.patch is not None:
+            # Non-overlapping patches: (B, C, H, W) -> (B, C, Ho, ph, Wo, pw) -> (B, Ho, Wo,
+            # C, ph, pw): a row of C*ph*pw per output pixel, in the OIHW weight's (C, kh, kw) order.
+            batch, channels, height, width = plan.input_shape
+            ph, pw = plan.patch
+            xq = self._emit(relax.op.reshape(xq, [batch, channels, height // ph, ph, width // pw, pw]), "patches")
+            xq = self._emit(relax.op.permute_dims(xq, [0, 2, 4, 1, 3, 5]), "patches_last")
+            wq = wq.reshape(wq.shape[0], -1).T  # OIHW -> (C*kh*kw, O)
+        if len(plan.input_shape) != 2:
+            xq = self._emit(relax.op.reshape(xq, [plan.rows, plan.k]), "rows")
+        shifted = relax.op.add(relax.op.astype(xq, "int32"), relax.const(tvm_vnni.ACTIVATION_SHIFT, "int32"))
+        xu8 = self._emit(relax.op.astype(shifted, "uint8"), "x_u8")
+        kernel = self.builder_.add_func(tvm_vnni.matmul_primfunc(plan.rows, plan.k, plan.n), "vnni_matmul")
+        packed = relax.const(tvm_vnni.pack_weight(np.ascontiguousarray(wq)), "int8")
+        self.report.vnni[plan.op] += 1
+        return self._emit(
+            relax.call_tir(kernel, [xu8, packed], relax.TensorType([plan.rows, plan.n], "int32")), "vnni_i32"
+        )
+
+    def _requantized(self, m: _Match, xq: relax.Expr, plan: "_VnniPlan | None") -> relax.Expr:
+        """The integer conv2d/matmul of a chain and its epilogue (dequantize or requantize);
+        with a VNNI plan, the kernel's (rows, N) layout."""
+        # The activations' zero point in the integers the kernel multiplies: VNNI reads
+        # xq + 128, whose zero point is zx + 128.
+        zero_point = m.zx + tvm_vnni.ACTIVATION_SHIFT if plan else m.zx
+        # Weight sums per output channel: what the zero point contributes to every accumulator.
         reduce_axes = (1, 2, 3) if m.op == "relax.nn.conv2d" else (0,)
         weight_sum = m.wq.astype(np.int64).sum(axis=reduce_axes)
-        offset = -m.zx * weight_sum
+        offset = -zero_point * weight_sum
         if m.bias_int is not None:
             offset = offset + m.bias_int
         if np.abs(offset).max(initial=0) >= 2**31:
             raise PipelineError("an int32 bias overflows; re-quantize with --per-channel or another --method")
-        per_channel_shape = (1, -1, 1, 1) if m.op == "relax.nn.conv2d" else (-1,)
+        per_channel_shape = (1, -1, 1, 1) if m.op == "relax.nn.conv2d" and plan is None else (-1,)
 
         def channel_const(values: np.ndarray, dtype: str) -> relax.Expr:
             return relax.const(np.asarray(values, dtype).reshape(per_channel_shape), dtype)
 
         weight = relax.const(m.wq, "int8")
-        if m.op == "relax.nn.conv2d":
+        if plan is not None:
+            acc = self._vnni_matmul(xq, m.wq, plan)
+        elif m.op == "relax.nn.conv2d":
             attrs = m.call.attrs
             padding = [int(p) for p in attrs.padding]  # (top, left, bottom, right)
             if m.zx != 0 and any(padding):
@@ -392,9 +496,10 @@ class _Lowering(relax.PyExprMutator):
         return relax.op.astype(clipped, "int8")
 
 
-def lower_qdq_to_integer(mod: tvm.IRModule, report: Int8Report | None = None) -> tvm.IRModule:
+def lower_qdq_to_integer(mod: tvm.IRModule, report: Int8Report | None = None, vnni: bool = False) -> tvm.IRModule:
     """Rewrite every provable dequantize -> conv2d/matmul -> quantize chain of every Relax
-    function in `mod` into integer compute; counts go to `report`."""
+    function in `mod` into integer compute; counts go to `report`. `vnni`: compute the
+    matmuls that fit it with the AVX-512 VNNI kernel (only for targets that have it)."""
     report = report if report is not None else Int8Report()
     lowered = mod.clone()  # a pass must not change the module it is given
     for gvar, func in mod.functions.items():
@@ -402,19 +507,29 @@ def lower_qdq_to_integer(mod: tvm.IRModule, report: Int8Report | None = None) ->
             continue
         matches = _find_matches(func, report)
         if matches:
-            lowered.update_func(gvar, _Lowering(mod, matches, report).visit_expr(func))
+            lowering = _Lowering(lowered, matches, report, vnni)
+            rewritten = lowering.visit_expr(func)
+            lowered = lowering.builder_.get()  # the module with the VNNI kernels it added
+            lowered.update_func(gvar, rewritten)
     # The float conv2d/matmul and the weight dequantizes they read are now unused.
     return relax.transform.DeadCodeElimination()(lowered)
 
 
-def int8_lowering_pass(report: Int8Report) -> tvm.transform.Pass:
+def int8_lowering_pass(report: Int8Report, vnni: bool = False) -> tvm.transform.Pass:
     """`lower_qdq_to_integer` as a module pass, for a Relax pass list."""
 
     @tvm.transform.module_pass(opt_level=0, name="LowerQDQToInteger")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return lower_qdq_to_integer(mod, report)
+        return lower_qdq_to_integer(mod, report, vnni)
 
     return _pass
+
+
+def int8_rewrites(target, report: Int8Report) -> tuple[tuple[str, list], ...]:
+    """The rewrites phase that compile (and tuning, to see the same kernels) runs on a QDQ
+    model for a pipeline target: the lowering, with VNNI where the target has it."""
+    vnni = tvm_vnni.has_vnni(tvm.target.Target(target.tvm_target))
+    return (("int8", [int8_lowering_pass(report, vnni)]),)
 
 
 # ---------------------------------------------------------------------------
@@ -489,7 +604,7 @@ def compile_onnx_int8(onnx_path: Path, target, library_path: Path, **kwargs) -> 
     report = Int8Report()
     # Params are bound by the time rewrites run, which the lowering needs.
     info = tvm_backend.compile_onnx(
-        onnx_path, target, library_path, rewrites=(("int8", [int8_lowering_pass(report)]),), **kwargs
+        onnx_path, target, library_path, rewrites=int8_rewrites(target, report), **kwargs
     )
     if not report.lowered:
         raise PipelineError(
