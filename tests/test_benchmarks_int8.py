@@ -1,0 +1,95 @@
+"""benchmarks/int8_speed.py end to end on a tiny model: both artifacts built through the
+stages, four backends timed, the INT8 artifact compared with the FP32 one; and its one-line
+errors. The speed goal itself is the benchmark's to measure, never a test's."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from calibration import fashion_mnist
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "int8_speed.py"
+# Calibration needs at least 8 images (pipeline/quantize.py MIN_CALIBRATION_IMAGES).
+TINY = ["--variant", "micro", "--input-size", "32", "--num-classes", "10", "--warmup", "1", "--repeats", "2",
+        "--calib-size", "8", "--eval-images", "4"]
+
+
+def run_script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not fashion_mnist.available(), reason="needs Debian's dataset-fashion-mnist package")
+def test_int8_speed_benchmark_end_to_end(tmp_path):
+    out = tmp_path / "int8_speed.json"
+    result = run_script(*TINY, "--artifacts", str(tmp_path / "artifacts"), "--json", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for step in ("[quantize] running", "[compile] running", "timing tvm int8", "accuracy"):
+        assert step in result.stderr
+    record = json.loads(out.read_text())
+    (batch,) = record["batches"]
+    fp32, int8 = batch["artifacts"]["fp32"], batch["artifacts"]["int8"]
+    assert Path(fp32["library"]).is_file() and Path(int8["library"]).is_file()
+    assert int8["bytes"] < fp32["bytes"] and batch["size_ratio"] == pytest.approx(fp32["bytes"] / int8["bytes"])
+    assert batch["int8_speedup"]["tvm"] > 0 and batch["int8_speedup"]["onnxruntime"] > 0
+    assert {(row["backend"], row["precision"]) for row in batch["rows"]} == {
+        ("tvm", "fp32"), ("tvm", "int8"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")}
+    assert all(row["median_ms"] > 0 for row in batch["rows"])
+    # Kernels with records plus kernels on default schedules: every kernel, for both artifacts.
+    for artifact in (fp32, int8):
+        assert artifact["kernels_from_records"] + artifact["kernels_default"] == artifact["kernels_total"] > 0
+    assert sum(int8["int8"]["integer_ops"].values()) > 0
+    assert "vnni_ops" in int8["int8"]
+    accuracy = batch["accuracy"]
+    assert 0 <= accuracy["top1_agreement"] <= 1 and accuracy["count"] == 4
+    # Held out: evaluated on the test split, calibrated on the train split.
+    assert record["evaluation"]["source"] == "fashion-mnist:test"
+    assert record["provenance"]["commit"]
+    table = out.with_suffix(".txt").read_text()
+    assert "INT8 / FP32 speed-up" in table and "held-out images" in table and "measured on" in table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--variant", "nope"], "unknown variant 'nope'"),
+    (["--variant", "micro", "--data", "/no/such/images"], "calibration data '/no/such/images' does not exist"),
+])
+def test_int8_speed_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    result = run_script(*args, "--artifacts", str(tmp_path / "artifacts"), cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0]
+
+
+def _script_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("int8_speed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_held_out_images_skip_the_calibration_images_of_the_same_source(tmp_path):
+    import numpy as np
+
+    from pipeline.config import PipelineConfig
+    from pipeline.errors import PipelineError
+    from pipeline.quantize import load_calibration_images
+
+    source = tmp_path / "images.npy"
+    np.save(source, np.random.default_rng(0).standard_normal((20, 3, 32, 32), dtype=np.float32))
+    config = PipelineConfig(input_size=32, data=str(source), calib_size=8, seed=3)
+    held_out, description = _script_module().held_out_images(config, 4)
+    # What the quantize stage calibrates on, read the way it reads it.
+    calibration, _ = load_calibration_images(str(source), (3, 32, 32), config.preprocessing, 8, config.seed)
+    assert held_out.shape == (4, 3, 32, 32) and description["count"] == 4
+    assert not {image.tobytes() for image in held_out} & {image.tobytes() for image in calibration}
+    with pytest.raises(PipelineError, match="no images left"):
+        _script_module().held_out_images(config.replace(calib_size=20), 4)
