@@ -50,13 +50,16 @@ MATRIX_ARGS ?= --variant tiny --input-size 224
 compile-matrix: install
 	$(PIPELINE) compile-matrix $(MATRIX_ARGS) $(ARGS)
 
-# The target's bench stage, then (on x86) the speed-goal benchmark: PyTorch vs ONNX Runtime vs
-# TVM on ConvNeXt-T at batch 1 and 8, with the committed tuning records (tuning/x86/).
+# The target's bench stage, then (on x86) the speed-goal benchmarks: PyTorch vs ONNX Runtime vs
+# TVM on ConvNeXt-T at batch 1 and 8, with the committed tuning records (tuning/x86/); and the
+# INT8 artifact against the FP32 one (speed, size, agreement) on ConvNeXt-T at batch 1.
 BENCH_ARGS ?= --variant tiny --batches 1,8 --repeats 20
+INT8_BENCH_ARGS ?= --variant tiny --batches 1 --repeats 20
 bench: install
 	$(PIPELINE) bench --target $(TARGET) $(MODEL_ARGS) $(ARGS)
 	if [ "$(TARGET)" = x86 ]; then \
-		$(PY) benchmarks/cpu_latency.py $(BENCH_ARGS) --json reports/benchmarks/cpu_latency.json; fi
+		$(PY) benchmarks/cpu_latency.py $(BENCH_ARGS) --json reports/benchmarks/cpu_latency.json && \
+		$(PY) benchmarks/int8_speed.py $(INT8_BENCH_ARGS) --json reports/benchmarks/int8_speed.json; fi
 
 report: install
 	$(PIPELINE) report --target $(TARGET) $(MODEL_ARGS) $(ARGS)
