@@ -69,7 +69,7 @@ def tune_command(
     if precision == "int8" and data is None:
         raise PipelineError(
             "--precision int8 tunes the quantized model, which needs calibration images; "
-            "pass --data (e.g. --data sample-photos, or the folder `pipeline quantize` uses)"
+            "pass --data (the folder `pipeline quantize` uses, or e.g. --data fashion-mnist --preprocessing imagenet)"
         )
     config = PipelineConfig(
         variant=variant, weights=None if weights.lower() == "none" else Path(weights),
