@@ -192,8 +192,59 @@ def database_digest(db_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def open_database(db_dir: Path, target: Target | None, *, strict: bool) -> "ms.database.JSONDatabase | None":
-    """Load a database; a foreign or corrupt one raises (strict) or warns and gives None."""
+def _loads(workloads: str, records: list[str]) -> bool:
+    with tempfile.TemporaryDirectory(prefix="tvm-db-check-") as scratch:
+        (Path(scratch) / WORKLOAD_FILE).write_text(workloads)
+        (Path(scratch) / RECORD_FILE).write_text("".join(records))
+        try:
+            ms.database.JSONDatabase(str(Path(scratch) / WORKLOAD_FILE), str(Path(scratch) / RECORD_FILE),
+                                     allow_missing=False)
+            return True
+        except Exception:
+            return False
+
+
+def _unreplayable(workloads: str, records: list[str], indices: list[int]) -> list[int]:
+    """The records among `indices` that do not load, by bisection (few are expected)."""
+    if not indices or _loads(workloads, [records[i] for i in indices]):
+        return []
+    if len(indices) == 1:
+        return indices
+    middle = len(indices) // 2
+    return _unreplayable(workloads, records, indices[:middle]) + _unreplayable(workloads, records, indices[middle:])
+
+
+def _open_without_unreplayable(db_dir: Path, *, repair: bool) -> "ms.database.JSONDatabase | None":
+    """A database without the records MetaSchedule cannot load back, or None.
+
+    TVM 0.27 writes records that its own reader then rejects, failing the whole database
+    (seen: rfactor traces of ConvNeXt-T's last LayerNorm, on 1 x 768). Those records are
+    dropped with a warning: from the files themselves when `repair` (the database being
+    tuned), else from a copy read once (compile, merge), leaving the files as they are."""
+    workloads = (db_dir / WORKLOAD_FILE).read_text()
+    records = (db_dir / RECORD_FILE).read_text().splitlines(keepends=True)
+    dropped = set(_unreplayable(workloads, records, list(range(len(records)))))
+    kept = [line for i, line in enumerate(records) if i not in dropped]
+    if not dropped or not _loads(workloads, kept):
+        return None
+    _warn(f"{db_dir}: {len(dropped)} of {len(records)} records cannot be loaded back by TVM "
+          f"{tvm.__version__} and are {'removed' if repair else 'skipped'}")
+    if repair:
+        artifacts.atomic_write_text(db_dir / RECORD_FILE, "".join(kept))
+        (db_dir / RECORD_FILE).chmod(0o644)
+        return ms.database.JSONDatabase(str(db_dir / WORKLOAD_FILE), str(db_dir / RECORD_FILE), allow_missing=False)
+    with tempfile.TemporaryDirectory(prefix="tvm-db-") as scratch:
+        (Path(scratch) / WORKLOAD_FILE).write_text(workloads)
+        (Path(scratch) / RECORD_FILE).write_text("".join(kept))
+        # Read now, into memory: nothing is committed to a database opened for reading.
+        return ms.database.JSONDatabase(str(Path(scratch) / WORKLOAD_FILE), str(Path(scratch) / RECORD_FILE),
+                                        allow_missing=False)
+
+
+def open_database(db_dir: Path, target: Target | None, *, strict: bool,
+                  repair: bool = False) -> "ms.database.JSONDatabase | None":
+    """Load a database; a foreign or corrupt one raises (strict) or warns and gives None.
+    Records TVM cannot load back are skipped (removed from the files with `repair`)."""
     db_dir = Path(db_dir)
     problem = database_problem(db_dir, target)
     if problem is None:
@@ -209,6 +260,9 @@ def open_database(db_dir: Path, target: Target | None, *, strict: bool) -> "ms.d
         except Exception as exc:  # TVMError/ValueError from the JSON reader or the IR parser
             first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             problem = f"{db_dir} is corrupt ({first[:200]})"
+            database = _open_without_unreplayable(db_dir, repair=repair)
+            if database is not None:
+                return database
     if strict:
         raise PipelineError(f"{problem}; delete it, or point to a database made by `pipeline tune`")
     _warn(f"ignoring tuning records: {problem}; building with default schedules")
@@ -943,7 +997,7 @@ def tune(
     for name in (WORKLOAD_FILE, RECORD_FILE):
         (db_dir / name).touch()
     load_tensor_intrinsics()
-    database = open_database(db_dir, target, strict=True)
+    database = open_database(db_dir, target, strict=True, repair=True)
 
     mod, tvm_target = fused_module(onnx_path, target, input_shape, rewrites)
     all_tasks = extract_tasks(mod, tvm_target)

@@ -131,6 +131,25 @@ def test_a_second_run_needs_resume_and_resume_skips_finished_tasks(tuned):
     assert len(_records(tuned / DB)) == before + 2  # the new task's default and its one trial
 
 
+def test_records_tvm_cannot_load_back_are_skipped_or_removed(tuned, tmp_path):
+    """TVM 0.27 writes records its own reader rejects (a trace that does not replay), and one
+    such record made the whole database unreadable."""
+    from pipeline.tvm_tuning import open_database
+
+    copy = tmp_path / "db"
+    shutil.copytree(tuned / DB, copy)
+    records = _records(copy)
+    broken = records[0].replace('"GetSBlock",[],["', '"GetSBlock",[],["no_such_block_', 1)
+    broken = broken.replace('"GetSBlock", [], ["', '"GetSBlock", [], ["no_such_block_', 1)
+    assert broken != records[0]
+    (copy / "database_tuning_record.json").write_text("\n".join([*records, broken]) + "\n")
+
+    assert len(open_database(copy, None, strict=True)) == len(records)  # compile, merge: skipped
+    assert len(_records(copy)) == len(records) + 1  # ... and the files left as they were
+    assert len(open_database(copy, None, strict=True, repair=True)) == len(records)  # tune: removed
+    assert _records(copy) == records
+
+
 def test_merge_dedupes_and_refuses_other_targets(tuned, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(tuned / DB, copy)
