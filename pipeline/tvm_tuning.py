@@ -222,10 +222,15 @@ def _open_without_unreplayable(db_dir: Path, *, repair: bool) -> "ms.database.JS
     dropped with a warning: from the files themselves when `repair` (the database being
     tuned), else from a copy read once (compile, merge), leaving the files as they are."""
     workloads = (db_dir / WORKLOAD_FILE).read_text()
-    records = (db_dir / RECORD_FILE).read_text().splitlines(keepends=True)
+    records = [line for line in (db_dir / RECORD_FILE).read_text().splitlines(keepends=True) if line.strip()]
+    try:
+        for line in records:
+            json.loads(line)
+    except ValueError:  # not records TVM wrote: a corrupt file, not a TVM quirk
+        return None
     dropped = set(_unreplayable(workloads, records, list(range(len(records)))))
     kept = [line for i, line in enumerate(records) if i not in dropped]
-    if not dropped or not _loads(workloads, kept):
+    if not dropped or not kept or not _loads(workloads, kept):
         return None
     _warn(f"{db_dir}: {len(dropped)} of {len(records)} records cannot be loaded back by TVM "
           f"{tvm.__version__} and are {'removed' if repair else 'skipped'}")
@@ -813,6 +818,11 @@ class _RoundResults(ms.measure_callback.PyMeasureCallback):
                 self.seconds.append(runs[len(runs) // 2])
 
 
+# Statuses a resumed run does not reopen: stopped improving, nothing left to try, or kept on
+# a schedule of the pipeline's own (VNNI).
+FINISHED = ("converged", "exhausted", "kept")
+
+
 @dataclass
 class TaskProgress:
     name: str
@@ -823,7 +833,7 @@ class TaskProgress:
     # The default schedule, measured once as a record of its own: compile applies the
     # fastest record, so tuning can never make a task slower than its default.
     default_s: float | None = None
-    status: str = "pending"  # pending, tuning, converged, done, failed
+    status: str = "pending"  # pending, tuning, converged, done (its trials), exhausted, kept, failed
 
     def as_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -1005,7 +1015,8 @@ def tune(
     chosen = all_tasks[: settings.max_tasks] if settings.max_tasks else all_tasks
     for task in all_tasks:
         state.setdefault(task.key, TaskProgress(task.name, task.flops, task.weight))
-    todo = [t for t in chosen if state[t.key].status not in ("converged", "done")
+    # "done" is a task that used its trials: a run with more trials per task continues it.
+    todo = [t for t in chosen if state[t.key].status not in FINISHED
             and state[t.key].trials < settings.trials_per_task]
     budget_trials = settings.trials if settings.trials is not None else settings.trials_per_task * len(todo)
     say(f"[tune] {len(all_tasks)} tasks for {target.name}; tuning {len(todo)} "
@@ -1024,7 +1035,7 @@ def tune(
                 if state[task.key].default_s is None:
                     tuner.measure_default(task, state[task.key])
                     _save_state(db_dir, state, command)
-            todo = [t for t in todo if state[t.key].status != "done"]  # measure_default may finish one
+            todo = [t for t in todo if state[t.key].status not in FINISHED]  # measure_default may keep one
             for index, task in enumerate(todo if stop_reason is None else [], start=1):
                 stop_reason = tuner.tune_task(task, state, index, len(todo), budget_trials, started, ctrl_c)
                 _save_state(db_dir, state, command)
@@ -1119,7 +1130,7 @@ class _Tuner:
         if kind == "vnni":
             # MetaSchedule's x86 rules tensorize with TVM's own dot_16x4_vnni, which this
             # LLVM rejects (pipeline/tvm_vnni.py): every candidate would fail to build.
-            progress.status = "done"
+            progress.status = "kept"
             self.say(f"[tune] {task.name}: VNNI kernel, kept on its own schedule (not searched)")
 
     def tune_task(self, task: Task, state: dict[str, TaskProgress], index: int, count: int,
@@ -1159,7 +1170,7 @@ class _Tuner:
             _append_curve(self.db_dir, state, started)
             self._report(task, progress, index, count, budget_trials, started)
             if measured == 0:
-                progress.status = "done"  # the search space has nothing left to try
+                progress.status = "exhausted"  # the search space has nothing left to try
                 return None
             if not results.seconds:
                 failed_rounds += 1
