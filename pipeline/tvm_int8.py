@@ -54,7 +54,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from pipeline import tvm_vnni
+from pipeline import tvm_layout, tvm_vnni
 from pipeline.errors import PipelineError
 
 INT8_MIN, INT8_MAX = -128, 127
@@ -144,15 +144,6 @@ class _Graph:
     def only_user(self, var: relax.Var) -> relax.Var | None:
         users = self.users.get(var, [])
         return users[0] if len(users) == 1 else None
-
-
-def _static_shape(expr: relax.Expr) -> list[int] | None:
-    """The shape of a tensor whose every dimension is a constant, else None."""
-    shape = expr.ty.shape if isinstance(expr.ty, relax.TensorType) else None
-    if shape is None or not isinstance(shape, relax.ShapeExpr):
-        return None
-    dims = list(shape.values)
-    return [int(d) for d in dims] if all(isinstance(d, tvm.tirx.IntImm) for d in dims) else None
 
 
 def _vars_in(expr: relax.Expr) -> list[relax.Var]:
@@ -341,23 +332,19 @@ class _VnniPlan:
 def _vnni_plan(m: _Match, xq: relax.Expr) -> _VnniPlan | None:
     """The VNNI plan of a chain, None for the generic path: a convolution that overlaps,
     pads, dilates or groups, a symbolic shape, or a weight that does not fit the kernel."""
-    dims = _static_shape(xq)
+    dims = tvm_layout.static_shape(xq)
     if dims is None:
         return None
     if m.op == "relax.matmul":
         k, n = m.wq.shape
-        plan = _VnniPlan(m.op, tuple(dims), math.prod(dims[:-1]), k, n)
+        plan = _VnniPlan(m.op, dims, math.prod(dims[:-1]), k, n)
     else:
-        attrs = m.call.attrs
-        out_channels, channels, kh, kw = m.wq.shape
-        strides = tuple(int(v) for v in attrs.strides)
-        if (strides != (kh, kw) or any(int(p) for p in attrs.padding) or int(attrs.groups) != 1
-                or any(int(d) != 1 for d in attrs.dilation) or len(dims) != 4
-                or dims[2] % kh or dims[3] % kw):
+        patch = tvm_layout.patch_kernel(m.call.attrs, dims, m.wq.shape)
+        if patch is None:
             return None
-        batch, _, height, width = dims
-        plan = _VnniPlan(m.op, tuple(dims), batch * (height // kh) * (width // kw), channels * kh * kw,
-                         out_channels, patch=(kh, kw))
+        (batch, _, height, width), (out_channels, channels, kh, kw) = dims, m.wq.shape
+        plan = _VnniPlan(m.op, dims, batch * (height // kh) * (width // kw), channels * kh * kw,
+                         out_channels, patch=patch)
     return plan if tvm_vnni.fits(plan.k, plan.n) else None
 
 

@@ -38,15 +38,28 @@ _BINARY = {
 _REDUCE = {"relax.mean", "relax.sum", "relax.max", "relax.min", "relax.variance"}
 
 
-def _shape(expr: relax.Expr) -> tuple[int, ...] | None:
-    """The static shape of a tensor expression, None when it is not one."""
+def static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
+    """The shape of a tensor expression whose every dimension is a constant, else None."""
     ty = getattr(expr, "ty", None)
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+    shape = ty.shape if isinstance(ty, relax.TensorType) else None
+    if not isinstance(shape, relax.ShapeExpr):
         return None
-    try:
-        return tuple(int(d) for d in ty.shape)
-    except TypeError:  # symbolic dimension
+    dims = list(shape.values)
+    return tuple(int(d) for d in dims) if all(isinstance(d, tvm.tirx.IntImm) for d in dims) else None
+
+
+def patch_kernel(attrs, input_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """(kh, kw) of an NCHW/OIHW conv2d over non-overlapping patches that tile its input
+    (kernel == stride, no padding, dilation or groups: ConvNeXt's stem and downsampling
+    layers), which is a matmul of the patches; None for any other convolution."""
+    kernel = tuple(weight_shape[2:])
+    if (
+        len(input_shape) != 4 or int(attrs.groups) != 1 or tuple(int(s) for s in attrs.strides) != kernel
+        or any(int(p) for p in attrs.padding) or any(int(d) != 1 for d in attrs.dilation)
+        or input_shape[2] % kernel[0] or input_shape[3] % kernel[1]
+    ):
         return None
+    return kernel
 
 
 def _op_name(call: relax.Expr) -> str | None:
@@ -108,7 +121,7 @@ class _ChannelsLast(relax.PyExprMutator):
         twin = self._twin_of(expr)
         if twin is not None:
             return twin
-        shape = _shape(expr)
+        shape = static_shape(expr)
         if shape is None or len(shape) > 4:
             return None
         new = self.visit_expr(expr)
@@ -145,7 +158,7 @@ class _ChannelsLast(relax.PyExprMutator):
         if name in ("relax.quantize", "relax.dequantize"):
             return self._quantize(value, name, twin, args)
         if name in ("relax.reshape", "relax.squeeze", "relax.flatten"):
-            shape, out_shape = _shape(source), _shape(value)
+            shape, out_shape = static_shape(source), static_shape(value)
             # With one channel or one pixel, NCHW and NHWC hold the elements in the same order.
             if shape is not None and out_shape is not None and (shape[1] == 1 or shape[2] * shape[3] == 1):
                 return "direct", self._emit(relax.op.reshape(twin, out_shape))
@@ -153,7 +166,7 @@ class _ChannelsLast(relax.PyExprMutator):
 
     def _permute(self, value, source, twin):
         axes = [int(a) for a in value.attrs.axes] if value.attrs.axes is not None else None
-        shape = _shape(source)
+        shape = static_shape(source)
         if axes is None or shape is None or len(shape) != 4:
             return None
         if twin is not None:
@@ -195,18 +208,11 @@ class _ChannelsLast(relax.PyExprMutator):
         ConvNeXt stem and downsampling layers) as one GEMM of the patches, which the GEMM
         schedules and tuning records serve far better than a convolution loop nest."""
         attrs = value.attrs
-        in_shape, w_shape, out_shape = _shape(value.args[0]), _shape(value.args[1]), _shape(value)
-        if in_shape is None or w_shape is None or out_shape is None:
-            return None
-        kernel = tuple(w_shape[2:])
-        if (
-            int(attrs.groups) != 1 or tuple(int(s) for s in attrs.strides) != kernel
-            or any(int(p) for p in attrs.padding) or any(int(d) != 1 for d in attrs.dilation)
-        ):
+        in_shape, w_shape = static_shape(value.args[0]), static_shape(value.args[1])
+        kernel = patch_kernel(attrs, in_shape, w_shape) if in_shape and w_shape else None
+        if kernel is None:
             return None
         (batch, channels, height, width), (kh, kw), out_channels = in_shape, kernel, w_shape[0]
-        if height % kh or width % kw:
-            return None
         rows, cols = height // kh, width // kw
         # (N, H, W, C) -> (N, H/kh, kh, W/kw, kw, C) -> (N, H/kh, W/kw, kh, kw, C) -> patches.
         patches = self._emit(relax.op.reshape(data, (batch, rows, kh, cols, kw, channels)))
@@ -222,7 +228,7 @@ class _ChannelsLast(relax.PyExprMutator):
         return self._emit(relax.op.matmul(patches, weight, out_dtype=out_dtype or None), "patch_gemm")
 
     def _binary(self, value, args):
-        out_shape = _shape(value)
+        out_shape = static_shape(value)
         if out_shape is None or len(out_shape) != 4 or not any(self._twin_of(a) is not None for a in args):
             return None
         operands = [self._as_nhwc(a) for a in args]
