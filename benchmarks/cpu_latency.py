@@ -15,7 +15,6 @@ records. Effective GFLOP/s = the model's FLOPs (counted from the TVM kernels, mu
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -122,17 +121,11 @@ def main() -> None:
             )
     print("\n" + "\n".join(lines))
     if args.json:
-        from pipeline.provenance import provenance
+        from pipeline.provenance import provenance, write_measurement
 
         record = {"model": f"convnext-{args.variant} {args.input_size}x{args.input_size}", "target": target.tvm_target,
                   "sgemm_gflops": sgemm, "rows": rows, "provenance": provenance()}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
-        # The table as printed, with where and when it was measured, for readers of the repository.
-        origin = record["provenance"]
-        args.json.with_suffix(".txt").write_text(
-            "\n".join(lines) + f"\n\nmeasured on {origin['device']}, {origin['date']}, commit {origin['commit']}\n"
-        )
+        write_measurement(args.json, record, lines)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 from pathlib import Path
 
@@ -278,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     images, evaluation = held_out_images(base, args.eval_images)
     results = [measure_batch(args, base, target, batch_size, images) for batch_size in batches]
 
-    from pipeline.provenance import provenance
+    from pipeline.provenance import provenance, write_measurement
 
     record = {
         "model": {
@@ -299,13 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = table(record)
     print("\n" + "\n".join(lines))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
-        # The table as printed, with where and when it was measured, for readers of the repository.
-        origin = record["provenance"]
-        args.json.with_suffix(".txt").write_text(
-            "\n".join(lines) + f"\n\nmeasured on {origin['device']}, {origin['date']}, commit {origin['commit']}\n"
-        )
+        write_measurement(args.json, record, lines)
 
 
 if __name__ == "__main__":

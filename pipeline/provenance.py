@@ -73,3 +73,16 @@ def provenance(device: str | None = None) -> dict:
         "tools": tool_versions(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
+
+
+def write_measurement(json_path: Path, record: dict, table_lines: list[str]) -> None:
+    """A benchmark's record (with its "provenance") as JSON, and beside it a .txt of the
+    table as printed, stamped with where and when it was measured, for readers of the repository."""
+    import json
+
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    origin = record["provenance"]
+    json_path.with_suffix(".txt").write_text(
+        "\n".join(table_lines) + f"\n\nmeasured on {origin['device']}, {origin['date']}, commit {origin['commit']}\n"
+    )
