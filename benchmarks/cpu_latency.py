@@ -7,7 +7,7 @@ For each batch size it builds (or reuses from the artifacts cache) the model, it
 export and the x86 artifact, then times all three backends on the same input, each in a
 process of its own (pipeline/isolated.py says why). The artifact uses the tuning records of
 `pipeline tune` for that model and batch (artifacts/tune/x86/<model>/, else
-tuning/x86/<model>/) and default schedules elsewhere; the table says how many kernels had
+tuning/x86/<model>/<cpu>/) and default schedules elsewhere; the table says how many kernels had
 records. Effective GFLOP/s = the model's FLOPs (counted from the TVM kernels, multiply-add
 = 2) / median latency, next to a NumPy SGEMM rate on this machine as the practical ceiling.
 """

@@ -8,7 +8,7 @@ same run (on this CPU at least 1.3x once both are tuned), about 4x smaller, and 
 agrees with FP32. For each batch size this builds (or reuses from the artifacts cache) the
 FP32 artifact and the INT8 one through the pipeline's own stages, as `pipeline run` does
 (INT8: quantize on `--data`'s calibration images -> compile with the integer rewrites); each
-uses the tuning records of its model key (artifacts/tune/x86/<key>/, else tuning/x86/<key>/)
+uses the tuning records of its model key (artifacts/tune/x86/<key>/, else tuning/x86/<key>/<cpu>/)
 and default schedules elsewhere, and the table says how many kernels had records. INT8 records
 fit the calibration they were tuned with (zero points are part of the kernels): tune with the
 same --data, --calib-size and --calib-method for them to apply.

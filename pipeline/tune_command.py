@@ -120,8 +120,11 @@ def tune_command(
         results = run_pipeline(STAGES, config, resolved, "simplify", provided)
         onnx_path = results["simplify"].outputs["onnx_simplified"]
     try:
+        # Tuning starts from the records compile would otherwise use (shipped ones, possibly
+        # timed on another CPU model); tasks a resumed run already seeded are not redone.
+        seed_dir = tvm_tuning.seed_database(config.artifacts, resolved, key, exclude=db_dir)
         summary = tvm_tuning.tune(
-            onnx_path, resolved, db_dir, key, settings, rewrites=rewrites,
+            onnx_path, resolved, db_dir, key, settings, rewrites=rewrites, seed_dir=seed_dir,
             input_shape=(config.batch_size, config.in_chans, config.input_size, config.input_size),
             command="pipeline " + shlex.join(sys.argv[1:]),
         )
@@ -148,6 +151,19 @@ def merge_command(
             raise PipelineError(f"{source} is not a directory; pass tuning database directories (artifacts/tune/<target>/<model>)")
     result = tvm_tuning.merge_databases(sources, output)
     print(json.dumps(result, indent=2))
+
+
+@db_app.command("ship")
+def ship_command(
+    source: Annotated[Path, typer.Argument(help="A tuning database directory (artifacts/tune/<target>/<model>).")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Where to write it (default: tuning/<target>/<model>/<cpu>/).")] = None,
+) -> None:
+    """Copy a tuning database into the repository's tuning/ tree, best record per kernel."""
+    from pipeline import tvm_tuning
+
+    if not source.is_dir():
+        raise PipelineError(f"{source} is not a directory; pass a tuning database directory (artifacts/tune/<target>/<model>)")
+    print(json.dumps(tvm_tuning.ship_database(source, output), indent=2))
 
 
 def register(app: typer.Typer) -> None:

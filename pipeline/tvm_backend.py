@@ -35,6 +35,7 @@ from tvm.s_tir import dlight
 
 from pipeline import runtime_only
 from pipeline import tvm_layout
+from pipeline import tvm_prepack
 from pipeline.errors import PipelineError
 from pipeline.runtime_only import LoadedArtifact, metadata_path
 from targets import Target
@@ -217,7 +218,9 @@ def relax_phases(target: tvm.target.Target) -> list[tuple[str, list[tvm.transfor
         ]),
         # Fuse: group elementwise/injective ops into their producers and merge each group
         # into one PrimFunc. A tuning database would be applied right after this phase.
-        ("fuse", [transform.FuseOps(), transform.FuseTIR()]),
+        # Weights marked layout free (CPU): a tuned kernel may read them packed in its
+        # tiles' order, packed once after scheduling (pipeline/tvm_prepack.py).
+        ("fuse", [transform.FuseOps(), transform.FuseTIR(), *([] if is_gpu else [tvm_prepack.mark_weights()])]),
         # Schedule: GPU kernels need thread bindings, which dlight's default rules give
         # (untested until a GPU target exists). CPU PrimFuncs were scheduled right after
         # fusion: tuning records or default schedules (compile_onnx, pipeline/tvm_tuning.py).
@@ -542,6 +545,8 @@ def compile_onnx(
                 from pipeline import tvm_tuning
 
                 mod, tuning = tvm_tuning.schedule_module(mod, tvm_target, target, tuning_database)
+                if "gpu" not in tvm_target.keys:
+                    mod = tvm.transform.Sequential(tvm_prepack.pack_weights(), name="pack_weights")(mod)
                 _dump(dump_ir_dir, index, "scheduled", mod)
         num_primfuncs = _count_primfuncs(mod)
         # relax_pipeline=None: the Relax passes ran above; tvm.compile now runs TIR's

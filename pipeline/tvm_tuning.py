@@ -10,7 +10,8 @@ naming the target and the TVM version that made it (a MetaSchedule database igno
 target when it looks records up, so there is one database per target and model):
 
     artifacts/tune/<target>/<model-key>/   written by `pipeline tune`, read by compile
-    tuning/<target>/<model-key>/           committed to the repository, read when the
+    tuning/<target>/<model-key>/<cpu>/     committed to the repository, one per CPU model
+                                           (mcpu) or GPU architecture, read when the
                                            artifacts tree has none (shipped records)
 
         database_workload.json         MetaSchedule's workload table (one PrimFunc a line)
@@ -51,7 +52,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir import Schedule
 from tvm.s_tir.analysis import estimate_tir_flops
 
-from pipeline import artifacts, tvm_backend, tvm_depthwise
+from pipeline import artifacts, tvm_backend, tvm_depthwise, tvm_prepack
 from pipeline.errors import PipelineError
 from targets import Target
 
@@ -61,9 +62,13 @@ WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 META_FILE = "meta.json"
 STATE_FILE = "tune_state.json"
+CURVE_FILE = "tune_curve.jsonl"
 DATABASE_FORMAT = 1
 # Bump when the default schedules change, so compiled artifacts are rebuilt.
-DEFAULT_SCHEDULE_VERSION = 3
+DEFAULT_SCHEDULE_VERSION = 4
+# Seconds to let a build's worker process exit before kernels are timed on this machine
+# (_SettlingBuilder).
+LOCAL_SETTLE_S = 2.0
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +79,13 @@ def _say(message: str) -> None:
 
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    """A warning about a database, said once per process: compile looks it up twice (for
+    its cache key and to build)."""
+    _warn(message)
 
 
 # ---------------------------------------------------------------------------
@@ -138,21 +150,54 @@ def local_database_dir(artifacts_root: Path, target_name: str, key: str) -> Path
     return Path(artifacts_root) / "tune" / target_name / key
 
 
-def shipped_database_dir(target_name: str, key: str) -> Path:
-    """Records committed to the repository: tuning/<target>/<model-key>/."""
-    return SHIPPED_ROOT / target_name / key
+def cpu_tag(tvm_target: dict[str, Any]) -> str:
+    """What a database's records were tuned on, as a directory name: the CPU (``mcpu``) of
+    a CPU target, the GPU architecture of a GPU target."""
+    return str(tvm_target.get("arch") or tvm_target.get("mcpu") or "generic")
+
+
+def shipped_database_dir(target_name: str, key: str, tvm_target: dict[str, Any]) -> Path:
+    """Records committed to the repository: tuning/<target>/<model-key>/<cpu>/. A target
+    such as x86 means whatever CPU the machine has, so one model keeps one database per CPU."""
+    return SHIPPED_ROOT / target_name / key / cpu_tag(tvm_target)
+
+
+def shipped_databases(target_name: str, key: str) -> list[Path]:
+    """Every committed database of a target and model, one per CPU it was tuned on."""
+    root = SHIPPED_ROOT / target_name / key
+    return sorted(d for d in root.glob("*") if (d / WORKLOAD_FILE).is_file()) if root.is_dir() else []
+
+
+def _without_cpu_model(tvm_target: dict[str, Any]) -> dict[str, Any]:
+    stripped = {k: v for k, v in tvm_target.items() if k not in ("mcpu", "num-cores")}
+    if isinstance(stripped.get("host"), dict):
+        stripped["host"] = _without_cpu_model(stripped["host"])
+    return stripped
+
+
+def target_fit(made_for: dict[str, Any], target: Target) -> str:
+    """How records made for the TVM target `made_for` fit `target`: "same"; "similar"
+    (another CPU model or core count of the same kind and triple: a trace replays there
+    and gives correct code, compiled for this CPU, but was timed on another one); else
+    "foreign"."""
+    if made_for == target.tvm_target:
+        return "same"
+    if _without_cpu_model(made_for) == _without_cpu_model(target.tvm_target):
+        return "similar"
+    return "foreign"
 
 
 def _read_meta(db_dir: Path) -> dict[str, Any]:
     return json.loads((Path(db_dir) / META_FILE).read_text())
 
 
-def database_problem(db_dir: Path, target: Target | None) -> str | None:
+def database_problem(db_dir: Path, target: Target | None, *, similar_ok: bool = False) -> str | None:
     """Why the database in db_dir cannot be used for target (None: it can).
 
     Records made by another TVM version may not replay (schedule primitives and the IR
     printer change between releases), and records made for another target would be
-    applied anyway, since MetaSchedule looks records up by workload only."""
+    applied anyway, since MetaSchedule looks records up by workload only. With
+    `similar_ok`, records of another CPU model of the same target kind are usable."""
     db_dir = Path(db_dir)
     missing = [name for name in (WORKLOAD_FILE, RECORD_FILE, META_FILE) if not (db_dir / name).is_file()]
     if missing:
@@ -164,7 +209,8 @@ def database_problem(db_dir: Path, target: Target | None) -> str | None:
         return f"{db_dir / META_FILE} is unreadable or incomplete"
     if made_with != tvm.__version__:
         return f"{db_dir} was tuned with TVM {made_with}, this is TVM {tvm.__version__}"
-    if target is not None and made_for != target.tvm_target:
+    fit = target_fit(made_for, target) if target is not None else "same"
+    if fit == "foreign" or (fit == "similar" and not similar_ok):
         return (f"{db_dir} was tuned for {json.dumps(made_for, sort_keys=True)}, "
                 f"not for target '{target.name}' {target.target_json()}")
     return None
@@ -172,14 +218,37 @@ def database_problem(db_dir: Path, target: Target | None) -> str | None:
 
 def find_database(artifacts_root: Path, target: Target, key: str) -> Path | None:
     """The database compile uses for a target and model: the artifacts tree's, else the
-    repository's. One that exists but cannot be used is skipped with a warning."""
-    for db_dir in (local_database_dir(artifacts_root, target.name, key), shipped_database_dir(target.name, key)):
+    repository's for this CPU, else one tuned on another CPU model of the same kind (with
+    a warning: its schedules are correct here but were timed there). One that exists but
+    cannot be used is skipped with a warning."""
+    usable = []
+    for db_dir in (local_database_dir(artifacts_root, target.name, key), *shipped_databases(target.name, key)):
         if not (db_dir / WORKLOAD_FILE).is_file():
             continue
-        problem = database_problem(db_dir, target)
-        if problem is None:
+        problem = database_problem(db_dir, target, similar_ok=True)
+        if problem is not None:
+            _warn_once(f"ignoring tuning records: {problem}")
+            continue
+        made_for = _read_meta(db_dir)["target_json"]
+        if target_fit(made_for, target) == "same":
             return db_dir
-        _warn(f"ignoring tuning records: {problem}")
+        usable.append((db_dir, made_for))
+    if not usable:
+        return None
+    db_dir, made_for = usable[0]
+    _warn_once(f"using tuning records made on another CPU ({cpu_tag(made_for)}, this is {cpu_tag(target.tvm_target)}): "
+          f"{db_dir}; run `pipeline tune` for kernels timed on this one")
+    return db_dir
+
+
+def seed_database(artifacts_root: Path, target: Target, key: str, exclude: Path) -> Path | None:
+    """Records `pipeline tune` starts from: the database compile would use (the shipped one
+    for this CPU, or one of another CPU model), other than the one being tuned."""
+    for db_dir in (local_database_dir(artifacts_root, target.name, key), *shipped_databases(target.name, key)):
+        if Path(db_dir).resolve() == Path(exclude).resolve() or not (db_dir / WORKLOAD_FILE).is_file():
+            continue
+        if database_problem(db_dir, target, similar_ok=True) is None:
+            return db_dir
     return None
 
 
@@ -247,11 +316,11 @@ def _open_without_unreplayable(db_dir: Path, *, repair: bool) -> "ms.database.JS
 
 
 def open_database(db_dir: Path, target: Target | None, *, strict: bool,
-                  repair: bool = False) -> "ms.database.JSONDatabase | None":
+                  repair: bool = False, similar_ok: bool = False) -> "ms.database.JSONDatabase | None":
     """Load a database; a foreign or corrupt one raises (strict) or warns and gives None.
     Records TVM cannot load back are skipped (removed from the files with `repair`)."""
     db_dir = Path(db_dir)
-    problem = database_problem(db_dir, target)
+    problem = database_problem(db_dir, target, similar_ok=similar_ok)
     if problem is None:
         # Reading a record replays its trace, and a trace that tensorizes (the int8 VNNI
         # kernels: the pipeline's default, and MetaSchedule's own VNNI candidates) needs its
@@ -346,6 +415,44 @@ def merge_databases(sources: list[Path], output: Path) -> dict[str, Any]:
     return {"output": str(output), "workloads": len(merged_workloads(output)), **counts}
 
 
+def ship_database(source: Path, output: Path | None = None) -> dict[str, Any]:
+    """Copy a tuning database into the repository's tuning/<target>/<model-key>/<cpu>/ (or
+    `output`), pruned to the best record of each kernel, with its meta, state and curve. An
+    earlier database there is replaced only once the new one is complete."""
+    source = Path(source)
+    problem = database_problem(source, None)
+    if problem is not None:
+        raise PipelineError(f"cannot ship: {problem}")
+    meta = _read_meta(source)
+    if output is None:
+        output = SHIPPED_ROOT / meta["target"] / meta["model_key"] / cpu_tag(meta["target_json"])
+    output = Path(output)
+    database = open_database(source, None, strict=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        pruned = ms.database.JSONDatabase(str(temp / WORKLOAD_FILE), str(temp / RECORD_FILE), allow_missing=True)
+        database.dump_pruned(pruned)
+        for name in (WORKLOAD_FILE, RECORD_FILE):
+            (temp / name).chmod(0o644)
+        for name in (META_FILE, STATE_FILE, CURVE_FILE):
+            if (source / name).is_file():
+                shutil.copyfile(source / name, temp / name)
+                (temp / name).chmod(0o644)
+        temp.chmod(0o755)
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(temp, output)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return {"output": str(output), "records_in": len(database), "records_out": len(_records_of(output))}
+
+
+def _records_of(db_dir: Path) -> list[str]:
+    return [line for line in (Path(db_dir) / RECORD_FILE).read_text().splitlines() if line.strip()]
+
+
 def merged_workloads(db_dir: Path) -> list[str]:
     """The lines of a database's workload table (one per distinct PrimFunc)."""
     text = (Path(db_dir) / WORKLOAD_FILE).read_text()
@@ -434,12 +541,16 @@ def schedule_module(
 
     Returns the module and the counts compile reports."""
     total = sum(isinstance(f, tvm.tirx.PrimFunc) and not _is_scheduled(f) for f in mod.functions.values())
-    database = open_database(database_dir, target, strict=False) if database_dir is not None else None
+    # find_database chose it, records of another CPU model included.
+    database = (open_database(database_dir, target, strict=False, similar_ok=True)
+                if database_dir is not None else None)
     from_records = 0
     if database is not None:
         with database:
             # Looks each PrimFunc up by structure; found ones get "tirx.is_scheduled".
             mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        # Records made before weights were marked layout free (pipeline/tvm_prepack.py).
+        mod, _ = tvm_prepack.apply_unmarked_records(mod, database)
         from_records = sum(isinstance(f, tvm.tirx.PrimFunc) and _is_scheduled(f) for f in mod.functions.values())
     mod, defaults = apply_default_schedules(mod, tvm_target)
     return mod, {
@@ -531,7 +642,7 @@ def _vector_lanes(tvm_target: tvm.target.Target, bits: int = 32) -> int:
 def _default_space_generator() -> "ms.space_generator.PostOrderApply":
     """MetaSchedule's CPU sketch reduced to one design space: inline elementwise ops,
     multi-level tiling with the epilogue fused at the second level, then
-    parallelize/vectorize/unroll."""
+    parallelize/vectorize/unroll, and the weights' layout rewritten to match the tiles."""
     rule = ms.schedule_rule
     return ms.space_generator.PostOrderApply(
         sch_rules=[
@@ -553,6 +664,8 @@ def _default_space_generator() -> "ms.space_generator.PostOrderApply":
             ms.postproc.DisallowDynamicLoop(),
             ms.postproc.RewriteParallelVectorizeUnroll(),
             ms.postproc.RewriteReductionBlock(),
+            # Weights packed in the tiles' order (pipeline/tvm_prepack.py).
+            ms.postproc.RewriteLayout(),
         ],
         mutator_probs={},
     )
@@ -620,6 +733,9 @@ def _tiled_default(func, tvm_target: tvm.target.Target, lanes: int) -> Schedule 
         return decision
 
     trace.apply_to_schedule(sch, remove_postproc=True, decision_provider=decide)
+    # Marked as postprocessing in the trace, as MetaSchedule does: a search seeded with this
+    # record replays it without them and runs them again (RewriteLayout twice fails).
+    sch.enter_postproc()
     if not all(postproc.apply(sch) for postproc in context.space_generator.postprocs):
         return None
     return sch
@@ -728,13 +844,35 @@ def _export_library(cross_compiler: str | None, mod) -> str:
     return path
 
 
-def _builder(target: Target, settings: TuneSettings) -> "ms.builder.LocalBuilder":
-    return ms.builder.LocalBuilder(
+@derived_object
+class _SettlingBuilder(ms.builder.PyBuilder):
+    """A builder that returns only once this machine is quiet enough to time kernels.
+
+    LocalBuilder's worker process is still exiting when build() returns, and a process
+    busy on one of the cores a kernel is timed on stalls the kernel's thread barrier for
+    a scheduler tick. On two cores, the candidates timed in the next ~1.5 s came out 2-4x
+    slow (ConvNeXt-T's largest GEMM: 2.0-2.4 ms instead of 0.60), which misled the search
+    and buried good records."""
+
+    def __init__(self, builder: "ms.builder.Builder", settle_s: float):
+        super().__init__()
+        self.builder, self.settle_s = builder, settle_s
+
+    def build(self, build_inputs):
+        results = self.builder.build(build_inputs)
+        time.sleep(self.settle_s)
+        return results
+
+
+def _builder(target: Target, settings: TuneSettings) -> "ms.builder.Builder":
+    builder = ms.builder.LocalBuilder(
         max_workers=1,
         timeout_sec=settings.builder_timeout_s,
         initializer=load_tensor_intrinsics,
         f_export=functools.partial(_export_library, target.cross_compiler),
     )
+    # Candidates timed on a device over RPC do not share its cores with the build.
+    return builder if settings.rpc_tracker is not None else _SettlingBuilder(builder, LOCAL_SETTLE_S)
 
 
 def _evaluator() -> "ms.runner.EvaluatorConfig":
@@ -833,6 +971,9 @@ class TaskProgress:
     # The default schedule, measured once as a record of its own: compile applies the
     # fastest record, so tuning can never make a task slower than its default.
     default_s: float | None = None
+    # The best record of the database tuning started from (pipeline tune's seed: records
+    # of this model shipped for this or another CPU), replayed and timed on this machine.
+    seed_s: float | None = None
     status: str = "pending"  # pending, tuning, converged, done (its trials), exhausted, kept, failed
 
     def as_json(self) -> dict[str, Any]:
@@ -868,9 +1009,6 @@ def _save_state(db_dir: Path, state: dict[str, TaskProgress], command: str) -> N
         "command": command, "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "tasks": {name: progress.as_json() for name, progress in state.items()},
     })
-
-
-CURVE_FILE = "tune_curve.jsonl"
 
 
 def _append_curve(db_dir: Path, state: dict[str, TaskProgress], started: float) -> None:
@@ -927,14 +1065,24 @@ def tuning_cost(curve: list[dict[str, Any]], within: float = 0.10) -> dict[str, 
     }
 
 
+def _args_info(sch: Schedule) -> list:
+    """The arguments a scheduled kernel is built and timed with: as MetaSchedule does, those
+    of the kernel without its weight layout rewrite, which takes the weights packed."""
+    return ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
+
+
+def _median(values) -> float:
+    ordered = sorted(float(v) for v in values)
+    return ordered[len(ordered) // 2]
+
+
 def _best_record_seconds(database, task: Task) -> float | None:
     if not database.has_workload(task.mod):
         return None
     records = database.get_top_k(database.commit_workload(task.mod), 1)
     if not records or not records[0].run_secs:
         return None
-    runs = sorted(float(s) for s in records[0].run_secs)
-    return runs[len(runs) // 2]
+    return _median(records[0].run_secs)
 
 
 class _CtrlC:
@@ -973,6 +1121,7 @@ def tune(
     *,
     input_shape: tuple[int, ...] | None = None,
     rewrites: tuple[tuple[str, list], ...] = (),
+    seed_dir: Path | None = None,
     command: str = "",
     say: Callable[[str], None] = _say,
 ) -> dict[str, Any]:
@@ -981,7 +1130,12 @@ def tune(
     Tasks go most latency first; each gets up to trials_per_task trials in rounds and stops
     early once a round no longer improves it. Every measured record is in the database as
     soon as it is measured, so an interruption (Ctrl-C, a tracker that goes away) loses
-    only the round in flight; `resume` continues where the state file says it stopped."""
+    only the round in flight; `resume` continues where the state file says it stopped.
+
+    With `seed_dir` (another database of this model, e.g. the one shipped for another CPU
+    model), each task's best record there is timed here and added first: the search starts
+    from it (MetaSchedule seeds its population with the best measured records) and the
+    task can only get faster than it."""
     db_dir = Path(db_dir)
     started = time.monotonic()
     # LocalBuilder ships work to its workers with cloudpickle; the cost model is XGBoost.
@@ -1009,8 +1163,14 @@ def tune(
     load_tensor_intrinsics()
     database = open_database(db_dir, target, strict=True, repair=True)
 
+    seed_database = None
+    if seed_dir is not None:
+        seed_database = open_database(seed_dir, target, strict=False, similar_ok=True)
+        if seed_database is not None:
+            say(f"[tune] starting from the records of {seed_dir} ({cpu_tag(_read_meta(seed_dir)['target_json'])})")
+
     mod, tvm_target = fused_module(onnx_path, target, input_shape, rewrites)
-    all_tasks = extract_tasks(mod, tvm_target)
+    all_tasks = [_in_stored_names(task, database, seed_database) for task in extract_tasks(mod, tvm_target)]
     state = _load_state(db_dir) if settings.resume else {}
     chosen = all_tasks[: settings.max_tasks] if settings.max_tasks else all_tasks
     for task in all_tasks:
@@ -1026,16 +1186,15 @@ def tune(
     stop_reason = None
     with _CtrlC(say) as ctrl_c:
         try:
-            # First the default schedule of every chosen task, measured as a record: the
-            # baseline each task's tuning must beat, and what compile uses where it does not.
+            # First the default schedule of every chosen task (and its seed record), timed
+            # as records: the baselines each task's tuning must beat.
             for task in chosen:
                 if ctrl_c.requested:
                     stop_reason = "interrupted"
                     break
-                if state[task.key].default_s is None:
-                    tuner.measure_default(task, state[task.key])
-                    _save_state(db_dir, state, command)
-            todo = [t for t in todo if state[t.key].status not in FINISHED]  # measure_default may keep one
+                tuner.measure_baselines(task, state[task.key], seed_database)
+                _save_state(db_dir, state, command)
+            todo = [t for t in todo if state[t.key].status not in FINISHED]  # measure_baselines may keep one
             for index, task in enumerate(todo if stop_reason is None else [], start=1):
                 stop_reason = tuner.tune_task(task, state, index, len(todo), budget_trials, started, ctrl_c)
                 _save_state(db_dir, state, command)
@@ -1062,6 +1221,25 @@ def tune(
             f"run the same command with --resume to continue")
         raise KeyboardInterrupt
     return summary
+
+
+def _in_stored_names(task: Task, database, seed_database) -> Task:
+    """The task as its workload is stored in the database (else in the seed database).
+
+    Records are schedule traces that name blocks, and compile replays them on the stored
+    workload. Lookups match workloads by structure, ignoring names, so a kernel whose block
+    names changed since it was stored (a new graph pass upstream) must be scheduled in the
+    stored names, or its new records would not replay."""
+    for db in (database, seed_database):
+        # has_workload first: commit_workload on a database it lacks would add it there.
+        if db is not None and db.has_workload(task.mod):
+            return dataclasses.replace(task, mod=db.commit_workload(task.mod).mod)
+    for db in (database, seed_database):
+        # Records of the kernel from before its weights were marked layout free.
+        marked = tvm_prepack.stored_marked(db, task.mod) if db is not None else None
+        if marked is not None:
+            return dataclasses.replace(task, mod=marked)
+    return task
 
 
 class _Tuner:
@@ -1100,33 +1278,76 @@ class _Tuner:
         )
         return results
 
-    def measure_default(self, task: Task, progress: TaskProgress) -> None:
-        """Build and measure the task's default schedule and commit it as a record."""
-        sch, kind = default_schedule(task.mod, self.tvm_target)
-        (built,) = self.builder.build([ms.builder.BuilderInput(sch.mod, self.tvm_target)])
-        if built.error_msg is not None:
-            self.say(f"[tune] {task.name}: the default schedule did not build: {str(built.error_msg).strip()[:200]}")
-            return
-        try:
-            args_info = ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])
-            device = "cpu" if self.tvm_target.kind.name == "llvm" else self.tvm_target.kind.name
-            (future,) = self.runner.run([ms.runner.RunnerInput(built.artifact_path, device, args_info)])
-            result = future.result()
-        finally:
-            shutil.rmtree(os.path.dirname(built.artifact_path), ignore_errors=True)
-        if result.error_msg is not None or not result.run_secs:
-            self.say(f"[tune] {task.name}: the default schedule did not run: {str(result.error_msg).strip()[-300:]}")
-            return
+    def _measure(self, task: Task, schedules: list[tuple[Schedule, str]]) -> list[list[float] | None]:
+        """Build schedules of a task together and time each; None (said why) where one fails."""
+        built = self.builder.build([ms.builder.BuilderInput(sch.mod, self.tvm_target) for sch, _ in schedules])
+        device = "cpu" if self.tvm_target.kind.name == "llvm" else self.tvm_target.kind.name
+        timings: list[list[float] | None] = []
+        for (sch, what), result in zip(schedules, built):
+            args_info = _args_info(sch)
+            if result.error_msg is not None:
+                self.say(f"[tune] {task.name}: the {what} did not build: {str(result.error_msg).strip()[:200]}")
+                timings.append(None)
+                continue
+            try:
+                # Timed three times, the fastest kept: noise only ever adds time.
+                futures = self.runner.run([ms.runner.RunnerInput(result.artifact_path, device, args_info)] * 3)
+                runs = [future.result() for future in futures]
+            finally:
+                shutil.rmtree(os.path.dirname(result.artifact_path), ignore_errors=True)
+            timed = [r for r in runs if r.error_msg is None and r.run_secs]
+            if not timed:
+                self.say(f"[tune] {task.name}: the {what} did not run: {str(runs[0].error_msg).strip()[-300:]}")
+                timings.append(None)
+                continue
+            timings.append([float(s) for s in min(timed, key=lambda r: _median(r.run_secs)).run_secs])
+        return timings
+
+    def _commit(self, task: Task, sch: Schedule, run_secs: list[float], progress: TaskProgress) -> float:
+        """Add a timed schedule to the database as a record; its median latency."""
         workload = self.database.commit_workload(task.mod)
         self.database.commit_tuning_record(
-            ms.database.TuningRecord(sch.trace, workload, result.run_secs, self.tvm_target, args_info)
+            ms.database.TuningRecord(sch.trace, workload, run_secs, self.tvm_target, _args_info(sch))
         )
-        runs = sorted(float(s) for s in result.run_secs)
-        progress.default_s = runs[len(runs) // 2]
-        if progress.best_s is None or progress.default_s < progress.best_s:
-            progress.best_s = progress.default_s
-        self.say(f"[tune] {task.name}: default schedule ({kind.replace('_', ' ')}) "
-                 f"{_fmt_latency(progress.default_s, task.flops)}")
+        median = _median(run_secs)
+        if progress.best_s is None or median < progress.best_s:
+            progress.best_s = median
+        return median
+
+    def _seed_schedule(self, task: Task, seed_database) -> Schedule | None:
+        """The seed database's best record of the task, replayed; None if it has none."""
+        if not seed_database.has_workload(task.mod):
+            return tvm_prepack.schedule_from_unmarked_record(seed_database, task.mod)
+        records = seed_database.get_top_k(seed_database.commit_workload(task.mod), 1)
+        if not records:
+            return None
+        sch = Schedule(task.mod)
+        try:
+            records[0].trace.apply_to_schedule(sch, remove_postproc=False)
+        except Exception as exc:  # TVMError: a trace of another TVM build or target kind
+            self.say(f"[tune] {task.name}: the seed record does not replay ({str(exc).strip().splitlines()[-1][:160]})")
+            return None
+        return sch
+
+    def measure_baselines(self, task: Task, progress: TaskProgress, seed_database) -> None:
+        """Time the task's default schedule and (with a seed database) its best record
+        there, and commit each as a record: the baselines tuning must beat, and what
+        compile uses where tuning does not."""
+        wanted: list[tuple[str, Schedule, str]] = []
+        kind = None
+        if progress.default_s is None:
+            sch, kind = default_schedule(task.mod, self.tvm_target)
+            wanted.append(("default_s", sch, f"default schedule ({kind.replace('_', ' ')})"))
+        if seed_database is not None and progress.seed_s is None:
+            sch = self._seed_schedule(task, seed_database)
+            if sch is not None:
+                wanted.append(("seed_s", sch, "seed record"))
+        if not wanted:
+            return
+        for (field, sch, what), run_secs in zip(wanted, self._measure(task, [(sch, what) for _, sch, what in wanted])):
+            if run_secs is not None:
+                setattr(progress, field, self._commit(task, sch, run_secs, progress))
+                self.say(f"[tune] {task.name}: {what} {_fmt_latency(getattr(progress, field), task.flops)}")
         if kind == "vnni":
             # MetaSchedule's x86 rules tensorize with TVM's own dot_16x4_vnni, which this
             # LLVM rejects (pipeline/tvm_vnni.py): every candidate would fail to build.

@@ -176,6 +176,26 @@ def test_merge_dedupes_and_refuses_other_targets(tuned, tmp_path):
     assert not (tmp_path / "mixed").exists()
 
 
+def test_ship_copies_the_best_record_of_each_kernel_under_its_cpu(tuned, tmp_path):
+    from pipeline import tvm_tuning
+
+    meta = json.loads((tuned / DB / "meta.json").read_text())
+    result = run_tune("tune-db", "ship", str(tuned / DB), "-o", str(tmp_path / "shipped"), cwd=tuned)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    shipped = tmp_path / "shipped"
+    workloads = len(tvm_tuning.merged_workloads(tuned / DB))
+    assert summary["records_in"] == len(_records(tuned / DB)) > summary["records_out"] == len(_records(shipped)) == workloads
+    for name in ("meta.json", "tune_state.json", "tune_curve.jsonl"):
+        assert (shipped / name).read_bytes() == (tuned / DB / name).read_bytes()
+    # Without -o it goes to tuning/<target>/<model-key>/<cpu>/.
+    assert tvm_tuning.shipped_database_dir("x86", meta["model_key"], meta["target_json"]).parts[-3:] == (
+        "x86", meta["model_key"], tvm_tuning.cpu_tag(meta["target_json"]))
+
+    result = run_tune("tune-db", "ship", str(tmp_path / "nothing"), cwd=tuned)
+    assert result.returncode == 2 and "not a directory" in result.stderr
+
+
 def test_corrupt_or_foreign_databases_warn_and_build_with_defaults(tuned, tmp_path, capsys):
     from pipeline import tvm_tuning
     from pipeline.tvm_backend import compile_onnx
@@ -204,6 +224,66 @@ def test_corrupt_or_foreign_databases_warn_and_build_with_defaults(tuned, tmp_pa
     (foreign / "meta.json").write_text(json.dumps(meta))
     assert tvm_tuning.find_database(tmp_path / "artifacts", target, "micro-32-b1-c10-in3-fp32") is None
     assert "tuned with TVM 0.19.0" in capsys.readouterr().err
+
+
+def test_records_of_another_cpu_model_fit_but_not_another_kind_or_triple():
+    import dataclasses
+
+    from pipeline.tvm_tuning import target_fit
+    from targets import get_target
+
+    x86 = dataclasses.replace(get_target("x86"), tvm_target={"kind": "llvm", "mcpu": "znver5", "num-cores": 2})
+    assert target_fit({"kind": "llvm", "mcpu": "znver5", "num-cores": 2}, x86) == "same"
+    assert target_fit({"kind": "llvm", "mcpu": "znver4", "num-cores": 2}, x86) == "similar"
+    assert target_fit({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 16}, x86) == "similar"
+    assert target_fit({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"}, x86) == "foreign"
+    gpu = get_target("cuda-sm80")
+    other_host = {**gpu.tvm_target, "host": {**gpu.tvm_target["host"], "mcpu": "znver3"}}
+    assert target_fit(other_host, gpu) == "similar"
+    assert target_fit({**gpu.tvm_target, "arch": "sm_75"}, gpu) == "foreign"
+
+
+def _as_tuned_on(db_dir: Path, copy: Path, mcpu: str) -> Path:
+    shutil.copytree(db_dir, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    meta["target_json"] = {**meta["target_json"], "mcpu": mcpu}
+    (copy / "meta.json").write_text(json.dumps(meta))
+    return copy
+
+
+def test_records_shipped_for_another_cpu_are_used_and_seed_tuning_timed_here(tuned, tmp_path, monkeypatch, capsys):
+    from pipeline import tvm_tuning
+    from targets import get_target
+
+    target = get_target("x86")
+    key = DB.name
+    this_cpu = tvm_tuning.cpu_tag(target.tvm_target)
+    other_cpu = "znver3" if this_cpu != "znver3" else "skylake-avx512"
+    shipped = tmp_path / "tuning"
+    monkeypatch.setattr(tvm_tuning, "SHIPPED_ROOT", shipped)
+    other = _as_tuned_on(tuned / DB, shipped / "x86" / key / other_cpu, other_cpu)
+
+    # Compile uses the other CPU's records, saying so, until there are some for this CPU.
+    artifacts_root = tmp_path / "artifacts"
+    assert tvm_tuning.find_database(artifacts_root, target, key) == other
+    assert f"made on another CPU ({other_cpu}, this is {this_cpu})" in capsys.readouterr().err
+    mine = shutil.copytree(tuned / DB, tvm_tuning.shipped_database_dir("x86", key, target.tvm_target))
+    assert tvm_tuning.find_database(artifacts_root, target, key) == mine
+    shutil.rmtree(mine)
+
+    # Tuning starts from them: each task's best record is replayed, timed here and kept.
+    fresh = tvm_tuning.local_database_dir(artifacts_root, "x86", key)
+    seed = tvm_tuning.seed_database(artifacts_root, target, key, exclude=fresh)
+    assert seed == other
+    onnx_path = next((tuned / "artifacts" / "simplify").glob("*/model.sim.onnx"))
+    summary = tvm_tuning.tune(onnx_path, target, fresh, key,
+                              tvm_tuning.TuneSettings(trials_per_task=0, max_tasks=1),
+                              input_shape=(1, 3, 32, 32), seed_dir=seed, say=lambda line: None)
+    top = summary["tasks"][0]
+    assert top["seed_s"] is not None and top["default_s"] is not None
+    assert top["best_s"] == min(top["seed_s"], top["default_s"])
+    assert len(_records(fresh)) == 2  # the default schedule and the seed, both timed here
+    assert json.loads((fresh / "meta.json").read_text())["target_json"] == target.tvm_target
 
 
 def test_a_device_target_without_a_tracker_says_how_to_connect_one():

@@ -30,7 +30,7 @@ def settings(config: PipelineConfig, target: Target) -> dict:
 
 def tuning_database(config: PipelineConfig, target: Target) -> Path | None:
     """The tuning records compile applies to CPU builds (fp32, int8): artifacts/tune/<target>/<model>/,
-    else the repository's tuning/<target>/<model>/ (pipeline/tvm_tuning.py)."""
+    else the repository's tuning/<target>/<model>/<cpu>/, for this CPU or another (pipeline/tvm_tuning.py)."""
     if config.precision not in TUNABLE_PRECISIONS:
         return None
     from pipeline import tvm_tuning
