@@ -36,7 +36,10 @@ def pack_weights() -> list[tvm.transform.Pass]:
     """After scheduling: split each weight's layout rewrite out of its kernel and apply it
     to the embedded constant now. (Weights kept outside the library, params_mode
     "separate", are rewritten by those functions on every call instead.)"""
-    return [relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant()]
+    # DeadCodeElimination: the unpacked kernels and the folded rewrites are no longer
+    # called; left in, they would be compiled into the library.
+    return [relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant(),
+            relax.transform.DeadCodeElimination()]
 
 
 def _main(mod: tvm.IRModule) -> tvm.tirx.PrimFunc:

@@ -393,7 +393,10 @@ def merge_databases(sources: list[Path], output: Path) -> dict[str, Any]:
             for record in database.get_all_tuning_records():
                 counts["records_in"] += 1
                 workload_mod = record.workload.mod
-                identity = (tvm_ffi.structural_hash(workload_mod), json.dumps(record.as_json(), default=str))
+                # The trace as text: record.as_json() cannot convert the IndexMap of a
+                # layout rewrite (TVM 0.27), its printed form names it.
+                identity = (tvm_ffi.structural_hash(workload_mod), str(record.trace),
+                            tuple(float(s) for s in record.run_secs or ()))
                 if identity in seen:
                     continue
                 seen.add(identity)
