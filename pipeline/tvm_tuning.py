@@ -216,14 +216,17 @@ def database_problem(db_dir: Path, target: Target | None, *, similar_ok: bool = 
     return None
 
 
-def find_database(artifacts_root: Path, target: Target, key: str) -> Path | None:
-    """The database compile uses for a target and model: the artifacts tree's, else the
-    repository's for this CPU, else one tuned on another CPU model of the same kind (with
-    a warning: its schedules are correct here but were timed there). One that exists but
-    cannot be used is skipped with a warning."""
+def _usable_database(artifacts_root: Path, target: Target, key: str,
+                     exclude: Path | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """The first usable database of a target and model, and the target it was made for:
+    the artifacts tree's, then the repository's, those made for this exact target before
+    those of another CPU model. One that exists but cannot be used is skipped with a
+    warning."""
     usable = []
     for db_dir in (local_database_dir(artifacts_root, target.name, key), *shipped_databases(target.name, key)):
         if not (db_dir / WORKLOAD_FILE).is_file():
+            continue
+        if exclude is not None and db_dir.resolve() == Path(exclude).resolve():
             continue
         problem = database_problem(db_dir, target, similar_ok=True)
         if problem is not None:
@@ -231,25 +234,30 @@ def find_database(artifacts_root: Path, target: Target, key: str) -> Path | None
             continue
         made_for = _read_meta(db_dir)["target_json"]
         if target_fit(made_for, target) == "same":
-            return db_dir
+            return db_dir, made_for
         usable.append((db_dir, made_for))
-    if not usable:
+    return usable[0] if usable else None
+
+
+def find_database(artifacts_root: Path, target: Target, key: str) -> Path | None:
+    """The database compile uses for a target and model (``_usable_database``); one tuned
+    on another CPU model of the same kind comes with a warning: its schedules are correct
+    here but were timed there."""
+    found = _usable_database(artifacts_root, target, key)
+    if found is None:
         return None
-    db_dir, made_for = usable[0]
-    _warn_once(f"using tuning records made on another CPU ({cpu_tag(made_for)}, this is {cpu_tag(target.tvm_target)}): "
-          f"{db_dir}; run `pipeline tune` for kernels timed on this one")
+    db_dir, made_for = found
+    if target_fit(made_for, target) != "same":
+        _warn_once(f"using tuning records made on another CPU ({cpu_tag(made_for)}, this is "
+                   f"{cpu_tag(target.tvm_target)}): {db_dir}; run `pipeline tune` for kernels timed on this one")
     return db_dir
 
 
 def seed_database(artifacts_root: Path, target: Target, key: str, exclude: Path) -> Path | None:
-    """Records `pipeline tune` starts from: the database compile would use (the shipped one
-    for this CPU, or one of another CPU model), other than the one being tuned."""
-    for db_dir in (local_database_dir(artifacts_root, target.name, key), *shipped_databases(target.name, key)):
-        if Path(db_dir).resolve() == Path(exclude).resolve() or not (db_dir / WORKLOAD_FILE).is_file():
-            continue
-        if database_problem(db_dir, target, similar_ok=True) is None:
-            return db_dir
-    return None
+    """Records `pipeline tune` starts from: the database compile would use (this CPU's
+    first, else another CPU model's), other than the one being tuned."""
+    found = _usable_database(artifacts_root, target, key, exclude=exclude)
+    return found[0] if found is not None else None
 
 
 def database_digest(db_dir: Path) -> str:

@@ -269,6 +269,8 @@ def test_records_shipped_for_another_cpu_are_used_and_seed_tuning_timed_here(tun
     assert f"made on another CPU ({other_cpu}, this is {this_cpu})" in capsys.readouterr().err
     mine = shutil.copytree(tuned / DB, tvm_tuning.shipped_database_dir("x86", key, target.tvm_target))
     assert tvm_tuning.find_database(artifacts_root, target, key) == mine
+    # Tuning too starts from this CPU's records when there are some.
+    assert tvm_tuning.seed_database(artifacts_root, target, key, exclude=artifacts_root / "none") == mine
     shutil.rmtree(mine)
 
     # Tuning starts from them: each task's best record is replayed, timed here and kept.
