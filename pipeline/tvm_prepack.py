@@ -66,6 +66,17 @@ def stored_marked(database, mod: tvm.IRModule) -> tvm.IRModule | None:
     return tvm.IRModule({"main": stored.with_attr(LAYOUT_FREE, _main(mod).attrs[LAYOUT_FREE])})
 
 
+def replay_best_record(database, workload: tvm.IRModule, onto: tvm.IRModule) -> Schedule | None:
+    """The database's best record of `workload` (which it must hold), replayed on `onto`;
+    None if it has no record. A trace that does not fit `onto` raises TVM's error."""
+    records = database.get_top_k(database.commit_workload(workload), 1)
+    if not records:
+        return None
+    sch = Schedule(onto)
+    records[0].trace.apply_to_schedule(sch, remove_postproc=False)
+    return sch
+
+
 def schedule_from_unmarked_record(database, mod: tvm.IRModule) -> Schedule | None:
     """The best record of the unmarked kernel in `database`, replayed on the marked kernel
     (``stored_marked``) with the layout rewrite applied; None when there is no such record
@@ -73,13 +84,11 @@ def schedule_from_unmarked_record(database, mod: tvm.IRModule) -> Schedule | Non
     marked = stored_marked(database, mod)
     if marked is None:
         return None
-    records = database.get_top_k(database.commit_workload(unmarked(mod)), 1)
-    if not records:
-        return None
-    sch = Schedule(marked)
     try:
-        records[0].trace.apply_to_schedule(sch, remove_postproc=False)
+        sch = replay_best_record(database, unmarked(mod), marked)
     except Exception:  # TVMError: a trace that does not fit this kernel
+        return None
+    if sch is None:
         return None
     # As a postprocessor (see tvm_tuning._tiled_default): a search seeded with this
     # record replays the trace without it and rewrites the layout itself.
@@ -89,10 +98,9 @@ def schedule_from_unmarked_record(database, mod: tvm.IRModule) -> Schedule | Non
     return sch
 
 
-def apply_unmarked_records(mod: tvm.IRModule, database) -> tuple[tvm.IRModule, int]:
+def apply_unmarked_records(mod: tvm.IRModule, database) -> tvm.IRModule:
     """Schedule the marked kernels that MetaScheduleApplyDatabase left unscheduled from
-    records of their unmarked workloads; the module and how many it scheduled."""
-    scheduled = 0
+    records of their unmarked workloads."""
     for gv, func in list(mod.functions.items()):
         if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs is not None and func.attrs.get("tirx.is_scheduled", False)):
             continue
@@ -101,7 +109,5 @@ def apply_unmarked_records(mod: tvm.IRModule, database) -> tuple[tvm.IRModule, i
         if sch is None:
             continue
         # As MetaScheduleApplyDatabase does: the kernel's own attributes, marked scheduled.
-        new = _main(sch.mod).with_attrs(func.attrs).with_attr("tirx.is_scheduled", True)
-        mod[gv] = new
-        scheduled += 1
-    return mod, scheduled
+        mod[gv] = _main(sch.mod).with_attrs(func.attrs).with_attr("tirx.is_scheduled", True)
+    return mod

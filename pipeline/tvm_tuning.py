@@ -435,9 +435,8 @@ def ship_database(source: Path, output: Path | None = None) -> dict[str, Any]:
     if problem is not None:
         raise PipelineError(f"cannot ship: {problem}")
     meta = _read_meta(source)
-    if output is None:
-        output = SHIPPED_ROOT / meta["target"] / meta["model_key"] / cpu_tag(meta["target_json"])
-    output = Path(output)
+    output = Path(output) if output is not None else shipped_database_dir(
+        meta["target"], meta["model_key"], meta["target_json"])
     database = open_database(source, None, strict=True)
     output.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
@@ -457,11 +456,7 @@ def ship_database(source: Path, output: Path | None = None) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
-    return {"output": str(output), "records_in": len(database), "records_out": len(_records_of(output))}
-
-
-def _records_of(db_dir: Path) -> list[str]:
-    return [line for line in (Path(db_dir) / RECORD_FILE).read_text().splitlines() if line.strip()]
+    return {"output": str(output), "records_in": len(database), "records_out": len(pruned)}
 
 
 def merged_workloads(db_dir: Path) -> list[str]:
@@ -561,7 +556,7 @@ def schedule_module(
             # Looks each PrimFunc up by structure; found ones get "tirx.is_scheduled".
             mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
         # Records made before weights were marked layout free (pipeline/tvm_prepack.py).
-        mod, _ = tvm_prepack.apply_unmarked_records(mod, database)
+        mod = tvm_prepack.apply_unmarked_records(mod, database)
         from_records = sum(isinstance(f, tvm.tirx.PrimFunc) and _is_scheduled(f) for f in mod.functions.values())
     mod, defaults = apply_default_schedules(mod, tvm_target)
     return mod, {
@@ -1329,16 +1324,11 @@ class _Tuner:
         """The seed database's best record of the task, replayed; None if it has none."""
         if not seed_database.has_workload(task.mod):
             return tvm_prepack.schedule_from_unmarked_record(seed_database, task.mod)
-        records = seed_database.get_top_k(seed_database.commit_workload(task.mod), 1)
-        if not records:
-            return None
-        sch = Schedule(task.mod)
         try:
-            records[0].trace.apply_to_schedule(sch, remove_postproc=False)
+            return tvm_prepack.replay_best_record(seed_database, task.mod, task.mod)
         except Exception as exc:  # TVMError: a trace of another TVM build or target kind
             self.say(f"[tune] {task.name}: the seed record does not replay ({str(exc).strip().splitlines()[-1][:160]})")
             return None
-        return sch
 
     def measure_baselines(self, task: Task, progress: TaskProgress, seed_database) -> None:
         """Time the task's default schedule and (with a seed database) its best record
