@@ -10,6 +10,7 @@ Artifact layout (all in the library's directory, written atomically):
     model.so            the VM executable and its kernels (weights too, if "embedded")
     model.so.json       metadata the runtime reads: target, input/output, params order
     model.params.npz    weights, only for params_mode="separate"
+    model.cu            CUDA targets: the kernels' source, as nvcc compiled it (for reading)
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from tvm import relax
 # TVM 0.27: MetaSchedule moved to tvm.s_tir.meta_schedule and dlight to tvm.s_tir.dlight.
 from tvm.s_tir import dlight
 
+from pipeline import cuda_nvcc
 from pipeline import runtime_only
+from pipeline import tvm_graph_rewrites
 from pipeline import tvm_layout
 from pipeline import tvm_prepack
 from pipeline.errors import PipelineError
@@ -48,6 +51,11 @@ PARAMS_MODES = ("embedded", "separate")
 def params_path(library_path: Path) -> Path:
     """Where the weights of a params_mode="separate" library live: ``<stem>.params.npz``."""
     return library_path.with_name(f"{library_path.stem}.params.npz")
+
+
+def cuda_source_path(library_path: Path) -> Path:
+    """Where a CUDA library's kernel source lives: ``<stem>.cu``."""
+    return library_path.with_name(f"{library_path.stem}.cu")
 
 
 # ---------------------------------------------------------------------------
@@ -183,6 +191,22 @@ class _FloatMatmul(dlight.gpu.Matmul):
         return super().apply(func, target, tunable)
 
 
+class _GEMV(dlight.gpu.GEMV):
+    """dlight's GPU GEMV rule, falling through to the next rule where it cannot apply.
+
+    TVM 0.27: the rule's normalize() asserts that a GEMV-like kernel has a spatial loop
+    instead of declining it; a 7x7 depthwise convolution on a 1x1 feature map (every
+    32-pixel ConvNeXt at stage 4) has none, and the assert aborted the whole build. A rule
+    that declines returns None, which is what this does there.
+    """
+
+    def apply(self, func, target, tunable):
+        try:
+            return super().apply(func, target, tunable)
+        except AssertionError:
+            return None
+
+
 def relax_phases(target: tvm.target.Target) -> list[tuple[str, list[tvm.transform.Pass]]]:
     """The Relax passes from an imported graph to VM-ready code, in order, per phase.
 
@@ -195,8 +219,14 @@ def relax_phases(target: tvm.target.Target) -> list[tuple[str, list[tvm.transfor
     is_gpu = "gpu" in target.keys
     return [
         # Simplify: split composite ops (batch_norm, attention) into basic ones, drop
-        # trivial bindings so that legalization sees plain ops.
-        ("simplify", [transform.DecomposeOpsForInference(), transform.CanonicalizeBindings()]),
+        # trivial bindings so that legalization sees plain ops; x ** 2 (channels-first
+        # LayerNorm) becomes x * x, exact for negative x where a fast pow is NaN
+        # (pipeline/tvm_graph_rewrites.py).
+        ("simplify", [
+            transform.DecomposeOpsForInference(),
+            transform.CanonicalizeBindings(),
+            tvm_graph_rewrites.integer_power_to_multiply(),
+        ]),
         # Channels last (CPU): NCHW convolutions compute in NHWC so that the transposes
         # around ConvNeXt's LayerNorms cancel and channel reductions read contiguous
         # memory (pipeline/tvm_layout.py). GPU targets keep NCHW until measured on one.
@@ -225,7 +255,7 @@ def relax_phases(target: tvm.target.Target) -> list[tuple[str, list[tvm.transfor
         # (untested until a GPU target exists). CPU PrimFuncs were scheduled right after
         # fusion: tuning records or default schedules (compile_onnx, pipeline/tvm_tuning.py).
         ("schedule", [dlight.ApplyDefaultSchedule(
-            _FloatMatmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
+            _FloatMatmul(), _GEMV(), dlight.gpu.Reduction(),
             dlight.gpu.GeneralReduction(), dlight.gpu.Fallback(),
         )] if is_gpu else []),
         # Dataflow lowering: leave the pure dataflow world; call_tir becomes explicit
@@ -256,7 +286,8 @@ def precision_phases(precision: str, target: Target) -> list[tuple[str, list[tvm
     FP16: convolutions and matmuls take float16 operands and accumulate in float32
     (ToMixedPrecision's out_dtype), the rest of the graph follows the float16 values where
     it is numerically safe; the model's input and output stay float32. Only GPU targets
-    offer it: their tensor cores are where FP16 pays off.
+    offer it: their tensor cores are where FP16 pays off. Weights passed in at run time
+    (params_mode="separate") become float16 parameters, cast once when they are saved.
     """
     if precision in ("fp32", "int8"):
         return []
@@ -264,7 +295,10 @@ def precision_phases(precision: str, target: Target) -> list[tuple[str, list[tvm
         raise PipelineError(f"unknown precision '{precision}'; use fp32, fp16 or int8")
     if target.device != "cuda":
         raise PipelineError(f"precision fp16 is for GPU targets, not '{target.name}'; use --precision fp32 or int8")
-    return [("fp16", [relax.transform.ToMixedPrecision(out_dtype="float32")])]
+    return [("fp16", [
+        relax.transform.ToMixedPrecision(out_dtype="float32"),
+        tvm_graph_rewrites.cast_weight_params_once(),
+    ])]
 
 
 def _dump(dump_ir_dir: Path | None, index: int, phase: str, mod: tvm.IRModule) -> None:
@@ -348,23 +382,6 @@ def _cuda_source_codegen(target: Target):
             os.environ["TVM_COMPILE_FORCE_FALLBACK"] = previous
 
 
-def _compile_fatbin(source: str, target: Target) -> bytes:
-    """CUDA source -> fatbin with SASS for the target's sm_XX and PTX of the same version."""
-    from tvm.support import nvcc
-
-    number = target.cuda_arch.removeprefix("sm_")
-    gencode = ["-gencode", f"arch=compute_{number},code=[sm_{number},compute_{number}]"]
-    # TVM 0.27: compile_cuda reads the current target for its compute version.
-    with tvm.target.Target(target.tvm_target):
-        try:
-            return bytes(nvcc.compile_cuda(source, target_format="fatbin", arch=gencode, compiler="nvcc"))
-        except RuntimeError as exc:
-            message = str(exc).split("Compilation error:")[-1].strip()
-            raise PipelineError(
-                f"nvcc failed on the kernels for {target.cuda_arch}: {message.splitlines()[0] if message else exc}"
-            ) from None
-
-
 def _u64(value: int) -> bytes:
     return struct.pack("<Q", value)
 
@@ -431,18 +448,21 @@ def _fatbin_module_blob(blob: bytes, sources: list[str], compile_source) -> tupl
     return _u64(len(body)) + body, rewritten
 
 
-def _fatbin_import_packer(target: Target):
-    """An export_library ``fpack_imports``: the module tree with CUDA modules as fatbins,
-    embedded in an object file by LLVM (as TVM's default packer does)."""
+def _fatbin_import_packer(target: Target, sources: list[str]):
+    """An export_library ``fpack_imports``: the module tree with CUDA modules as fatbins
+    (pipeline/cuda_nvcc.py), embedded in an object file by LLVM (as TVM's default packer
+    does). The CUDA sources it compiled are appended to ``sources``."""
 
     def pack(module, is_system_lib: bool, prefix: str, workspace_dir: str) -> str:
         get = tvm.get_global_func
         blob = get("runtime.ModulePackImportsToTensor")(module).numpy().tobytes()
-        sources = [
+        sources.extend(
             m.inspect_source("cuda")
             for m in module._collect_from_import_tree(lambda m: m.kind == "cuda")
-        ]
-        blob, rewritten = _fatbin_module_blob(blob, sources, lambda s: _compile_fatbin(s, target))
+        )
+        blob, rewritten = _fatbin_module_blob(
+            blob, sources, lambda source: cuda_nvcc.compile_source(source, target.cuda_arch)
+        )
         if rewritten == 0:
             raise RuntimeError(f"no CUDA kernels to compile for target '{target.name}'")
         packed = get("codegen.codegen_blob")(
@@ -455,14 +475,16 @@ def _fatbin_import_packer(target: Target):
     return pack
 
 
-def _export_library(executable, path: Path, target: Target) -> list[str]:
-    """Link the executable into ``path``; returns the GPU code it carries ([] for CPU)."""
+def _export_library(executable, path: Path, target: Target) -> tuple[list[str], str]:
+    """Link the executable into ``path``; returns the GPU code it carries and the CUDA
+    source that code was compiled from (([], "") for CPU)."""
     if target.cuda_arch is None:
         executable.export_library(str(path), fcompile=_link_function(target))
-        return []
+        return [], ""
+    sources: list[str] = []
     # TVM 0.27: Executable.export_library does not pass fpack_imports on; its .mod does.
     executable.mod.export_library(
-        str(path), fcompile=_link_function(target), fpack_imports=_fatbin_import_packer(target)
+        str(path), fcompile=_link_function(target), fpack_imports=_fatbin_import_packer(target, sources)
     )
     from pipeline import cross
 
@@ -472,7 +494,7 @@ def _export_library(executable, path: Path, target: Target) -> list[str]:
             f"{path.name} has no {target.cuda_arch} code after the build (found: "
             f"{', '.join(map(str, code)) or 'none'})"
         )
-    return [str(entry) for entry in code]
+    return [str(entry) for entry in code], "\n".join(sources)
 
 
 # ---------------------------------------------------------------------------
@@ -549,12 +571,16 @@ def compile_onnx(
                     mod = tvm.transform.Sequential(tvm_prepack.pack_weights(), name="pack_weights")(mod)
                 _dump(dump_ir_dir, index, "scheduled", mod)
         num_primfuncs = _count_primfuncs(mod)
+        # A precision phase may have changed the dtype the weights are passed in.
+        param_dtypes = [str(var.ty.dtype) for var in mod["main"].params[-len(param_names):]] if (
+            params_mode == "separate" and param_names) else []
         # relax_pipeline=None: the Relax passes ran above; tvm.compile now runs TIR's
         # default lowering pipeline and LLVM (or the target's) codegen.
         executable = tvm.compile(mod, target=tvm_target, relax_pipeline=None)
 
     library_path.parent.mkdir(parents=True, exist_ok=True)
     weights = params_path(library_path)
+    cuda_source = cuda_source_path(library_path)
     metadata = {
         "format": 1,
         "target": target.name,
@@ -577,19 +603,29 @@ def compile_onnx(
     temp_library = library_path.with_name(f".{library_path.stem}{tag}{library_path.suffix}")
     temp_metadata = library_path.with_name(f".{metadata_path(library_path).name}{tag}")
     temp_weights = weights.with_name(f".{weights.stem}{tag}.npz")
-    temps = [temp_library, temp_metadata, temp_weights]
+    temp_source = cuda_source.with_name(f".{cuda_source.stem}{tag}.cu")
+    temps = [temp_library, temp_metadata, temp_weights, temp_source]
     try:
-        device_code = _export_library(executable, temp_library, target)
+        device_code, source = _export_library(executable, temp_library, target)
         if device_code:
             metadata["device_code"] = device_code
+            metadata["cuda"] = {**cuda_nvcc.build_record(target.cuda_arch), "source": cuda_source.name}
+            temp_source.write_text(source)
         if params_mode == "separate":
             with open(temp_weights, "wb") as f:
-                np.savez(f, **{n: v.numpy() for n, v in zip(param_names, param_values)})
+                np.savez(f, **{
+                    name: value.numpy().astype(dtype, copy=False)
+                    for name, value, dtype in zip(param_names, param_values, param_dtypes)
+                })
         runtime_only.write_metadata(temp_metadata, metadata)
         if params_mode == "separate":
             os.replace(temp_weights, weights)
         elif weights.exists():
             weights.unlink()  # a stale weights file from an earlier "separate" build
+        if device_code:
+            os.replace(temp_source, cuda_source)
+        elif cuda_source.exists():
+            cuda_source.unlink()  # a stale source from an earlier CUDA build
         os.replace(temp_metadata, metadata_path(library_path))
         os.replace(temp_library, library_path)
     finally:

@@ -5,6 +5,7 @@ run against the CPU build is marked `gpu` and skips without one."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 
@@ -14,7 +15,7 @@ import tvm
 import tvm_ffi
 
 from edge_models import compiled, elf_machine, sample
-from pipeline import cross, tvm_backend
+from pipeline import cross, cuda_inspect, tvm_backend
 from pipeline.errors import PipelineError
 from pipeline.runtime_only import metadata_path
 from targets import get_target
@@ -156,6 +157,63 @@ def test_cuda_build_with_separate_params(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------
+# Numerics by construction: no pow, no fast-math log in the device code
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_cuda_source_beside_the_library_holds_no_pow_call(tmp_path_factory):
+    """The micro model's channels-first LayerNorms square with ONNX Pow(x, 2); under nvcc's
+    fast math that was exp2(2 * log2(x)), NaN for every negative x (all outputs on an H200)."""
+    import onnx
+
+    from edge_models import micro_onnx
+
+    assert "Pow" in {node.op_type for node in onnx.load(str(micro_onnx(tmp_path_factory))).graph.node}
+    library = compiled(tmp_path_factory, "cuda-sm80")
+    source = tvm_backend.cuda_source_path(library).read_text()
+    assert "__global__" in source
+    assert not re.search(r"\b(__)?powf?\s*\(", source)
+    meta = json.loads(metadata_path(library).read_text())
+    assert meta["cuda"]["source"] == "model.cu"
+    assert meta["cuda"]["fast_math"] is False
+    assert "--use_fast_math" not in meta["cuda"]["nvcc_flags"]
+    assert "arch=compute_80,code=[sm_80,compute_80]" in meta["cuda"]["nvcc_flags"]
+    assert re.fullmatch(r"\d+\.\d+\.\d+", meta["cuda"]["nvcc_version"])
+
+
+@needs_nvcc
+@pytest.mark.slow
+@pytest.mark.skipif(cuda_inspect.cuobjdump_path() is None, reason="cuobjdump is not installed")
+def test_device_code_of_a_model_without_log_ops_has_no_log2_instruction(tmp_path_factory):
+    """SASS and PTX read back from the artifact: the model has no log, so a log2 unit
+    instruction (MUFU.LG2, lg2.approx) could only come from a fast-math pow."""
+    library = compiled(tmp_path_factory, "cuda-sm80")
+    sass = cuda_inspect.disassemble(library, "sass")
+    ptx = cuda_inspect.disassemble(library, "ptx")
+    assert "Function :" in sass and ".entry" in ptx  # real listings, not empty output
+    assert "MUFU.LG2" not in sass
+    assert "lg2." not in ptx
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_the_32_pixel_demo_model_compiles_for_cuda(tmp_path):
+    """A 32-pixel ConvNeXt reaches stage 4 at 1x1, where the 7x7 depthwise conv made dlight's
+    GEMV rule assert (113-line traceback); the rule now declines and the next one applies."""
+    from pipeline.model import create_model
+    from pipeline.stages.export import export_onnx
+
+    shape = (1, 1, 32, 32)
+    onnx_path = tmp_path / "demo.onnx"
+    export_onnx(create_model("micro", num_classes=10, in_chans=1).eval(), onnx_path, shape, opset=17,
+                dynamic_batch=False)
+    info = tvm_backend.compile_onnx(onnx_path, get_target("cuda-sm90"), tmp_path / "model.so", input_shape=shape)
+    assert "sass:sm_90" in [str(c) for c in cross.cuda_device_code(tmp_path / "model.so")]
+    assert info["output"]["shape"] == [1, 10]
+
+
+# ---------------------------------------------------------------------------
 # GPU: the artifact runs and matches the CPU build
 
 
@@ -211,6 +269,35 @@ def test_fp16_build_computes_convolutions_and_matmuls_in_half(tmp_path_factory):
     meta = json.loads(metadata_path(out / "model.so").read_text())
     assert meta["input"]["dtype"] == "float32" and meta["output"]["dtype"] == "float32"
     assert "sass:sm_80" in meta["device_code"]
+
+
+@needs_nvcc
+@pytest.mark.slow
+@pytest.mark.parametrize("params_mode", ["embedded", "separate"])
+def test_fp16_weights_are_stored_in_half_and_not_cast_per_call(tmp_path_factory, params_mode):
+    from edge_models import SHAPE, micro_onnx
+
+    out = tmp_path_factory.mktemp(f"fp16-{params_mode}")
+    tvm_backend.compile_onnx(
+        micro_onnx(tmp_path_factory), get_target("cuda-sm80"), out / "model.so",
+        input_shape=SHAPE, precision="fp16", params_mode=params_mode, dump_ir_dir=out / "ir",
+    )
+    (fused,) = (out / "ir").glob("*_fuse.py")
+    main = fused.read_text().split("def main(", 1)[1]
+    casts = re.findall(r"R\.call_tir\(cls\.cast\w*, \(([^,)]+)", main)
+    assert casts, "the input is still cast once"
+    if params_mode == "embedded":
+        assert not [arg for arg in casts if arg.startswith("metadata")], "a constant cast per call"
+        return
+    with np.load(tvm_backend.params_path(out / "model.so")) as weights:
+        dtypes = {name: str(weights[name].dtype) for name in weights.files}
+        sizes = {name: weights[name].size for name in weights.files}
+    # Convolution and GEMM weights are read in half, the rest (biases, norms, the head's
+    # float32 GEMM) as float32: almost every weight is stored in half.
+    assert dtypes["stages.0.0.dwconv.weight"] == dtypes["downsample_layers.0.0.weight"] == "float16"
+    assert sum(n for name, n in sizes.items() if dtypes[name] == "float16") > 0.95 * sum(sizes.values())
+    weight_vars = {name.replace(".", "_") for name in dtypes}
+    assert not [arg for arg in casts if arg in weight_vars], "a weight cast per call"
 
 
 def test_fp16_is_refused_for_cpu_targets(tmp_path_factory):

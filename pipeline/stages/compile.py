@@ -82,11 +82,14 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
         info["params_file"] = Path(info["params_file"]).name
     outputs = {"library": library.name}
     for path in sorted(out_dir.iterdir()):
-        # The metadata and (with separate params) the weights file travel with the library.
+        # The metadata, the weights file (separate params) and the CUDA source (GPU targets)
+        # travel with the library.
         if path.name.endswith(".json"):
             outputs["library_metadata"] = path.name
         elif path.name.endswith(".npz"):
             outputs["params"] = path.name
+        elif path.name.endswith(".cu"):
+            outputs["cuda_source"] = path.name
     return {"outputs": outputs, "info": info}
 
 
@@ -97,8 +100,11 @@ def model_input(config: PipelineConfig) -> tuple[str, ...]:
 
 STAGE = Stage(
     name="compile",
+    # 2: integer powers as multiplies, nvcc without fast math, model.cu and fp16 weights
+    # (artifacts of version 1 computed NaN on CUDA GPUs and must not be reused).
+    version=2,
     inputs=model_input,
-    outputs=("library", "library_metadata", "params"),
+    outputs=("library", "library_metadata", "params", "cuda_source"),
     settings=settings,
     run=run,
 )
