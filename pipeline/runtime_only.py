@@ -9,13 +9,21 @@ side by side, written by ``pipeline.tvm_backend.compile_onnx``:
     model.params.npz    weights, only when compiled with params_mode="separate"
 
     python run.py model.so --input x.npy --output y.npy [--repeat 20] [--device cuda]
+
+CUDA artifacts (x86-64 GPUs and Jetson) need the NVIDIA driver (libcuda.so.1) and the
+CUDA runtime (libcudart.so.13: from a CUDA toolkit, or ``pip install nvidia-cuda-runtime``
+as PyTorch's CUDA wheels bring it); the loader finds both where those install them.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import glob
 import json
 import os
+import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -72,6 +80,75 @@ class ArtifactError(Exception):
     """An artifact that cannot be loaded or run as asked; the message says what to do."""
 
 
+# The machine architecture of a host triple, as platform.machine() names it on Linux.
+_MACHINE_ALIASES = {"arm64": "aarch64", "amd64": "x86_64"}
+
+
+def machine_arch() -> str:
+    """This machine's architecture as a host triple starts: "x86_64", "aarch64", ..."""
+    machine = platform.machine().lower()
+    return _MACHINE_ALIASES.get(machine, machine)
+
+
+def _cudart_candidates(soname: str) -> list[str]:
+    """Where a CUDA runtime library may be when the dynamic linker does not find it: a
+    CUDA toolkit (CUDA_HOME, /usr/local/cuda, JetPack's) or NVIDIA's pip wheels (PyTorch's
+    CUDA builds install nvidia/cu13/lib/ into site-packages)."""
+    roots = [os.environ.get(name) for name in ("CUDA_HOME", "CUDA_PATH")] + ["/usr/local/cuda"]
+    folders = [os.path.join(root, sub) for root in roots if root for sub in ("lib64", "lib")]
+    folders += sorted(glob.glob("/usr/local/cuda-*/lib*")) + sorted(glob.glob("/usr/local/cuda-*/targets/*/lib"))
+    for entry in sys.path:
+        folders += sorted(glob.glob(os.path.join(entry, "nvidia", "*", "lib")))
+    return [os.path.join(folder, soname) for folder in folders if os.path.isfile(os.path.join(folder, soname))]
+
+
+def _missing_library(error: OSError) -> str | None:
+    found = re.search(r"(lib[\w.+-]+\.so[\w.]*): cannot open shared object file", str(error))
+    return found.group(1) if found else None
+
+
+def load_cuda_runtime() -> None:
+    """Register TVM's CUDA device and module loader in this process (idempotent).
+
+    TVM 0.27 loads tvm/lib/libtvm_runtime_cuda.so only together with its compiler library;
+    in runtime-only mode (run.py, bundles, a TVM without the compiler) "cuda" stays an
+    unknown device until the library is loaded by hand. Raises ArtifactError naming what
+    is missing: TVM's CUDA runtime, the NVIDIA driver or the CUDA runtime library.
+    """
+    import tvm_ffi
+
+    if tvm_ffi.get_global_func("device_api.cuda", allow_missing=True) is not None:
+        return
+    library = os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_cuda.so")
+    if not os.path.isfile(library):
+        raise ArtifactError(
+            f"this TVM {tvm.__version__} has no CUDA runtime ({library} is missing); "
+            f"install the apache-tvm wheel for Linux, which includes it"
+        )
+    preloaded: set[str] = set()
+    while True:
+        try:
+            ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)
+            return
+        except OSError as exc:
+            missing = _missing_library(exc) or str(exc)
+        if missing.startswith("libcuda.so"):
+            raise ArtifactError(
+                f"the NVIDIA driver library {missing} is not installed on this machine, so CUDA "
+                f"artifacts cannot run here; install the NVIDIA driver (JetPack on a Jetson)"
+            )
+        candidates = [path for path in _cudart_candidates(missing) if path not in preloaded]
+        if not missing.startswith("libcudart") or not candidates:
+            raise ArtifactError(
+                f"the CUDA runtime library {missing} is not found; install the CUDA 13 runtime "
+                f"(the CUDA toolkit, or pip install nvidia-cuda-runtime) or add its folder to "
+                f"LD_LIBRARY_PATH"
+            )
+        # Loaded by path, the library satisfies the runtime's dependency by its soname.
+        ctypes.CDLL(candidates[0], mode=ctypes.RTLD_GLOBAL)
+        preloaded.add(candidates[0])
+
+
 def metadata_path(library_path: Path) -> Path:
     """The metadata file of a library: ``model.so`` -> ``model.so.json``."""
     library_path = Path(library_path)
@@ -111,6 +188,13 @@ class LoadedArtifact:
             raise fail(f"cannot read {meta_file}: {_first_line(exc)}") from None
 
         meta = self.metadata
+        host_arch = str(meta.get("host_triple", "")).split("-", 1)[0]
+        if host_arch and host_arch != machine_arch():
+            raise fail(
+                f"{self.library_path.name} was built for {meta['host_triple']} (target "
+                f"'{meta.get('target', '?')}'), but this machine is {machine_arch()}; run it on "
+                f"a {host_arch} machine, or compile it for a target of this one"
+            )
         if meta.get("device", "cpu") == "cpu":
             configure_cpu_threads()
         self.target = meta["target"]
@@ -119,12 +203,21 @@ class LoadedArtifact:
         self.input_dtype = np.dtype(meta["input"]["dtype"])
         self.output_shape = tuple(meta["output"]["shape"])
 
+        if device.split(":")[0] == "cuda":
+            try:
+                load_cuda_runtime()
+            except ArtifactError as exc:
+                raise fail(str(exc)) from None
         try:
             self.device = tvm.device(device)
         except Exception as exc:
             raise fail(f"unknown device '{device}': {_first_line(exc)}") from None
         if not self.device.exist:
-            raise fail(f"device '{device}' is not available on this machine")
+            hint = (
+                "; the CUDA driver and runtime loaded, but no GPU is visible (see nvidia-smi and "
+                "CUDA_VISIBLE_DEVICES)" if device.split(":")[0] == "cuda" else ""
+            )
+            raise fail(f"device '{device}' is not available on this machine{hint}")
 
         try:
             self._module = tvm.runtime.load_module(str(self.library_path))
@@ -193,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ArtifactError(f"--repeat must be at least 1, not {args.repeat}")
         try:
             x = np.load(args.input)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:
             raise ArtifactError(f"cannot read input {args.input}: {_first_line(exc)}") from None
         artifact = LoadedArtifact(args.library, device=args.device)
         if args.target:

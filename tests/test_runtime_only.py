@@ -26,7 +26,10 @@ SHAPE = (1, 3, 64, 64)
 MODES = ("embedded", "separate")
 RUNTIME_ONLY = Path(runtime_only.__file__)
 # What run.py may import: the standard library it needs, NumPy and TVM's runtime.
-ALLOWED_IMPORTS = {"__future__", "argparse", "json", "os", "sys", "time", "pathlib", "numpy", "tvm"}
+ALLOWED_IMPORTS = {
+    "__future__", "argparse", "ctypes", "glob", "json", "os", "platform", "re", "sys", "time", "pathlib",
+    "numpy", "tvm", "tvm_ffi",
+}
 
 
 def _tiny_onnx(path: Path) -> Path:
@@ -214,3 +217,65 @@ def test_tvm_runs_on_every_physical_core_unless_told_otherwise():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "TVM_NUM_THREADS": "1"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.split()[:2] == ["1", "1"]
+
+
+def _has_gpu_driver() -> bool:
+    import ctypes.util
+
+    return ctypes.util.find_library("cuda") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_has_gpu_driver(), reason="this machine has an NVIDIA driver")
+def test_run_py_on_cuda_without_a_driver_names_the_missing_driver(artifact, tiny, tmp_path):
+    """run.py registers TVM's CUDA runtime itself (runtime-only TVM 0.27 never loads it);
+    on a machine without the driver that fails with one line saying what is missing."""
+    bundle = _bundle(artifact, tmp_path / "bundle")
+    np.save(bundle / "in.npy", tiny["sample"])
+    metadata = json.loads((bundle / "model.so.json").read_text())
+    (bundle / "model.so.json").write_text(json.dumps({**metadata, "device": "cuda"}))
+    result = subprocess.run(
+        [sys.executable, "run.py", "model.so", "--input", "in.npy", "--device", "cuda"],
+        cwd=bundle, env=_bare_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: the NVIDIA driver library libcuda.so.1 is not installed")
+
+
+def test_a_missing_cuda_runtime_library_is_named(monkeypatch):
+    import ctypes
+
+    import tvm_ffi
+
+    real_get = tvm_ffi.get_global_func
+    monkeypatch.setattr(tvm_ffi, "get_global_func", lambda name, allow_missing=False: None
+                        if name == "device_api.cuda" else real_get(name, allow_missing=allow_missing))
+
+    def cdll(path, mode=0):
+        raise OSError("libcudart.so.13: cannot open shared object file: No such file or directory")
+
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    monkeypatch.setattr(runtime_only, "_cudart_candidates", lambda soname: [])
+    with pytest.raises(ArtifactError, match=r"CUDA runtime library libcudart\.so\.13 is not found.*LD_LIBRARY_PATH"):
+        runtime_only.load_cuda_runtime()
+
+
+@pytest.mark.slow
+def test_an_artifact_for_another_architecture_is_refused_before_loading(artifact, tiny, tmp_path):
+    """An aarch64 library on an x86 machine: say so, not "cannot open shared object file"."""
+    bundle = _bundle(artifact, tmp_path / "bundle")
+    np.save(bundle / "in.npy", tiny["sample"])
+    metadata = json.loads((bundle / "model.so.json").read_text())
+    other = "aarch64" if runtime_only.machine_arch() != "aarch64" else "x86_64"
+    (bundle / "model.so.json").write_text(json.dumps(
+        {**metadata, "host_triple": f"{other}-linux-gnu", "target": "arm-a72"}))
+    result = subprocess.run(
+        [sys.executable, "run.py", "model.so", "--input", "in.npy"],
+        cwd=bundle, env=_bare_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: model.so was built for {other}-linux-gnu (target 'arm-a72'), but this machine is "
+        f"{runtime_only.machine_arch()}; run it on a {other} machine, or compile it for a target of this one"
+    )
