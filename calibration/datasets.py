@@ -70,6 +70,51 @@ def sample_order(n: int, limit: int | None, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(n)
 
 
+def check_source(source: str) -> str:
+    """What kind of source `source` names ("fashion-mnist", "sample-photos", "folder",
+    "array file", "list file"), without reading any image: a source that cannot be read
+    at all fails here, before a command starts its work."""
+    source = str(source)
+    if source == "fashion-mnist" or source.startswith("fashion-mnist:"):
+        return "fashion-mnist"
+    if source == sample_photos.SOURCE_NAME:
+        return sample_photos.SOURCE_NAME
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise PipelineError(f"image folder '{source}' does not exist; {_SOURCES_HINT}")
+    if path.is_dir():
+        return "folder"
+    if path.suffix.lower() in (".npy", ".npz"):
+        return "array file"
+    if path.suffix.lower() == ".txt":
+        return "list file"
+    raise PipelineError(f"'{source}' is not a folder, .npy, .npz or .txt list file; {_SOURCES_HINT}")
+
+
+def class_names(source: str) -> list[str] | None:
+    """The class names a source declares (index = label), without decoding any image; None
+    when it has none (flat folders, list files, bare arrays)."""
+    kind = check_source(source)
+    if kind == "fashion-mnist":
+        return list(fashion_mnist.CLASS_NAMES)
+    if kind == sample_photos.SOURCE_NAME:
+        return sample_photos.imagenet_class_names()
+    path = Path(source).expanduser()
+    if kind == "folder":
+        subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        # The same rule as _load_directory: an ImageFolder when any sub-folder holds images.
+        if any(_images_under(d, recursive=True) for d in subdirs):
+            return [d.name for d in subdirs]
+        return None
+    if kind == "array file" and path.suffix.lower() == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as loaded:
+                return [str(n) for n in loaded["class_names"]] if "class_names" in loaded.files else None
+        except (OSError, ValueError, EOFError):
+            return None  # load_dataset says what is wrong with the file when it is read
+    return None
+
+
 def load_dataset(
     source: str,
     input_size: int,
@@ -91,23 +136,20 @@ def load_dataset(
     if limit is not None and limit <= 0:
         raise PipelineError(f"image limit {limit} is not positive; pass a count >= 1 or no limit")
     source = str(source)
-    if source == "fashion-mnist" or source.startswith("fashion-mnist:"):
+    kind = check_source(source)
+    if kind == "fashion-mnist":
         _, _, suffix = source.partition(":")
         dataset = _load_fashion_mnist(suffix or split, input_size, spec, in_chans, limit, seed)
-    elif source == sample_photos.SOURCE_NAME:
+    elif kind == sample_photos.SOURCE_NAME:
         dataset = _load_sample_photos(input_size, spec, in_chans, limit, seed, progress)
     else:
         path = Path(source).expanduser()
-        if not path.exists():
-            raise PipelineError(f"image folder '{source}' does not exist; {_SOURCES_HINT}")
-        if path.is_dir():
+        if kind == "folder":
             dataset = _load_directory(path, input_size, spec, in_chans, limit, seed, progress)
-        elif path.suffix.lower() in (".npy", ".npz"):
+        elif kind == "array file":
             dataset = _load_array_file(path, input_size, spec, in_chans, limit, seed)
-        elif path.suffix.lower() == ".txt":
-            dataset = _load_list_file(path, input_size, spec, in_chans, limit, seed, progress)
         else:
-            raise PipelineError(f"'{source}' is not a folder, .npy, .npz or .txt list file; {_SOURCES_HINT}")
+            dataset = _load_list_file(path, input_size, spec, in_chans, limit, seed, progress)
     if len(dataset) < min_images:
         unreadable = f" ({len(dataset.skipped)} unreadable skipped)" if dataset.skipped else ""
         raise PipelineError(

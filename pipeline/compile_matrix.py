@@ -174,7 +174,7 @@ def one_line(exc: BaseException) -> str:
 def compile_cell(config, target, precision: str) -> Cell:
     """Run the stages up to `compile` for one target and precision; never raises for a
     failed build (KeyboardInterrupt still stops the matrix)."""
-    from pipeline.cli import run_stages
+    from pipeline.model_options import run_stages
     from reports.target_report import describe_tuning
 
     cell = Cell(target.name, precision, COMPILED, target_json=target.target_json())
@@ -357,7 +357,7 @@ def compile_matrix(
     artifacts: Annotated[Path, typer.Option(help="Artifacts directory (content-keyed cache).")] = Path("artifacts"),
 ) -> None:
     """Compile the model for every target and precision; write OUTPUT/matrix.json and README.md. Exits 1 if an offered cell failed."""
-    from pipeline.cli import validate_config
+    from pipeline.model_options import validate_config
     from pipeline.config import PipelineConfig
     from pipeline.engine import log
 

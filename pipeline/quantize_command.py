@@ -3,7 +3,7 @@ per-layer sensitivity analysis and a float fallback for the layers that hurt mos
 
 Registered on the main app by `pipeline.cli` with `register(app)`. The model options
 (variant, weights, input size, --onnx, ...) are the stage commands' own, taken from
-`pipeline.cli` so that they cannot drift apart; the quantization options are added here.
+`pipeline.model_options` so that they cannot drift apart; the quantization options are added here.
 The run also writes the quantization report to <reports-dir>/<target>-int8/.
 """
 
@@ -58,8 +58,9 @@ def _config_from_options(options: dict):
 
 def quantize_command(**options) -> None:
     """Calibrate and quantize the model to INT8 (QDQ ONNX); --analyze ranks layers by sensitivity."""
-    from pipeline import artifacts, cli
+    from pipeline import artifacts
     from pipeline.engine import log
+    from pipeline.model_options import run_stages
     from pipeline.quantize import METHODS
     from pipeline.stages.quantize import check_max_drop
     from targets import get_target
@@ -70,7 +71,7 @@ def quantize_command(**options) -> None:
     config = _config_from_options(options)
     onnx = options.get("onnx")
     target = get_target(options["target"])
-    results = cli.run_stages("quantize", config, target, onnx, bool(options.get("force")))
+    results = run_stages("quantize", config, target, onnx, bool(options.get("force")))
     result = results["quantize"]
     destination = Path(config.reports_dir) / f"{target.name}-int8"
     destination.mkdir(parents=True, exist_ok=True)
@@ -82,12 +83,10 @@ def quantize_command(**options) -> None:
 
 
 def _signature() -> inspect.Signature:
-    from pipeline import cli
+    from pipeline.model_options import model_parameters
 
-    stage = inspect.signature(cli._make_stage_command("run"), eval_str=True).parameters
-    model = [stage[name] for name in MODEL_OPTIONS if name in stage]
     extra = list(inspect.signature(_quantize_options, eval_str=True).parameters.values())
-    return inspect.Signature(model + extra)
+    return inspect.Signature(model_parameters(MODEL_OPTIONS) + extra)
 
 
 def register(app: typer.Typer) -> None:

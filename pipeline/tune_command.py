@@ -77,7 +77,7 @@ def tune_command(
         batch_size=batch_size, artifacts=artifacts, precision=precision, data=data,
         preprocessing=preprocessing, calib_size=calib_size, calib_method=calib_method,
     )
-    from pipeline.cli import validate_config
+    from pipeline.model_options import validate_config
 
     validate_config(config, None)
     resolved = get_target(target)

@@ -95,7 +95,8 @@ def test_evaluate_on_labeled_image_folder(tiny_run, tmp_path):
         (["--variant", "gigantic"], ["unknown variant 'gigantic'", "atto"]),
         (["--target", "pdp11"], ["unknown target 'pdp11'", "x86"]),
         (["--weights", "missing.pth"], ["weights file 'missing.pth' does not exist"]),
-        (["--input-size", "65"], ["not a multiple of 32"]),
+        (["--input-size", "65"], ["--input-size 65 is not valid: it must be a multiple of 32, at least 32"]),
+        (["--input-size", "0"], ["--input-size 0 is not valid: it must be a multiple of 32, at least 32"]),
         (["--precision", "int4"], ["unknown precision 'int4'"]),
     ],
 )

@@ -20,6 +20,8 @@ from targets import Target
 
 
 REFERENCE_BATCH = 256
+# Unreadable files named in the accuracy record and on the terminal.
+SKIPPED_SHOWN = 3
 
 
 def data_fingerprint(source: str | None) -> str | None:
@@ -90,8 +92,10 @@ def load_inputs(config: PipelineConfig, in_chans: int, input_size: int):
         "count": len(dataset),
         "skipped": len(dataset.skipped),
         "skipped_examples": [f"{path}: {reason}" for path, reason in dataset.skipped[:5]],
+        "skipped_files": [path for path, _ in dataset.skipped[:SKIPPED_SHOWN]],
         "labeled": dataset.labels is not None,
         "class_names": dataset.class_names,
+        "largest_label": int(dataset.labels.max()) if dataset.labels is not None and len(dataset.labels) else None,
     }
     return dataset.images, dataset.labels, description
 
@@ -117,11 +121,54 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
         "target": target.name,
         "precision": config.precision,
         "reference": reference.name,
+        "outputs": int(artifact_logits.shape[1]),
         "data": data,
         "metrics": compare_logits(reference_logits, artifact_logits, labels),
     }
     (out_dir / "accuracy.json").write_text(json.dumps(accuracy, indent=2) + "\n")
     return {"outputs": {"accuracy": "accuracy.json"}, "info": accuracy["metrics"]}
+
+
+def data_warnings(accuracy: dict) -> list[str]:
+    """What makes the numbers of an accuracy record doubtful: classes of the data that do not
+    match the model's outputs, and images that could not be read."""
+    data, outputs = accuracy.get("data", {}), accuracy.get("outputs")
+    warnings = []
+    names, largest = data.get("class_names"), data.get("largest_label")
+    if outputs and names and len(names) != outputs:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        warnings.append(
+            f"the data has {len(names)} classes ({shown}) but the model has {outputs} outputs: top-1/top-5 "
+            f"count label i as output i, which holds only if the data's classes are the model's first "
+            f"{len(names)} in the same order; fine-tune for these classes with "
+            f"`pipeline train --init-weights X.pth --reset-head`"
+        )
+    elif outputs and largest is not None and largest >= outputs:
+        warnings.append(
+            f"the data has labels up to {largest} but the model has {outputs} outputs (0..{outputs - 1}): "
+            f"those images can never be counted correct; check --data and --num-classes"
+        )
+    if data.get("skipped"):
+        files = data.get("skipped_files") or []
+        more = f" and {data['skipped'] - len(files)} more" if data["skipped"] > len(files) else ""
+        warnings.append(
+            f"{data['skipped']} unreadable image file(s) skipped: {', '.join(files)}{more}"
+        )
+    return warnings
+
+
+def summary_lines(accuracy: dict) -> list[str]:
+    """The accuracy record in a few lines for the terminal."""
+    data, metrics, reference = accuracy["data"], accuracy["metrics"], accuracy["reference"]
+    lines = [f"evaluated: {data['count']} images from {data['source']}"
+             + ("" if data.get("labeled") else " (no labels: agreement and error only)")]
+    for name in ("top1", "top5"):
+        if name in metrics:
+            lines.append(f"{name[:3]}-{name[3:]}: {100 * metrics[name]:.2f}% "
+                         f"({reference} reference {100 * metrics['reference_' + name]:.2f}%)")
+    lines.append(f"top-1 agreement with {reference}: {100 * metrics['top1_agreement']:.2f}%, "
+                 f"max abs logit error {metrics['max_abs_error']:.3g}, min cosine {metrics['cosine_min']:.6f}")
+    return lines
 
 
 STAGE = Stage(
@@ -131,4 +178,6 @@ STAGE = Stage(
     outputs=("accuracy",),
     settings=settings,
     run=run,
+    # 2: the record names the model's outputs, the largest label and the skipped files.
+    version=2,
 )

@@ -33,6 +33,24 @@ def load_onnx(path: Path):
     return model
 
 
+def check_user_onnx(path: Path, shape: tuple[int, ...]) -> None:
+    """A user's --onnx must load and take one input that fits `shape` (dynamic dims fit
+    anything); checked before any stage runs, so the error is the first thing printed."""
+    model = load_onnx(path)
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise PipelineError(f"'{path}' has {len(inputs)} inputs; the pipeline compiles models with one image input")
+    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+            for d in inputs[0].type.tensor_type.shape.dim]
+    if len(dims) != len(shape) or any(d is not None and d != s for d, s in zip(dims, shape)):
+        described = "x".join("?" if d is None else str(d) for d in dims)
+        raise PipelineError(
+            f"'{path}' takes input '{inputs[0].name}' of shape {described}, not {'x'.join(map(str, shape))}; "
+            f"pass the --batch-size, --in-chans and --input-size it was exported with"
+        )
+
+
 def count_ops(model) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in model.graph.node:

@@ -1,0 +1,173 @@
+"""The model options every model command takes, the config they resolve to, and the one
+way to run stages from that config.
+
+The stage commands (`compile`, `run`, ...), `package`, `quantize` and
+`python -m pipeline.cross verify` all take these options, so that one MODEL_ARGS string
+(the Makefile's) works with each of them. A command that does not use an option still
+accepts it; its help says so.
+
+Nothing here imports torch, TVM or ONNX at import time: `pipeline --help` must stay fast.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from pipeline.config import PARAMS_MODES, PRECISIONS, PipelineConfig
+from pipeline.errors import PipelineError
+
+# Options that only matter when the artifact is measured (bench, evaluate, report).
+MEASUREMENT_OPTIONS = ("warmup", "repeats", "eval_limit", "rpc_tracker", "rpc_key", "reports_dir")
+
+
+def _options(
+    target: Annotated[str, typer.Option(help="Target name; `pipeline targets` lists them.")] = "x86",
+    variant: Annotated[str, typer.Option(help="ConvNeXt variant; `pipeline variants` lists them.")] = "micro",
+    weights: Annotated[str, typer.Option(help="Checkpoint .pth (official, timm or torchvision layout), or 'none' for random init.")] = "none",
+    num_classes: Annotated[int, typer.Option(help="Classifier outputs.")] = 1000,
+    in_chans: Annotated[int, typer.Option(help="Input channels.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed for random init, inputs and sampling.")] = 0,
+    input_size: Annotated[int, typer.Option(help="Input height and width: a multiple of 32, at least 32.")] = 224,
+    batch_size: Annotated[int, typer.Option(help="Batch size compiled into the artifact.")] = 1,
+    opset: Annotated[int, typer.Option(help="ONNX opset (17 or higher).")] = 17,
+    dynamic_batch: Annotated[bool, typer.Option(help="Export the ONNX model with a dynamic batch dimension.")] = False,
+    precision: Annotated[str, typer.Option(help="fp32, fp16 or int8.")] = "fp32",
+    params: Annotated[str, typer.Option(help="'embedded' weights in the .so, or 'separate' .params.npz file.")] = "embedded",
+    warmup: Annotated[int, typer.Option(help="Untimed runs before measuring.")] = 5,
+    repeats: Annotated[int, typer.Option(help="Timed runs.")] = 50,
+    data: Annotated[Optional[str], typer.Option(help="Evaluation images: ImageFolder, flat folder, .npy/.npz, list file or 'fashion-mnist' or 'sample-photos'. Default: random inputs.")] = None,
+    preprocessing: Annotated[str, typer.Option(help="Preprocessing table entry (imagenet, fashion-mnist).")] = "imagenet",
+    eval_limit: Annotated[int, typer.Option(help="Evaluate at most this many images (0: all).")] = 256,
+    calib_data: Annotated[Optional[str], typer.Option(help="INT8 calibration images (default: --data; Fashion-MNIST calibrates on its train split).")] = None,
+    calib_size: Annotated[int, typer.Option(help="INT8 calibration images to use.")] = 256,
+    calib_method: Annotated[str, typer.Option(help="INT8 calibration: minmax, percentile, entropy or mse.")] = "minmax",
+    onnx: Annotated[Optional[Path], typer.Option(help="Use this ONNX file instead of exporting one.")] = None,
+    rpc_tracker: Annotated[Optional[str], typer.Option(help="Measure on a board registered with this TVM RPC tracker (HOST:PORT).")] = None,
+    rpc_key: Annotated[Optional[str], typer.Option(help="The board's key at the tracker (default: the target's).")] = None,
+    artifacts: Annotated[Path, typer.Option(help="Artifacts directory (content-keyed cache).")] = Path("artifacts"),
+    reports_dir: Annotated[Path, typer.Option(help="Where `report` writes <target>/report.md.")] = Path("reports"),
+    force: Annotated[bool, typer.Option(help="Re-run this stage even if a cached result exists.")] = False,
+) -> None:
+    """Signature holder: the options, their types, defaults and help."""
+
+
+def model_parameters(names: tuple[str, ...] | None = None, unused_by: str | None = None,
+                     unused: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+    """The options (all, or `names` in this order) as parameters for a command's signature.
+
+    Options in `unused` keep their name and type, and their help says that `unused_by`
+    accepts them only so that the same MODEL_ARGS work everywhere."""
+    parameters = inspect.signature(_options, eval_str=True).parameters
+    chosen = [parameters[name] for name in (names or parameters)]
+    result = []
+    for parameter in chosen:
+        if parameter.name in unused:
+            base, info = typing.get_args(parameter.annotation)
+            option = typer.Option(help=f"{info.help} Not used by {unused_by}: accepted so that the same "
+                                       "model options work with every command.")
+            parameter = parameter.replace(annotation=Annotated[base, option])
+        result.append(parameter)
+    return result
+
+
+def option_help(name: str) -> tuple[Any, Any, str]:
+    """(type, default, help) of one option, for command lines that are not typer's (argparse)."""
+    parameter = inspect.signature(_options, eval_str=True).parameters[name]
+    base, info = typing.get_args(parameter.annotation)
+    optional = [arg for arg in typing.get_args(base) if arg is not type(None)]
+    return (optional[0] if optional else base), parameter.default, info.help
+
+
+def config_from_options(options: dict[str, Any]) -> PipelineConfig:
+    """The PipelineConfig of a command's options (the names of `_options`; others are ignored)."""
+    weights = options.get("weights", "none")
+    values = dict(
+        variant=options.get("variant", "micro"),
+        weights=None if weights is None or str(weights).lower() == "none" else Path(weights),
+        params_mode=options.get("params", "embedded"),
+        eval_limit=options.get("eval_limit", 256) or None,
+    )
+    direct = ("num_classes", "in_chans", "seed", "input_size", "batch_size", "opset", "dynamic_batch",
+              "precision", "warmup", "repeats", "data", "preprocessing", "calib_data", "calib_size",
+              "calib_method", "rpc_tracker", "rpc_key", "artifacts", "reports_dir")
+    values.update({name: options[name] for name in direct if name in options})
+    return PipelineConfig(**values)
+
+
+def _check_image_source(option: str, source: str | None) -> None:
+    """A --data/--calib-data that cannot be read fails now, not after compiling."""
+    if source is None:
+        return
+    from calibration.datasets import check_source
+
+    try:
+        check_source(source)
+    except PipelineError as exc:
+        raise PipelineError(f"{option}: {exc}") from None
+
+
+def validate_config(config: PipelineConfig, onnx: Optional[Path]) -> None:
+    """Checks that are cheap and should fail before any work starts (and before the settings are printed)."""
+    from pipeline.model import VARIANTS
+
+    if config.variant not in VARIANTS:
+        raise PipelineError(f"unknown variant '{config.variant}'; known variants: {', '.join(VARIANTS)}")
+    if config.weights is not None and not config.weights.is_file():
+        raise PipelineError(f"weights file '{config.weights}' does not exist; pass a .pth checkpoint or --weights none")
+    if onnx is not None and not onnx.is_file():
+        raise PipelineError(f"ONNX file '{onnx}' does not exist; pass an existing file to --onnx")
+    if config.precision not in PRECISIONS:
+        raise PipelineError(f"unknown precision '{config.precision}'; use one of: {', '.join(PRECISIONS)}")
+    if config.params_mode not in PARAMS_MODES:
+        raise PipelineError(f"unknown --params '{config.params_mode}'; use one of: {', '.join(PARAMS_MODES)}")
+    if config.input_size < 32 or config.input_size % 32:
+        raise PipelineError(
+            f"--input-size {config.input_size} is not valid: it must be a multiple of 32, at least 32 "
+            f"(ConvNeXt downsamples 32x), e.g. 224"
+        )
+    for name in ("batch_size", "repeats", "num_classes", "in_chans"):
+        if getattr(config, name) < 1:
+            raise PipelineError(f"--{name.replace('_', '-')} must be at least 1")
+    _check_image_source("--data", config.data)
+    _check_image_source("--calib-data", config.calib_data)
+    if onnx is not None:
+        from pipeline.stages.simplify import check_user_onnx
+
+        check_user_onnx(onnx, (config.batch_size, config.in_chans, config.input_size, config.input_size))
+
+
+MEASURING_STAGES = ("bench", "evaluate", "report")
+
+
+def run_stages(until: str, config: PipelineConfig, target, onnx: Optional[Path] = None,
+               force: bool = False) -> dict:
+    """Validate the settings, then run every stage `until` needs (cached); every command goes through here."""
+    from pipeline.engine import log, run_pipeline
+    from pipeline.stages import STAGES
+
+    validate_config(config, onnx)
+    target.check_available()
+    if until in MEASURING_STAGES and target.runner == "rpc" and not config.rpc_tracker:
+        # Fail before compiling: the artifact could not be measured anyway.
+        raise PipelineError(
+            f"target '{target.name}' is measured on its board; pass --rpc-tracker HOST:PORT "
+            f"[--rpc-key KEY] (the board runs: python -m tvm.exec.rpc_server --tracker HOST:PORT --key {target.rpc_key})"
+        )
+    provided: dict[str, Path] = {}
+    if config.weights is not None:
+        provided["weights"] = config.weights
+    if onnx is not None:
+        # A user ONNX replaces the export and simplify stages; `simplify` itself simplifies it.
+        provided["onnx" if until == "simplify" else "onnx_simplified"] = onnx
+    log(f"pipeline {until} for target {target.name}: {target.target_json()}")
+    log(config.describe())
+    # A user's ONNX file has no PyTorch model behind it: baselines and references use ONNX Runtime.
+    unavailable = frozenset({"checkpoint"}) if onnx is not None else frozenset()
+    return run_pipeline(
+        STAGES, config, target, until, provided, force=(until,) if force else (), unavailable=unavailable
+    )
