@@ -147,6 +147,22 @@ def _plan(spec: Preprocessing, in_chans: int) -> _Plan:
     return _Plan(channels, mean.reshape(-1, 1, 1), std.reshape(-1, 1, 1), repeat)
 
 
+def input_recipe(spec: Preprocessing, in_chans: int, input_size: int) -> dict:
+    """The steps of `preprocess_image` for one model, written out as numbers (for device
+    bundles, whose users preprocess without this package): PIL mode, resize of the shorter
+    side, crop, and the mean and std per channel after the [0, 1] scaling."""
+    plan = _plan(spec, in_chans)
+    return {
+        "mode": "RGB" if plan.channels == 3 else "L",
+        "resize_shorter_side": int(input_size / spec.crop_pct),
+        "crop": input_size,
+        "interpolation": spec.interpolation,
+        "mean": [round(float(v), 6) for v in plan.mean.ravel()],
+        "std": [round(float(v), 6) for v in plan.std.ravel()],
+        "repeat_channels": plan.repeat,
+    }
+
+
 def _check_size(input_size: int) -> None:
     if not isinstance(input_size, (int, np.integer)) or input_size <= 0:
         raise PipelineError(f"input size {input_size!r} is not a positive integer; pass e.g. 224")

@@ -1,64 +1,52 @@
-"""`pipeline package --target T`: compile (cached) and write a device bundle .tar.gz."""
+"""`pipeline package --target T`: compile (cached) and write a device bundle .tar.gz.
+
+It takes the model options of the stage commands (`pipeline.model_options`), so the
+Makefile's MODEL_ARGS work with `make package` as with `make compile`.
+"""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from pipeline.errors import PipelineError
+from pipeline.model_options import MEASUREMENT_OPTIONS, config_from_options, model_parameters
 
 
-def package(
-    target: Annotated[str, typer.Option(help="Target name; `pipeline targets` lists them.")] = "x86",
-    variant: Annotated[str, typer.Option(help="ConvNeXt variant; `pipeline variants` lists them.")] = "micro",
-    weights: Annotated[str, typer.Option(help="Checkpoint .pth, or 'none' for random init.")] = "none",
-    num_classes: Annotated[int, typer.Option(help="Classifier outputs.")] = 1000,
-    in_chans: Annotated[int, typer.Option(help="Input channels.")] = 3,
-    seed: Annotated[int, typer.Option(help="Seed for random init.")] = 0,
-    input_size: Annotated[int, typer.Option(help="Input height and width.")] = 224,
-    batch_size: Annotated[int, typer.Option(help="Batch size compiled into the artifact.")] = 1,
-    opset: Annotated[int, typer.Option(help="ONNX opset (17 or higher).")] = 17,
-    precision: Annotated[str, typer.Option(help="fp32, fp16 or int8.")] = "fp32",
-    params: Annotated[str, typer.Option(help="'embedded' weights in the .so, or 'separate' .params.npz file.")] = "embedded",
-    onnx: Annotated[Optional[Path], typer.Option(help="Use this ONNX file instead of exporting one.")] = None,
+def _package_options(
     library: Annotated[Optional[Path], typer.Option(help="Bundle this compiled model.so instead of compiling.")] = None,
-    artifacts: Annotated[Path, typer.Option(help="Artifacts directory (content-keyed cache).")] = Path("artifacts"),
     output: Annotated[Optional[Path], typer.Option(help="The bundle to write. Default: dist/convnext-VARIANT-SIZE-TARGET.tar.gz")] = None,
 ) -> None:
-    """Write a .tar.gz with the compiled model, its metadata, a manifest and run.py (needs only the TVM runtime and NumPy)."""
+    """Signature holder: its parameters follow the model options."""
+
+
+def package(**options) -> None:
+    """Write a .tar.gz with the compiled model, its metadata, a README, a manifest and run.py (needs only the TVM runtime and NumPy)."""
     from pipeline.engine import log
-    from pipeline.package import write_bundle
+    from pipeline.package import bundle_model, write_bundle
     from targets import get_target
 
-    resolved = get_target(target)
-    resolved.check_available()
-    model = {"variant": variant, "input_size": input_size, "batch_size": batch_size,
-             "num_classes": num_classes, "precision": precision, "params_mode": params}
+    config = config_from_options(options)
+    target = get_target(options["target"])
+    target.check_available()
+    library = options["library"]
+    model = bundle_model(config, library_given=library is not None)
     if library is None:
-        library = _compile(resolved, model, weights, in_chans, seed, opset, onnx, artifacts)
-    else:
-        model = {"library": str(library)}
-    output = output or Path("dist") / f"convnext-{variant}-{input_size}-{resolved.name}.tar.gz"
-    manifest = write_bundle(library, resolved, output, model)
+        library = _compile(config, target, options["onnx"], options["force"])
+    output = options["output"] or Path("dist") / f"convnext-{config.variant}-{config.input_size}-{target.name}.tar.gz"
+    manifest = write_bundle(library, target, output, model)
     log(f"[package] {output}: {', '.join(manifest['files'])}; on the device: {manifest['run']}")
     print(f"bundle: {output}")
 
 
-def _compile(target, model: dict, weights: str, in_chans: int, seed: int, opset: int,
-             onnx: Optional[Path], artifacts: Path) -> Path:
+def _compile(config, target, onnx: Optional[Path], force: bool) -> Path:
     """Run the pipeline up to `compile` (cached) and return the library path."""
-    from pipeline.cli import run_stages
-    from pipeline.config import PipelineConfig
+    from pipeline.model_options import run_stages
 
-    config = PipelineConfig(
-        variant=model["variant"], weights=None if weights.lower() == "none" else Path(weights),
-        num_classes=model["num_classes"], in_chans=in_chans, seed=seed, input_size=model["input_size"],
-        batch_size=model["batch_size"], opset=opset, precision=model["precision"],
-        params_mode=model["params_mode"], artifacts=artifacts,
-    )
-    results = run_stages("compile", config, target, onnx)
+    results = run_stages("compile", config, target, onnx, force)
     compiled = results["compile"].outputs.get("library")
     if compiled is None:
         raise PipelineError("the compile stage produced no library")
@@ -67,4 +55,8 @@ def _compile(target, model: dict, weights: str, in_chans: int, seed: int, opset:
 
 def register(app: typer.Typer) -> None:
     """Add the `package` command to the `pipeline` CLI."""
+    extra = list(inspect.signature(_package_options, eval_str=True).parameters.values())
+    package.__signature__ = inspect.Signature(
+        model_parameters(unused_by="package", unused=MEASUREMENT_OPTIONS) + extra
+    )
     app.command(name="package")(package)

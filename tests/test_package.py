@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
+from PIL import Image
 from typer.testing import CliRunner
 
 from edge_models import compiled, sample
@@ -46,7 +47,7 @@ def test_unpacked_bundle_runs_with_run_py_in_a_fresh_process(tmp_path_factory, t
     manifest = write_bundle(library, get_target("x86"), tmp_path / "micro-x86.tar.gz", {"variant": "micro"})
     bundle = _unpack(tmp_path / "micro-x86.tar.gz", tmp_path / "device")
     assert bundle.name == "micro-x86"
-    expected = {"model.so", "model.so.json", "run.py", "manifest.json"}
+    expected = {"model.so", "model.so.json", "run.py", "manifest.json", "README.md"}
     if params_mode == "separate":
         expected.add("model.params.npz")
     assert {p.name for p in bundle.iterdir()} == expected
@@ -94,18 +95,98 @@ def test_missing_artifact_and_bad_output_name(tmp_path):
         write_bundle(tmp_path / "model.so", get_target("x86"), tmp_path / "b.zip")
 
 
+def _image_folder(root: Path, classes: tuple[str, ...]) -> Path:
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(root / name / "0.png")
+    return root
+
+
 @pytest.mark.slow
-def test_package_command_compiles_and_bundles(tmp_path, monkeypatch):
+def test_package_command_takes_the_model_options_and_writes_a_readme(tmp_path, monkeypatch):
     app = typer.Typer()
     register(app)
     app.command(name="unused")(lambda: None)  # typer runs a lone command without its name
     monkeypatch.chdir(tmp_path)
+    data = _image_folder(tmp_path / "data", ("ant", "bee", "cat"))
+    # What `make package` passes: the model and data options of every stage command, the
+    # measuring ones (--eval-limit, --repeats) included.
     result = CliRunner().invoke(app, ["package", "--target", "x86", "--variant", "micro", "--input-size", "64",
-                                      "--num-classes", "10", "--params", "separate"])
+                                      "--num-classes", "3", "--params", "separate", "--data", str(data),
+                                      "--preprocessing", "imagenet", "--eval-limit", "0", "--repeats", "100"])
     assert result.exit_code == 0, result.output
     bundle = tmp_path / "dist" / "convnext-micro-64-x86.tar.gz"
     assert f"bundle: {Path('dist') / bundle.name}" in result.output
     top = _unpack(bundle, tmp_path / "device")
     manifest = json.loads((top / "manifest.json").read_text())
     assert manifest["model"]["variant"] == "micro" and manifest["input"]["shape"] == [1, 3, 64, 64]
-    assert "model.params.npz" in manifest["files"]
+    assert manifest["model"]["preprocessing"] == "imagenet"
+    assert {"model.params.npz", "README.md", "labels.txt"} <= set(manifest["files"])
+    assert (top / "labels.txt").read_text().splitlines() == ["ant", "bee", "cat"]
+    readme = (top / "README.md").read_text()
+    import tvm
+
+    assert f"python3 -m pip install apache-tvm=={tvm.__version__} apache-tvm-ffi==" in readme
+    assert "python3 run.py model.so --input x.npy --output y.npy" in readme
+    assert "shape (1, 3, 64, 64), layout NCHW" in readme and "**logits**" in readme
+    assert "0. ant\n1. bee\n2. cat" in readme
+
+    # The README's preprocessing snippet, run as written on the board, feeds run.py.
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (90, 70, 3), dtype=np.uint8)).save(top / "photo.png")
+    (top / "preprocess.py").write_text(_python_block(readme, after="In Python"))
+    assert _run_py_script(top, "preprocess.py", "photo.png").returncode == 0
+    ran = _run_py(top, "model.so", "--input", "x.npy", "--output", "y.npy")
+    assert ran.returncode == 0, ran.stderr
+    assert np.load(top / "y.npy").shape == (1, 3)
+
+
+def _python_block(markdown: str, after: str) -> str:
+    """The first ```python block after the line that starts with `after`."""
+    rest = markdown[markdown.index(after):]
+    start = rest.index("```python\n") + len("```python\n")
+    return rest[start:rest.index("```", start)]
+
+
+def _run_py_script(directory: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, *args], cwd=directory, env=env, capture_output=True, text=True,
+                          timeout=120, check=True)
+
+
+METADATA = {"input": {"name": "input", "shape": [1, 3, 48, 48], "dtype": "float32"},
+            "output": {"shape": [1, 1000], "dtype": "float32"}, "tvm_version": "0.27.0.post1"}
+
+
+@pytest.mark.parametrize(("preprocessing", "in_chans"), [("imagenet", 3), ("fashion-mnist", 1),
+                                                          ("fashion-mnist", 3), ("imagenet", 1)])
+def test_readme_preprocessing_snippet_matches_the_pipeline(tmp_path, preprocessing, in_chans):
+    from calibration.preprocess import get_preprocessing, preprocess_image
+    from pipeline.package import bundle_readme
+
+    metadata = {**METADATA, "input": {**METADATA["input"], "shape": [2, in_chans, 64, 64]}}
+    readme = bundle_readme("b", get_target("x86"), metadata, {"preprocessing": preprocessing}, ["numpy"], "python run.py")
+    (tmp_path / "preprocess.py").write_text(_python_block(readme, after="In Python"))
+    photo = Image.fromarray(np.random.default_rng(2).integers(0, 255, (75, 120, 3), dtype=np.uint8))
+    photo.save(tmp_path / "photo.png")
+    _run_py_script(tmp_path, "preprocess.py", "photo.png")
+    expected = preprocess_image(photo, 64, get_preprocessing(preprocessing), in_chans)
+    written = np.load(tmp_path / "x.npy")
+    assert written.shape == (2, in_chans, 64, 64) and written.dtype == np.float32
+    np.testing.assert_allclose(written[1], expected, atol=1e-5)
+
+
+def test_readme_says_what_the_board_needs_and_when_classes_are_unknown():
+    from pipeline.package import bundle_readme
+
+    gpu = bundle_readme("b", get_target("jetson-orin"), {**METADATA, "device_code": ["sass:sm_87"]}, {},
+                        ["apache-tvm==0.27.0.post1", "numpy"], "python run.py model.so --device cuda")
+    assert "aarch64 Linux code (`aarch64-linux-gnu`) with CUDA kernels (sass:sm_87)" in gpu
+    assert "tvm.cuda(0).exist" in gpu and "-DUSE_CUDA=ON" in gpu
+    assert "python3 run.py model.so --device cuda" in gpu
+    assert "not recorded in this bundle" in gpu  # no --preprocessing known for a given --library
+    assert "ImageNet-1k checkpoint" in gpu  # 1000 outputs, no names
+    cpu = bundle_readme("b", get_target("arm-a72"), METADATA,
+                        {"class_names_mismatch": "data/ has 2 classes", "preprocessing": "imagenet"}, [], "python run.py")
+    assert "tvm.cuda" not in cpu and "armv7l" in cpu
+    assert "Not known: data/ has 2 classes, the model has 1000 outputs" in cpu
