@@ -67,7 +67,8 @@ report: install
 run: install
 	$(PIPELINE) run --target $(TARGET) $(MODEL_ARGS) $(ARGS)
 
-# A device bundle: artifact, metadata, weights, manifest and run.py (TVM runtime + NumPy only).
+# A device bundle in dist/: artifact, metadata, weights, README, manifest and run.py (TVM runtime +
+# NumPy only).
 package: install
 	$(PIPELINE) package --target $(TARGET) $(MODEL_ARGS) $(ARGS)
 
@@ -75,8 +76,10 @@ package: install
 arm-runtime: install
 	$(PY) -m pipeline.cross runtime
 
+# The MODEL_ARGS model compiled for an aarch64 CPU TARGET (arm-*, jetson-*-cpu) and for x86, the
+# first run under qemu and compared with the second; any other TARGET is refused.
 verify-arm: install
-	$(PY) -m pipeline.cross verify --target $(or $(filter arm-% %-cpu,$(TARGET)),arm-a53)
+	$(PY) -m pipeline.cross verify --target $(TARGET) $(MODEL_ARGS) $(ARGS)
 
 # Re-measure the CPU rows (FP32 and INT8 on x86), then rebuild reports/README.md (one table per
 # model, plots, history.jsonl, regression flags) from every reports/*/ folder, measured here or not.

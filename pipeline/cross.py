@@ -14,7 +14,7 @@ Nothing here imports TVM's compiler. Three jobs:
 
     python -m pipeline.cross runtime                       # build the cache, print its path
     python -m pipeline.cross run model.so --input x.npy --output y.npy [--reference r.npy]
-    python -m pipeline.cross verify --target arm-a72       # compile for it and x86, compare
+    python -m pipeline.cross verify --target arm-a72 [model options of `pipeline compile`]
 """
 
 from __future__ import annotations
@@ -300,30 +300,81 @@ def verify_under_qemu(library: Path, x: np.ndarray, reference: np.ndarray, atol:
     return {**comparison, "qemu_median_ms": timing["median_ms"]}
 
 
-def verify_target(target_name: str, config) -> dict:
+def _runs_under_qemu(target) -> bool:
+    return target.host_triple.startswith("aarch64") and target.cuda_arch is None
+
+
+def check_qemu_target(target) -> None:
+    """Refuse, before any work, a target whose artifact qemu cannot run: qemu checks aarch64
+    CPU code (ARM boards, the CPU of a Jetson), not x86 or GPU code."""
+    from targets import get_target, known_targets
+
+    if _runs_under_qemu(target):
+        return
+    if target.host_triple.startswith("aarch64"):
+        hint = f"try '{target.name}-cpu'"
+    else:
+        choices = [name for name in known_targets() if name != "cuda" and _runs_under_qemu(get_target(name))]
+        hint = f"use one of: {', '.join(choices)}; e.g. make verify-arm TARGET=arm-a72"
+    raise PipelineError(f"qemu checks aarch64 CPU targets; '{target.name}' is not one ({hint})")
+
+
+def verify_inputs(config, shape: list[int]) -> tuple[np.ndarray, str]:
+    """One input batch of the compiled shape: the first images of --data (a seeded sample,
+    repeated to fill the batch), or random normal values without --data."""
+    if config.data is None:
+        rng = np.random.default_rng(config.seed)
+        return rng.standard_normal(shape, dtype=np.float32), "random normal input"
+    from calibration import load_dataset
+
+    dataset = load_dataset(config.data, input_size=shape[2], preprocessing=config.preprocessing,
+                           in_chans=shape[1], limit=shape[0], seed=config.seed)
+    images = dataset.images[np.arange(shape[0]) % len(dataset)]
+    return np.ascontiguousarray(images), f"{len(dataset)} image(s) of {dataset.source}"
+
+
+def verify_target(target_name: str, config, onnx: Path | None = None, atol: float = 1e-4) -> dict:
     """Compile the configured model for an aarch64 CPU target and for x86 (both cached in
     the artifacts folder), run the first under qemu and compare it with the second."""
-    from pipeline.engine import log, run_pipeline
+    from pipeline.engine import log
+    from pipeline.model_options import run_stages
     from pipeline.runtime_only import LoadedArtifact
-    from pipeline.stages import STAGES
     from targets import get_target
 
     target = get_target(target_name)
-    if not target.host_triple.startswith("aarch64") or target.cuda_arch is not None:
-        raise PipelineError(
-            f"qemu checks aarch64 CPU targets; '{target_name}' is not one"
-            + (f" (try '{target_name}-cpu')" if target.cuda_arch and target.name.startswith("jetson") else "")
-        )
+    check_qemu_target(target)
     libraries = {
-        name: run_pipeline(STAGES, config, get_target(name), "compile")["compile"].outputs["library"]
+        name: run_stages("compile", config, get_target(name), onnx)["compile"].outputs["library"]
         for name in (target.name, "x86")
     }
     shape = json.loads(Path(f"{libraries['x86']}.json").read_text())["input"]["shape"]
-    x = np.random.default_rng(config.seed).standard_normal(shape, dtype=np.float32)
+    x, source = verify_inputs(config, shape)
     reference = LoadedArtifact(libraries["x86"]).infer(x)
-    result = verify_under_qemu(libraries[target.name], x, reference)
-    log(f"[verify] {target.name} under qemu matches x86: max abs error {result['max_abs_error']:.3g}")
-    return {"target": target.name, "library": str(libraries[target.name]), **result}
+    result = verify_under_qemu(libraries[target.name], x, reference, atol)
+    log(f"[verify] {target.name} under qemu matches x86 on {source}: max abs error {result['max_abs_error']:.3g}")
+    return {"target": target.name, "library": str(libraries[target.name]), "input": source, **result}
+
+
+# The model options of `pipeline compile` (pipeline.model_options) that verify uses, and
+# the measuring ones it only accepts, so that the Makefile's MODEL_ARGS work here too.
+VERIFY_OPTIONS = ("variant", "weights", "num_classes", "in_chans", "seed", "input_size", "batch_size", "opset",
+                  "precision", "params", "data", "preprocessing", "calib_data", "calib_size", "calib_method",
+                  "onnx", "artifacts")
+ACCEPTED_OPTIONS = ("warmup", "repeats", "eval_limit")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    from pipeline.model_options import option_help
+
+    for name in VERIFY_OPTIONS + ACCEPTED_OPTIONS:
+        kind, default, help_text = option_help(name)
+        if name in ACCEPTED_OPTIONS:
+            help_text += " Not used by verify: accepted so that the same model options work with every command."
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=help_text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,24 +389,26 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--output", type=Path, help="where to save the output as .npy")
     run.add_argument("--reference", type=Path, help=".npy output to compare with (tolerance --atol)")
     run.add_argument("--atol", type=float, default=1e-4)
-    verify = commands.add_parser("verify", help="compile for an aarch64 target and x86, compare under qemu")
-    verify.add_argument("--target", default="arm-a53")
-    verify.add_argument("--variant", default="micro")
-    verify.add_argument("--input-size", type=int, default=64)
-    verify.add_argument("--num-classes", type=int, default=10)
-    verify.add_argument("--seed", type=int, default=0)
-    verify.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    verify = commands.add_parser(
+        "verify", help="compile for an aarch64 target and x86, compare under qemu",
+        description="Compile the model for an aarch64 CPU target and for x86 (cached, with the model options "
+                    "of `pipeline compile`), run the aarch64 artifact under qemu on one input batch (the first "
+                    "images of --data, or random values) and compare its output with the x86 artifact's.",
+    )
+    verify.add_argument("--target", default="arm-a53",
+                        help="an aarch64 CPU target: arm-a53 ... arm-neoverse-v1, jetson-orin-cpu, jetson-thor-cpu")
+    verify.add_argument("--atol", type=float, default=1e-4, help="largest absolute logit difference accepted")
+    _add_model_options(verify)
     args = parser.parse_args(argv)
     try:
         if args.command == "runtime":
             print(aarch64_runtime(rebuild=args.rebuild))
             return 0
         if args.command == "verify":
-            from pipeline.config import PipelineConfig
+            from pipeline.model_options import config_from_options
 
-            config = PipelineConfig(variant=args.variant, input_size=args.input_size, num_classes=args.num_classes,
-                                    seed=args.seed, artifacts=args.artifacts)
-            print(json.dumps(verify_target(args.target, config)))
+            config = config_from_options(vars(args))
+            print(json.dumps(verify_target(args.target, config, args.onnx, args.atol)))
             return 0
         output, timing = run_under_qemu(args.library, np.load(args.input))
         if args.output is not None:

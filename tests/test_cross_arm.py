@@ -111,10 +111,64 @@ def test_command_line_runs_and_compares_in_a_fresh_process(tmp_path_factory, tmp
     assert bad.stderr.startswith("error: the output differs from the reference by")
 
 
-def test_verify_refuses_targets_qemu_cannot_run():
+def test_verify_refuses_targets_qemu_cannot_run(tmp_path):
     from pipeline.config import PipelineConfig
 
+    config = PipelineConfig(artifacts=tmp_path / "artifacts")
     with pytest.raises(PipelineError, match="'jetson-orin' is not one \\(try 'jetson-orin-cpu'\\)"):
-        cross.verify_target("jetson-orin", PipelineConfig())
-    with pytest.raises(PipelineError, match="'cuda-sm80' is not one$"):
-        cross.verify_target("cuda-sm80", PipelineConfig())
+        cross.verify_target("jetson-orin", config)
+    for name in ("cuda-sm80", "x86"):
+        # Refused, not replaced by some ARM target; the message lists the ones qemu can check.
+        with pytest.raises(PipelineError, match=f"'{name}' is not one \\(use one of: .*jetson-orin-cpu.*arm-a53.*"
+                                                f"arm-neoverse-v1; e.g. make verify-arm TARGET=arm-a72\\)$"):
+            cross.verify_target(name, config)
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_verify_command_line_takes_the_model_options_with_help(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    shown = subprocess.run([sys.executable, "-m", "pipeline.cross", "verify", "--help"], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0
+    help_text = " ".join(shown.stdout.split())
+    for fragment in ("--weights WEIGHTS Checkpoint .pth", "--in-chans IN_CHANS Input channels",
+                     "--data DATA Evaluation images", "--repeats REPEATS Timed runs. Not used by verify",
+                     "--target TARGET an aarch64 CPU target"):
+        assert fragment in help_text, help_text
+    # The Makefile's default MODEL_ARGS parse; a non-ARM TARGET is a one-line error, exit 2,
+    # before anything is compiled.
+    make_args = ["--variant", "micro", "--weights", "none", "--num-classes", "10", "--in-chans", "1",
+                 "--input-size", "32", "--data", "fashion-mnist", "--preprocessing", "fashion-mnist",
+                 "--eval-limit", "0", "--repeats", "100"]
+    refused = subprocess.run([sys.executable, "-m", "pipeline.cross", "verify", "--target", "x86", *make_args],
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: qemu checks aarch64 CPU targets; 'x86' is not one")
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "artifacts").exists()
+
+
+@needs_qemu
+@pytest.mark.slow
+def test_verify_checks_the_given_model_on_images_of_its_data(tmp_path):
+    from pipeline.checkpoints import save_checkpoint
+    from pipeline.model import create_model
+
+    save_checkpoint(create_model("micro", num_classes=4, in_chans=1, seed=3), tmp_path / "w.pth", "micro", 4, 1)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "images.npy", rng.integers(0, 255, (3, 40, 40), dtype=np.uint8))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cross", "verify", "--target", "arm-a72", "--weights", "w.pth",
+         "--num-classes", "4", "--in-chans", "1", "--input-size", "32", "--batch-size", "2",
+         "--data", "images.npy", "--preprocessing", "fashion-mnist", "--repeats", "100"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr
+    verified = json.loads(result.stdout)
+    assert verified["target"] == "arm-a72" and verified["count"] == 2
+    assert verified["input"] == "2 image(s) of images.npy"
+    assert verified["max_abs_error"] <= ATOL
+    # The user's model was compiled (4 outputs, 1 channel at 32), not a stand-in.
+    meta = json.loads(Path(verified["library"] + ".json").read_text())
+    assert meta["input"]["shape"] == [2, 1, 32, 32] and meta["output"]["shape"] == [2, 4]
+    assert meta["target"] == "arm-a72"
