@@ -287,6 +287,7 @@ def bundle_readme(top: str, target: Target, metadata: dict, model: dict, require
         f"scp {top}.tar.gz user@board:            # from the machine that built it",
         "ssh user@board",
         f"tar xzf {top}.tar.gz && cd {top}",
+        "python3 -m venv ~/tvm && . ~/tvm/bin/activate   # Debian 12 / Raspberry Pi OS refuse pip into the system Python",
         f"python3 -m pip install {' '.join(requires)}",
         f"python3 {run.removeprefix('python ')}",
         "```",
