@@ -12,7 +12,7 @@ ARGS ?=
 MODEL_ARGS ?= --variant micro --weights models/convnext-micro-fmnist.pth --num-classes 10 --in-chans 1 \
 	--input-size 32 --data fashion-mnist --preprocessing fashion-mnist --eval-limit 0 --repeats 100
 
-.PHONY: install system-deps demo test tune compile compile-matrix bench report reports run package arm-runtime verify-arm clean
+.PHONY: install system-deps demo test tune compile compile-matrix bench report reports run package gpu-bundle arm-runtime verify-arm clean
 
 install: $(STAMP)
 
@@ -71,6 +71,14 @@ run: install
 # NumPy only).
 package: install
 	$(PIPELINE) package --target $(TARGET) $(MODEL_ARGS) $(ARGS)
+
+# The one-call GPU check, packed (benchmarks/gpu_bundle.py): ConvNeXt-T artifacts for cuda-sm90
+# (fp32 b1, fp16 b1 and b8, int8 b1), the TVM runtime without its compiler and
+# benchmarks/gpu_check.py, in dist/gpu-bundle/ (at most 60 MiB). On the GPU machine:
+# `bash dist/gpu-bundle/run.sh --out OUT`, then copy OUT/reports/* into reports/.
+GPU_BUNDLE_ARGS ?= --variant tiny --input-size 224 --target cuda-sm90
+gpu-bundle: install
+	$(PY) benchmarks/gpu_bundle.py $(GPU_BUNDLE_ARGS) --output dist/gpu-bundle $(ARGS)
 
 # The cached aarch64 TVM runtime and runner that check ARM artifacts under qemu.
 arm-runtime: install
