@@ -150,11 +150,7 @@ def check_calibration(config) -> None:
                 f"--data {source}: the Fashion-MNIST files are not installed; install them with "
                 f"`apt-get install {fashion_mnist.APT_PACKAGE}`, or pass --data PATH to your own images"
             )
-    elif not Path(source).expanduser().exists():
-        raise PipelineError(
-            f"calibration data '{source}' does not exist; pass --data fashion-mnist (Debian's "
-            f"{fashion_mnist.APT_PACKAGE}), an image folder, a .npy/.npz or a list file"
-        )
+    # A path that does not exist: validate_config, which runs first, says so.
 
 
 # ---------------------------------------------------------------- one cell
@@ -175,6 +171,7 @@ def compile_cell(config, target, precision: str) -> Cell:
     """Run the stages up to `compile` for one target and precision; never raises for a
     failed build (KeyboardInterrupt still stops the matrix)."""
     from pipeline.model_options import run_stages
+    from pipeline.stages.report import curve_with_runs
     from reports.target_report import describe_tuning
 
     cell = Cell(target.name, precision, COMPILED, target_json=target.target_json())
@@ -200,6 +197,7 @@ def compile_cell(config, target, precision: str) -> Cell:
     cell.params_bytes = info.get("params_bytes")
     cell.kernels = info.get("num_primfuncs")
     cell.tuning = info.get("tuning")
+    curve_with_runs(cell.tuning)
     cell.tuning_summary = describe_tuning(cell.tuning)
     cell.artifact = str(compiled.outputs.get("library"))
     cell.int8 = info.get("int8")
@@ -284,7 +282,7 @@ def render_readme(record: dict[str, Any]) -> str:
         f"weights {model['weights']}, params {model['params_mode']}; INT8 calibrated on {model['calib_data']} "
         f"({model['calib_method']}, up to {model['calib_size']} images, {model['preprocessing']} preprocessing).",
         "",
-        f"Built on {origin.get('device', 'n/a')} ({host.get('cores', '?')} cores, {host.get('machine', '?')}), "
+        f"Built on {origin.get('device', 'n/a')} ({host.get('machine', '?')}), "
         f"{origin.get('date', 'n/a')}, commit {origin.get('commit', 'n/a')}, TVM "
         f"{origin.get('tools', {}).get('apache-tvm', 'n/a')}; {record['seconds']:.0f} s in all. "
         f"{counts[COMPILED]} compiled, {counts[FAILED]} failed of {record['offered']} offered cells; "
@@ -327,7 +325,10 @@ def render_readme(record: dict[str, Any]) -> str:
 def write_report(output: Path, record: dict[str, Any]) -> tuple[Path, Path]:
     """matrix.json and README.md, each replaced whole (an interrupted write leaves the old one)."""
     from pipeline import artifacts
+    from pipeline.provenance import portable
 
+    # Committed, and read on other machines: no paths of this one.
+    record = portable(record)
     matrix, readme = Path(output) / MATRIX_FILE, Path(output) / README
     artifacts.atomic_write_json(matrix, record)
     artifacts.atomic_write_text(readme, render_readme(record))

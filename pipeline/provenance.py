@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import subprocess
 import sys
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 _TOOLS = ("torch", "onnx", "onnxruntime", "onnxsim", "apache-tvm", "apache-tvm-ffi", "numpy")
 
@@ -34,6 +36,30 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+@lru_cache(maxsize=None)
+def cpu_mcpu() -> str | None:
+    """LLVM's name for this CPU (-mcpu: znver5, sapphirerapids, neoverse-n1): the model name
+    string alone ("AMD EPYC" in many VMs) does not say which generation measured."""
+    try:
+        from tvm.target import codegen
+    except ImportError:
+        return None
+    return str(codegen.llvm_get_system_cpu()) or None
+
+
+def cpu_cores() -> int:
+    """The CPUs this process may run on (what TVM's num-cores and the thread pools see)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def cpu_description() -> str:
+    """The CPU precisely enough to compare measurements: model name, -mcpu and cores."""
+    mcpu = cpu_mcpu()
+    return f"{cpu_model()} ({f'-mcpu={mcpu}, ' if mcpu else ''}{cpu_cores()} cores)"
 
 
 @lru_cache(maxsize=None)
@@ -63,11 +89,9 @@ def now_iso() -> str:
 
 def provenance(device: str | None = None) -> dict:
     """Everything needed to compare two reports honestly."""
-    import os
-
     return {
-        "device": device or cpu_model(),
-        "host": {"machine": platform.machine(), "cpu": cpu_model(), "cores": os.cpu_count()},
+        "device": device or cpu_description(),
+        "host": {"machine": platform.machine(), "cpu": cpu_model(), "mcpu": cpu_mcpu(), "cores": cpu_cores()},
         "date": now_iso(),
         "commit": git_commit(),
         "tools": tool_versions(),
@@ -75,11 +99,36 @@ def provenance(device: str | None = None) -> dict:
     }
 
 
+def _local_roots() -> list[str]:
+    """Folders of this machine that committed files must not name: the repository and the
+    working directory (longest first, so the deeper one is cut when one holds the other)."""
+    roots = {str(Path(__file__).resolve().parents[1]), str(Path.cwd().resolve())}
+    return sorted((root for root in roots if root != "/"), key=len, reverse=True)
+
+
+def portable(value: Any) -> Any:
+    """`value` (text, or JSON-like data) with this machine's repository and working-directory
+    paths made relative ("/home/me/convnext-edge/tuning/x86" -> "tuning/x86"), for files that
+    are committed and read on other machines."""
+    if isinstance(value, str):
+        for root in _local_roots():
+            value = value.replace(root + os.sep, "")
+            if value == root:
+                value = "."
+        return value
+    if isinstance(value, dict):
+        return {key: portable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(item) for item in value]
+    return value
+
+
 def write_measurement(json_path: Path, record: dict, table_lines: list[str]) -> None:
     """A benchmark's record (with its "provenance") as JSON, and beside it a .txt of the
     table as printed, stamped with where and when it was measured, for readers of the repository."""
     import json
 
+    record, table_lines = portable(record), portable(table_lines)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(record, indent=2) + "\n")
     origin = record["provenance"]

@@ -1,11 +1,12 @@
 """Gathers every committed reports/<folder>/latency.json and accuracy.json into
 reports/README.md.
 
-One table per model (variant, classes, input shape), one row per target x
-precision. Known targets without a measurement get a row that says why, never a
-number. Each measured row is compared with the previous history.jsonl entry for
-the same target, precision, model and device, and flagged when its median latency
-rose by more than 10% or its top-1 agreement with the FP32 reference fell. Bad or
+One table per model (variant, classes, input shape), one row per measured target x
+precision; below it, the known targets without a measurement, one line per target
+with its precisions and why, never a number. Each measured row is compared with the
+previous history.jsonl entry for the same target, precision and model on the same
+machine with the same tuning records, and flagged when its median latency rose by
+more than 10% or its top-1 agreement with the FP32 reference fell. Bad or
 missing files are skipped with a warning that names them; half a pair still shows
 what it has.
 """
@@ -23,6 +24,7 @@ from typing import Any, Callable, Iterable, Sequence
 from pipeline import artifacts
 from pipeline.errors import PipelineError
 from reports import history
+from reports.tuning_curve import curve_database
 from reports.warn import warn
 
 README = "README.md"
@@ -161,13 +163,32 @@ class Row:
 
         return describe_tuning(_dict(self._record().get("model")).get("tuning"))
 
+    @property
+    def tuning_database(self) -> str | None:
+        """The tuning database compile applied, as the report recorded it."""
+        database = _dict(_dict(self._record().get("model")).get("tuning")).get("database")
+        return database if isinstance(database, str) else None
+
+    @property
+    def records(self) -> str:
+        """The tuning records the artifact was compiled with: database and content hash, or "none"."""
+        records = _dict(_dict(self._record().get("model")).get("tuning_records"))
+        if not records.get("database"):
+            return "none"
+        return f"{records['database']}@{str(records.get('sha256'))[:12]}"
+
     def history_entry(self) -> dict[str, Any]:
         origin = self.provenance
+        host = _dict(origin.get("host"))
         return {
             "target": self.target,
             "precision": self.precision,
             "model": self.model.text(),
             "device": origin.get("device"),
+            "cpu": host.get("cpu"),
+            "mcpu": host.get("mcpu"),
+            "cores": host.get("cores"),
+            "records": self.records,
             "commit": origin.get("commit"),
             "date": origin.get("date"),
             "median_ms": self.median_ms,
@@ -363,12 +384,10 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
 
 
 def row_cells(row: Row, reports_dir: Path | None = None) -> list[str]:
-    """The main table's cells for one row."""
+    """The main table's cells for one measured row."""
     target = row.target
     if row.folder and reports_dir is not None and (Path(reports_dir) / row.folder / "report.md").is_file():
         target = f"[{row.target}]({row.folder}/report.md)"
-    if not row.measured:
-        return [target, row.precision, f"not measured: {row.not_measured}"] + [""] * (len(COLUMNS) - 3)
     if row.latency is None:
         latency = ["no latency.json"] + ["n/a"] * 4
     else:
@@ -394,14 +413,30 @@ def row_cells(row: Row, reports_dir: Path | None = None) -> list[str]:
     ]
 
 
+def not_measured_lines(rows: Sequence[Row]) -> list[str]:
+    """The known targets a table has no measurement for, one line per target and reason with
+    its precisions, rather than a row of empty cells per precision."""
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for row in rows:
+        if not row.measured:
+            grouped.setdefault((row.target, row.not_measured or ""), []).append(row.precision)
+    if not grouped:
+        return []
+    return ["Not measured:", "", *_table(("target", "precisions", "why"),
+                                         ((target, ", ".join(precisions), reason)
+                                          for (target, reason), precisions in grouped.items())), ""]
+
+
 def provenance_cells(row: Row) -> list[str]:
     """The provenance table's cells for one measured row."""
     origin = row.provenance
     host = _dict(origin.get("host"))
     tools = _dict(origin.get("tools"))
     cpu = host.get("cpu", "n/a")
-    if host.get("cores"):
-        cpu = f"{cpu} ({host['cores']} cores)"
+    details = [f"-mcpu={host['mcpu']}"] if host.get("mcpu") else []
+    details += [f"{host['cores']} cores"] if host.get("cores") else []
+    if details:
+        cpu = f"{cpu} ({', '.join(details)})"
     gpu = origin.get("gpu") or host.get("gpu") or "none recorded"
     command = origin.get("command")
     return [
@@ -441,13 +476,17 @@ def render_readme(
         "Top-1 agreement is the share of inputs whose top class matches the FP32 reference's (PyTorch, or "
         "ONNX Runtime for a user-supplied ONNX file; see Provenance); "
         "top-1 and top-5 need labeled data. A flag marks a regression against the previous "
-        "measurement of the same target, precision, model and device (see Regressions).",
+        "measurement of the same target, precision and model on the same machine (device, CPU model, "
+        "-mcpu, cores) with the same tuning records (see Regressions).",
         "",
     ]
     for key, rows in tables.items():
         lines += [f"## {key.label()}", ""]
-        lines += _table(COLUMNS, (row_cells(row, reports_dir) for row in rows))
-        lines.append("")
+        measured_rows = [row for row in rows if row.measured]
+        if measured_rows:
+            lines += _table(COLUMNS, (row_cells(row, reports_dir) for row in measured_rows))
+            lines.append("")
+        lines += not_measured_lines(rows)
         table_plots = plots.get(key, TablePlots())
         if table_plots.latency:
             lines += [f"![TVM latency per target, {key.label()}]({table_plots.latency})", ""]
@@ -474,8 +513,10 @@ def render_readme(
     lines += [
         "## Regressions",
         "",
-        f"Against the previous `history.jsonl` entry for the same target, precision, model and device: "
-        f"median latency up more than {100 * LATENCY_TOLERANCE:.0f}%, or top-1 agreement down.",
+        f"Against the previous `history.jsonl` entry for the same target, precision and model, measured on "
+        f"the same device and CPU (model name, -mcpu, cores) with the same tuning records: median latency "
+        f"up more than {100 * LATENCY_TOLERANCE:.0f}%, or top-1 agreement down. Entries of another machine "
+        f"or other records are not compared.",
         "",
     ]
     if not flagged:
@@ -554,13 +595,22 @@ def write_plots(reports_dir: Path, tables: dict[ModelKey, list[Row]], warnings: 
         else:
             table_plots.notes.append("No latency-vs-accuracy plot: no row has both a latency and an agreement.")
 
-        curves = {}
+        curves, medians = {}, {}
         for row in measured:
-            if row.folder is not None:
-                curve = plots.read_tuning_curve(Path(reports_dir) / row.folder / TUNING_FILE, warnings)
-                if curve:
-                    curves[row.label] = curve
-        path = plots.tuning_curves(curves, plots_dir / f"{key.slug()}-tuning.png", title)
+            if row.folder is None:
+                continue
+            curve_file = Path(reports_dir) / row.folder / TUNING_FILE
+            curve = plots.read_tuning_curve(curve_file, warnings)
+            if curve and curve_database(curve_file) != row.tuning_database:
+                # Left from another build: not the tuning of the artifact measured in this row.
+                warn(f"{curve_file}: a curve of {curve_database(curve_file)}, but {row.label} was compiled with "
+                     f"{row.tuning_database or 'no tuning records'}; skipped", warnings)
+                continue
+            if curve:
+                curves[row.label] = curve
+                if row.median_ms is not None:
+                    medians[row.label] = row.median_ms
+        path = plots.tuning_curves(curves, plots_dir / f"{key.slug()}-tuning.png", title, medians)
         if path is not None:
             written.add(path)
             table_plots.tuning = f"{PLOTS_DIR}/{path.name}"

@@ -1,6 +1,8 @@
 """reports/history.jsonl: one line per measured report row, appended by each
 regeneration, so that a regression is judged against the last measurement of the
-same model on the same target, precision and device.
+same model on the same target and precision, on the same machine (device, CPU model
+name, -mcpu, cores) and with the same tuning records. Entries written before those
+were recorded compare with nothing newer.
 
 A line is identified by the report it came from (date, commit, target, precision,
 model): regenerating with unchanged reports appends nothing.
@@ -17,9 +19,11 @@ from reports.warn import warn
 
 HISTORY_FILE = "history.jsonl"
 FIELDS = (
-    "target", "precision", "model", "device", "commit", "date",
+    "target", "precision", "model", "device", "cpu", "mcpu", "cores", "records", "commit", "date",
     "median_ms", "p99_ms", "top1_agreement", "top1",
 )
+# What makes two entries comparable: the same thing measured on the same machine with the same records.
+GROUP = ("target", "precision", "model", "device", "cpu", "mcpu", "cores", "records")
 
 
 def entry_key(entry: dict[str, Any]) -> tuple:
@@ -29,7 +33,7 @@ def entry_key(entry: dict[str, Any]) -> tuple:
 
 def group_key(entry: dict[str, Any]) -> tuple:
     """Entries that measure the same thing, and so may be compared."""
-    return tuple(entry.get(name) for name in ("target", "precision", "model", "device"))
+    return tuple(entry.get(name) for name in GROUP)
 
 
 def _when(entry: dict[str, Any]) -> _dt.datetime | None:

@@ -9,17 +9,15 @@ and CI commits no noise.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from reports.warn import warn
+from reports.tuning_curve import TuningPoint, best_so_far, read_tuning_curve, split_runs  # noqa: F401 (re-exported)
 
 PRECISION_MARKERS = {"fp32": "o", "fp16": "s", "int8": "^"}
 # Beyond this ratio between the slowest and fastest value, an axis is logarithmic
@@ -46,13 +44,6 @@ class AccuracyPoint:
     precision: str
     median_ms: float
     accuracy: float  # a fraction: top-1, or top-1 agreement with the FP32 reference
-
-
-@dataclass(frozen=True)
-class TuningPoint:
-    trials: int
-    best_ms: float
-    seconds: float | None = None
 
 
 def _save(figure: Figure, path: Path) -> Path:
@@ -149,50 +140,33 @@ def latency_vs_accuracy(points: Sequence[AccuracyPoint], path: Path, title: str,
     return _save(figure, path)
 
 
-def tuning_curves(curves: dict[str, Sequence[TuningPoint]], path: Path, title: str) -> Path | None:
-    """Best latency found against tuning trials, one line per target; None when no curves."""
+def tuning_curves(curves: dict[str, Sequence[TuningPoint]], path: Path, title: str,
+                  measured_ms: dict[str, float] | None = None) -> Path | None:
+    """The model latency tuning estimated against trials: one line per tuning run (a resumed
+    run's curve file joins several), best so far; a dashed line at each label's measured
+    median in the same milliseconds. None when there are no curves."""
     curves = {label: points for label, points in curves.items() if points}
     if not curves:
         return None
     figure = Figure(figsize=(6.5, 4.2))
     ax = figure.add_subplot()
     values: list[float] = []
-    for label, points in curves.items():
-        ordered = sorted(points, key=lambda p: p.trials)
-        ax.plot([p.trials for p in ordered], [p.best_ms for p in ordered],
-                drawstyle="steps-post", marker=".", label=label)
-        values += [p.best_ms for p in ordered]
+    for index, (label, points) in enumerate(curves.items()):
+        runs = [best_so_far(run) for run in split_runs(points)]
+        for number, run in enumerate(runs, start=1):
+            name = label if len(runs) == 1 else f"{label}, run {number}"
+            ax.plot([p.trials for p in run], [p.best_ms for p in run], drawstyle="steps-post", marker=".",
+                    color=f"C{index}", alpha=1.0 if number == len(runs) else 0.5, label=name)
+            values += [p.best_ms for p in run]
+        median = (measured_ms or {}).get(label)
+        if median is not None:
+            ax.axhline(median, color=f"C{index}", linestyle="--", linewidth=1, label=f"{label}: measured median")
+            values.append(median)
     ax.set_xlabel("tuning trials")
-    ax.set_ylabel("best latency found (ms)")
-    ax.set_title(title, fontsize=10)
+    ax.set_ylabel("model latency (ms)")
+    ax.set_title(f"{title}\nsolid: tuning's estimate (sum over kernels of calls x best time), best so far",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     _log_if_spread(ax.set_yscale, values)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(figure, path)
-
-
-def read_tuning_curve(path: Path, warnings: list[str] | None = None) -> list[TuningPoint] | None:
-    """The curve in a tuning.json ({"curve": [{"trials", "best_ms", "seconds"}, ...]});
-    None when the file is absent, or unreadable (with a warning naming it)."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        data: Any = json.loads(path.read_text())
-        points = [
-            TuningPoint(int(p["trials"]), float(p["best_ms"]),
-                        None if p.get("seconds") is None else float(p["seconds"]))
-            for p in data["curve"]
-        ]
-    except json.JSONDecodeError as exc:
-        warn(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); skipped", warnings)
-        return None
-    except (OSError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        warn(f"{path}: not a tuning curve ({type(exc).__name__}: {exc}); "
-             'expected {"curve": [{"trials": n, "best_ms": x, "seconds": s}, ...]}; skipped', warnings)
-        return None
-    if any(not math.isfinite(p.best_ms) for p in points):
-        warn(f"{path}: best_ms must be finite numbers; skipped", warnings)
-        return None
-    return points
-

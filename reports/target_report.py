@@ -28,11 +28,16 @@ def describe_tuning(tuning: Any) -> str:
             phrase += f", {int(trials)} trials" if trials is not None else ""
             cost = tuning.get("cost")
             if tuned and isinstance(cost, dict):
-                phrase += (
-                    f"; tuning took {cost['trials']} trials in {cost['seconds'] / 60:.0f} min, within "
-                    f"{100 * cost['within']:.0f}% of its final estimate after {cost['trials_to_within']} "
-                    f"trials ({cost['seconds_to_within'] / 60:.0f} min)"
-                )
+                phrase += f"; tuning took {cost['trials']} trials in {cost['seconds'] / 60:.0f} min"
+                # Time to converge means something for one run only: a resumed run's curve
+                # joins runs (and an unknown count may be several).
+                if cost.get("runs") == 1:
+                    phrase += (
+                        f", within {100 * cost['within']:.0f}% of its final estimate after "
+                        f"{cost['trials_to_within']} trials ({cost['seconds_to_within'] / 60:.0f} min)"
+                    )
+                elif cost.get("runs"):
+                    phrase += f" over {cost['runs']} runs"
             return phrase
         if trials is not None:
             return f"{int(trials)} trials"

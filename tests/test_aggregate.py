@@ -60,36 +60,48 @@ def test_targets_and_precisions_in_one_table_per_model(tmp_path):
     assert "83.25" not in micro
     # Top-1 without labels is n/a, not a number.
     assert table_row(tiny, "x86", "fp32")[COL["top-1"]] == "n/a"
-    # Rows in known-target order, fp32 before fp16 before int8.
-    order = [line.split(" | ")[:2] for line in micro.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [(t.strip("| ").split("]")[0].strip("["), p) for t, p in order][:4] == [
-        ("x86", "fp32"), ("x86", "int8"), ("cuda", "fp32"), ("cuda", "fp16")]
+    # Measured rows in known-target order, fp32 before fp16 before int8; the rest below, by target.
+    order = [line.split(" | ")[:2] for line in micro.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [(t.strip("| ").split("]")[0].strip("["), p) for t, p in order][1:4] == [
+        ("x86", "fp32"), ("x86", "int8"), ("cuda", "fp16")]
+    assert not_measured(micro, "cuda") == {"fp32": "no device: needs an NVIDIA GPU"}
+    assert not_measured(tiny, "x86") == {"int8": "no measurement committed"}
 
 
 COL = {name: index for index, name in enumerate(aggregate.COLUMNS)}
+
+
+def not_measured(text: str, target: str) -> dict[str, str]:
+    """precision -> why, from the "Not measured" lines of `text` for `target`."""
+    found = {}
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        if len(cells) == 3 and cells[0] == target:
+            found.update(dict.fromkeys(cells[1].split(", "), cells[2]))
+    return found
 
 
 def test_known_targets_without_measurements_say_why(tmp_path):
     write_pair(tmp_path, "x86")
     markdown = run(tmp_path, expected=[("x86", "fp16")]).readme.read_text()
 
-    assert table_row(markdown, "cuda", "fp32")[2] == "not measured: no device: needs an NVIDIA GPU"
-    assert table_row(markdown, "cuda", "fp16")[2] == "not measured: no device: needs an NVIDIA GPU"
-    assert table_row(markdown, "jetson-orin", "fp16")[2] == \
-        "not measured: no device: needs an NVIDIA GPU (RPC key 'orin')"
-    assert table_row(markdown, "arm-a76", "fp32")[2] == "not measured: no device: needs aarch64 hardware"
-    assert table_row(markdown, "x86", "int8")[2] == "not measured: no measurement committed"
+    # One line per target and reason, its precisions together, never a number.
+    assert "| cuda | fp32, fp16 | no device: needs an NVIDIA GPU |" in markdown
+    assert not_measured(markdown, "jetson-orin") == {"fp16": "no device: needs an NVIDIA GPU (RPC key 'orin')"}
+    assert not_measured(markdown, "arm-a76") == {"fp32": "no device: needs aarch64 hardware"}
     # An expected row the target does not declare still appears, with that reason.
-    assert table_row(markdown, "x86", "fp16")[2] == "not measured: x86 does not support fp16 (precisions: fp32, int8)"
-    # Never a number in an unmeasured row.
-    assert all(cell == "" for cell in table_row(markdown, "cuda", "fp32")[3:])
+    assert not_measured(markdown, "x86") == {
+        "int8": "no measurement committed", "fp16": "x86 does not support fp16 (precisions: fp32, int8)"}
+    # The measured table holds measured rows only.
+    assert [line for line in markdown.splitlines() if line.startswith("| cuda | fp32 |")] == []
 
 
 def test_no_reports_at_all_still_lists_the_known_targets(tmp_path):
     summary = run(tmp_path)
     markdown = summary.readme.read_text()
     assert "## no measurements yet" in markdown
-    assert table_row(markdown, "x86", "fp32")[2] == "not measured: no measurement committed"
+    assert not_measured(markdown, "x86") == dict.fromkeys(("fp32", "int8"), "no measurement committed")
+    assert "| target | precision | median ms" not in markdown  # no empty table of measurements
     assert "## Provenance" not in markdown
     assert not (tmp_path / "history.jsonl").exists()
 
@@ -99,7 +111,7 @@ def test_unloadable_target_gets_a_generic_reason(tmp_path):
         raise RuntimeError("TVM is not installed")
 
     summary = regenerate(tmp_path, known=["x86"], lookup=broken)
-    assert table_row(summary.readme.read_text(), "x86", "fp32")[2] == "not measured: no measurement committed"
+    assert not_measured(summary.readme.read_text(), "x86") == {"fp32": "no measurement committed"}
 
 
 def test_detected_target_that_is_absent_says_why(tmp_path):
@@ -107,8 +119,8 @@ def test_detected_target_that_is_absent_says_why(tmp_path):
         raise PipelineError("target 'cuda' means this machine's GPU, and none was found; pick cuda-sm90")
 
     summary = regenerate(tmp_path, known=["cuda"], lookup=detect)
-    assert table_row(summary.readme.read_text(), "cuda", "fp32")[2] == \
-        "not measured: no device: target 'cuda' means this machine's GPU, and none was found"
+    assert not_measured(summary.readme.read_text(), "cuda") == \
+        {"fp32": "no device: target 'cuda' means this machine's GPU, and none was found"}
 
 
 @pytest.mark.parametrize(
@@ -168,6 +180,42 @@ def test_other_device_is_not_compared(tmp_path):
     assert summary.regressions == []
 
 
+@pytest.mark.parametrize("change", ["mcpu", "cores", "records"])
+def test_other_cpu_or_tuning_records_are_not_compared(tmp_path, change):
+    first = latency(median=10.0, date="2026-01-01T00:00:00+00:00", commit="aaa")
+    second = latency(median=20.0, date="2026-01-02T00:00:00+00:00", commit="bbb")
+    for record, mcpu, cores, database in ((first, "znver4", 2, "tuning/x86/m/znver4"),
+                                          (second, "znver4", 2, "tuning/x86/m/znver4")):
+        record["provenance"]["host"].update(mcpu=mcpu, cores=cores)
+        record["model"]["tuning_records"] = {"database": database, "sha256": "ab" * 32}
+    if change == "mcpu":
+        second["provenance"]["host"]["mcpu"] = "znver5"
+    elif change == "cores":
+        second["provenance"]["host"]["cores"] = 16
+    else:
+        second["model"]["tuning_records"] = {"database": "tuning/x86/m/znver4", "sha256": "cd" * 32}
+    write_report(tmp_path, "x86", first, accuracy())
+    run(tmp_path)
+    write_report(tmp_path, "x86", second, accuracy())
+    summary = run(tmp_path)
+    assert summary.regressions == []
+    entries = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [e["records"] for e in entries][0] == f"tuning/x86/m/znver4@{'ab' * 6}"
+    assert entries[0]["mcpu"] == "znver4" and entries[0]["cores"] == 2 and entries[0]["cpu"] == "AMD EPYC 9654"
+
+
+def test_same_cpu_and_records_are_compared(tmp_path):
+    first = latency(median=10.0, date="2026-01-01T00:00:00+00:00", commit="aaa")
+    second = latency(median=20.0, date="2026-01-02T00:00:00+00:00", commit="bbb")
+    for record in (first, second):
+        record["provenance"]["host"]["mcpu"] = "znver4"
+        record["model"]["tuning_records"] = {"database": "tuning/x86/m/znver4", "sha256": "ab" * 32}
+    write_report(tmp_path, "x86", first, accuracy())
+    run(tmp_path)
+    write_report(tmp_path, "x86", second, accuracy())
+    assert [row.target for row in run(tmp_path).regressions] == ["x86"]
+
+
 def test_regenerating_unchanged_reports_changes_nothing(tmp_path):
     regenerate_after(tmp_path, median=11.1, agreement=1.0)
     readme = (tmp_path / "README.md").read_text()
@@ -194,7 +242,7 @@ def test_malformed_and_foreign_json_is_skipped_with_a_warning(tmp_path, capsys):
     skipped = section(markdown, "Skipped files")
     assert "cuda/latency.json: not valid JSON" in skipped
     assert "notes/latency.json: not a report" in skipped
-    assert table_row(markdown, "cuda", "fp32")[2].startswith("not measured")
+    assert not_measured(markdown, "cuda")["fp32"].startswith("no device")
     assert table_row(markdown, "x86", "fp32")[COL["median ms"]] == "10.00"
 
 
@@ -251,6 +299,10 @@ def test_provenance_details_table(tmp_path):
     assert cuda["reference"] == "pytorch"
     assert cuda["device"] == "AMD EPYC"
     assert cuda["CPU"] == "AMD EPYC 9654 (2 cores)"
+    record["provenance"]["host"]["mcpu"] = "znver4"
+    write_report(tmp_path, "cuda-fp16", record, accuracy(target="cuda", precision="fp16"))
+    details = section(run(tmp_path).readme.read_text(), "Provenance")
+    assert dict(zip(header, table_row(details, "cuda", "fp16")))["CPU"] == "AMD EPYC 9654 (-mcpu=znver4, 2 cores)"
     assert cuda["GPU"] == "NVIDIA H100 80GB HBM3"
     assert [cuda["TVM"], cuda["torch"], cuda["ONNX Runtime"]] == ["0.27.0.post1", "2.13.0+cpu", "1.32.0"]
     assert cuda["command"] == r"`pipeline run --target cuda \| tee log`"

@@ -90,7 +90,7 @@ def test_one_cell_per_target_and_precision_in_order(matrix_run):
 @pytest.mark.parametrize("target", ["x86", "arm-a53"])
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_cpu_cells_compile_with_sizes_kernels_and_target(matrix_run, target, precision):
-    _, _, matrix, _ = matrix_run
+    _, workdir, matrix, readme = matrix_run
     entry = cell(matrix, target, precision)
     assert entry["status"] == "compiled" and entry["reason"] == ""
     assert entry["library_bytes"] > 0 and entry["params_bytes"] == 0
@@ -99,7 +99,9 @@ def test_cpu_cells_compile_with_sizes_kernels_and_target(matrix_run, target, pre
     assert entry["kernels"] > 0
     assert entry["tuning"]["tasks_total"] > 0 and entry["tuning_summary"]
     assert entry["target_json"] == get_target(target).target_json()
-    library = Path(entry["artifact"])
+    # Committed files name no folder of the machine that wrote them: paths are relative to where it ran.
+    assert entry["artifact"].startswith("artifacts/compile/") and str(workdir) not in readme
+    library = workdir / entry["artifact"]
     assert library.stat().st_size == entry["library_bytes"]
     if target == "arm-a53":
         assert elf_machine(library) == AARCH64_ELF
@@ -114,12 +116,12 @@ def test_cpu_cells_compile_with_sizes_kernels_and_target(matrix_run, target, pre
 def test_cuda_target_compiles_fp32_and_int8(matrix_run):
     from pipeline import cross
 
-    _, _, matrix, readme = matrix_run
+    _, workdir, matrix, readme = matrix_run
     for precision in ("fp32", "int8"):
         entry = cell(matrix, CUDA_TARGET, precision)
         assert entry["status"] == "compiled" and entry["library_bytes"] > 0 and entry["kernels"] > 0
         assert json.loads(entry["target_json"])["arch"] == "sm_80"
-        assert "sass:sm_80" in [str(code) for code in cross.cuda_device_code(Path(entry["artifact"]))]
+        assert "sass:sm_80" in [str(code) for code in cross.cuda_device_code(workdir / entry["artifact"])]
         assert table_row(readme, CUDA_TARGET)[1 + ("fp32", "fp16", "int8").index(precision)].startswith("ok ")
     assert sum(cell(matrix, CUDA_TARGET, "int8")["int8"]["integer_ops"].values()) > 0
 

@@ -6,9 +6,11 @@ from reports.history import FIELDS, append_entries, load_history, previous_entry
 
 
 def entry(date="2026-01-01T00:00:00+00:00", commit="aaa", target="x86", precision="fp32", model="micro/10/1x3x64x64",
-          device="AMD EPYC", median_ms=10.0, **extra):
+          device="AMD EPYC (-mcpu=znver5, 2 cores)", median_ms=10.0, **extra):
+    machine = {"cpu": "AMD EPYC", "mcpu": "znver5", "cores": 2, "records": "tuning/x86/m/znver5@0123456789ab"}
     return {"date": date, "commit": commit, "target": target, "precision": precision, "model": model,
-            "device": device, "median_ms": median_ms, "p99_ms": None, "top1_agreement": 1.0, "top1": None, **extra}
+            "device": device, **machine, "median_ms": median_ms, "p99_ms": None, "top1_agreement": 1.0, "top1": None,
+            **extra}
 
 
 def test_append_dedups_on_the_report_it_came_from(tmp_path):
@@ -62,3 +64,18 @@ def test_append_after_a_partial_line_starts_a_new_line(tmp_path):
     path.write_text(json.dumps(entry()) + "\n" + '{"target": "x8')  # an interrupted append
     append_entries(path, load_history(path), [entry(commit="b")])
     assert [e["commit"] for e in load_history(path)] == ["aaa", "b"]
+
+
+def test_only_the_same_machine_and_records_are_compared():
+    later = "2026-01-02T00:00:00+00:00"
+    current = entry(date=later, commit="now")
+    for other in (dict(mcpu="znver4"), dict(cores=8), dict(cpu="AMD EPYC 9654"),
+                  dict(records="tuning/x86/m/znver4@ba9876543210"), dict(records="none")):
+        assert previous_entry([entry(**other)], current) is None, other
+    assert previous_entry([entry()], current)["commit"] == "aaa"
+
+
+def test_entries_written_before_the_machine_was_recorded_are_not_compared():
+    legacy = {"date": "2026-01-01T00:00:00+00:00", "commit": "old", "target": "x86", "precision": "fp32",
+              "model": "micro/10/1x3x64x64", "device": "AMD EPYC", "median_ms": 5.0}
+    assert previous_entry([legacy], entry(date="2026-01-02T00:00:00+00:00", device="AMD EPYC")) is None

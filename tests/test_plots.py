@@ -43,6 +43,33 @@ def test_tuning_curves(tmp_path):
     assert plots.tuning_curves({"x86 fp32": []}, tmp_path / "none.png", "micro") is None
 
 
+def test_a_resumed_curve_is_drawn_one_run_at_a_time(tmp_path):
+    # Run 1: 2 of 3 kernels measured at first, then all; run 2 (clock reset) re-measures higher.
+    joined = [plots.TuningPoint(8, 5.0, 10.0, 2), plots.TuningPoint(16, 9.0, 20.0, 3),
+              plots.TuningPoint(24, 9.5, 30.0, 3), plots.TuningPoint(32, 8.0, 40.0, 3),
+              plots.TuningPoint(40, 8.4, 5.0, 3), plots.TuningPoint(48, 7.0, 15.0, 3)]
+    assert plots.tuning_curves({"x86 fp32": joined}, tmp_path / "t.png", "micro", {"x86 fp32": 7.5}) is not None
+    assert_png(tmp_path / "t.png")
+
+
+def test_runs_are_split_where_the_clock_went_back_and_made_monotone():
+    from reports.tuning_curve import TuningPoint, best_so_far, count_runs, split_runs
+
+    joined = [TuningPoint(8, 5.0, 10.0, 2), TuningPoint(16, 9.0, 20.0, 3), TuningPoint(24, 9.5, 30.0, 3),
+              TuningPoint(32, 8.0, 40.0, 3), TuningPoint(40, 8.4, 5.0, 3), TuningPoint(48, 7.0, 15.0, 3)]
+    first, second = split_runs(joined)
+    assert [p.trials for p in first] == [8, 16, 24, 32] and [p.trials for p in second] == [40, 48]
+    # The partial estimate (2 of 3 kernels) is left out; later worse estimates keep the best so far.
+    assert [(p.trials, p.best_ms) for p in best_so_far(first)] == [(16, 9.0), (24, 9.0), (32, 8.0)]
+    assert [(p.trials, p.best_ms) for p in best_so_far(second)] == [(40, 8.4), (48, 7.0)]
+    # Points without times are one run; count_runs reads tune_curve.jsonl's dicts.
+    assert len(split_runs([TuningPoint(64, 8.0), TuningPoint(0, 12.0)])) == 1
+    assert count_runs([{"trials": 16, "best_ms": 1.0, "seconds": 320.0},
+                       {"trials": 32, "best_ms": 0.9, "seconds": 335.6}]) == 1
+    assert count_runs([{"trials": 16, "best_ms": 1.0, "seconds": 50.0},
+                       {"trials": 32, "best_ms": 0.9, "seconds": 12.0}]) == 2
+
+
 def test_same_inputs_give_the_same_png(tmp_path):
     summary = [plots.LatencySummary("x86\nfp32", 9.0, 10.0, 12.0, 15.0, 16.0)]
     first = plots.latency_distribution(summary, tmp_path / "a.png", "micro").read_bytes()
@@ -107,3 +134,18 @@ def test_stale_plots_are_removed(tmp_path):
 
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
         "micro-10-1x3x64x64-accuracy.png", "micro-10-1x3x64x64-latency.png", "notes.txt"]
+
+
+def test_a_curve_of_other_records_than_the_artifact_used_is_not_drawn(tmp_path):
+    tuning = {"tasks_total": 4, "tasks_from_records": 4, "database": "tuning/x86/micro/znver5"}
+    write_report(tmp_path, "x86", latency(tuning=tuning), accuracy())
+    curve = [{"trials": n, "best_ms": 2.0 - n / 100, "seconds": n} for n in (16, 32)]
+    (tmp_path / "x86" / "tuning.json").write_text(json.dumps({"database": "tuning/x86/micro", "curve": curve}))
+    summary = regenerate(tmp_path, known=KNOWN, lookup=lookup)
+    assert "plots/micro-10-1x3x64x64-tuning.png" not in embedded_images(summary.readme.read_text())
+    assert any("a curve of tuning/x86/micro, but x86 fp32 was compiled with tuning/x86/micro/znver5" in w
+               for w in summary.warnings)
+
+    (tmp_path / "x86" / "tuning.json").write_text(json.dumps({"database": "tuning/x86/micro/znver5", "curve": curve}))
+    summary = regenerate(tmp_path, known=KNOWN, lookup=lookup)
+    assert "plots/micro-10-1x3x64x64-tuning.png" in embedded_images(summary.readme.read_text())

@@ -32,7 +32,7 @@ def test_reports_regenerates_the_readme(app, tmp_path):
     assert f"readme: {tmp_path / 'README.md'}" in result.stdout
     markdown = (tmp_path / "README.md").read_text()
     assert "| x86 | fp32 | 10.00 |" in markdown
-    assert "| cuda | fp16 | not measured: no device: needs an NVIDIA GPU |" in markdown
+    assert "| cuda | fp32, fp16 | no device: needs an NVIDIA GPU |" in markdown
     assert "[reports] 1 measured and" in result.stderr
 
 

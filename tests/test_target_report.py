@@ -10,6 +10,18 @@ def test_describe_tuning_forms():
     assert describe_tuning(64) == "64 trials"
 
 
+def test_time_to_converge_is_claimed_for_one_tuning_run_only():
+    cost = {"trials": 128, "seconds": 420.0, "within": 0.1, "trials_to_within": 16, "seconds_to_within": 320.0}
+    tuning = {"tasks_total": 43, "tasks_from_records": 43}
+    one = describe_tuning({**tuning, "cost": {**cost, "runs": 1}})
+    assert one == ("43/43 kernels from tuning records; tuning took 128 trials in 7 min, within 10% of its "
+                   "final estimate after 16 trials (5 min)")
+    # A resumed database joins runs whose clocks restarted: no claim about when it converged.
+    assert describe_tuning({**tuning, "cost": {**cost, "runs": 3}}) == (
+        "43/43 kernels from tuning records; tuning took 128 trials in 7 min over 3 runs")
+    assert describe_tuning({**tuning, "cost": cost}) == "43/43 kernels from tuning records; tuning took 128 trials in 7 min"
+
+
 def _stats(median):
     return {"median_ms": median, "p90_ms": median, "p99_ms": median, "mean_ms": median, "min_ms": median,
             "std_ms": 0.0, "throughput_ips": 1e3 / median, "repeats": 3}

@@ -8,7 +8,7 @@ from pathlib import Path
 from pipeline import artifacts
 from pipeline.config import PipelineConfig
 from pipeline.engine import Stage, log
-from pipeline.provenance import provenance
+from pipeline.provenance import portable, provenance
 from targets import Target
 
 
@@ -38,11 +38,23 @@ def tuning_curve(tuning) -> list[dict]:
     return read_curve(Path(tuning["database"]))
 
 
+def curve_with_runs(tuning) -> list[dict]:
+    """tuning_curve(tuning), after noting in tuning's cost how many tuning runs the curve joins
+    (a resumed run appends to it): describe_tuning claims no time to converge across runs."""
+    from reports.tuning_curve import count_runs
+
+    curve = tuning_curve(tuning)
+    if curve and isinstance(tuning.get("cost"), dict):
+        tuning["cost"]["runs"] = count_runs(curve)
+    return curve
+
+
 def model_summary(inputs: dict[str, Path]) -> dict:
     """What the upstream manifests say about the model and the artifact."""
     build = artifacts.manifest_beside(inputs["checkpoint"]) if "checkpoint" in inputs else {}
     simplify = artifacts.manifest_beside(inputs["onnx_simplified"])
     compiled = artifacts.manifest_beside(inputs["library"])
+    tuning = compiled.get("info", {}).get("tuning", "untuned")
     return {
         "variant": build.get("settings", {}).get("variant", "user-supplied ONNX"),
         "num_classes": build.get("settings", {}).get("num_classes"),
@@ -55,7 +67,12 @@ def model_summary(inputs: dict[str, Path]) -> dict:
         "nodes_after": simplify.get("info", {}).get("nodes_after"),
         "compile_seconds": compiled.get("seconds"),
         "target_json": compiled.get("settings", {}).get("target_json"),
-        "tuning": compiled.get("info", {}).get("tuning", "untuned"),
+        "tuning": tuning,
+        # Which records made the kernels: measurements with other records are not comparable.
+        "tuning_records": {
+            "database": tuning.get("database") if isinstance(tuning, dict) else None,
+            "sha256": compiled.get("settings", {}).get("tuning_database_sha256"),
+        },
     }
 
 
@@ -65,10 +82,14 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
     latency = json.loads(Path(inputs["latency"]).read_text())
     accuracy = json.loads(Path(inputs["accuracy"]).read_text())
     model = model_summary(inputs)
+    curve = curve_with_runs(model.get("tuning"))
     origin = provenance()
     for record in (latency, accuracy):
         record["model"] = model
         record["provenance"] = origin
+    # Committed and read on other machines: no paths of this one.
+    latency, accuracy = portable(latency), portable(accuracy)
+    model, origin = latency["model"], latency["provenance"]
     markdown = render_report(latency, accuracy, model, origin)
     if "quantization_report" in inputs:
         markdown += (
@@ -88,10 +109,12 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
         # the numbers it produced.
         quantized = Path(inputs["quantization_report"])
         for name in (quantized.name, "quantization.md"):
-            artifacts.atomic_write_text(destination / name, (quantized.parent / name).read_text())
-    curve = tuning_curve(model.get("tuning"))
+            artifacts.atomic_write_text(destination / name, portable((quantized.parent / name).read_text()))
     if curve:
         artifacts.atomic_write_json(destination / "tuning.json", {"database": model["tuning"]["database"], "curve": curve})
+    else:
+        # A curve of records this artifact was not compiled with would be drawn beside it.
+        (destination / "tuning.json").unlink(missing_ok=True)
     log(f"[report] wrote {destination}/report.md")
     return {"outputs": {"report": "report.md"}, "info": {"reports_dir": str(destination)}}
 
