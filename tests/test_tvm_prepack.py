@@ -42,7 +42,10 @@ def test_unmarked_records_apply_to_marked_kernels_and_weights_are_packed_once(de
     info = compile_onnx(demo_onnx, get_target("x86"), library, input_shape=(1, 1, 32, 32),
                         tuning_database=SHIPPED, dump_ir_dir=tmp_path / "ir")
     tuning = info["tuning"]
-    assert tuning["tasks_from_records"] == tuning["tasks_total"]
+    # Every kernel but the three squarings of the channels-first LayerNorms, one per shape:
+    # they were pow kernels when these records were made and are x * x since (integer
+    # powers become multiplies: pipeline/tvm_graph_rewrites.py), so no record matches them.
+    assert tuning["tasks_total"] - tuning["tasks_from_records"] == 3
 
     # The tuned GEMMs read packed weights: their layout rewrite was split out of the kernel
     # and folded into the embedded constant, so the module calls no rewrite at run time.
