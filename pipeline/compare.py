@@ -1,4 +1,4 @@
-"""The one comparator every accuracy check goes through."""
+"""The one comparator every accuracy check goes through (NumPy only: the GPU bundle carries it)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,11 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray, labels: np.ndar
     cosine = np.sum(reference * candidate, axis=1) / np.maximum(ref_norm * cand_norm, 1e-30)
     result = {
         "count": int(reference.shape[0]),
+        # NaN compares unequal to everything, so a NaN output cannot hide in the errors
+        # below (they become NaN too), but a count says how much of it there is.
+        "nan_count": int(np.isnan(candidate).sum()),
         "top1_agreement": float(np.mean(reference.argmax(1) == candidate.argmax(1))),
+        "relative_l2": float(np.linalg.norm(reference - candidate) / max(float(np.linalg.norm(reference)), 1e-30)),
         "max_abs_error": float(diff.max()) if diff.size else 0.0,
         "mean_abs_error": float(diff.mean()) if diff.size else 0.0,
         "cosine_min": float(cosine.min()) if cosine.size else 1.0,

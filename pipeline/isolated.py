@@ -42,7 +42,7 @@ def _runner(backend: str, model: Path, device: str):
 
 def time_runner(runner, batch: np.ndarray, warmup: int, repeats: int) -> dict:
     """Time `repeats` calls after `warmup` untimed ones (in this process)."""
-    from pipeline.stages.bench import latency_stats
+    from pipeline.latency_stats import latency_stats
 
     for _ in range(warmup):
         runner.infer(batch)

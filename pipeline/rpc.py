@@ -176,7 +176,7 @@ class RpcRunner:
     def measure(self, warmup: int, repeats: int, batch: np.ndarray | None = None, seed: int = 0) -> dict:
         """Latency of ``main`` timed on the device: `warmup` untimed runs, then `repeats`
         timed ones; the same statistics as the local bench (pipeline.stages.bench)."""
-        from pipeline.stages.bench import latency_stats
+        from pipeline.latency_stats import latency_stats
 
         if batch is None:
             batch = np.random.default_rng(seed).standard_normal(self.input_shape).astype(self.input_dtype)

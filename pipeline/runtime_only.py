@@ -269,6 +269,23 @@ class LoadedArtifact:
         x_device = tvm.runtime.tensor(np.ascontiguousarray(x), self.device)
         return self._main(x_device, *self._params).numpy()
 
+    def time_calls(self, x: np.ndarray, warmup: int, repeats: int) -> list[float]:
+        """Seconds of each of ``repeats`` calls on ``x``, after ``warmup`` calls: the input
+        stays on the device and every call is synchronized, so this is the device's time
+        per call (launches included), not the host copies ``infer`` adds."""
+        self.infer(x)  # checks the input's shape and dtype
+        x_device = tvm.runtime.tensor(np.ascontiguousarray(x), self.device)
+        for _ in range(warmup):
+            self._main(x_device, *self._params)
+        self.device.sync()
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self._main(x_device, *self._params)
+            self.device.sync()
+            seconds.append(time.perf_counter() - start)
+        return seconds
+
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: run an artifact on a .npy input, save the output, print latency."""

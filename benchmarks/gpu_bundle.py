@@ -1,0 +1,433 @@
+"""The GPU check in one folder: CUDA artifacts, the TVM runtime and the check, for a machine
+that has a GPU and PyTorch but no TVM, no network and room for at most 64 MiB.
+
+    make gpu-bundle                                   # ConvNeXt-T, cuda-sm90 -> dist/gpu-bundle/
+    .venv/bin/python benchmarks/gpu_bundle.py --variant micro --input-size 32 --configs fp32:1,fp16:1
+
+On the GPU machine: ``bash dist/gpu-bundle/run.sh`` (installs the bundled runtime once, then
+runs gpu_check.py; see the README.md it writes). What the folder holds:
+
+    gpu_check.py, run.sh, README.md, manifest.json
+    lib/pipeline/             model.py, seeded_weights.py, runtime_only.py, compare.py,
+                              latency_stats.py, errors.py: what the check imports, nothing else
+    runtime/tvm-runtime.tar.xz    the installed apache-tvm package without its compiler
+                              (lib/libtvm_compiler.so, 3rdparty/, include/, src/): 2-3 MB
+    runtime/apache_tvm_ffi-*-cp312-*.whl   the FFI wheel for the GPU machine's Python
+    artifacts.tar.xz          one folder per configuration: model.so, model.so.json, model.cu
+                              and the weights (model.params.npz)
+
+Every configuration is compiled through the pipeline's own stages (build -> export ->
+simplify -> [quantize] -> compile), as `pipeline compile` does, from weights made from a
+seed on a coarse grid (pipeline/seeded_weights.py): they compress 8-10x, and the check
+rebuilds the same weights into PyTorch from the seed. Float artifacts take their weights
+separately (params_mode "separate") and the weights are stored once: a configuration whose
+weights equal another's up to a cast (fp32 vs fp16: the grid is exact in both) is derived
+from it on the GPU machine, and the check verifies the derived arrays against a digest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from gpu_check import params_digest  # noqa: E402  (the check verifies what this takes)
+
+MIB = 1024 * 1024
+# What the check imports from the pipeline: NumPy, torch and the TVM runtime only.
+BUNDLED_MODULES = ("errors.py", "model.py", "seeded_weights.py", "runtime_only.py", "compare.py", "latency_stats.py")
+# Parts of the apache-tvm wheel a machine that only runs artifacts does not need.
+COMPILER_PARTS = ("lib/libtvm_compiler.so", "3rdparty", "include", "src")
+# The GPU machine's Python (the tvm-ffi wheel has compiled code per Python version).
+GPU_PYTHON = "3.12"
+FFI_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64")
+
+
+def log(message: str) -> None:
+    print(f"[gpu_bundle] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", default="tiny", help="ConvNeXt variant (pipeline variants)")
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--target", default="cuda-sm90",
+                        help="a CUDA target (pipeline targets); x86 makes a bundle to try the check on a CPU")
+    parser.add_argument("--configs", default="fp32:1,fp16:1,fp16:8,int8:1",
+                        help="comma-separated precision:batch pairs to compile")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of the check's inputs")
+    parser.add_argument("--calib-data", default="fashion-mnist",
+                        help="INT8 calibration images (any source `pipeline quantize --data` takes)")
+    parser.add_argument("--calib-size", type=int, default=32)
+    parser.add_argument("--output", type=Path, default=REPO / "dist" / "gpu-bundle")
+    parser.add_argument("--max-mib", type=float, default=60.0, help="refuse a bundle larger than this")
+    parser.add_argument("--ffi-wheel", type=Path, help=f"the apache-tvm-ffi wheel for Python {GPU_PYTHON} "
+                        "(default: downloaded once with pip into the cache)")
+    parser.add_argument("--artifacts", type=Path, default=REPO / "artifacts")
+    return parser.parse_args(argv)
+
+
+def parse_configs(text: str, target) -> list[tuple[str, int]]:
+    """'fp32:1,fp16:8' -> [("fp32", 1), ("fp16", 8)], checked against the target."""
+    from pipeline.errors import PipelineError
+
+    configs = []
+    for item in text.split(","):
+        precision, _, batch = item.strip().partition(":")
+        if not batch.isdigit() or int(batch) < 1:
+            raise PipelineError(f"--configs item '{item}' is not precision:batch, e.g. fp16:8")
+        if precision not in target.precisions:
+            raise PipelineError(
+                f"target '{target.name}' does not offer precision '{precision}'; it offers "
+                f"{', '.join(target.precisions)}"
+            )
+        configs.append((precision, int(batch)))
+    if len(set(configs)) != len(configs):
+        raise PipelineError(f"--configs '{text}' names a configuration twice")
+    return configs
+
+
+def config_name(precision: str, batch: int) -> str:
+    return f"{precision}-b{batch}"
+
+
+# ---------------------------------------------------------------------------
+# The pieces
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("CONVNEXT_EDGE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "convnext-edge")
+    return Path(base)
+
+
+def seeded_checkpoint(variant: str, num_classes: int, seed: int, directory: Path) -> Path:
+    """A checkpoint in the official layout with pipeline/seeded_weights.py's values."""
+    import torch
+
+    from pipeline.model import create_model
+    from pipeline.seeded_weights import seeded_state
+
+    path = directory / f"seeded-{variant}-c{num_classes}-s{seed}.pth"
+    if path.is_file():
+        return path
+    model = create_model(variant, num_classes=num_classes)
+    state = seeded_state(((k, tuple(v.shape)) for k, v in model.state_dict().items()), seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in state.items()}}, temp)
+    os.replace(temp, path)
+    return path
+
+
+def compile_configs(args: argparse.Namespace, target, configs, weights: Path) -> dict[str, Path]:
+    """Config name -> the compile stage's output folder (model.so and what travels with it)."""
+    from pipeline.config import PipelineConfig
+    from pipeline.engine import run_pipeline
+    from pipeline.stages import STAGES
+
+    base = PipelineConfig(
+        variant=args.variant, weights=weights, num_classes=args.num_classes, seed=args.seed,
+        input_size=args.input_size, data=args.calib_data, calib_size=args.calib_size,
+        calib_method="percentile", artifacts=args.artifacts,
+    )
+    folders = {}
+    for index, (precision, batch) in enumerate(configs, start=1):
+        log(f"compile {index}/{len(configs)}: {args.variant} {precision} batch {batch} for {target.name}")
+        # INT8 folds its weights into integer constants at import, so it keeps them embedded.
+        config = base.replace(precision=precision, batch_size=batch,
+                              params_mode="embedded" if precision == "int8" else "separate")
+        results = run_pipeline(STAGES, config, target, "compile", {"weights": weights})
+        folders[config_name(precision, batch)] = Path(results["compile"].outputs["library"]).parent
+    return folders
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return {name: data[name] for name in data.files}
+
+
+# Arrays up to this size may differ between weight sets that are otherwise one (they are
+# written into the manifest); anything larger that differs means a weights file of its own.
+_INLINE_VALUES = 64
+
+
+def _differences(base: dict[str, np.ndarray], arrays: dict[str, np.ndarray]) -> list[str] | None:
+    """Names whose values differ from ``base`` cast to their dtype, or None when ``arrays``
+    cannot be derived from ``base`` (other names, or a large array that differs)."""
+    if set(base) != set(arrays):
+        return None
+    differ = [n for n in arrays if base[n].shape != arrays[n].shape
+              or not np.array_equal(base[n].astype(arrays[n].dtype), arrays[n])]
+    return differ if all(arrays[n].size <= _INLINE_VALUES for n in differ) else None
+
+
+def stage_artifacts(folders: dict[str, Path], into: Path) -> dict[str, dict]:
+    """Copy each artifact into ``into/<config>/``; weights equal to an already stored set up
+    to a cast are not copied but derived on the GPU machine. Returns the manifest entries."""
+    entries: dict[str, dict] = {}
+    stored: dict[str, dict[str, np.ndarray]] = {}
+
+    def weight_bytes(folder: Path) -> int:
+        weights = folder / "model.params.npz"
+        return weights.stat().st_size if weights.is_file() else 0
+
+    # The smallest (narrowest dtypes) set is stored, the others derived from it: a cast up is exact.
+    ordered = sorted(folders.items(), key=lambda item: weight_bytes(item[1]))
+    for name, folder in ordered:
+        destination = into / name
+        destination.mkdir(parents=True)
+        files = [f for f in ("model.so", "model.so.json", "model.cu") if (folder / f).is_file()]
+        entry: dict = {"files": {}}
+        metadata_ = json.loads((folder / "model.so.json").read_text())
+        entry["input"], entry["output"] = metadata_["input"], metadata_["output"]
+        entry["params_mode"] = metadata_.get("params_mode")
+        weights_file = metadata_.get("params_file")
+        if weights_file:
+            arrays = _load_npz(folder / weights_file)
+            order = metadata_["params_order"]
+            source = next(((other, differ) for other, base in stored.items()
+                           if (differ := _differences(base, arrays)) is not None), None)
+            if source is None:
+                files.append(weights_file)
+                stored[name] = arrays
+            else:
+                other, differ = source
+                entry["derived_params"] = {
+                    "file": weights_file, "from": f"{other}/{weights_file}",
+                    "dtypes": {n: arrays[n].dtype.name for n in order},
+                    # Small arrays that do differ, e.g. reshape targets holding the batch size.
+                    "values": {n: arrays[n].tolist() for n in differ},
+                }
+            entry["params_digest"] = params_digest(arrays, order)
+        for file in files:
+            shutil.copy2(folder / file, destination / file)
+            entry["files"][file] = {"bytes": (folder / file).stat().st_size}
+        entries[name] = entry
+    return dict(sorted(entries.items()))
+
+
+def tvm_runtime_archive(into: Path) -> dict:
+    """runtime/tvm-runtime.tar.xz: the installed apache-tvm package less its compiler (cached)."""
+    import tvm
+
+    version = metadata.version("apache-tvm")
+    cached = cache_dir() / "gpu-bundle" / f"tvm-runtime-{version}.tar.xz"
+    if not cached.is_file():
+        package = Path(tvm.__file__).parent
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        temp = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")
+
+        def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+            relative = info.name.split("/", 1)[1] if "/" in info.name else ""
+            if "__pycache__" in info.name or any(
+                    relative == part or relative.startswith(part + "/") for part in COMPILER_PARTS):
+                return None
+            return info
+
+        log(f"packing the TVM {version} runtime (without its compiler)")
+        with tarfile.open(temp, "w:xz", preset=6) as archive:
+            archive.add(package, arcname="tvm", filter=keep)
+        os.replace(temp, cached)
+    shutil.copy2(cached, into / "tvm-runtime.tar.xz")
+    return {"apache-tvm": version, "archive": "runtime/tvm-runtime.tar.xz", "removed": list(COMPILER_PARTS)}
+
+
+def ffi_wheel(into: Path, given: Path | None) -> dict:
+    """runtime/<apache-tvm-ffi wheel for the GPU machine's Python>, downloaded once."""
+    from pipeline.errors import PipelineError
+
+    version = metadata.version("apache-tvm-ffi")
+    tag = "cp" + GPU_PYTHON.replace(".", "")
+    if given is not None:
+        if not given.is_file() or f"-{tag}-" not in given.name:
+            raise PipelineError(f"--ffi-wheel {given} is not an apache-tvm-ffi wheel for Python {GPU_PYTHON}")
+        wheel = given
+    else:
+        folder = cache_dir() / "gpu-bundle" / "wheels"
+        found = sorted(folder.glob(f"apache_tvm_ffi-{version}-{tag}-*.whl"))
+        if not found:
+            log(f"downloading apache-tvm-ffi=={version} for Python {GPU_PYTHON}")
+            command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                       "--python-version", GPU_PYTHON, "--implementation", "cp", "-d", str(folder)]
+            command += [arg for platform in FFI_PLATFORMS for arg in ("--platform", platform)]
+            result = subprocess.run([*command, f"apache-tvm-ffi=={version}"], capture_output=True, text=True)
+            found = sorted(folder.glob(f"apache_tvm_ffi-{version}-{tag}-*.whl"))
+            if result.returncode != 0 or not found:
+                errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
+                raise PipelineError(
+                    f"cannot download apache-tvm-ffi=={version} for Python {GPU_PYTHON} "
+                    f"({errors[-1] if errors else 'pip failed'}); download it elsewhere and pass --ffi-wheel"
+                )
+        wheel = found[-1]
+    shutil.copy2(wheel, into / wheel.name)
+    return {"apache-tvm-ffi": version, "wheel": f"runtime/{wheel.name}", "python": GPU_PYTHON}
+
+
+def _xz_tar(source: Path, output: Path) -> None:
+    """tar + xz of a folder, with xz's own threads when it is installed (4x faster on 2 cores)."""
+    xz = shutil.which("xz")
+    if xz is None:
+        with tarfile.open(output, "w:xz", preset=6) as archive:
+            archive.add(source, arcname=".")
+        return
+    with open(output, "wb") as out:
+        tar = subprocess.Popen(["tar", "-C", str(source), "-cf", "-", "."], stdout=subprocess.PIPE)
+        compress = subprocess.run([xz, "-6", "-T0", "-c"], stdin=tar.stdout, stdout=out)
+        tar.stdout.close()
+        if tar.wait() != 0 or compress.returncode != 0:
+            raise RuntimeError(f"tar | xz failed for {source}")
+
+
+def _commit() -> str:
+    result = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=12"],
+                            capture_output=True, text=True)
+    return result.stdout.strip() or "unknown"
+
+
+RUN_SH = """#!/usr/bin/env bash
+# The one command of the GPU check: installs the bundled TVM runtime into ./_site once (no
+# network), then runs gpu_check.py with every argument given here (--help lists them).
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import tvm" 2>/dev/null && [ ! -d _site/tvm ]; then
+    mkdir -p _site.tmp
+    "$PY" -m pip install --quiet --no-index --no-deps --target _site.tmp runtime/apache_tvm_ffi-*.whl
+    tar -xJf runtime/tvm-runtime.tar.xz -C _site.tmp
+    mv _site.tmp _site
+fi
+if [ -d _site ]; then export PYTHONPATH="$PWD/_site${PYTHONPATH:+:$PYTHONPATH}"; fi
+export TVM_USE_RUNTIME_LIB=1
+exec "$PY" gpu_check.py "$@"
+"""
+
+
+def readme(manifest: dict) -> str:
+    model = manifest["model"]
+    rows = "\n".join(
+        f"| {name} | {entry['input']['shape']} | {entry['params_mode']} | "
+        f"{'derived from ' + entry['derived_params']['from'] if 'derived_params' in entry else 'stored'} |"
+        for name, entry in manifest["artifacts"].items())
+    return f"""# GPU check bundle: ConvNeXt-{model['variant']} for {manifest['target']}
+
+Built {manifest['created']} from commit {manifest['commit']} by `{manifest['command']}`.
+
+On a machine with an NVIDIA GPU, PyTorch with CUDA and Python {manifest['runtime']['python']}
+(no TVM and no network needed):
+
+```sh
+bash run.sh --out OUT        # installs the bundled TVM runtime into ./_site once, then runs the check
+```
+
+`gpu_check.py` rebuilds the model in PyTorch with the same seeded weights (seed {model['seed']},
+pipeline/seeded_weights.py), runs every artifact below on the GPU against PyTorch float32 (TF32 off)
+and times TVM beside PyTorch eager fp16, channels_last, `torch.compile` and `torch.compile`
+with CUDA graphs. It writes `OUT/reports/<folder>/` (latency.json, accuracy.json, report.md:
+copy them into the repository's `reports/`), `OUT/gpu_check.json` and `OUT/summary.md`, and
+exits 0 when the criteria hold (no NaN, fp32 max abs error <= 1e-4, fp16 top-1 agreement
+>= 99%), 1 when one fails, 2 when it cannot run (no GPU, a damaged bundle).
+
+| configuration | input | weights | weights file |
+|---|---|---|---|
+{rows}
+"""
+
+
+def build_bundle(args: argparse.Namespace) -> dict:
+    from pipeline.errors import PipelineError
+    from targets import get_target
+
+    target = get_target(args.target)
+    if target.cuda_arch is None and target.name != "x86":
+        raise PipelineError(f"--target {args.target} is not a CUDA target; use e.g. cuda-sm90 "
+                            f"(or x86, to try the check on this CPU: gpu_check.py --device cpu)")
+    configs = parse_configs(args.configs, target)
+    target.check_available()
+
+    weights = seeded_checkpoint(args.variant, args.num_classes, args.seed, args.artifacts / "gpu-bundle")
+    folders = compile_configs(args, target, configs, weights)
+
+    output = args.output.resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        bundle = work / "bundle"
+        (bundle / "lib" / "pipeline").mkdir(parents=True)
+        (bundle / "lib" / "pipeline" / "__init__.py").write_text("")
+        for module in BUNDLED_MODULES:
+            shutil.copy2(REPO / "pipeline" / module, bundle / "lib" / "pipeline" / module)
+        shutil.copy2(REPO / "benchmarks" / "gpu_check.py", bundle / "gpu_check.py")
+        (bundle / "run.sh").write_text(RUN_SH)
+        (bundle / "run.sh").chmod(0o755)
+        (bundle / "runtime").mkdir()
+        runtime = {**tvm_runtime_archive(bundle / "runtime"), **ffi_wheel(bundle / "runtime", args.ffi_wheel)}
+
+        entries = stage_artifacts(folders, work / "artifacts")
+        log("compressing the artifacts (xz)")
+        _xz_tar(work / "artifacts", bundle / "artifacts.tar.xz")
+
+        manifest = {
+            "format": 1,
+            "target": target.name,
+            "target_json": target.tvm_target,
+            "model": {"variant": args.variant, "num_classes": args.num_classes, "in_chans": 3,
+                      "input_size": args.input_size, "seed": args.seed,
+                      "weights": "pipeline/seeded_weights.py (coarse grid, exact in float16)"},
+            "configs": [{"name": config_name(p, b), "precision": p, "batch_size": b} for p, b in configs],
+            "artifacts": entries,
+            "runtime": runtime,
+            "commit": _commit(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": "benchmarks/gpu_bundle.py " + " ".join(sys.argv[1:]),
+        }
+        (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (bundle / "README.md").write_text(readme(manifest))
+
+        total = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
+        manifest["bytes"] = total
+        if total > args.max_mib * MIB:
+            raise PipelineError(
+                f"the bundle is {total / MIB:.1f} MiB, over --max-mib {args.max_mib:g}; "
+                f"bundle fewer --configs (e.g. drop int8:1)"
+            )
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(bundle, output)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log(f"wrote {output} ({manifest['bytes'] / MIB:.1f} MiB): {', '.join(manifest['artifacts'])}")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    build_bundle(args)
+
+
+if __name__ == "__main__":
+    from pipeline.errors import EXIT_USER_ERROR, PipelineError
+
+    try:
+        main()
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted; compiled configurations are kept in the artifacts cache", file=sys.stderr)
+        sys.exit(130)

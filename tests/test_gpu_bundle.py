@@ -1,0 +1,144 @@
+"""benchmarks/gpu_bundle.py: the one-call GPU check's folder, built for cuda-sm90 without a
+GPU: what it holds, its size, runtime without the compiler, weights stored once and
+verified, and a runner that starts and fails cleanly where there is no GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_bundle.py"
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not installed")
+
+
+def _gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--variant", "micro", "--input-size", "32", "--num-classes", "10",
+         "--output", str(tmp_path / "bundle"), "--artifacts", str(tmp_path / "artifacts"), *args],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=900,
+    )
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc (CUDA toolkit) is not installed")
+    tmp_path = tmp_path_factory.mktemp("gpu-bundle")
+    built = _build(tmp_path, "--target", "cuda-sm90", "--configs", "fp32:1,fp16:1,fp16:8")
+    assert built.returncode == 0, built.stderr
+    return tmp_path / "bundle"
+
+
+@pytest.mark.slow
+def test_the_bundle_holds_the_check_the_runtime_and_the_artifacts(bundle):
+    names = sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file())
+    wheel = [n for n in names if n.startswith("runtime/apache_tvm_ffi-")]
+    assert len(wheel) == 1 and "-cp312-" in wheel[0]
+    assert {"README.md", "artifacts.tar.xz", "gpu_check.py", "manifest.json", "run.sh",
+            "runtime/tvm-runtime.tar.xz"} <= set(names)
+    assert sorted(n for n in names if n.startswith("lib/")) == sorted(
+        ["lib/pipeline/__init__.py"] + [f"lib/pipeline/{m}" for m in
+                                        ("errors.py", "model.py", "seeded_weights.py", "runtime_only.py",
+                                         "compare.py", "latency_stats.py")])
+    total = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
+    assert total < 60 * 1024 * 1024
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["target"] == "cuda-sm90"
+    assert [c["name"] for c in manifest["configs"]] == ["fp32-b1", "fp16-b1", "fp16-b8"]
+    with tarfile.open(bundle / "artifacts.tar.xz") as archive:
+        members = {m.name.removeprefix("./") for m in archive.getmembers() if m.isfile()}
+    for name in ("fp32-b1", "fp16-b1", "fp16-b8"):
+        assert {f"{name}/model.so", f"{name}/model.so.json", f"{name}/model.cu"} <= members
+    # One weights file: fp32 and fp16 b8 are derived from fp16 b1 on the GPU machine.
+    assert [m for m in members if m.endswith(".npz")] == ["fp16-b1/model.params.npz"]
+    assert manifest["artifacts"]["fp32-b1"]["derived_params"]["from"] == "fp16-b1/model.params.npz"
+
+
+@pytest.mark.slow
+def test_the_runtime_has_no_compiler_and_imports_alone(bundle, tmp_path):
+    with tarfile.open(bundle / "runtime" / "tvm-runtime.tar.xz") as archive:
+        names = archive.getnames()
+        archive.extractall(tmp_path, filter="data")
+    assert "tvm/lib/libtvm_runtime.so" in names and "tvm/lib/libtvm_runtime_cuda.so" in names
+    assert not [n for n in names if n.endswith("libtvm_compiler.so") or n.startswith(("tvm/3rdparty", "tvm/src"))]
+    # Runtime-only TVM from the archive (this Python's tvm-ffi stands in for the cp312 wheel).
+    code = "import tvm, sys; print(tvm.__file__); print('tvm.relax' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "TVM_USE_RUNTIME_LIB": "1"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(tmp_path / "tvm" / "__init__.py"), "False"]
+
+
+@pytest.mark.slow
+def test_derived_weights_are_rebuilt_and_verified(bundle, tmp_path):
+    gpu_check = _gpu_check()
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    folder = gpu_check.unpack_artifacts(copy, manifest)
+    with np.load(folder / "fp16-b1" / "model.params.npz") as half, np.load(folder / "fp32-b1" / "model.params.npz") as full:
+        assert {str(full[n].dtype) for n in full.files if full[n].dtype.kind == "f"} == {"float32"}
+        name = "stages.0.0.dwconv.weight"
+        assert half[name].dtype == np.float16
+        np.testing.assert_array_equal(full[name], half[name].astype(np.float32))
+    with np.load(folder / "fp16-b8" / "model.params.npz") as b8:
+        # The reshape targets carry the batch size: the one difference from batch 1's weights.
+        assert any(b8[n].dtype == np.int64 and 8 in b8[n] for n in b8.files)
+
+    # A damaged weights file is caught by its digest, not measured.
+    (folder / "fp32-b1" / "model.params.npz").unlink()
+    stored = folder / "fp16-b1" / "model.params.npz"
+    with np.load(stored) as data:
+        arrays = {n: data[n] for n in data.files}
+    arrays["stages.0.0.dwconv.weight"] = arrays["stages.0.0.dwconv.weight"] + np.float16(1)
+    np.savez(stored, **arrays)
+    with pytest.raises(gpu_check.CheckError, match="differ from the ones it was compiled with"):
+        gpu_check.unpack_artifacts(copy, manifest)
+
+
+@pytest.mark.slow
+def test_the_runner_starts_and_fails_cleanly_without_a_gpu(bundle, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(["bash", str(bundle / "run.sh"), "--out", str(tmp_path / "out")],
+                            env={**env, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: PyTorch sees no CUDA GPU on this machine; run the check where `nvidia-smi` lists one"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_settings_are_one_line_errors(tmp_path):
+    for args, message in [
+        (["--target", "arm-a72"], "error: --target arm-a72 is not a CUDA target"),
+        (["--target", "cuda-sm90", "--configs", "fp16"], "error: --configs item 'fp16' is not precision:batch"),
+        (["--target", "x86", "--configs", "fp16:1"], "error: target 'x86' does not offer precision 'fp16'"),
+    ]:
+        result = _build(tmp_path, *args)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().startswith(message), result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "bundle").exists()

@@ -1,0 +1,149 @@
+"""benchmarks/gpu_check.py without a GPU: its comparison, criteria and report writing on
+synthetic results, and the whole check on a CPU bundle (--target x86, --device cpu), whose
+reports the aggregate report reads like any other."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calibration import fashion_mnist
+from pipeline.compare import compare_logits
+from pipeline.latency_stats import latency_stats
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = _load("gpu_check")
+
+
+def _row(precision: str, batch: int, reference: np.ndarray, output: np.ndarray, ms: float) -> dict:
+    return {"name": f"{precision}-b{batch}", "precision": precision, "batch_size": batch,
+            "accuracy": compare_logits(reference, output), "artifact_bytes": 1000,
+            "latency": latency_stats([ms / 1e3] * 5, batch)}
+
+
+def _results(rows: list[dict]) -> dict:
+    stats = lambda ms, b: latency_stats([ms / 1e3] * 5, b)  # noqa: E731
+    return {
+        "manifest": {"target": "cuda-sm90", "commit": "abc123", "created": "2026-11-29T00:00:00Z",
+                     "model": {"variant": "tiny", "num_classes": 1000, "in_chans": 3, "input_size": 224,
+                               "seed": 0, "weights": "seeded"},
+                     "configs": [{"name": r["name"], "precision": r["precision"], "batch_size": r["batch_size"]}
+                                 for r in rows]},
+        "environment": {"gpu": "NVIDIA H200", "driver": "580.1", "cuda": "13.0", "compute_capability": "sm_90",
+                        "cpu": "Some CPU", "cores": 16, "machine": "x86_64",
+                        "tools": {"python": "3.12", "torch": "2.11.0+cu130", "apache-tvm": "0.27.0.post1"}},
+        "settings": {"images": 16, "warmup": 20, "repeats": 300, "device": "cuda"},
+        "date": "2026-11-29T00:00:00Z", "command": "gpu_check.py --out x",
+        "pytorch": {"1": {"pytorch_fp32": stats(3.0, 1), "pytorch_fp16": stats(2.8, 1),
+                          "pytorch_fp16_channels_last": stats(2.9, 1),
+                          "torch_compile_fp16": {"error": "RuntimeError: no triton"},
+                          "torch_compile_cudagraphs_fp16": stats(0.7, 1)}},
+        "rows": rows,
+        "failures": gpu_check.failed_criteria(rows),
+    }
+
+
+def test_the_criteria_name_nan_fp32_error_and_fp16_agreement():
+    rng = np.random.default_rng(0)
+    reference = rng.standard_normal((16, 10))
+    good = [_row("fp32", 1, reference, reference + 1e-6, 1.0), _row("fp16", 1, reference, reference + 1e-3, 1.0)]
+    assert gpu_check.failed_criteria(good) == []
+
+    nan = reference.copy()
+    nan[0, 0] = np.nan
+    off = reference + 1e-3
+    swapped = reference.copy()
+    swapped[:2] = -swapped[:2]  # two of 16 rows change their top-1: 87.5% agreement
+    failures = gpu_check.failed_criteria([
+        _row("fp16", 1, reference, nan, 1.0), _row("fp32", 1, reference, off, 1.0),
+        _row("fp16", 8, reference, swapped, 1.0),
+    ])
+    assert failures == [
+        "fp16 batch 1: 1 NaN outputs",
+        "fp16 batch 1: top-1 agreement 93.75% < 99%",  # argmax takes the NaN
+        "fp32 batch 1: max abs error 0.001 > 0.0001",
+        "fp16 batch 8: top-1 agreement 87.50% < 99%",
+    ]
+
+
+def test_reports_land_in_the_folders_and_format_the_aggregate_reads(tmp_path):
+    from reports.aggregate import gather, row_cells
+
+    reference = np.random.default_rng(1).standard_normal((16, 10))
+    rows = [_row("fp32", 1, reference, reference, 2.0), _row("fp16", 1, reference, reference, 1.4)]
+    results = _results(rows)
+    gpu_check.write_outputs(results, tmp_path)
+
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["cuda-sm90", "cuda-sm90-fp16"]
+    latency = json.loads((tmp_path / "reports" / "cuda-sm90-fp16" / "latency.json").read_text())
+    # PyTorch eager fp16 is the report's PyTorch column; each mode has its ratio; a mode that
+    # failed is reported as such, not dropped silently.
+    assert latency["backends"]["pytorch"]["median_ms"] == pytest.approx(2.8)
+    assert latency["tvm_speedup"]["vs_pytorch"] == pytest.approx(2.0)
+    assert latency["tvm_speedup"]["vs_torch_compile_cudagraphs_fp16"] == pytest.approx(0.5)
+    assert latency["backend_errors"] == {"torch_compile_fp16": "RuntimeError: no triton"}
+    assert latency["provenance"]["gpu"].startswith("NVIDIA H200 (sm_90), driver 580.1, CUDA 13.0")
+    report = (tmp_path / "reports" / "cuda-sm90-fp16" / "report.md").read_text()
+    assert "| torch_compile_fp16 | failed: RuntimeError: no triton |" in report
+    assert "| NaN outputs | 0 |" in report
+
+    warnings: list[str] = []
+    gathered = gather(tmp_path / "reports", warnings)
+    assert warnings == []
+    assert {(r.target, r.precision) for r in gathered} == {("cuda-sm90", "fp32"), ("cuda-sm90", "fp16")}
+    fp16 = next(r for r in gathered if r.precision == "fp16")
+    cells = row_cells(fp16)
+    assert cells[:3] == ["cuda-sm90", "fp16", "1.40"] and "NVIDIA H200" in cells
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| fp16 b1 | 1.400 |" in summary and "Criteria: all hold." in summary
+
+
+def test_report_folders_follow_the_repository_naming():
+    assert gpu_check.report_folder("cuda-sm90", "fp32", 1) == "cuda-sm90"
+    assert gpu_check.report_folder("cuda-sm90", "fp16", 1) == "cuda-sm90-fp16"
+    assert gpu_check.report_folder("cuda-sm90", "fp16", 8) == "cuda-sm90-fp16-b8"
+    assert gpu_check.report_folder("x86", "int8", 1) == "x86-int8"
+
+
+@pytest.mark.slow
+def test_the_whole_check_runs_on_a_cpu_bundle(tmp_path):
+    """Everything but CUDA, end to end: a bundle built for x86, unpacked, weights derived and
+    verified, PyTorch reference, TVM rows, reports; so a GPU session spends no time on bugs."""
+    configs = "fp32:1,int8:1" if fashion_mnist.available() else "fp32:1"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    built = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_bundle.py"), "--variant", "micro", "--input-size", "32",
+         "--num-classes", "10", "--target", "x86", "--configs", configs, "--calib-size", "8",
+         "--output", str(tmp_path / "bundle"), "--artifacts", str(tmp_path / "artifacts")],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert built.returncode == 0, built.stderr
+    checked = subprocess.run(
+        [sys.executable, str(tmp_path / "bundle" / "gpu_check.py"), "--device", "cpu", "--skip-compile",
+         "--images", "16", "--warmup", "1", "--repeats", "5", "--out", str(tmp_path / "out")],
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, capture_output=True, text=True,
+        timeout=600,
+    )
+    assert checked.returncode == 0, checked.stderr
+    results = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert [r["name"] for r in results["rows"]] == configs.replace(":", "-b").split(",")
+    fp32 = results["rows"][0]
+    assert fp32["accuracy"]["nan_count"] == 0 and fp32["accuracy"]["max_abs_error"] < 1e-4
+    assert fp32["latency"]["repeats"] == 5
+    assert (tmp_path / "out" / "reports" / "x86" / "report.md").is_file()
