@@ -85,17 +85,17 @@ def option_help(name: str) -> tuple[Any, Any, str]:
 
 def config_from_options(options: dict[str, Any]) -> PipelineConfig:
     """The PipelineConfig of a command's options (the names of `_options`; others are ignored)."""
-    weights = options.get("weights", "none")
-    values = dict(
-        variant=options.get("variant", "micro"),
-        weights=None if weights is None or str(weights).lower() == "none" else Path(weights),
-        params_mode=options.get("params", "embedded"),
-        eval_limit=options.get("eval_limit", 256) or None,
-    )
-    direct = ("num_classes", "in_chans", "seed", "input_size", "batch_size", "opset", "dynamic_batch",
+    direct = ("variant", "num_classes", "in_chans", "seed", "input_size", "batch_size", "opset", "dynamic_batch",
               "precision", "warmup", "repeats", "data", "preprocessing", "calib_data", "calib_size",
               "calib_method", "rpc_tracker", "rpc_key", "artifacts", "reports_dir")
-    values.update({name: options[name] for name in direct if name in options})
+    values = {name: options[name] for name in direct if name in options}
+    # The three whose command-line form differs from the config's.
+    if "weights" in options:
+        values["weights"] = None if str(options["weights"]).lower() == "none" else Path(options["weights"])
+    if "params" in options:
+        values["params_mode"] = options["params"]
+    if "eval_limit" in options:
+        values["eval_limit"] = options["eval_limit"] or None
     return PipelineConfig(**values)
 
 

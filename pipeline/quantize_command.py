@@ -9,7 +9,6 @@ The run also writes the quantization report to <reports-dir>/<target>-int8/.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from pathlib import Path
 from typing import Annotated, Optional
@@ -39,21 +38,16 @@ def _quantize_options(
 
 
 def _config_from_options(options: dict):
-    """PipelineConfig from the command's options: same names as its fields, plus the few
-    the stage commands map (weights 'none', --params)."""
-    from pipeline.config import PipelineConfig
+    """PipelineConfig from the command's options: the model options as every command maps
+    them, plus the quantization ones."""
+    from pipeline.model_options import config_from_options
 
-    fields = {f.name for f in dataclasses.fields(PipelineConfig)}
-    values = {name: value for name, value in options.items() if name in fields}
-    weights = options.get("weights", "none")
-    values["weights"] = None if weights.lower() == "none" else Path(weights)
-    values.update(
+    return config_from_options(options).replace(
         precision="int8",
         calib_method=options["method"], calib_percentile=options["percentile"],
         quant_per_channel=options["per_channel"], quant_exclude=tuple(options["exclude"] or ()),
         quant_analyze=options["analyze"], quant_max_drop=options["max_drop"],
     )
-    return PipelineConfig(**values)
 
 
 def quantize_command(**options) -> None:
