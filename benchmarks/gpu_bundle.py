@@ -335,6 +335,11 @@ On a machine with an NVIDIA GPU, PyTorch with CUDA and Python {manifest['runtime
 bash run.sh --out OUT        # installs the bundled TVM runtime into ./_site once, then runs the check
 ```
 
+Where only a few files come back (the lent GPU machine returns 8 from `$OUT`), pack the
+report folders: `bash dist/gpu-bundle/run.sh --out "$OUT" --pack` gives `gpu_check.json`,
+`summary.md` and `reports.tar.gz` (`tar xzf reports.tar.gz` in the repository root puts them
+into `reports/`).
+
 `gpu_check.py` rebuilds the model in PyTorch with the same seeded weights (seed {model['seed']},
 pipeline/seeded_weights.py), runs every artifact below on the GPU against PyTorch float32 (TF32 off)
 and times TVM beside PyTorch eager fp16, channels_last, `torch.compile` and `torch.compile`

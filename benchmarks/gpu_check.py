@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -69,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=300, help=f"timed calls per backend (at least {MIN_REPEATS})")
     parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile rows")
+    parser.add_argument("--pack", action="store_true",
+                        help="write the report folders as OUT/reports.tar.gz (three files in all: for a "
+                             "machine that hands back only a few files)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                         help="cpu: try the check on a bundle built with --target x86 (no GPU needed)")
     return parser.parse_args(argv)
@@ -383,16 +387,22 @@ def summary_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(results: dict, out: Path) -> None:
-    """OUT/gpu_check.json, OUT/summary.md and OUT/reports/<folder>/ for every configuration."""
+def write_outputs(results: dict, out: Path, pack: bool = False) -> None:
+    """OUT/gpu_check.json, OUT/summary.md and OUT/reports/<folder>/ for every configuration
+    (with ``pack``, OUT/reports.tar.gz holding those folders instead)."""
     out.mkdir(parents=True, exist_ok=True)
+    reports = out / ("reports.tmp" if pack else "reports")
     for row in results["rows"]:
         latency, accuracy = row_reports(row, results)
-        folder = out / "reports" / report_folder(results["manifest"]["target"], row["precision"], row["batch_size"])
+        folder = reports / report_folder(results["manifest"]["target"], row["precision"], row["batch_size"])
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "latency.json").write_text(json.dumps(latency, indent=2, sort_keys=True) + "\n")
         (folder / "accuracy.json").write_text(json.dumps(accuracy, indent=2, sort_keys=True) + "\n")
         (folder / "report.md").write_text(row_markdown(latency, accuracy))
+    if pack:
+        with tarfile.open(out / "reports.tar.gz", "w:gz") as archive:
+            archive.add(reports, arcname="reports")
+        shutil.rmtree(reports)
     (out / "gpu_check.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     (out / "summary.md").write_text(summary_markdown(results))
 
@@ -451,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    write_outputs(results, args.out)
+    write_outputs(results, args.out, pack=args.pack)
     print(summary_markdown(results))
     return 1 if results["failures"] else 0
 

@@ -114,6 +114,18 @@ def test_reports_land_in_the_folders_and_format_the_aggregate_reads(tmp_path):
     assert "| fp16 b1 | 1.400 |" in summary and "Criteria: all hold." in summary
 
 
+def test_packed_reports_are_three_files(tmp_path):
+    import tarfile
+
+    reference = np.random.default_rng(1).standard_normal((16, 10))
+    gpu_check.write_outputs(_results([_row("fp16", 8, reference, reference, 1.0)]), tmp_path, pack=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json", "reports.tar.gz", "summary.md"]
+    with tarfile.open(tmp_path / "reports.tar.gz") as archive:
+        assert sorted(archive.getnames()) == [
+            "reports", "reports/cuda-sm90-fp16-b8", "reports/cuda-sm90-fp16-b8/accuracy.json",
+            "reports/cuda-sm90-fp16-b8/latency.json", "reports/cuda-sm90-fp16-b8/report.md"]
+
+
 def test_report_folders_follow_the_repository_naming():
     assert gpu_check.report_folder("cuda-sm90", "fp32", 1) == "cuda-sm90"
     assert gpu_check.report_folder("cuda-sm90", "fp16", 1) == "cuda-sm90-fp16"
