@@ -9,8 +9,11 @@ TARGET ?= x86
 ARGS ?=
 # The demo's model: the committed ConvNeXt-micro trained on Fashion-MNIST (models/*.json has its
 # record), evaluated on all 10 000 test images; small enough that an untuned CPU build stays quick.
+# MODEL_ARGS go to every model command; MEASURE_ARGS only to those that measure (bench,
+# report, run, reports), since the others take no measuring options.
 MODEL_ARGS ?= --variant micro --weights models/convnext-micro-fmnist.pth --num-classes 10 --in-chans 1 \
-	--input-size 32 --data fashion-mnist --preprocessing fashion-mnist --eval-limit 0 --repeats 100
+	--input-size 32 --data fashion-mnist --preprocessing fashion-mnist
+MEASURE_ARGS ?= --eval-limit 0 --repeats 100
 
 .PHONY: install system-deps demo test tune compile compile-matrix bench report reports run package gpu-bundle arm-runtime verify-arm clean
 
@@ -32,7 +35,9 @@ system-deps:
 # The whole pipeline on this CPU, FP32 and INT8, then every report gathered into reports/README.md.
 demo: reports
 
+# The layer contracts first (pyproject.toml, [tool.importlinter]), then the test suite.
 test: install
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q $(ARGS)
 
 # MetaSchedule tuning; records land in artifacts/tune/<target>/<model>/ and compile reuses them.
@@ -56,16 +61,16 @@ compile-matrix: install
 BENCH_ARGS ?= --variant tiny --batches 1,8 --repeats 20
 INT8_BENCH_ARGS ?= --variant tiny --batches 1 --repeats 20
 bench: install
-	$(PIPELINE) bench --target $(TARGET) $(MODEL_ARGS) $(ARGS)
+	$(PIPELINE) bench --target $(TARGET) $(MODEL_ARGS) $(MEASURE_ARGS) $(ARGS)
 	if [ "$(TARGET)" = x86 ]; then \
 		$(PY) benchmarks/cpu_latency.py $(BENCH_ARGS) --json reports/benchmarks/cpu_latency.json && \
 		$(PY) benchmarks/int8_speed.py $(INT8_BENCH_ARGS) --json reports/benchmarks/int8_speed.json; fi
 
 report: install
-	$(PIPELINE) report --target $(TARGET) $(MODEL_ARGS) $(ARGS)
+	$(PIPELINE) report --target $(TARGET) $(MODEL_ARGS) $(MEASURE_ARGS) $(ARGS)
 
 run: install
-	$(PIPELINE) run --target $(TARGET) $(MODEL_ARGS) $(ARGS)
+	$(PIPELINE) run --target $(TARGET) $(MODEL_ARGS) $(MEASURE_ARGS) $(ARGS)
 
 # A device bundle in dist/: artifact, metadata, weights, README, manifest and run.py (TVM runtime +
 # NumPy only).
@@ -82,18 +87,18 @@ gpu-bundle: install
 
 # The cached aarch64 TVM runtime and runner that check ARM artifacts under qemu.
 arm-runtime: install
-	$(PY) -m pipeline.cross runtime
+	$(PY) -m pipeline.cli.cross runtime
 
 # The MODEL_ARGS model compiled for an aarch64 CPU TARGET (arm-*, jetson-*-cpu) and for x86, the
 # first run under qemu and compared with the second; any other TARGET is refused.
 verify-arm: install
-	$(PY) -m pipeline.cross verify --target $(TARGET) $(MODEL_ARGS) $(ARGS)
+	$(PY) -m pipeline.cli.cross verify --target $(TARGET) $(MODEL_ARGS) $(ARGS)
 
 # Re-measure the CPU rows (FP32 and INT8 on x86), then rebuild reports/README.md (one table per
 # model, plots, history.jsonl, regression flags) from every reports/*/ folder, measured here or not.
 reports: install
-	$(PIPELINE) run --target x86 $(MODEL_ARGS) $(ARGS)
-	$(PIPELINE) run --target x86 --precision int8 --calib-method percentile $(MODEL_ARGS) $(ARGS)
+	$(PIPELINE) run --target x86 $(MODEL_ARGS) $(MEASURE_ARGS) $(ARGS)
+	$(PIPELINE) run --target x86 --precision int8 --calib-method percentile $(MODEL_ARGS) $(MEASURE_ARGS) $(ARGS)
 	$(PIPELINE) reports --reports-dir reports
 
 clean:

@@ -5,7 +5,7 @@
 
 For each batch size it builds (or reuses from the artifacts cache) the model, its ONNX
 export and the x86 artifact, then times all three backends on the same input, each in a
-process of its own (pipeline/isolated.py says why). The artifact uses the tuning records of
+process of its own (pipeline/runtime/isolated.py says why). The artifact uses the tuning records of
 `pipeline tune` for that model and batch (artifacts/tune/x86/<model>/, else
 tuning/x86/<model>/<cpu>/) and default schedules elsewhere; the table says how many kernels had
 records. Effective GFLOP/s = the model's FLOPs (counted from the TVM kernels, multiply-add
@@ -39,10 +39,10 @@ def sgemm_gflops(n: int = 1024, seconds: float = 2.0) -> float:
 
 def model_flops(onnx_path: Path, target, shape: tuple[int, ...]) -> float:
     """FLOPs of one forward pass: every TVM kernel's FLOPs times how often it runs."""
-    from pipeline import tvm_tuning
+    from pipeline.compiler.tuning import tasks
 
-    mod, tvm_target = tvm_tuning.fused_module(onnx_path, target, shape)
-    return sum(task.flops * task.weight for task in tvm_tuning.extract_tasks(mod, tvm_target))
+    mod, tvm_target = tasks.fused_module(onnx_path, target, shape)
+    return sum(task.flops * task.weight for task in tasks.extract_tasks(mod, tvm_target))
 
 
 def main() -> None:
@@ -57,13 +57,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
 
-    from pipeline.runtime_only import configure_cpu_threads
+    from pipeline.runtime.runtime_only import configure_cpu_threads
 
     # Before compile's constant folding starts TVM's thread pool (see configure_cpu_threads).
     configure_cpu_threads()
     from pipeline.config import PipelineConfig
     from pipeline.engine import run_pipeline
-    from pipeline.isolated import measure_isolated
+    from pipeline.runtime.isolated import measure_isolated
     from pipeline.stages import STAGES
     from targets import get_target
 

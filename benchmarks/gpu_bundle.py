@@ -8,7 +8,7 @@ On the GPU machine: ``bash dist/gpu-bundle/run.sh`` (installs the bundled runtim
 runs gpu_check.py; see the README.md it writes). What the folder holds:
 
     gpu_check.py, run.sh, README.md, manifest.json
-    lib/pipeline/             model.py, seeded_weights.py, runtime_only.py, compare.py,
+    lib/pipeline/             model.py, seeded_weights.py, runtime/runtime_only.py, compare.py,
                               latency_stats.py, errors.py: what the check imports, nothing else
     runtime/tvm-runtime.tar.xz    the installed apache-tvm package without its compiler
                               (lib/libtvm_compiler.so, 3rdparty/, include/, src/): 2-3 MB
@@ -49,7 +49,9 @@ from gpu_check import params_digest  # noqa: E402  (the check verifies what this
 
 MIB = 1024 * 1024
 # What the check imports from the pipeline: NumPy, torch and the TVM runtime only.
-BUNDLED_MODULES = ("errors.py", "model.py", "seeded_weights.py", "runtime_only.py", "compare.py", "latency_stats.py")
+BUNDLED_MODULES = (
+    "errors.py", "model.py", "seeded_weights.py", "runtime/runtime_only.py", "compare.py", "latency_stats.py",
+)
 # Parts of the apache-tvm wheel a machine that only runs artifacts does not need.
 COMPILER_PARTS = ("lib/libtvm_compiler.so", "3rdparty", "include", "src")
 # The GPU machine's Python (the tvm-ffi wheel has compiled code per Python version).
@@ -373,10 +375,14 @@ def build_bundle(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         bundle = work / "bundle"
-        (bundle / "lib" / "pipeline").mkdir(parents=True)
-        (bundle / "lib" / "pipeline" / "__init__.py").write_text("")
         for module in BUNDLED_MODULES:
-            shutil.copy2(REPO / "pipeline" / module, bundle / "lib" / "pipeline" / module)
+            destination = bundle / "lib" / "pipeline" / module
+            for package in (destination.parent, *destination.parent.parents):
+                if package == bundle / "lib":
+                    break
+                package.mkdir(parents=True, exist_ok=True)
+                (package / "__init__.py").touch()
+            shutil.copy2(REPO / "pipeline" / module, destination)
         shutil.copy2(REPO / "benchmarks" / "gpu_check.py", bundle / "gpu_check.py")
         (bundle / "run.sh").write_text(RUN_SH)
         (bundle / "run.sh").chmod(0o755)

@@ -211,7 +211,7 @@ def measure_artifact(folder: Path, x_all: np.ndarray, reference: np.ndarray, bat
                      warmup: int, repeats: int, device: str) -> dict:
     from pipeline.compare import compare_logits
     from pipeline.latency_stats import latency_stats
-    from pipeline.runtime_only import ArtifactError, LoadedArtifact
+    from pipeline.runtime.runtime_only import ArtifactError, LoadedArtifact
 
     try:
         artifact = LoadedArtifact(folder / "model.so", device=device)

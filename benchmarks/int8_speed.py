@@ -14,7 +14,7 @@ fit the calibration they were tuned with (zero points are part of the kernels): 
 same --data, --calib-size and --calib-method for them to apply.
 
 TVM FP32, TVM INT8, and ONNX Runtime on the float model and on the QDQ model the INT8 artifact
-was compiled from are each timed alone in a process of their own (pipeline/isolated.py says
+was compiled from are each timed alone in a process of their own (pipeline/runtime/isolated.py says
 why) on the same input. Accuracy compares the two TVM artifacts' logits on held-out images of
 the same data source (never the calibration images). Without --weights the model has random
 (seeded) weights, so agreement is informational: the trained demo model's INT8 accuracy is in
@@ -130,7 +130,7 @@ def artifact_record(results: dict) -> dict:
 
 def logits(library: Path, images: np.ndarray, batch_size: int, label: str) -> np.ndarray:
     """The artifact's outputs for every image (the last batch padded, as the evaluate stage does)."""
-    from pipeline.runners import TvmRunner
+    from pipeline.runtime.runners import TvmRunner
     from pipeline.stages.evaluate import run_batched
 
     return run_batched(TvmRunner(library), images, batch_size, label)
@@ -138,9 +138,9 @@ def logits(library: Path, images: np.ndarray, batch_size: int, label: str) -> np
 
 def measure_batch(args: argparse.Namespace, base, target, batch_size: int, images: np.ndarray) -> dict:
     """Build both artifacts for one batch size, time four backends, compare the TVM outputs."""
-    from pipeline.cli import run_stages
+    from pipeline.cli.options import run_stages
     from pipeline.compare import compare_logits
-    from pipeline.isolated import measure_isolated
+    from pipeline.runtime.isolated import measure_isolated
 
     log(f"batch {batch_size}: FP32 artifact (build, export, simplify, compile)")
     fp32 = run_stages("compile", base.replace(batch_size=batch_size, precision="fp32"), target)
@@ -245,12 +245,12 @@ def table(record: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from pipeline.runtime_only import configure_cpu_threads
+    from pipeline.runtime.runtime_only import configure_cpu_threads
 
     # Before compile's constant folding starts TVM's thread pool (see configure_cpu_threads).
     configure_cpu_threads()
-    from pipeline.cli import validate_config
-    from pipeline.compile_matrix import check_calibration
+    from pipeline.cli.options import validate_config
+    from pipeline.cli.compile_matrix import check_calibration
     from pipeline.config import PipelineConfig
     from pipeline.errors import PipelineError
     from targets import get_target

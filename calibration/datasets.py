@@ -18,6 +18,7 @@ first `limit` usable ones are kept, in their original order.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -430,3 +431,25 @@ def _load_array_file(
         skipped=[],
         description=f"array file '{path}' ({how}): " + _count_note(limit, len(images), "file"),
     )
+
+
+def data_fingerprint(source: str | None) -> str | None:
+    """A cheap content fingerprint of the evaluation data (names, sizes, mtimes)."""
+    if source is None:
+        return None
+    if source.startswith("fashion-mnist"):
+        from calibration import fashion_mnist
+
+        root = Path(fashion_mnist.dataset_dir())
+        entries = sorted(root.glob("*")) if root.is_dir() else []
+    else:
+        root = Path(source)
+        entries = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    digest = hashlib.sha256(source.encode())
+    for path in entries:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        digest.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]

@@ -95,8 +95,15 @@ def provenance(device: str | None = None) -> dict:
         "date": now_iso(),
         "commit": git_commit(),
         "tools": tool_versions(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": " ".join([_program(), *sys.argv[1:]]),
     }
+
+
+def _program() -> str:
+    """How the command was invoked: `pipeline` also for `python -m pipeline.cli` (whose
+    argv[0] is the package's __main__.py), else the script's name."""
+    path = Path(sys.argv[0])
+    return "pipeline" if path.parent.name == "cli" and path.name in ("__main__.py", "__init__.py") else path.name
 
 
 def _local_roots() -> list[str]:

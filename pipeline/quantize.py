@@ -5,7 +5,7 @@ What gets quantized, and how:
 - Convolutions, MatMuls and Gemms (every layer with a constant weight): weights int8,
   symmetric (zero point 0), per output channel by default (`per_channel=False`: one scale
   per tensor); activations int8, per tensor, asymmetric (a zero point). Signed int8 for
-  activations because the TVM lowering (pipeline/tvm_int8.py) computes int8 x int8 -> int32,
+  activations because the TVM lowering (pipeline/compiler/int8.py) computes int8 x int8 -> int32,
   the form every CPU/GPU int8 dot product takes; asymmetric because ConvNeXt feeds a GELU
   output (range about [-0.17, +max]) into pwconv2, where a symmetric range would waste
   half of the 256 levels. The zero point costs nothing at run time: the lowering folds
@@ -621,7 +621,7 @@ def prepare(
 
 def infer(model_path: Path, images: np.ndarray, batch_size: int) -> np.ndarray:
     """Logits of a model under ONNX Runtime (all graph optimizations, as users run it)."""
-    from pipeline.runners import OnnxRuntimeRunner
+    from pipeline.runtime.runners import OnnxRuntimeRunner
 
     runner = OnnxRuntimeRunner(model_path)
     return np.concatenate([runner.infer(batch)[:real] for batch, real in batches(images, batch_size)])

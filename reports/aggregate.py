@@ -22,17 +22,19 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from pipeline import artifacts
+from pipeline.config import PRECISIONS
 from pipeline.errors import PipelineError
 from reports import history
+from reports.target_report import pct
 from reports.tuning_curve import curve_database
 from reports.warn import warn
 
 README = "README.md"
 PLOTS_DIR = "plots"
 TUNING_FILE = "tuning.json"
-# The nightly compile matrix (pipeline/compile_matrix.py), linked when it has been written.
+# The nightly compile matrix (pipeline/cli/compile_matrix.py), linked when it has been written.
 COMPILE_MATRIX = "compile-matrix/README.md"
-PRECISION_ORDER = ("fp32", "fp16", "int8")
+PRECISION_ORDER = PRECISIONS
 # A median more than this fraction slower than the previous entry's is a regression.
 LATENCY_TOLERANCE = 0.10
 # Below this, a lower agreement is float noise in the stored fraction, not a drop.
@@ -350,7 +352,7 @@ def regression_flags(current: dict, previous: dict | None, tolerance: float = LA
         flags.append(f"median {_ms(before)} -> {_ms(now)} ms (+{100 * (now / before - 1):.1f}%)")
     now, before = _num(current.get("top1_agreement")), _num(previous.get("top1_agreement"))
     if now is not None and before is not None and now < before - AGREEMENT_EPSILON:
-        flags.append(f"top-1 agreement {_pct(before)} -> {_pct(now)}")
+        flags.append(f"top-1 agreement {pct(before)} -> {pct(now)}")
     return flags
 
 
@@ -363,10 +365,6 @@ def _ms(value: float | None) -> str:
     if value >= 100:
         return f"{value:.0f}"
     return f"{value:.2f}" if value >= 1 else f"{value:.3f}"
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
 def _times(value: float | None) -> str:
@@ -401,7 +399,7 @@ def row_cells(row: Row, reports_dir: Path | None = None) -> list[str]:
     if row.accuracy is None:
         accuracy = ["n/a", "n/a", "no accuracy.json"]
     else:
-        accuracy = [_pct(row.top1), _pct(_num(row.metrics.get("top5"))), _pct(row.agreement)]
+        accuracy = [pct(row.top1), pct(_num(row.metrics.get("top5"))), pct(row.agreement)]
     size = _num(_dict(row.latency).get("artifact_bytes"))
     origin = row.provenance
     return [

@@ -47,7 +47,7 @@ def describe_tuning(tuning: Any) -> str:
     return str(tuning)
 
 
-def _pct(value: float | None) -> str:
+def pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
@@ -77,13 +77,13 @@ def accuracy_table(accuracy: dict) -> list[str]:
     lines = ["| metric | value |", "|---|---|"]
     if "top1" in m:
         lines += [
-            f"| top-1 ({accuracy['reference']} reference) | {_pct(m['reference_top1'])} |",
-            f"| top-1 (TVM artifact) | {_pct(m['top1'])} |",
-            f"| top-5 ({accuracy['reference']} reference) | {_pct(m['reference_top5'])} |",
-            f"| top-5 (TVM artifact) | {_pct(m['top5'])} |",
+            f"| top-1 ({accuracy['reference']} reference) | {pct(m['reference_top1'])} |",
+            f"| top-1 (TVM artifact) | {pct(m['top1'])} |",
+            f"| top-5 ({accuracy['reference']} reference) | {pct(m['reference_top5'])} |",
+            f"| top-5 (TVM artifact) | {pct(m['top5'])} |",
         ]
     lines += [
-        f"| top-1 agreement with {accuracy['reference']} | {_pct(m['top1_agreement'])} |",
+        f"| top-1 agreement with {accuracy['reference']} | {pct(m['top1_agreement'])} |",
         f"| max abs logit error | {m['max_abs_error']:.3e} |",
         f"| mean abs logit error | {m['mean_abs_error']:.3e} |",
         f"| min / mean logit cosine | {m['cosine_min']:.6f} / {m['cosine_mean']:.6f} |",

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable
 
+from pipeline.config import PRECISIONS
 from pipeline.errors import PipelineError
 
 X86_TRIPLE = "x86_64-linux-gnu"
@@ -40,8 +41,8 @@ AARCH64_GCC_PACKAGE = "gcc-aarch64-linux-gnu"
 
 
 # GPU targets: FP16 (mixed precision) where tensor cores pay off, and INT8 (the integer
-# kernels of pipeline/tvm_int8.py, scheduled by dlight like every GPU kernel).
-GPU_PRECISIONS = ("fp32", "fp16", "int8")
+# kernels of pipeline/compiler/int8.py, scheduled by dlight like every GPU kernel).
+GPU_PRECISIONS = PRECISIONS
 
 
 @dataclass(frozen=True)

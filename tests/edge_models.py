@@ -27,7 +27,7 @@ def compiled(tmp_path_factory, target_name: str, params_mode: str = "embedded") 
     """The micro model compiled for a target: the path of its model.so."""
     key = (target_name, params_mode)
     if key not in _cache:
-        from pipeline.tvm_backend import compile_onnx
+        from pipeline.compiler.backend import compile_onnx
         from targets import get_target
 
         library = tmp_path_factory.mktemp(f"micro-{target_name}-{params_mode}") / "model.so"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_ARGS, output_path, run_cli
+from conftest import MEASURE_ARGS, TINY_ARGS, output_path, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def test_run_writes_reports_and_artifacts(tiny_run):
         assert stats["min_ms"] <= stats["median_ms"] <= stats["p99_ms"] <= stats["max_ms"]
         assert stats["throughput_ips"] > 0
     # Every backend computes on all physical cores: TVM's pool is sized like the others.
-    from pipeline.runtime_only import physical_cores
+    from pipeline.runtime.runtime_only import physical_cores
 
     assert {name: stats["threads"] for name, stats in latency["backends"].items()} == dict.fromkeys(
         latency["backends"], physical_cores()
@@ -81,7 +81,7 @@ def test_evaluate_on_labeled_image_folder(tiny_run, tmp_path):
             pixels = rng.integers(0, 255, (70, 80, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "data" / label / f"{i}.png")
     (tmp_path / "data" / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
-    result = run_cli("evaluate", *TINY_ARGS, "--data", str(tmp_path / "data"), cwd=tiny_run, check=True)
+    result = run_cli("evaluate", *TINY_ARGS, *MEASURE_ARGS, "--data", str(tmp_path / "data"), cwd=tiny_run, check=True)
     accuracy = json.loads(output_path(result, "accuracy").read_text())
     metrics = accuracy["metrics"]
     assert accuracy["data"]["count"] == 6 and accuracy["data"]["skipped"] == 1
@@ -141,7 +141,7 @@ def test_bad_image_folders(tiny_run, tmp_path, setup, fragments):
     if setup == "unreadable":
         for i in range(3):
             (folder / f"{i}.jpg").write_bytes(b"garbage")
-    result = run_cli("evaluate", *TINY_ARGS, "--data", str(folder), cwd=tiny_run)
+    result = run_cli("evaluate", *TINY_ARGS, *MEASURE_ARGS, "--data", str(folder), cwd=tiny_run)
     assert_user_error(result)
     message = result.stderr.lower()
     for fragment in fragments:
@@ -176,7 +176,7 @@ def test_targets_and_variants_listings(tmp_path):
 
 def test_user_onnx_runs_without_pytorch_model(tiny_run, tmp_path):
     (onnx_file,) = (tiny_run / "artifacts" / "simplify").glob("*/model.sim.onnx")
-    result = run_cli("bench", *TINY_ARGS, "--onnx", str(onnx_file), cwd=tmp_path, check=True)
+    result = run_cli("bench", *TINY_ARGS, *MEASURE_ARGS, "--onnx", str(onnx_file), cwd=tmp_path, check=True)
     assert "[build]" not in result.stderr
     latency = json.loads(output_path(result, "latency").read_text())
     assert "not_measured" in latency["backends"]["pytorch"]
@@ -184,7 +184,7 @@ def test_user_onnx_runs_without_pytorch_model(tiny_run, tmp_path):
 
 
 def test_board_target_without_tracker_fails_before_compiling(tmp_path):
-    result = run_cli("bench", *TINY_ARGS, "--target", "arm-a72", cwd=tmp_path)
+    result = run_cli("bench", *TINY_ARGS, *MEASURE_ARGS, "--target", "arm-a72", cwd=tmp_path)
     assert_user_error(result, "--rpc-tracker")
     assert not (tmp_path / "artifacts").exists()
 

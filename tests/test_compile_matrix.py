@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 from calibration.sample_photos import SAMPLE_PHOTOS
 from conftest import REPO
 from edge_models import elf_machine
-from pipeline import tvm_backend
-from pipeline.compile_matrix import register
+from pipeline.compiler import backend
+from pipeline.cli.compile_matrix import register
 from targets import get_target
 
 # The model of the other tiny tests, without the bench options compile-matrix does not take.
@@ -33,7 +33,7 @@ AARCH64_ELF = 183
 # pipeline/cli.py does not register it itself.
 _MAIN = (
     "from pipeline import cli\n"
-    "from pipeline.compile_matrix import register\n"
+    "from pipeline.cli.compile_matrix import register\n"
     "if 'compile-matrix' not in {c.name for c in cli.app.registered_commands}:\n"
     "    register(cli.app)\n"
     "cli.main()\n"
@@ -114,14 +114,14 @@ def test_cpu_cells_compile_with_sizes_kernels_and_target(matrix_run, target, pre
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_NVCC, reason="nvcc (CUDA toolkit) is not installed")
 def test_cuda_target_compiles_fp32_and_int8(matrix_run):
-    from pipeline import cross
+    from pipeline.compiler import cuda_code
 
     _, workdir, matrix, readme = matrix_run
     for precision in ("fp32", "int8"):
         entry = cell(matrix, CUDA_TARGET, precision)
         assert entry["status"] == "compiled" and entry["library_bytes"] > 0 and entry["kernels"] > 0
         assert json.loads(entry["target_json"])["arch"] == "sm_80"
-        assert "sass:sm_80" in [str(code) for code in cross.cuda_device_code(workdir / entry["artifact"])]
+        assert "sass:sm_80" in [str(code) for code in cuda_code.cuda_device_code(workdir / entry["artifact"])]
         assert table_row(readme, CUDA_TARGET)[1 + ("fp32", "fp16", "int8").index(precision)].startswith("ok ")
     assert sum(cell(matrix, CUDA_TARGET, "int8")["int8"]["integer_ops"].values()) > 0
 
@@ -169,14 +169,14 @@ def test_readme_table_and_provenance(matrix_run):
 @pytest.mark.slow
 def test_a_failing_cell_is_recorded_the_rest_go_on_and_the_exit_code_is_1(matrix_run, monkeypatch, tmp_path):
     _, workdir, _, _ = matrix_run
-    real_compile = tvm_backend.compile_onnx
+    real_compile = backend.compile_onnx
 
     def compile_failing_on_a72(onnx_path, target, *args, **kwargs):
         if target.name == "arm-a72":
             raise RuntimeError("LLVM ERROR: cannot select\nsecond line of the error")
         return real_compile(onnx_path, target, *args, **kwargs)
 
-    monkeypatch.setattr(tvm_backend, "compile_onnx", compile_failing_on_a72)
+    monkeypatch.setattr(backend, "compile_onnx", compile_failing_on_a72)
     app = typer.Typer()
     register(app)
     app.command(name="unused")(lambda: None)  # typer runs a lone command without its name

@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 
 from edge_models import compiled, elf_machine, sample
-from pipeline import cross
+from pipeline.cli import cross as cross_cli
+from pipeline.runtime import cross
 from pipeline.errors import PipelineError
-from pipeline.tvm_backend import compile_onnx, load_artifact
+from pipeline.compiler.backend import compile_onnx
+from pipeline.runtime.runners import load_artifact
 from targets import get_target
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +99,7 @@ def test_command_line_runs_and_compares_in_a_fresh_process(tmp_path_factory, tmp
     np.save(tmp_path / "reference.npy", reference)
     np.save(tmp_path / "wrong.npy", reference + 1.0)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    base = [sys.executable, "-m", "pipeline.cross", "run", str(library), "--input", str(tmp_path / "x.npy")]
+    base = [sys.executable, "-m", "pipeline.cli.cross", "run", str(library), "--input", str(tmp_path / "x.npy")]
 
     ok = subprocess.run([*base, "--output", str(tmp_path / "y.npy"), "--reference", str(tmp_path / "reference.npy")],
                         env=env, capture_output=True, text=True, timeout=600)
@@ -116,31 +118,30 @@ def test_verify_refuses_targets_qemu_cannot_run(tmp_path):
 
     config = PipelineConfig(artifacts=tmp_path / "artifacts")
     with pytest.raises(PipelineError, match="'jetson-orin' is not one \\(try 'jetson-orin-cpu'\\)"):
-        cross.verify_target("jetson-orin", config)
+        cross_cli.verify_target("jetson-orin", config)
     for name in ("cuda-sm80", "x86"):
         # Refused, not replaced by some ARM target; the message lists the ones qemu can check.
         with pytest.raises(PipelineError, match=f"'{name}' is not one \\(use one of: .*jetson-orin-cpu.*arm-a53.*"
                                                 f"arm-neoverse-v1; e.g. make verify-arm TARGET=arm-a72\\)$"):
-            cross.verify_target(name, config)
+            cross_cli.verify_target(name, config)
     assert not (tmp_path / "artifacts").exists()
 
 
 def test_verify_command_line_takes_the_model_options_with_help(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    shown = subprocess.run([sys.executable, "-m", "pipeline.cross", "verify", "--help"], env=env,
+    shown = subprocess.run([sys.executable, "-m", "pipeline.cli.cross", "verify", "--help"], env=env,
                            capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0
     help_text = " ".join(shown.stdout.split())
     for fragment in ("--weights WEIGHTS Checkpoint .pth", "--in-chans IN_CHANS Input channels",
-                     "--data DATA Evaluation images", "--repeats REPEATS Timed runs. Not used by verify",
+                     "--data DATA Evaluation images",
                      "--target TARGET an aarch64 CPU target"):
         assert fragment in help_text, help_text
     # The Makefile's default MODEL_ARGS parse; a non-ARM TARGET is a one-line error, exit 2,
     # before anything is compiled.
     make_args = ["--variant", "micro", "--weights", "none", "--num-classes", "10", "--in-chans", "1",
-                 "--input-size", "32", "--data", "fashion-mnist", "--preprocessing", "fashion-mnist",
-                 "--eval-limit", "0", "--repeats", "100"]
-    refused = subprocess.run([sys.executable, "-m", "pipeline.cross", "verify", "--target", "x86", *make_args],
+                 "--input-size", "32", "--data", "fashion-mnist", "--preprocessing", "fashion-mnist"]
+    refused = subprocess.run([sys.executable, "-m", "pipeline.cli.cross", "verify", "--target", "x86", *make_args],
                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2
     assert refused.stderr.startswith("error: qemu checks aarch64 CPU targets; 'x86' is not one")
@@ -158,9 +159,9 @@ def test_verify_checks_the_given_model_on_images_of_its_data(tmp_path):
     np.save(tmp_path / "images.npy", rng.integers(0, 255, (3, 40, 40), dtype=np.uint8))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cross", "verify", "--target", "arm-a72", "--weights", "w.pth",
+        [sys.executable, "-m", "pipeline.cli.cross", "verify", "--target", "arm-a72", "--weights", "w.pth",
          "--num-classes", "4", "--in-chans", "1", "--input-size", "32", "--batch-size", "2",
-         "--data", "images.npy", "--preprocessing", "fashion-mnist", "--repeats", "100"],
+         "--data", "images.npy", "--preprocessing", "fashion-mnist"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr

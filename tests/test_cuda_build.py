@@ -15,9 +15,13 @@ import tvm
 import tvm_ffi
 
 from edge_models import compiled, elf_machine, sample
-from pipeline import cross, cuda_inspect, tvm_backend
+from pipeline.runtime.runners import load_artifact
+from pipeline import toolchain
+from pipeline.compiler import cuda_code
+from pipeline.compiler.schedules import gpu as gpu_schedules
+from pipeline.compiler import backend
 from pipeline.errors import PipelineError
-from pipeline.runtime_only import metadata_path
+from pipeline.runtime.runtime_only import metadata_path
 from targets import get_target
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not installed")
@@ -40,13 +44,13 @@ def _fatbin(entries: list[tuple[int, int]]) -> bytes:
     for kind, sm in entries:
         header = struct.pack("<HHIQ", kind, 0x101, 64, 8) + bytes(12) + struct.pack("<I", sm) + bytes(32)
         body += header + b"payload!"
-    return struct.pack("<IHHQ", cross.FATBIN_MAGIC, 1, 16, len(body)) + body
+    return struct.pack("<IHHQ", cuda_code.FATBIN_MAGIC, 1, 16, len(body)) + body
 
 
 def test_fatbin_entries_are_read_from_headers_anywhere_in_a_file():
     data = b"\0" * 37 + _fatbin([(2, 87), (1, 87)]) + b"xx" + _fatbin([(2, 110)])
-    assert [str(e) for e in cross.fatbin_entries(data)] == ["sass:sm_87", "ptx:compute_87", "sass:sm_110"]
-    assert cross.fatbin_entries(b"no gpu code here") == []
+    assert [str(e) for e in cuda_code.fatbin_entries(data)] == ["sass:sm_87", "ptx:compute_87", "sass:sm_110"]
+    assert cuda_code.fatbin_entries(b"no gpu code here") == []
 
 
 def _serialized(modules: list[tuple[bytes, bytes | None]]) -> bytes:
@@ -65,7 +69,7 @@ def test_cuda_modules_are_rewritten_from_source_to_fatbin_keeping_the_function_t
     cuda = u64(4) + b"cuda" + table + u64(len(source)) + source.encode()
     blob = _serialized([(b"_lib", None), (b"cuda", cuda)])
 
-    new, count = tvm_backend._fatbin_module_blob(blob, [source], lambda s: b"FATBIN<" + s.encode() + b">")
+    new, count = backend.fatbin_module_blob(blob, [source], lambda s: b"FATBIN<" + s.encode() + b">")
 
     expected_cuda = u64(6) + b"fatbin" + table + u64(len(source) + 8) + b"FATBIN<" + source.encode() + b">"
     assert count == 1
@@ -75,22 +79,22 @@ def test_cuda_modules_are_rewritten_from_source_to_fatbin_keeping_the_function_t
 def test_a_serialization_tvm_might_change_to_is_refused_not_misread():
     blob = _serialized([(b"_lib", None)])
     with pytest.raises(RuntimeError, match="length header"):
-        tvm_backend._fatbin_module_blob(blob + b"x", [], str.encode)
+        backend.fatbin_module_blob(blob + b"x", [], str.encode)
 
 
 def test_missing_nvcc_is_an_error_naming_the_toolkit_before_any_work(monkeypatch, tmp_path):
     real_which = shutil.which
-    monkeypatch.setattr(cross.shutil, "which", lambda name: None if name == "nvcc" else real_which(name))
+    monkeypatch.setattr(toolchain.shutil, "which", lambda name: None if name == "nvcc" else real_which(name))
     with pytest.raises(PipelineError, match="nvcc is not installed.*apt-get install nvidia-cuda-toolkit"):
         # The ONNX file does not even exist: the tool check comes first.
-        tvm_backend.compile_onnx(tmp_path / "none.onnx", get_target("cuda-sm80"), tmp_path / "m.so")
+        backend.compile_onnx(tmp_path / "none.onnx", get_target("cuda-sm80"), tmp_path / "m.so")
 
 
 @needs_nvcc
 def test_an_nvcc_without_the_architecture_is_refused(monkeypatch, tmp_path):
-    monkeypatch.setattr(tvm_backend, "_nvcc_archs", lambda nvcc: ("compute_75", "compute_80"))
+    monkeypatch.setattr(backend, "_nvcc_archs", lambda nvcc: ("compute_75", "compute_80"))
     with pytest.raises(PipelineError, match="cannot compile for sm_110.*compute_75, compute_80.*CUDA 13"):
-        tvm_backend.compile_onnx(tmp_path / "none.onnx", get_target("jetson-thor"), tmp_path / "m.so")
+        backend.compile_onnx(tmp_path / "none.onnx", get_target("jetson-thor"), tmp_path / "m.so")
 
 
 # ---------------------------------------------------------------------------
@@ -106,7 +110,7 @@ def cuda_loader_probe():
     def load(data):
         data = bytes(data)
         (length,) = struct.unpack_from("<Q", data, 0)
-        seen.append({"format": data[8:8 + length].decode(), "code": cross.fatbin_entries(data)})
+        seen.append({"format": data[8:8 + length].decode(), "code": cuda_code.fatbin_entries(data)})
         return tvm.get_global_func("runtime.SourceModuleCreate")("", "cuda")
 
     previous = tvm_ffi.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True)
@@ -123,7 +127,7 @@ def cuda_loader_probe():
 def test_gpu_artifact_carries_sass_for_its_arch_and_no_cuda_source(tmp_path_factory, name, arch, machine):
     library = compiled(tmp_path_factory, name)
     data = library.read_bytes()
-    code = [str(entry) for entry in cross.cuda_device_code(library)]
+    code = [str(entry) for entry in cuda_code.cuda_device_code(library)]
     assert f"sass:{arch}" in code and f"ptx:{arch.replace('sm_', 'compute_')}" in code
     assert not [c for c in code if arch.split("_")[1] not in c], "code for another architecture"
     assert b"__global__" not in data, "CUDA source left in the library"
@@ -152,8 +156,8 @@ def test_tvm_loads_the_library_and_finds_a_fatbin_module(tmp_path_factory, cuda_
 @pytest.mark.slow
 def test_cuda_build_with_separate_params(tmp_path_factory):
     library = compiled(tmp_path_factory, "cuda-sm75", params_mode="separate")
-    assert "sass:sm_75" in [str(c) for c in cross.cuda_device_code(library)]
-    assert tvm_backend.params_path(library).is_file()
+    assert "sass:sm_75" in [str(c) for c in cuda_code.cuda_device_code(library)]
+    assert backend.params_path(library).is_file()
 
 
 # ---------------------------------------------------------------------------
@@ -171,7 +175,7 @@ def test_cuda_source_beside_the_library_holds_no_pow_call(tmp_path_factory):
 
     assert "Pow" in {node.op_type for node in onnx.load(str(micro_onnx(tmp_path_factory))).graph.node}
     library = compiled(tmp_path_factory, "cuda-sm80")
-    source = tvm_backend.cuda_source_path(library).read_text()
+    source = backend.cuda_source_path(library).read_text()
     assert "__global__" in source
     assert not re.search(r"\b(__)?powf?\s*\(", source)
     meta = json.loads(metadata_path(library).read_text())
@@ -184,13 +188,13 @@ def test_cuda_source_beside_the_library_holds_no_pow_call(tmp_path_factory):
 
 @needs_nvcc
 @pytest.mark.slow
-@pytest.mark.skipif(cuda_inspect.cuobjdump_path() is None, reason="cuobjdump is not installed")
+@pytest.mark.skipif(cuda_code.cuobjdump_path() is None, reason="cuobjdump is not installed")
 def test_device_code_of_a_model_without_log_ops_has_no_log2_instruction(tmp_path_factory):
     """SASS and PTX read back from the artifact: the model has no log, so a log2 unit
     instruction (MUFU.LG2, lg2.approx) could only come from a fast-math pow."""
     library = compiled(tmp_path_factory, "cuda-sm80")
-    sass = cuda_inspect.disassemble(library, "sass")
-    ptx = cuda_inspect.disassemble(library, "ptx")
+    sass = cuda_code.disassemble(library, "sass")
+    ptx = cuda_code.disassemble(library, "ptx")
     assert "Function :" in sass and ".entry" in ptx  # real listings, not empty output
     assert "MUFU.LG2" not in sass
     assert "lg2." not in ptx
@@ -208,8 +212,8 @@ def test_the_32_pixel_demo_model_compiles_for_cuda(tmp_path):
     onnx_path = tmp_path / "demo.onnx"
     export_onnx(create_model("micro", num_classes=10, in_chans=1).eval(), onnx_path, shape, opset=17,
                 dynamic_batch=False)
-    info = tvm_backend.compile_onnx(onnx_path, get_target("cuda-sm90"), tmp_path / "model.so", input_shape=shape)
-    assert "sass:sm_90" in [str(c) for c in cross.cuda_device_code(tmp_path / "model.so")]
+    info = backend.compile_onnx(onnx_path, get_target("cuda-sm90"), tmp_path / "model.so", input_shape=shape)
+    assert "sass:sm_90" in [str(c) for c in cuda_code.cuda_device_code(tmp_path / "model.so")]
     assert info["output"]["shape"] == [1, 10]
 
 
@@ -221,8 +225,8 @@ def test_the_32_pixel_demo_model_compiles_for_cuda(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
 def test_local_gpu_matches_the_cpu_build(tmp_path_factory):
-    gpu = tvm_backend.load_artifact(compiled(tmp_path_factory, "cuda"), device="cuda")
-    cpu = tvm_backend.load_artifact(compiled(tmp_path_factory, "x86"))
+    gpu = load_artifact(compiled(tmp_path_factory, "cuda"), device="cuda")
+    cpu = load_artifact(compiled(tmp_path_factory, "x86"))
     x = sample()
     np.testing.assert_allclose(gpu.infer(x), cpu.infer(x), atol=1e-3, rtol=1e-3)
     gpu.check_target("cuda")
@@ -239,8 +243,8 @@ def test_fixed_arch_build_runs_on_a_matching_gpu(tmp_path_factory):
              if get_target(n).cuda_arch == local.cuda_arch]
     if not fixed:
         pytest.skip(f"no fixed target for this GPU's {local.cuda_arch}")
-    gpu = tvm_backend.load_artifact(compiled(tmp_path_factory, fixed[0]), device="cuda")
-    cpu = tvm_backend.load_artifact(compiled(tmp_path_factory, "x86"))
+    gpu = load_artifact(compiled(tmp_path_factory, fixed[0]), device="cuda")
+    cpu = load_artifact(compiled(tmp_path_factory, "x86"))
     x = sample(1)
     np.testing.assert_allclose(gpu.infer(x), cpu.infer(x), atol=1e-3, rtol=1e-3)
 
@@ -256,7 +260,7 @@ def test_fp16_build_computes_convolutions_and_matmuls_in_half(tmp_path_factory):
     from edge_models import SHAPE, micro_onnx
 
     out = tmp_path_factory.mktemp("fp16")
-    tvm_backend.compile_onnx(
+    backend.compile_onnx(
         micro_onnx(tmp_path_factory), get_target("cuda-sm80"), out / "model.so",
         input_shape=SHAPE, precision="fp16", dump_ir_dir=out / "ir",
     )
@@ -278,7 +282,7 @@ def test_fp16_weights_are_stored_in_half_and_not_cast_per_call(tmp_path_factory,
     from edge_models import SHAPE, micro_onnx
 
     out = tmp_path_factory.mktemp(f"fp16-{params_mode}")
-    tvm_backend.compile_onnx(
+    backend.compile_onnx(
         micro_onnx(tmp_path_factory), get_target("cuda-sm80"), out / "model.so",
         input_shape=SHAPE, precision="fp16", params_mode=params_mode, dump_ir_dir=out / "ir",
     )
@@ -289,7 +293,7 @@ def test_fp16_weights_are_stored_in_half_and_not_cast_per_call(tmp_path_factory,
     if params_mode == "embedded":
         assert not [arg for arg in casts if arg.startswith("metadata")], "a constant cast per call"
         return
-    with np.load(tvm_backend.params_path(out / "model.so")) as weights:
+    with np.load(backend.params_path(out / "model.so")) as weights:
         dtypes = {name: str(weights[name].dtype) for name in weights.files}
         sizes = {name: weights[name].size for name in weights.files}
     # Convolution and GEMM weights are read in half, the rest (biases, norms, the head's
@@ -304,7 +308,7 @@ def test_fp16_is_refused_for_cpu_targets(tmp_path_factory):
     from edge_models import SHAPE, micro_onnx
 
     with pytest.raises(PipelineError, match="fp16 is for GPU targets"):
-        tvm_backend.compile_onnx(
+        backend.compile_onnx(
             micro_onnx(tmp_path_factory), get_target("x86"), tmp_path_factory.mktemp("x") / "m.so",
             input_shape=SHAPE, precision="fp16",
         )
@@ -321,14 +325,14 @@ def test_int8_gpu_build_matches_the_int8_cpu_build(tmp_path_factory):
     """The same integer kernels on the GPU and the CPU: the same logits up to float epilogues."""
     from test_tvm_int8 import quantized
 
-    from pipeline.tvm_int8 import compile_onnx_int8
+    from pipeline.compiler.int8 import compile_onnx_int8
 
     out = tmp_path_factory.mktemp("int8-gpu")
     qdq = quantized(out)
     compile_onnx_int8(qdq, get_target("cuda"), out / "gpu.so")
     compile_onnx_int8(qdq, get_target("x86"), out / "cpu.so")
-    gpu = tvm_backend.load_artifact(out / "gpu.so", device="cuda")
-    cpu = tvm_backend.load_artifact(out / "cpu.so")
+    gpu = load_artifact(out / "gpu.so", device="cuda")
+    cpu = load_artifact(out / "cpu.so")
     x = np.random.default_rng(0).standard_normal(cpu.input_shape, dtype=np.float32)
     np.testing.assert_allclose(gpu.infer(x), cpu.infer(x), atol=1e-3, rtol=1e-3)
 
@@ -347,6 +351,6 @@ def test_int8_gemms_skip_dlights_tensor_core_matmul_rule():
         c = te.compute((256, 256), lambda i, j: te.sum(a[i, k].astype(out_dtype) * b[k, j].astype(out_dtype), axis=k))
         return te.create_prim_func([a, b, c])
 
-    rule = tvm_backend._FloatMatmul()
+    rule = gpu_schedules.FloatMatmul()
     assert rule.apply(gemm("int8", "int32"), target, False) is None
     assert rule.apply(gemm("float32", "float32"), target, False) is not None

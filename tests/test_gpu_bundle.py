@@ -55,8 +55,8 @@ def test_the_bundle_holds_the_check_the_runtime_and_the_artifacts(bundle):
     assert {"README.md", "artifacts.tar.xz", "gpu_check.py", "manifest.json", "run.sh",
             "runtime/tvm-runtime.tar.xz"} <= set(names)
     assert sorted(n for n in names if n.startswith("lib/")) == sorted(
-        ["lib/pipeline/__init__.py"] + [f"lib/pipeline/{m}" for m in
-                                        ("errors.py", "model.py", "seeded_weights.py", "runtime_only.py",
+        ["lib/pipeline/__init__.py", "lib/pipeline/runtime/__init__.py"]
+        + [f"lib/pipeline/{m}" for m in ("errors.py", "model.py", "seeded_weights.py", "runtime/runtime_only.py",
                                          "compare.py", "latency_stats.py")])
     total = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
     assert total < 60 * 1024 * 1024

@@ -1,4 +1,4 @@
-"""pipeline/isolated.py: one backend timed alone in a fresh process."""
+"""pipeline/runtime/isolated.py: one backend timed alone in a fresh process."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 
 from edge_models import SHAPE, compiled, micro_onnx, sample
 from pipeline.errors import PipelineError
-from pipeline.isolated import measure_isolated
-from pipeline.runtime_only import physical_cores
+from pipeline.runtime.isolated import measure_isolated
+from pipeline.runtime.runtime_only import physical_cores
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""pipeline/model_options.py and the command line around it: the options every model command
+"""pipeline/cli/options.py and the command line around it: the options every model command
 shares, the checks that run before any work, and a CLI that starts without torch or TVM."""
 
 import inspect
@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_ARGS, output_path, run_cli
+from conftest import MEASURE_ARGS, REPO, TINY_ARGS, output_path, run_cli
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
-from pipeline.model_options import config_from_options, model_parameters, validate_config
+from pipeline.cli.options import MEASUREMENT_OPTIONS, config_from_options, model_parameters, validate_config
 
 
 def _python(code: str, *args: str) -> subprocess.CompletedProcess:
@@ -49,20 +49,25 @@ def test_version():
 def test_every_model_command_takes_the_same_model_options():
     from pipeline import cli
 
-    from pipeline.quantize_command import MODEL_OPTIONS
+    from pipeline.cli.quantize import MODEL_OPTIONS
 
     everything = [p.name for p in model_parameters()]
+    building = [p.name for p in model_parameters(exclude=MEASUREMENT_OPTIONS)]
+    # The commands that measure take every option; the others all but the measuring ones;
     # quantize leaves out the options of the stages after it.
-    for command, names in (("compile", everything), ("run", everything), ("package", everything),
-                           ("quantize", MODEL_OPTIONS)):
+    for command, names in (("compile", building), ("build", building), ("run", everything),
+                           ("bench", everything), ("package", building), ("quantize", MODEL_OPTIONS)):
         callback = next(c.callback for c in cli.app.registered_commands if c.name == command)
         params = inspect.signature(callback).parameters
         assert [name for name in names if name not in params] == [], command
+        if command in ("compile", "build", "package"):
+            assert not set(MEASUREMENT_OPTIONS) & set(params), command
 
 
-def test_unused_options_say_so_in_their_help():
-    (repeats,) = model_parameters(("repeats",), unused_by="package", unused=("repeats",))
-    assert repeats.annotation.__metadata__[0].help.startswith("Timed runs. Not used by package")
+def test_compile_refuses_an_option_that_would_do_nothing(tmp_path):
+    result = run_cli("compile", "--variant", "micro", "--repeats", "5", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "No such option: --repeats" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_config_from_options_maps_the_cli_names():
@@ -118,7 +123,7 @@ def test_evaluate_prints_accuracy_and_warns_about_the_data(tiny_run, tmp_path):
             Image.fromarray(rng.integers(0, 255, (70, 80, 3), dtype=np.uint8)).save(tmp_path / "data" / label / f"{i}.png")
     for name in ("broken.jpg", "empty.png"):
         (tmp_path / "data" / "dog" / name).write_bytes(b"not an image")
-    result = run_cli("evaluate", *TINY_ARGS, "--data", str(tmp_path / "data"), cwd=tiny_run, check=True)
+    result = run_cli("evaluate", *TINY_ARGS, *MEASURE_ARGS, "--data", str(tmp_path / "data"), cwd=tiny_run, check=True)
     accuracy = json.loads(output_path(result, "accuracy").read_text())
     metrics = accuracy["metrics"]
     lines = result.stdout.splitlines()
@@ -132,13 +137,13 @@ def test_evaluate_prints_accuracy_and_warns_about_the_data(tiny_run, tmp_path):
     assert warnings[1] == (f"warning: 2 unreadable image file(s) skipped: {tmp_path / 'data' / 'dog' / 'broken.jpg'}, "
                            f"{tmp_path / 'data' / 'dog' / 'empty.png'}")
     # A cached evaluation says the same.
-    again = run_cli("evaluate", *TINY_ARGS, "--data", str(tmp_path / "data"), cwd=tiny_run, check=True)
+    again = run_cli("evaluate", *TINY_ARGS, *MEASURE_ARGS, "--data", str(tmp_path / "data"), cwd=tiny_run, check=True)
     assert "[evaluate] cached" in again.stderr
     assert again.stdout == result.stdout and [l for l in again.stderr.splitlines() if l.startswith("warning")] == warnings
 
 
 @pytest.mark.slow
 def test_evaluate_without_labels_prints_agreement(tiny_run):
-    result = run_cli("evaluate", *TINY_ARGS, cwd=tiny_run, check=True)
+    result = run_cli("evaluate", *TINY_ARGS, *MEASURE_ARGS, cwd=tiny_run, check=True)
     assert "evaluated: 16 images from random normal inputs (no labels: agreement and error only)" in result.stdout
     assert "top-1:" not in result.stdout and "top-1 agreement with pytorch: 100.00%" in result.stdout

@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from edge_models import compiled, sample
 from pipeline.errors import PipelineError
-from pipeline.package import write_bundle
-from pipeline.package_command import register
-from pipeline.tvm_backend import load_artifact
+from pipeline.runtime.package import write_bundle
+from pipeline.cli.package import register
+from pipeline.runtime.runners import load_artifact
 from targets import get_target
 
 
@@ -51,7 +51,7 @@ def test_unpacked_bundle_runs_with_run_py_in_a_fresh_process(tmp_path_factory, t
     if params_mode == "separate":
         expected.add("model.params.npz")
     assert {p.name for p in bundle.iterdir()} == expected
-    assert (bundle / "run.py").read_bytes() == (Path(__file__).parents[1] / "pipeline" / "runtime_only.py").read_bytes()
+    assert (bundle / "run.py").read_bytes() == (Path(__file__).parents[1] / "pipeline" / "runtime" / "runtime_only.py").read_bytes()
 
     np.save(bundle / "x.npy", sample())
     result = _run_py(bundle, "model.so", "--input", "x.npy", "--output", "y.npy", "--target", "x86")
@@ -110,11 +110,10 @@ def test_package_command_takes_the_model_options_and_writes_a_readme(tmp_path, m
     app.command(name="unused")(lambda: None)  # typer runs a lone command without its name
     monkeypatch.chdir(tmp_path)
     data = _image_folder(tmp_path / "data", ("ant", "bee", "cat"))
-    # What `make package` passes: the model and data options of every stage command, the
-    # measuring ones (--eval-limit, --repeats) included.
+    # What `make package` passes: the model and data options (MODEL_ARGS) of every model command.
     result = CliRunner().invoke(app, ["package", "--target", "x86", "--variant", "micro", "--input-size", "64",
                                       "--num-classes", "3", "--params", "separate", "--data", str(data),
-                                      "--preprocessing", "imagenet", "--eval-limit", "0", "--repeats", "100"])
+                                      "--preprocessing", "imagenet"])
     assert result.exit_code == 0, result.output
     bundle = tmp_path / "dist" / "convnext-micro-64-x86.tar.gz"
     assert f"bundle: {Path('dist') / bundle.name}" in result.output
@@ -162,7 +161,7 @@ METADATA = {"input": {"name": "input", "shape": [1, 3, 48, 48], "dtype": "float3
                                                           ("fashion-mnist", 3), ("imagenet", 1)])
 def test_readme_preprocessing_snippet_matches_the_pipeline(tmp_path, preprocessing, in_chans):
     from calibration.preprocess import get_preprocessing, preprocess_image
-    from pipeline.package import bundle_readme
+    from pipeline.runtime.package import bundle_readme
 
     metadata = {**METADATA, "input": {**METADATA["input"], "shape": [2, in_chans, 64, 64]}}
     readme = bundle_readme("b", get_target("x86"), metadata, {"preprocessing": preprocessing}, ["numpy"], "python run.py")
@@ -177,7 +176,7 @@ def test_readme_preprocessing_snippet_matches_the_pipeline(tmp_path, preprocessi
 
 
 def test_readme_says_what_the_board_needs_and_when_classes_are_unknown():
-    from pipeline.package import bundle_readme
+    from pipeline.runtime.package import bundle_readme
 
     gpu = bundle_readme("b", get_target("jetson-orin"), {**METADATA, "device_code": ["sass:sm_87"]}, {},
                         ["apache-tvm==0.27.0.post1", "numpy"], "python run.py model.so --device cuda")

@@ -298,7 +298,7 @@ def test_quantize_command_writes_the_model_the_report_and_the_manifest(tmp_path)
     checkpoint = save_model_checkpoint(tmp_path / "model.pth")
     calib = _write_pngs(tmp_path / "calib", 12)
     result = run_module_cli(
-        "pipeline.quantize_command", "quantize", "--variant", "micro", "--weights", str(checkpoint),
+        "pipeline.cli", "quantize", "--variant", "micro", "--weights", str(checkpoint),
         "--num-classes", "10", "--input-size", str(SIZE), "--calib-data", str(calib), "--calib-size", "64",
         "--method", "percentile", "--percentile", "99.9", "--per-tensor", "--exclude", "*/head/*", "--analyze",
         cwd=tmp_path,
@@ -330,7 +330,7 @@ def test_quantize_command_user_errors_exit_2_with_one_line(tmp_path):
         ([], "--calib-data"),
     ]:
         result = run_module_cli(
-            "pipeline.quantize_command", "quantize", "--variant", "micro", "--num-classes", "10",
+            "pipeline.cli", "quantize", "--variant", "micro", "--num-classes", "10",
             "--input-size", str(SIZE), *args, cwd=tmp_path,
         )
         assert result.returncode == 2, (args, result.stderr)

@@ -1,4 +1,4 @@
-"""pipeline/report_command.py: the `pipeline reports` command."""
+"""pipeline/cli/reports.py: the `pipeline reports` command."""
 
 import pytest
 import typer
@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 import targets
 from pipeline.errors import PipelineError
-from pipeline.report_command import register
+from pipeline.cli.reports import register
 from report_samples import KNOWN, lookup, write_pair
 
 

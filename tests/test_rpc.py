@@ -12,8 +12,8 @@ import pytest
 from rpc_loopback import free_port, loopback_tracker
 from edge_models import compiled, sample
 from pipeline.errors import PipelineError
-from pipeline.rpc import RpcRunner, parse_tracker
-from pipeline.tvm_backend import load_artifact
+from pipeline.runtime.rpc import RpcRunner, parse_tracker
+from pipeline.runtime.runners import load_artifact
 from targets import get_target
 
 KEY = "loopback"

@@ -16,9 +16,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import pipeline.runtime_only as runtime_only
-from pipeline.runtime_only import ArtifactError, LoadedArtifact, metadata_path
-from pipeline.tvm_backend import compile_onnx, params_path
+import pipeline.runtime.runtime_only as runtime_only
+from pipeline.runtime.runtime_only import ArtifactError, LoadedArtifact, metadata_path
+from pipeline.compiler.backend import compile_onnx, params_path
 from targets import get_target
 from conftest import REPO
 
@@ -204,7 +204,7 @@ def test_missing_library(tmp_path):
 def test_tvm_runs_on_every_physical_core_unless_told_otherwise():
     """TVM 0.27 would start logical CPUs / 2 threads on x86 (assumed SMT): half the cores here."""
     code = (
-        "from pipeline.runtime_only import configure_cpu_threads, physical_cores\n"
+        "from pipeline.runtime.runtime_only import configure_cpu_threads, physical_cores\n"
         "n = configure_cpu_threads()\n"
         "import tvm\n"
         "print(n, tvm.runtime.num_threads(), physical_cores())\n"

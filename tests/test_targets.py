@@ -12,7 +12,7 @@ from tvm.target import codegen
 
 import targets
 from pipeline.errors import PipelineError
-from pipeline.tvm_backend import compile_onnx
+from pipeline.compiler.backend import compile_onnx
 from targets import get_target, known_targets
 
 # Every row but the detected local GPU, which needs one.

@@ -20,7 +20,7 @@ from pipeline.train import (
     resume_path,
     train,
 )
-from pipeline.train_command import train_command
+from pipeline.cli.train import train_command
 
 needs_data = pytest.mark.skipif(
     not fashion_mnist.available(), reason=f"Fashion-MNIST not installed (apt-get install {fashion_mnist.APT_PACKAGE})"

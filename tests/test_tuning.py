@@ -35,7 +35,7 @@ def run_tune(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Complete
     """`pipeline tune ...` / `pipeline tune-db ...` in a fresh process."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.tune_command", *args], cwd=cwd, env=env,
+        [sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env,
         capture_output=True, text=True, timeout=timeout,
     )
 
@@ -83,7 +83,7 @@ def test_tune_over_rpc_writes_records_with_their_target(tuned):
     progress = (tuned / "tune.log").read_text()
     assert "task 1 of 1" in progress and "2/2 trials" in progress
     # A tuning curve for the reports: trials so far against the estimated model latency.
-    from pipeline.tvm_tuning import read_curve
+    from pipeline.compiler.tuning.database import read_curve
 
     curve = read_curve(db_dir)
     assert curve and curve[-1]["trials"] == 2 and curve[-1]["best_ms"] > 0
@@ -92,7 +92,7 @@ def test_tune_over_rpc_writes_records_with_their_target(tuned):
 def test_compile_applies_records_and_a_default_to_every_other_task(tuned):
     import onnxruntime as ort
 
-    from pipeline.tvm_backend import load_artifact
+    from pipeline.runtime.runners import load_artifact
 
     result = run_cli("compile", *MODEL, cwd=tuned)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -142,7 +142,7 @@ def test_a_second_run_needs_resume_and_resume_skips_finished_tasks(tuned):
 def test_records_tvm_cannot_load_back_are_skipped_or_removed(tuned, tmp_path):
     """TVM 0.27 writes records its own reader rejects (a trace that does not replay), and one
     such record made the whole database unreadable."""
-    from pipeline.tvm_tuning import open_database
+    from pipeline.compiler.tuning.database import open_database
 
     copy = tmp_path / "db"
     shutil.copytree(tuned / DB, copy)
@@ -177,28 +177,28 @@ def test_merge_dedupes_and_refuses_other_targets(tuned, tmp_path):
 
 
 def test_ship_copies_the_best_record_of_each_kernel_under_its_cpu(tuned, tmp_path):
-    from pipeline import tvm_tuning
+    from pipeline.compiler.tuning import database
 
     meta = json.loads((tuned / DB / "meta.json").read_text())
     result = run_tune("tune-db", "ship", str(tuned / DB), "-o", str(tmp_path / "shipped"), cwd=tuned)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     shipped = tmp_path / "shipped"
-    workloads = len(tvm_tuning.merged_workloads(tuned / DB))
+    workloads = len(database.merged_workloads(tuned / DB))
     assert summary["records_in"] == len(_records(tuned / DB)) > summary["records_out"] == len(_records(shipped)) == workloads
     for name in ("meta.json", "tune_state.json", "tune_curve.jsonl"):
         assert (shipped / name).read_bytes() == (tuned / DB / name).read_bytes()
     # Without -o it goes to tuning/<target>/<model-key>/<cpu>/.
-    assert tvm_tuning.shipped_database_dir("x86", meta["model_key"], meta["target_json"]).parts[-3:] == (
-        "x86", meta["model_key"], tvm_tuning.cpu_tag(meta["target_json"]))
+    assert database.shipped_database_dir("x86", meta["model_key"], meta["target_json"]).parts[-3:] == (
+        "x86", meta["model_key"], database.cpu_tag(meta["target_json"]))
 
     result = run_tune("tune-db", "ship", str(tmp_path / "nothing"), cwd=tuned)
     assert result.returncode == 2 and "not a directory" in result.stderr
 
 
 def test_corrupt_or_foreign_databases_warn_and_build_with_defaults(tuned, tmp_path, capsys):
-    from pipeline import tvm_tuning
-    from pipeline.tvm_backend import compile_onnx
+    from pipeline.compiler.tuning import database
+    from pipeline.compiler.backend import compile_onnx
     from targets import get_target
 
     target = get_target("x86")
@@ -222,14 +222,14 @@ def test_corrupt_or_foreign_databases_warn_and_build_with_defaults(tuned, tmp_pa
     meta = json.loads((foreign / "meta.json").read_text())
     meta["tvm_version"] = "0.19.0"
     (foreign / "meta.json").write_text(json.dumps(meta))
-    assert tvm_tuning.find_database(tmp_path / "artifacts", target, "micro-32-b1-c10-in3-fp32") is None
+    assert database.find_database(tmp_path / "artifacts", target, "micro-32-b1-c10-in3-fp32") is None
     assert "tuned with TVM 0.19.0" in capsys.readouterr().err
 
 
 def test_records_of_another_cpu_model_fit_but_not_another_kind_or_triple():
     import dataclasses
 
-    from pipeline.tvm_tuning import target_fit
+    from pipeline.compiler.tuning.database import target_fit
     from targets import get_target
 
     x86 = dataclasses.replace(get_target("x86"), tvm_target={"kind": "llvm", "mcpu": "znver5", "num-cores": 2})
@@ -252,34 +252,35 @@ def _as_tuned_on(db_dir: Path, copy: Path, mcpu: str) -> Path:
 
 
 def test_records_shipped_for_another_cpu_are_used_and_seed_tuning_timed_here(tuned, tmp_path, monkeypatch, capsys):
-    from pipeline import tvm_tuning
+    from pipeline.compiler.tuning import database
+    from pipeline.compiler.tuning import tuner
     from targets import get_target
 
     target = get_target("x86")
     key = DB.name
-    this_cpu = tvm_tuning.cpu_tag(target.tvm_target)
+    this_cpu = database.cpu_tag(target.tvm_target)
     other_cpu = "znver3" if this_cpu != "znver3" else "skylake-avx512"
     shipped = tmp_path / "tuning"
-    monkeypatch.setattr(tvm_tuning, "SHIPPED_ROOT", shipped)
+    monkeypatch.setattr(database, "SHIPPED_ROOT", shipped)
     other = _as_tuned_on(tuned / DB, shipped / "x86" / key / other_cpu, other_cpu)
 
     # Compile uses the other CPU's records, saying so, until there are some for this CPU.
     artifacts_root = tmp_path / "artifacts"
-    assert tvm_tuning.find_database(artifacts_root, target, key) == other
+    assert database.find_database(artifacts_root, target, key) == other
     assert f"made on another CPU ({other_cpu}, this is {this_cpu})" in capsys.readouterr().err
-    mine = shutil.copytree(tuned / DB, tvm_tuning.shipped_database_dir("x86", key, target.tvm_target))
-    assert tvm_tuning.find_database(artifacts_root, target, key) == mine
+    mine = shutil.copytree(tuned / DB, database.shipped_database_dir("x86", key, target.tvm_target))
+    assert database.find_database(artifacts_root, target, key) == mine
     # Tuning too starts from this CPU's records when there are some.
-    assert tvm_tuning.seed_database(artifacts_root, target, key, exclude=artifacts_root / "none") == mine
+    assert database.seed_database(artifacts_root, target, key, exclude=artifacts_root / "none") == mine
     shutil.rmtree(mine)
 
     # Tuning starts from them: each task's best record is replayed, timed here and kept.
-    fresh = tvm_tuning.local_database_dir(artifacts_root, "x86", key)
-    seed = tvm_tuning.seed_database(artifacts_root, target, key, exclude=fresh)
+    fresh = database.local_database_dir(artifacts_root, "x86", key)
+    seed = database.seed_database(artifacts_root, target, key, exclude=fresh)
     assert seed == other
     onnx_path = next((tuned / "artifacts" / "simplify").glob("*/model.sim.onnx"))
-    summary = tvm_tuning.tune(onnx_path, target, fresh, key,
-                              tvm_tuning.TuneSettings(trials_per_task=0, max_tasks=1),
+    summary = tuner.tune(onnx_path, target, fresh, key,
+                              tuner.TuneSettings(trials_per_task=0, max_tasks=1),
                               input_shape=(1, 3, 32, 32), seed_dir=seed, say=lambda line: None)
     top = summary["tasks"][0]
     assert top["seed_s"] is not None and top["default_s"] is not None
@@ -289,11 +290,11 @@ def test_records_shipped_for_another_cpu_are_used_and_seed_tuning_timed_here(tun
 
 
 def test_a_device_target_without_a_tracker_says_how_to_connect_one():
-    from pipeline import tvm_tuning
+    from pipeline.compiler.tuning import tuner
     from targets import get_target
 
     with pytest.raises(PipelineError, match="--rpc-tracker HOST:9190 --rpc-key arm-a72"):
-        tvm_tuning.check_rpc(get_target("arm-a72"), tvm_tuning.TuneSettings())
+        tuner.check_rpc(get_target("arm-a72"), tuner.TuneSettings())
 
 
 def test_a_tracker_that_does_not_answer_times_out_clearly(tmp_path):
@@ -335,7 +336,8 @@ def test_default_schedules_cover_every_task_and_keep_results(tmp_path_factory, t
     import onnxruntime as ort
 
     from edge_models import SHAPE, micro_onnx, sample
-    from pipeline.tvm_backend import compile_onnx, load_artifact
+    from pipeline.compiler.backend import compile_onnx
+    from pipeline.runtime.runners import load_artifact
     from targets import get_target
 
     onnx_path = micro_onnx(tmp_path_factory)
@@ -380,7 +382,7 @@ def test_int8_tuning_makes_records_that_compile_applies_to_the_integer_kernels(t
 
 
 def test_tuning_cost_counts_trials_and_time_to_within_ten_percent_across_resumed_runs():
-    from pipeline.tvm_tuning import tuning_cost
+    from pipeline.compiler.tuning.database import tuning_cost
 
     curve = [
         {"trials": 0, "best_ms": 100.0, "kernels_measured": 3, "seconds": 10.0},

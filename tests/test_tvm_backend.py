@@ -17,8 +17,9 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.runtime_only import metadata_path
-from pipeline.tvm_backend import compile_onnx, load_artifact, params_path
+from pipeline.runtime.runtime_only import metadata_path
+from pipeline.compiler.backend import compile_onnx, params_path
+from pipeline.runtime.runners import load_artifact
 from targets import get_target
 
 SHAPE = (1, 3, 64, 64)

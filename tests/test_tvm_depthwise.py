@@ -9,8 +9,8 @@ import tvm
 from tvm import relax
 from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
-from pipeline.tvm_depthwise import depthwise_nhwc_schedule, is_depthwise_nhwc
-from pipeline.tvm_tuning import default_schedule
+from pipeline.compiler.schedules.depthwise import depthwise_nhwc_schedule, is_depthwise_nhwc
+from pipeline.compiler.schedules.cpu import default_schedule
 from targets import get_target
 
 

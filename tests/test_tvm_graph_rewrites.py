@@ -7,7 +7,7 @@ import pytest
 import tvm
 from tvm import relax
 
-from pipeline.tvm_graph_rewrites import cast_weight_params_once, integer_power_to_multiply
+from pipeline.compiler.graph_rewrites import cast_weight_params_once, integer_power_to_multiply
 
 
 def _ops(mod: tvm.IRModule) -> list[str]:

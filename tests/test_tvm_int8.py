@@ -1,4 +1,4 @@
-"""INT8 in TVM: the QDQ -> integer rewrite (pipeline/tvm_int8.py), the compiled artifact
+"""INT8 in TVM: the QDQ -> integer rewrite (pipeline/compiler/int8.py), the compiled artifact
 against ONNX Runtime on the same QDQ model, and `pipeline run --precision int8`."""
 
 import json
@@ -17,16 +17,13 @@ TINY = ["--variant", "micro", "--input-size", str(SIZE), "--num-classes", "10", 
 
 def relax_module(onnx_path: Path):
     """The QDQ model imported into Relax with its weights bound, as compile_onnx does it."""
-    from tvm import relax
+    from pipeline.compiler.onnx_import import bind_weights, import_relax, resolve_input
+    from pipeline.onnx_io import load_onnx
 
-    from pipeline import tvm_backend
-
-    model = tvm_backend._load_onnx(onnx_path)
-    name, shape, dtype = tvm_backend._resolve_input(model, None, None)
-    mod, _, values = tvm_backend._import_relax(model, onnx_path, name, shape, dtype)
-    main = mod["main"]
-    num_input = int(main.attrs["num_input"])
-    return relax.transform.BindParams("main", dict(zip(main.params[num_input:], values)))(mod)
+    model = load_onnx(onnx_path)
+    name, shape, dtype = resolve_input(model, None, None)
+    mod, _, values = import_relax(model, onnx_path, name, shape, dtype)
+    return bind_weights(mod, values)
 
 
 def quantized(tmp_path: Path, **settings) -> Path:
@@ -47,7 +44,7 @@ def qdq_requantized(tmp_path_factory) -> Path:
 
 
 def test_every_conv_and_matmul_becomes_int8_x_int8_to_int32(qdq_requantized):
-    from pipeline.tvm_int8 import Int8Report, compute_ops, lower_qdq_to_integer
+    from pipeline.compiler.int8 import Int8Report, compute_ops, lower_qdq_to_integer
 
     before = compute_ops(relax_module(qdq_requantized))
     assert len(before) == MICRO_LAYERS and all(op["inputs"] == ["float32", "float32"] for op in before)
@@ -64,7 +61,7 @@ def test_the_requantize_epilogue_is_fused_into_the_integer_kernel(qdq_requantize
     import tvm
     from tvm import relax
 
-    from pipeline.tvm_int8 import lower_qdq_to_integer, primfunc_compute_dtypes
+    from pipeline.compiler.int8 import lower_qdq_to_integer, primfunc_compute_dtypes
 
     mod = lower_qdq_to_integer(relax_module(qdq_requantized))
     with tvm.target.Target("llvm"):
@@ -82,7 +79,7 @@ def test_the_requantize_epilogue_is_fused_into_the_integer_kernel(qdq_requantize
 
 
 def test_excluded_layers_keep_computing_in_float(tmp_path):
-    from pipeline.tvm_int8 import Int8Report, compute_ops, lower_qdq_to_integer
+    from pipeline.compiler.int8 import Int8Report, compute_ops, lower_qdq_to_integer
 
     path = quantized(tmp_path, exclude=("*/stages.3/*", "*/head/*"))
     report = Int8Report()
@@ -96,7 +93,7 @@ def test_excluded_layers_keep_computing_in_float(tmp_path):
 
 
 def test_int8_compile_refuses_separate_params_and_float_models(tmp_path):
-    from pipeline.tvm_int8 import compile_onnx_int8
+    from pipeline.compiler.int8 import compile_onnx_int8
     from targets import get_target
 
     with pytest.raises(PipelineError, match="--params embedded"):
@@ -116,7 +113,7 @@ def _test_images(count: int = 64) -> np.ndarray:
 
 
 def _cross_check(onnx_path: Path, library: Path) -> dict:
-    from pipeline.runners import TvmRunner
+    from pipeline.runtime.runners import TvmRunner
 
     images = _test_images()
     runtime = q.infer(onnx_path, images, 1)
@@ -129,7 +126,7 @@ def _cross_check(onnx_path: Path, library: Path) -> dict:
 
 @pytest.mark.slow
 def test_requantizing_artifact_matches_onnxruntime(qdq_requantized, tmp_path):
-    from pipeline.tvm_int8 import compile_onnx_int8
+    from pipeline.compiler.int8 import compile_onnx_int8
     from targets import get_target
 
     info = compile_onnx_int8(qdq_requantized, get_target("x86"), tmp_path / "model.so")

@@ -16,7 +16,7 @@ from tvm.relax.frontend.onnx import from_onnx
 
 from pipeline.model import create_model, get_variant
 from pipeline.stages.export import export_onnx
-from pipeline.tvm_layout import to_channels_last
+from pipeline.compiler.layout import to_channels_last
 
 SHAPE = (2, 3, 32, 32)
 

@@ -14,7 +14,8 @@ from conftest import REPO
 from pipeline.config import PipelineConfig
 from pipeline.engine import run_pipeline
 from pipeline.stages import STAGES
-from pipeline.tvm_backend import compile_onnx, load_artifact
+from pipeline.compiler.backend import compile_onnx
+from pipeline.runtime.runners import load_artifact
 from targets import get_target
 
 pytestmark = pytest.mark.slow
@@ -44,7 +45,7 @@ def test_unmarked_records_apply_to_marked_kernels_and_weights_are_packed_once(de
     tuning = info["tuning"]
     # Every kernel but the three squarings of the channels-first LayerNorms, one per shape:
     # they were pow kernels when these records were made and are x * x since (integer
-    # powers become multiplies: pipeline/tvm_graph_rewrites.py), so no record matches them.
+    # powers become multiplies: pipeline/compiler/graph_rewrites.py), so no record matches them.
     assert tuning["tasks_total"] - tuning["tasks_from_records"] == 3
 
     # The tuned GEMMs read packed weights: their layout rewrite was split out of the kernel
@@ -72,7 +73,7 @@ def test_default_schedules_pack_weights_too(demo_onnx, tmp_path):
 def test_unmarked_strips_only_the_mark():
     from tvm import te
 
-    from pipeline.tvm_prepack import LAYOUT_FREE, unmarked
+    from pipeline.compiler.prepack import LAYOUT_FREE, unmarked
 
     a = te.placeholder((4,), name="a")
     w = te.placeholder((4,), name="w")

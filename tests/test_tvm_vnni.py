@@ -1,7 +1,8 @@
-"""AVX-512 VNNI int8 matmuls (pipeline/tvm_vnni.py and its use in pipeline/tvm_int8.py):
+"""AVX-512 VNNI int8 matmuls (pipeline/compiler/vnni.py and its use in pipeline/compiler/int8.py):
 which targets get them, the weight layout, and that the compiled kernels use vpdpbusd and
 give exactly the integers of a NumPy reference and of the generic int8 path."""
 
+import dataclasses
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,6 +12,9 @@ import pytest
 
 from test_quantize import SIZE
 from test_tvm_int8 import quantized
+
+from pipeline.runtime.runners import load_artifact
+from targets import get_target
 
 ZNVER4 = {"kind": "llvm", "mcpu": "znver4", "num-cores": 2}
 
@@ -24,7 +28,7 @@ def qdq_requantized(tmp_path_factory) -> Path:
 def _host_has_vnni() -> bool:
     import tvm
 
-    from pipeline.tvm_vnni import has_vnni
+    from pipeline.compiler.vnni import has_vnni
 
     return has_vnni(tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}))
 
@@ -41,7 +45,7 @@ def _host_has_vnni() -> bool:
 def test_vnni_is_decided_by_the_targets_cpu(tvm_target, expected):
     import tvm
 
-    from pipeline.tvm_vnni import has_vnni
+    from pipeline.compiler.vnni import has_vnni
 
     assert has_vnni(tvm.target.Target(tvm_target)) is expected
 
@@ -49,7 +53,7 @@ def test_vnni_is_decided_by_the_targets_cpu(tvm_target, expected):
 def test_arm_and_gpu_targets_keep_the_generic_int8_path():
     import tvm
 
-    from pipeline.tvm_vnni import has_vnni
+    from pipeline.compiler.vnni import has_vnni
     from targets import get_target, known_targets
 
     for target in map(get_target, known_targets()):
@@ -58,7 +62,7 @@ def test_arm_and_gpu_targets_keep_the_generic_int8_path():
 
 
 def test_packed_weight_puts_4_k_of_16_columns_in_one_register():
-    from pipeline.tvm_vnni import fits, pack_weight
+    from pipeline.compiler.vnni import fits, pack_weight
 
     wq = np.random.default_rng(0).integers(-128, 128, (8, 32), dtype=np.int8)
     packed = pack_weight(wq)
@@ -70,10 +74,10 @@ def test_packed_weight_puts_4_k_of_16_columns_in_one_register():
 
 def _requantizing_matmul(m: int, k: int, n: int, wq: np.ndarray, offset: np.ndarray, scale: float):
     """x int8 -> +128 -> VNNI matmul -> + offset -> float -> * scale -> round/clip -> int8,
-    as pipeline/tvm_int8.py emits it."""
+    as pipeline/compiler/int8.py emits it."""
     from tvm import relax
 
-    from pipeline.tvm_vnni import matmul_primfunc, pack_weight
+    from pipeline.compiler.vnni import matmul_primfunc, pack_weight
 
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((m, k), "int8"))
@@ -95,7 +99,8 @@ def _requantizing_matmul(m: int, k: int, n: int, wq: np.ndarray, offset: np.ndar
 def test_vnni_kernel_with_its_epilogue_is_exact_and_uses_vpdpbusd():
     import tvm
 
-    from pipeline import tvm_backend, tvm_tuning
+    from pipeline.compiler import phases
+    from pipeline.compiler.schedules import cpu as cpu_schedules
 
     m, k, n = 56, 96, 128  # 56 rows: a register tile of 8 rows, not a power of two
     rng = np.random.default_rng(1)
@@ -104,16 +109,15 @@ def test_vnni_kernel_with_its_epilogue_is_exact_and_uses_vpdpbusd():
     scale = 1.0 / 512
     mod = _requantizing_matmul(m, k, n, wq, offset, scale)
     tvm_target = tvm.target.Target(ZNVER4)
+    target = dataclasses.replace(get_target("x86"), name="znver4", tvm_target=ZNVER4)
     with tvm_target:
-        for phase, passes in tvm_backend.relax_phases(tvm_target):
+        for _, passes in phases.phases_before(phases.relax_phases(target), "schedule"):
             if passes:
                 mod = tvm.transform.Sequential(passes)(mod)
-            if phase == "fuse":
-                break
         fused = [str(gv.name_hint) for gv in mod.functions if "vnni_matmul" in str(gv.name_hint)]
         # The requantize epilogue is fused into the kernel, which gets the VNNI schedule.
         assert len(fused) == 1 and "round" in fused[0] and "clip" in fused[0], fused
-        mod, counts = tvm_tuning.apply_default_schedules(mod, tvm_target)
+        mod, counts = cpu_schedules.apply_default_schedules(mod, tvm_target)
         assert counts["vnni"] == 1
     executable = tvm.compile(mod, target=tvm_target)
     asm = "".join(lib.inspect_source("asm") for lib in executable.mod.imports if lib.kind == "llvm")
@@ -142,8 +146,8 @@ def _objdump_has(library: Path, mnemonic: str) -> bool:
 def test_tiny_convnext_int8_with_vnni_equals_the_generic_int8_path(qdq_requantized, tmp_path):
     import dataclasses
 
-    from pipeline import tvm_backend
-    from pipeline.tvm_int8 import Int8Report, compile_onnx_int8, int8_lowering_pass
+    from pipeline.compiler import backend
+    from pipeline.compiler.int8 import Int8Report, compile_onnx_int8, int8_lowering_pass
     from targets import get_target
 
     # A Zen 4 build of the host target: the same build on any x86 machine; running it
@@ -159,7 +163,7 @@ def test_tiny_convnext_int8_with_vnni_equals_the_generic_int8_path(qdq_requantiz
     assert _objdump_has(tmp_path / "vnni.so", "vpdpbusd")
 
     generic = Int8Report()
-    tvm_backend.compile_onnx(
+    backend.compile_onnx(
         qdq_requantized, target, tmp_path / "generic.so", rewrites=(("int8", [int8_lowering_pass(generic)]),),
     )
     assert not generic.vnni
@@ -167,7 +171,7 @@ def test_tiny_convnext_int8_with_vnni_equals_the_generic_int8_path(qdq_requantiz
     if not _host_has_vnni():
         return  # both builds and their instructions are checked; running them needs VNNI
     x = np.random.default_rng(0).standard_normal((1, 3, SIZE, SIZE)).astype(np.float32)
-    with_vnni = tvm_backend.load_artifact(tmp_path / "vnni.so").infer(x)
-    without = tvm_backend.load_artifact(tmp_path / "generic.so").infer(x)
+    with_vnni = load_artifact(tmp_path / "vnni.so").infer(x)
+    without = load_artifact(tmp_path / "generic.so").infer(x)
     # Same integers into the same float epilogues: the same logits, bit for bit.
     np.testing.assert_array_equal(with_vnni, without)

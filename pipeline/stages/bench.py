@@ -22,8 +22,8 @@ def settings(config: PipelineConfig, target: Target) -> dict:
 
 
 def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir: Path) -> dict:
-    from pipeline.isolated import measure_isolated
-    from pipeline.runners import artifact_runner
+    from pipeline.runtime.isolated import measure_isolated
+    from pipeline.runtime.runners import artifact_runner
 
     artifact = artifact_runner(inputs["library"], target, config.rpc_tracker, config.rpc_key)
     meta = json.loads(Path(inputs["library_metadata"]).read_text())
@@ -39,7 +39,7 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
         results["onnxruntime"] = {"not_measured": remote}
         results["pytorch"] = {"not_measured": remote}
     else:
-        # Each backend alone in a fresh process (pipeline/isolated.py says why).
+        # Each backend alone in a fresh process (pipeline/runtime/isolated.py says why).
         del artifact  # loaded above only to refuse an artifact this machine cannot run
         results["tvm"] = measure_isolated("tvm", inputs["library"], batch, config.warmup, config.repeats, target.device)
         baselines = [("onnxruntime", inputs["onnx_simplified"])]

@@ -30,30 +30,31 @@ def settings(config: PipelineConfig, target: Target) -> dict:
 
 def tuning_database(config: PipelineConfig, target: Target) -> Path | None:
     """The tuning records compile applies to CPU builds (fp32, int8): artifacts/tune/<target>/<model>/,
-    else the repository's tuning/<target>/<model>/<cpu>/, for this CPU or another (pipeline/tvm_tuning.py)."""
+    else the repository's tuning/<target>/<model>/<cpu>/, for this CPU or another (pipeline/compiler/tuning/database.py)."""
     if config.precision not in TUNABLE_PRECISIONS:
         return None
-    from pipeline import tvm_tuning
+    from pipeline.compiler.tuning import database
 
-    return tvm_tuning.find_database(
-        Path(config.artifacts).resolve(), target, tvm_tuning.config_model_key(config)
+    return database.find_database(
+        Path(config.artifacts).resolve(), target, database.config_model_key(config)
     )
 
 
 def tuning_settings(config: PipelineConfig, target: Target) -> dict:
     if config.precision not in TUNABLE_PRECISIONS:
         return {}
-    from pipeline import tvm_tuning
+    from pipeline.compiler.schedules import cpu as cpu_schedules
+    from pipeline.compiler.tuning import database
 
-    database = tuning_database(config, target)
+    records = tuning_database(config, target)
     return {
-        "tuning_database_sha256": tvm_tuning.database_digest(database) if database else None,
-        "default_schedules": tvm_tuning.DEFAULT_SCHEDULE_VERSION,
+        "tuning_database_sha256": database.database_digest(records) if records else None,
+        "default_schedules": cpu_schedules.DEFAULT_SCHEDULE_VERSION,
     }
 
 
 def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir: Path) -> dict:
-    from pipeline.tvm_backend import compile_onnx
+    from pipeline.compiler.backend import compile_onnx
 
     if config.precision not in target.precisions:
         raise PipelineError(
@@ -62,8 +63,8 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
         )
     if config.precision == "int8":
         # The QDQ model from the quantize stage, with its convolutions and matmuls lowered
-        # to int8 x int8 -> int32 (pipeline/tvm_int8.py).
-        from pipeline.tvm_int8 import compile_onnx_int8 as compile_onnx
+        # to int8 x int8 -> int32 (pipeline/compiler/int8.py).
+        from pipeline.compiler.int8 import compile_onnx_int8 as compile_onnx
     library = out_dir / "model.so"
     extra = {"precision": config.precision} if config.precision == "fp16" else {}
     info = compile_onnx(

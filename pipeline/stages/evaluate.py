@@ -6,12 +6,12 @@ or on random inputs, agreement and error statistics only.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
+from calibration.datasets import data_fingerprint
 from pipeline.compare import compare_logits
 from pipeline.config import PipelineConfig
 from pipeline.engine import Stage, log
@@ -22,28 +22,6 @@ from targets import Target
 REFERENCE_BATCH = 256
 # Unreadable files named in the accuracy record and on the terminal.
 SKIPPED_SHOWN = 3
-
-
-def data_fingerprint(source: str | None) -> str | None:
-    """A cheap content fingerprint of the evaluation data (names, sizes, mtimes)."""
-    if source is None:
-        return None
-    if source.startswith("fashion-mnist"):
-        from calibration import fashion_mnist
-
-        root = Path(fashion_mnist.dataset_dir())
-        entries = sorted(root.glob("*")) if root.is_dir() else []
-    else:
-        root = Path(source)
-        entries = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-    digest = hashlib.sha256(source.encode())
-    for path in entries:
-        try:
-            st = path.stat()
-        except OSError:
-            continue
-        digest.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return digest.hexdigest()[:16]
 
 
 def settings(config: PipelineConfig, target: Target) -> dict:
@@ -101,7 +79,7 @@ def load_inputs(config: PipelineConfig, in_chans: int, input_size: int):
 
 
 def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir: Path) -> dict:
-    from pipeline.runners import OnnxRuntimeRunner, TorchRunner, artifact_runner
+    from pipeline.runtime.runners import OnnxRuntimeRunner, TorchRunner, artifact_runner
 
     meta = json.loads(Path(inputs["library_metadata"]).read_text())
     batch_size, in_chans, input_size = meta["input"]["shape"][0], meta["input"]["shape"][1], meta["input"]["shape"][2]

@@ -49,7 +49,7 @@ def check_against_torch(model, onnx_path: Path, input_shape: tuple[int, ...], se
     import onnx
     import torch
 
-    from pipeline.runners import OnnxRuntimeRunner
+    from pipeline.runtime.runners import OnnxRuntimeRunner
 
     onnx.checker.check_model(str(onnx_path), full_check=True)
     batch = np.random.default_rng(seed).standard_normal(input_shape, dtype=np.float32)

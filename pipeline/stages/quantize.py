@@ -22,7 +22,7 @@ WEIGHTS = "int8 symmetric"
 
 
 def settings(config: PipelineConfig, target: Target) -> dict:
-    from pipeline.stages.evaluate import data_fingerprint
+    from calibration.datasets import data_fingerprint
 
     source = config.calib_data if config.calib_data is not None else config.data
     return {

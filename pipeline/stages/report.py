@@ -33,7 +33,7 @@ def tuning_curve(tuning) -> list[dict]:
     """Best estimated latency against trials, from the database the artifact was compiled with."""
     if not isinstance(tuning, dict) or not tuning.get("database"):
         return []
-    from pipeline.tvm_tuning import read_curve
+    from pipeline.compiler.tuning.database import read_curve
 
     return read_curve(Path(tuning["database"]))
 

@@ -9,6 +9,7 @@ import numpy as np
 from pipeline.config import PipelineConfig
 from pipeline.engine import Stage
 from pipeline.errors import PipelineError
+from pipeline.onnx_io import load_onnx
 from targets import Target
 
 SIMPLIFY_TOLERANCE = 1e-5
@@ -16,21 +17,6 @@ SIMPLIFY_TOLERANCE = 1e-5
 
 def settings(config: PipelineConfig, target: Target) -> dict:
     return {}
-
-
-def load_onnx(path: Path):
-    """Load and check an ONNX file, turning a bad file into a user error."""
-    import onnx
-
-    try:
-        model = onnx.load(str(path))
-        onnx.checker.check_model(model)
-    except Exception as exc:  # onnx raises several unrelated types for a bad file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PipelineError(
-            f"'{path}' is not a valid ONNX model ({reason[:200]}); re-run `pipeline export` or pass another --onnx"
-        ) from None
-    return model
 
 
 def check_user_onnx(path: Path, shape: tuple[int, ...]) -> None:

@@ -3,7 +3,7 @@
 The board runs ``python -m tvm.exec.rpc_server --tracker HOST:PORT --key KEY`` (only the
 TVM runtime is needed there); the tracker (``python -m tvm.exec.rpc_tracker``) hands out
 free devices by key. ``RpcRunner`` uploads the library, loads it into a Relax VM on the
-device and has the same ``infer(batch)`` as the local runners in ``pipeline/runners.py``;
+device and has the same ``infer(batch)`` as the local runners in ``pipeline/runtime/runners.py``;
 ``measure`` times ``main`` on the device itself with TVM's time_evaluator (no network
 round trip and no host copies in the numbers).
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 from targets import Target
 
 DEFAULT_PORT = 9190
@@ -136,10 +136,9 @@ class RpcRunner:
         except PipelineError:
             raise
         except Exception as exc:  # a TVMError from the board: wrong architecture, missing lib
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PipelineError(
                 f"the device with key '{self.key}' cannot load {self.library.name} "
-                f"(built for '{target.name}'): {first}"
+                f"(built for '{target.name}'): {first_line(exc)}"
             ) from None
         self._tensor = tvm.runtime.tensor
         self._params: list = []

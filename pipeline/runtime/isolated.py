@@ -8,7 +8,7 @@ after PyTorch and 52 ms alone; TVM took 101 ms interleaved with ONNX Runtime and
 alone. So every local latency number comes from a fresh process that loads one model,
 warms it up and times it, like trtexec or a deployed application would.
 
-    python -m pipeline.isolated --backend tvm --model model.so --input x.npy --warmup 5 --repeats 50
+    python -m pipeline.runtime.isolated --backend tvm --model model.so --input x.npy --warmup 5 --repeats 50
     (prints the statistics as JSON on its last stdout line)
 """
 
@@ -31,7 +31,7 @@ BACKENDS = ("pytorch", "onnxruntime", "onnxruntime-int8", "tvm")
 
 
 def _runner(backend: str, model: Path, device: str):
-    from pipeline.runners import OnnxRuntimeRunner, TorchRunner, TvmRunner
+    from pipeline.runtime.runners import OnnxRuntimeRunner, TorchRunner, TvmRunner
 
     if backend == "pytorch":
         return TorchRunner.from_checkpoint(model)
@@ -66,7 +66,7 @@ def measure_isolated(backend: str, model: Path, batch: np.ndarray, warmup: int, 
         batch_file = Path(scratch) / "batch.npy"
         np.save(batch_file, batch)
         command = [
-            sys.executable, "-m", "pipeline.isolated", "--backend", backend, "--model", str(model),
+            sys.executable, "-m", "pipeline.runtime.isolated", "--backend", backend, "--model", str(model),
             "--input", str(batch_file), "--warmup", str(warmup), "--repeats", str(repeats), "--device", device,
         ]
         repo = str(Path(__file__).resolve().parents[1])

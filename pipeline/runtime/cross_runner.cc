@@ -1,6 +1,6 @@
 // A minimal artifact runner for machines without Python: the TVM runtime only.
 //
-// Built by pipeline/cross.py with a cross compiler (aarch64-linux-gnu-g++) against the
+// Built by pipeline/runtime/cross.py with a cross compiler (aarch64-linux-gnu-g++) against the
 // target's own libtvm_runtime.so / libtvm_ffi.so, and run under qemu-user to check an
 // artifact built for another CPU without the board:
 //

@@ -55,7 +55,7 @@ class Cell:
     tuning: dict[str, Any] | None = None
     tuning_summary: str = ""
     artifact: str | None = None
-    # INT8 cells: which convolutions and matmuls became integer kernels (pipeline/tvm_int8.py).
+    # INT8 cells: which convolutions and matmuls became integer kernels (pipeline/compiler/int8.py).
     int8: dict[str, Any] | None = None
 
     @property
@@ -170,7 +170,7 @@ def one_line(exc: BaseException) -> str:
 def compile_cell(config, target, precision: str) -> Cell:
     """Run the stages up to `compile` for one target and precision; never raises for a
     failed build (KeyboardInterrupt still stops the matrix)."""
-    from pipeline.model_options import run_stages
+    from pipeline.cli.options import run_stages
     from pipeline.stages.report import curve_with_runs
     from reports.target_report import describe_tuning
 
@@ -358,12 +358,12 @@ def compile_matrix(
     artifacts: Annotated[Path, typer.Option(help="Artifacts directory (content-keyed cache).")] = Path("artifacts"),
 ) -> None:
     """Compile the model for every target and precision; write OUTPUT/matrix.json and README.md. Exits 1 if an offered cell failed."""
-    from pipeline.model_options import validate_config
+    from pipeline.cli.options import parse_weights, validate_config
     from pipeline.config import PipelineConfig
     from pipeline.engine import log
 
     config = PipelineConfig(
-        variant=variant, weights=None if weights.lower() == "none" else Path(weights),
+        variant=variant, weights=parse_weights(weights),
         num_classes=num_classes, in_chans=in_chans, seed=seed, input_size=input_size,
         batch_size=batch_size, opset=opset, params_mode=params, data=data,
         preprocessing=preprocessing, calib_size=calib_size, calib_method=calib_method,

@@ -3,7 +3,7 @@ per-layer sensitivity analysis and a float fallback for the layers that hurt mos
 
 Registered on the main app by `pipeline.cli` with `register(app)`. The model options
 (variant, weights, input size, --onnx, ...) are the stage commands' own, taken from
-`pipeline.model_options` so that they cannot drift apart; the quantization options are added here.
+`pipeline.cli.options` so that they cannot drift apart; the quantization options are added here.
 The run also writes the quantization report to <reports-dir>/<target>-int8/.
 """
 
@@ -40,7 +40,7 @@ def _quantize_options(
 def _config_from_options(options: dict):
     """PipelineConfig from the command's options: the model options as every command maps
     them, plus the quantization ones."""
-    from pipeline.model_options import config_from_options
+    from pipeline.cli.options import config_from_options
 
     return config_from_options(options).replace(
         precision="int8",
@@ -54,7 +54,7 @@ def quantize_command(**options) -> None:
     """Calibrate and quantize the model to INT8 (QDQ ONNX); --analyze ranks layers by sensitivity."""
     from pipeline import artifacts
     from pipeline.engine import log
-    from pipeline.model_options import run_stages
+    from pipeline.cli.options import run_stages
     from pipeline.quantize import METHODS
     from pipeline.stages.quantize import check_max_drop
     from targets import get_target
@@ -77,7 +77,7 @@ def quantize_command(**options) -> None:
 
 
 def _signature() -> inspect.Signature:
-    from pipeline.model_options import model_parameters
+    from pipeline.cli.options import model_parameters
 
     extra = list(inspect.signature(_quantize_options, eval_str=True).parameters.values())
     return inspect.Signature(model_parameters(MODEL_OPTIONS) + extra)
@@ -87,11 +87,3 @@ def register(app: typer.Typer) -> None:
     """Add the `quantize` command to `app`."""
     quantize_command.__signature__ = _signature()
     app.command(name="quantize")(quantize_command)
-
-
-if __name__ == "__main__":
-    # `python -m pipeline.quantize_command quantize ...` works before the main CLI registers it.
-    from pipeline import cli
-
-    register(cli.app)
-    cli.main()

@@ -1,41 +1,32 @@
-"""Artifacts for other machines: cross toolchains, what a library really contains, and
-running an aarch64 artifact here under qemu.
+"""Running an aarch64 artifact here, under qemu: nothing here imports TVM's compiler.
 
-Nothing here imports TVM's compiler. Three jobs:
-
-* ``require_tool``: a missing cross compiler (or nvcc, or qemu) is a PipelineError that
-  names the Debian package to install, raised before any compile work starts.
-* ``cuda_device_code``: the GPU code a library carries, read from the fatbin headers in
-  its bytes; the compile step uses it to prove an artifact has kernels for its sm_XX.
 * ``aarch64_runtime`` / ``run_under_qemu``: a cached aarch64 TVM runtime (the
   ``libtvm_runtime.so`` and ``libtvm_ffi.so`` of the aarch64 wheels of the TVM version
   we compile with) plus a small C++ runner (``cross_runner.cc``) cross-compiled against
   them; qemu-user runs it on an input and the output is compared with the x86 result.
 
-    python -m pipeline.cross runtime                       # build the cache, print its path
-    python -m pipeline.cross run model.so --input x.npy --output y.npy [--reference r.npy]
-    python -m pipeline.cross verify --target arm-a72 [model options of `pipeline compile`]
+    python -m pipeline.cli.cross runtime                       # build the cache, print its path
+    python -m pipeline.cli.cross run model.so --input x.npy --output y.npy [--reference r.npy]
+    python -m pipeline.cli.cross verify --target arm-a72 [model options of `pipeline compile`]
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.toolchain import require_tool
 
 QEMU_AARCH64 = ("qemu-aarch64-static", "qemu-aarch64")
 QEMU_PACKAGE = "qemu-user-static"
@@ -47,79 +38,6 @@ RUNNER_SOURCE = Path(__file__).with_name("cross_runner.cc")
 # The platform tags the aarch64 TVM wheels are published under.
 AARCH64_WHEEL_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux2014_aarch64")
 QEMU_TIMEOUT_S = 600
-
-
-def require_tool(executable: str, package: str, purpose: str) -> str:
-    """The path of `executable`, or a PipelineError naming the Debian package that has it."""
-    path = shutil.which(executable)
-    if path is None:
-        raise PipelineError(
-            f"{executable} is not installed; it is needed to {purpose}: apt-get install {package}"
-        )
-    return path
-
-
-def require_cross_compiler(target) -> None:
-    """Fail early when the target's cross compiler is missing (before any compile work)."""
-    if target.cross_compiler is not None:
-        require_tool(
-            target.cross_compiler, target.cross_compiler_package or target.cross_compiler,
-            f"link artifacts for target '{target.name}'",
-        )
-
-
-# ---------------------------------------------------------------------------
-# GPU code inside a library
-
-FATBIN_MAGIC = 0xBA55ED50
-_FATBIN_KINDS = {1: "ptx", 2: "sass"}
-
-
-@dataclass(frozen=True)
-class DeviceCode:
-    """One entry of a CUDA fatbin: SASS (a cubin, runs as is) or PTX (JIT-compiled)."""
-
-    kind: str  # "sass" or "ptx"
-    arch: str  # "sm_87" for SASS, "compute_87" for PTX
-
-    def __str__(self) -> str:
-        return f"{self.kind}:{self.arch}"
-
-
-def fatbin_entries(data: bytes) -> list[DeviceCode]:
-    """Every fatbin entry in `data`, found by magic number and parsed from its headers.
-
-    Fatbin layout (CUDA 10 .. 13): a 16-byte header (u32 magic, u16 version, u16 header
-    size, u64 size of the entries), then entries, each with a header of u16 kind
-    (1 PTX, 2 ELF), u16 version, u32 header size, u64 payload size, and the sm number
-    as u32 at offset 28.
-    """
-    entries: list[DeviceCode] = []
-    magic = struct.pack("<I", FATBIN_MAGIC)
-    start = data.find(magic)
-    while start != -1:
-        if start + 16 <= len(data):
-            _, version, header_size, body_size = struct.unpack_from("<IHHQ", data, start)
-            end = start + header_size + body_size
-            if version == 1 and header_size == 16 and end <= len(data):
-                offset = start + header_size
-                while offset + 32 <= end:
-                    kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, offset)
-                    (sm,) = struct.unpack_from("<I", data, offset + 28)
-                    if kind in _FATBIN_KINDS and entry_header >= 32:
-                        prefix = "sm" if kind == 2 else "compute"
-                        entries.append(DeviceCode(_FATBIN_KINDS[kind], f"{prefix}_{sm}"))
-                    if entry_header == 0:
-                        break
-                    offset += entry_header + payload
-                start = end - 1
-        start = data.find(magic, start + 1)
-    return entries
-
-
-def cuda_device_code(library: Path) -> list[DeviceCode]:
-    """The GPU code a compiled library carries (empty: none, e.g. CUDA source only)."""
-    return fatbin_entries(Path(library).read_bytes())
 
 
 # ---------------------------------------------------------------------------
@@ -317,110 +235,3 @@ def check_qemu_target(target) -> None:
         choices = [name for name in known_targets() if name != "cuda" and _runs_under_qemu(get_target(name))]
         hint = f"use one of: {', '.join(choices)}; e.g. make verify-arm TARGET=arm-a72"
     raise PipelineError(f"qemu checks aarch64 CPU targets; '{target.name}' is not one ({hint})")
-
-
-def verify_inputs(config, shape: list[int]) -> tuple[np.ndarray, str]:
-    """One input batch of the compiled shape: the first images of --data (a seeded sample,
-    repeated to fill the batch), or random normal values without --data."""
-    if config.data is None:
-        rng = np.random.default_rng(config.seed)
-        return rng.standard_normal(shape, dtype=np.float32), "random normal input"
-    from calibration import load_dataset
-
-    dataset = load_dataset(config.data, input_size=shape[2], preprocessing=config.preprocessing,
-                           in_chans=shape[1], limit=shape[0], seed=config.seed)
-    images = dataset.images[np.arange(shape[0]) % len(dataset)]
-    return np.ascontiguousarray(images), f"{len(dataset)} image(s) of {dataset.source}"
-
-
-def verify_target(target_name: str, config, onnx: Path | None = None, atol: float = 1e-4) -> dict:
-    """Compile the configured model for an aarch64 CPU target and for x86 (both cached in
-    the artifacts folder), run the first under qemu and compare it with the second."""
-    from pipeline.engine import log
-    from pipeline.model_options import run_stages
-    from pipeline.runtime_only import LoadedArtifact
-    from targets import get_target
-
-    target = get_target(target_name)
-    check_qemu_target(target)
-    libraries = {
-        name: run_stages("compile", config, get_target(name), onnx)["compile"].outputs["library"]
-        for name in (target.name, "x86")
-    }
-    shape = json.loads(Path(f"{libraries['x86']}.json").read_text())["input"]["shape"]
-    x, source = verify_inputs(config, shape)
-    reference = LoadedArtifact(libraries["x86"]).infer(x)
-    result = verify_under_qemu(libraries[target.name], x, reference, atol)
-    log(f"[verify] {target.name} under qemu matches x86 on {source}: max abs error {result['max_abs_error']:.3g}")
-    return {"target": target.name, "library": str(libraries[target.name]), "input": source, **result}
-
-
-# The model options of `pipeline compile` (pipeline.model_options) that verify uses, and
-# the measuring ones it only accepts, so that the Makefile's MODEL_ARGS work here too.
-VERIFY_OPTIONS = ("variant", "weights", "num_classes", "in_chans", "seed", "input_size", "batch_size", "opset",
-                  "precision", "params", "data", "preprocessing", "calib_data", "calib_size", "calib_method",
-                  "onnx", "artifacts")
-ACCEPTED_OPTIONS = ("warmup", "repeats", "eval_limit")
-
-
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    from pipeline.model_options import option_help
-
-    for name in VERIFY_OPTIONS + ACCEPTED_OPTIONS:
-        kind, default, help_text = option_help(name)
-        if name in ACCEPTED_OPTIONS:
-            help_text += " Not used by verify: accepted so that the same model options work with every command."
-        flag = "--" + name.replace("_", "-")
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        else:
-            parser.add_argument(flag, type=kind, default=default, help=help_text)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line: build the aarch64 runtime, or run an artifact under qemu."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.cross", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    runtime = commands.add_parser("runtime", help="build (or find) the cached aarch64 runtime; print its path")
-    runtime.add_argument("--rebuild", action="store_true")
-    run = commands.add_parser("run", help="run an aarch64 artifact under qemu")
-    run.add_argument("library", type=Path)
-    run.add_argument("--input", type=Path, required=True, help=".npy input of the compiled shape")
-    run.add_argument("--output", type=Path, help="where to save the output as .npy")
-    run.add_argument("--reference", type=Path, help=".npy output to compare with (tolerance --atol)")
-    run.add_argument("--atol", type=float, default=1e-4)
-    verify = commands.add_parser(
-        "verify", help="compile for an aarch64 target and x86, compare under qemu",
-        description="Compile the model for an aarch64 CPU target and for x86 (cached, with the model options "
-                    "of `pipeline compile`), run the aarch64 artifact under qemu on one input batch (the first "
-                    "images of --data, or random values) and compare its output with the x86 artifact's.",
-    )
-    verify.add_argument("--target", default="arm-a53",
-                        help="an aarch64 CPU target: arm-a53 ... arm-neoverse-v1, jetson-orin-cpu, jetson-thor-cpu")
-    verify.add_argument("--atol", type=float, default=1e-4, help="largest absolute logit difference accepted")
-    _add_model_options(verify)
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "runtime":
-            print(aarch64_runtime(rebuild=args.rebuild))
-            return 0
-        if args.command == "verify":
-            from pipeline.model_options import config_from_options
-
-            config = config_from_options(vars(args))
-            print(json.dumps(verify_target(args.target, config, args.onnx, args.atol)))
-            return 0
-        output, timing = run_under_qemu(args.library, np.load(args.input))
-        if args.output is not None:
-            np.save(args.output, output)
-        if args.reference is not None:
-            timing["comparison"] = check_close(output, np.load(args.reference), args.atol, "the output")
-        print(json.dumps(timing))
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Default CPU schedule for channels-last depthwise convolutions (ConvNeXt's 7x7).
 
-After pipeline/tvm_layout.py a depthwise convolution is TOPI's `group_conv2d_nhwc` with an
+After pipeline/compiler/layout.py a depthwise convolution is TOPI's `group_conv2d_nhwc` with an
 HWOI kernel: out[n, y, x, c] = sum over (ry, rx) of in[n, y+ry, x+rx, c] * w[ry, rx, c].
 Channels are contiguous in the input, the kernel and the output, so the natural kernel
 keeps a register tile of a few output pixels x one or two vectors of channels, walks the

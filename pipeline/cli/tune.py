@@ -3,7 +3,7 @@
 
 Registered on the main app by `pipeline.cli` with `register(app)`. Records go to
 ``artifacts/tune/<target>/<model-key>/``; `pipeline compile` with the same model settings
-picks them up (see pipeline/tvm_tuning.py for the layout and the shipped ``tuning/`` tree).
+picks them up (see pipeline/compiler/tuning/tuner.py for the layout and the shipped ``tuning/`` tree).
 """
 
 from __future__ import annotations
@@ -71,14 +71,14 @@ def tune_command(
             "--precision int8 tunes the quantized model, which needs calibration images; "
             "pass --data (the folder `pipeline quantize` uses, or e.g. --data fashion-mnist --preprocessing imagenet)"
         )
+    from pipeline.cli.options import parse_weights, validate_config
+
     config = PipelineConfig(
-        variant=variant, weights=None if weights.lower() == "none" else Path(weights),
+        variant=variant, weights=parse_weights(weights),
         num_classes=num_classes, in_chans=in_chans, seed=seed, input_size=input_size,
         batch_size=batch_size, artifacts=artifacts, precision=precision, data=data,
         preprocessing=preprocessing, calib_size=calib_size, calib_method=calib_method,
     )
-    from pipeline.model_options import validate_config
-
     validate_config(config, None)
     resolved = get_target(target)
     if resolved.cuda_arch is not None:
@@ -88,9 +88,10 @@ def tune_command(
         )
 
     # Imported after the cheap checks: MetaSchedule pulls in all of TVM's compiler.
-    from pipeline import tvm_tuning
+    from pipeline.compiler.tuning import database
+    from pipeline.compiler.tuning import tuner
 
-    settings = tvm_tuning.TuneSettings(
+    settings = tuner.TuneSettings(
         trials=trials, trials_per_task=trials_per_task,
         time_budget_s=time_budget * 60 if time_budget is not None else None,
         max_tasks=max_tasks, resume=resume, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
@@ -98,9 +99,9 @@ def tune_command(
     )
     # A device target without a tracker, or a tracker that does not answer, fails here,
     # before the model is built.
-    tvm_tuning.check_rpc(resolved, settings)
-    key = tvm_tuning.config_model_key(config)
-    db_dir = tvm_tuning.local_database_dir(config.artifacts, resolved.name, key)
+    tuner.check_rpc(resolved, settings)
+    key = database.config_model_key(config)
+    db_dir = database.local_database_dir(config.artifacts, resolved.name, key)
     log(f"pipeline tune for target {resolved.name}: {resolved.target_json()} -> {db_dir}")
     log(config.describe())
     log(settings.describe())
@@ -111,7 +112,7 @@ def tune_command(
         # The tasks compile will look up: the QDQ model with its integer lowering. Their
         # zero points are part of the kernels, so records fit this calibration's model;
         # kernels of another calibration that differ fall back to default schedules.
-        from pipeline.tvm_int8 import Int8Report, int8_rewrites
+        from pipeline.compiler.int8 import Int8Report, int8_rewrites
 
         results = run_pipeline(STAGES, config, resolved, "quantize", provided)
         onnx_path = results["quantize"].outputs["onnx_quantized"]
@@ -122,8 +123,8 @@ def tune_command(
     try:
         # Tuning starts from the records compile would otherwise use (shipped ones, possibly
         # timed on another CPU model); tasks a resumed run already seeded are not redone.
-        seed_dir = tvm_tuning.seed_database(config.artifacts, resolved, key, exclude=db_dir)
-        summary = tvm_tuning.tune(
+        seed_dir = database.seed_database(config.artifacts, resolved, key, exclude=db_dir)
+        summary = tuner.tune(
             onnx_path, resolved, db_dir, key, settings, rewrites=rewrites, seed_dir=seed_dir,
             input_shape=(config.batch_size, config.in_chans, config.input_size, config.input_size),
             command="pipeline " + shlex.join(sys.argv[1:]),
@@ -144,12 +145,12 @@ def merge_command(
     output: Annotated[Path, typer.Option("-o", "--output", help="New directory for the merged database.")],
 ) -> None:
     """Merge tuning databases of the same target (and TVM version) into a new one."""
-    from pipeline import tvm_tuning
+    from pipeline.compiler.tuning import database
 
     for source in sources:
         if not source.is_dir():
             raise PipelineError(f"{source} is not a directory; pass tuning database directories (artifacts/tune/<target>/<model>)")
-    result = tvm_tuning.merge_databases(sources, output)
+    result = database.merge_databases(sources, output)
     print(json.dumps(result, indent=2))
 
 
@@ -159,22 +160,14 @@ def ship_command(
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Where to write it (default: tuning/<target>/<model>/<cpu>/).")] = None,
 ) -> None:
     """Copy a tuning database into the repository's tuning/ tree, best record per kernel."""
-    from pipeline import tvm_tuning
+    from pipeline.compiler.tuning import database
 
     if not source.is_dir():
         raise PipelineError(f"{source} is not a directory; pass a tuning database directory (artifacts/tune/<target>/<model>)")
-    print(json.dumps(tvm_tuning.ship_database(source, output), indent=2))
+    print(json.dumps(database.ship_database(source, output), indent=2))
 
 
 def register(app: typer.Typer) -> None:
     """Add `tune` and `tune-db` to `app`."""
     app.command(name="tune")(tune_command)
     app.add_typer(db_app, name="tune-db")
-
-
-if __name__ == "__main__":
-    # `python -m pipeline.tune_command tune ...` works before (or without) the main CLI registering it.
-    from pipeline import cli
-
-    register(cli.app)
-    cli.main()

@@ -32,7 +32,7 @@ On x86 CPUs with AVX-512 VNNI (`vnni=True`, which compile_onnx_int8 decides from
 target) a matmul whose weight fits the instruction computes instead
 
     xu8 = cast<uint8>(xq + 128)                   elementwise: fuses into xq's producer
-    acc = vnni_matmul(xu8, pack(wq))              R.call_tir, pipeline/tvm_vnni.py
+    acc = vnni_matmul(xu8, pack(wq))              R.call_tir, pipeline/compiler/vnni.py
     acc = acc + (bq - zb - (zx + 128) * sum(wq))
 
 the same integers (the shift is one more zero point), at 64 multiply-adds per instruction.
@@ -54,7 +54,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from pipeline import tvm_layout, tvm_vnni
+from pipeline.compiler import layout
+from pipeline.compiler import vnni as vnni_kernel
 from pipeline.errors import PipelineError
 
 INT8_MIN, INT8_MAX = -128, 127
@@ -332,20 +333,20 @@ class _VnniPlan:
 def _vnni_plan(m: _Match, xq: relax.Expr) -> _VnniPlan | None:
     """The VNNI plan of a chain, None for the generic path: a convolution that overlaps,
     pads, dilates or groups, a symbolic shape, or a weight that does not fit the kernel."""
-    dims = tvm_layout.static_shape(xq)
+    dims = layout.static_shape(xq)
     if dims is None:
         return None
     if m.op == "relax.matmul":
         k, n = m.wq.shape
         plan = _VnniPlan(m.op, dims, math.prod(dims[:-1]), k, n)
     else:
-        patch = tvm_layout.patch_kernel(m.call.attrs, dims, m.wq.shape)
+        patch = layout.patch_kernel(m.call.attrs, dims, m.wq.shape)
         if patch is None:
             return None
         (batch, _, height, width), (out_channels, channels, kh, kw) = dims, m.wq.shape
         plan = _VnniPlan(m.op, dims, batch * (height // kh) * (width // kw), channels * kh * kw,
                          out_channels, patch=patch)
-    return plan if tvm_vnni.fits(plan.k, plan.n) else None
+    return plan if vnni_kernel.fits(plan.k, plan.n) else None
 
 
 @relax.expr_functor.mutator
@@ -404,10 +405,10 @@ class _Lowering(relax.PyExprMutator):
             wq = wq.reshape(wq.shape[0], -1).T  # OIHW -> (C*kh*kw, O)
         if len(plan.input_shape) != 2:
             xq = self._emit(relax.op.reshape(xq, [plan.rows, plan.k]), "rows")
-        shifted = relax.op.add(relax.op.astype(xq, "int32"), relax.const(tvm_vnni.ACTIVATION_SHIFT, "int32"))
+        shifted = relax.op.add(relax.op.astype(xq, "int32"), relax.const(vnni_kernel.ACTIVATION_SHIFT, "int32"))
         xu8 = self._emit(relax.op.astype(shifted, "uint8"), "x_u8")
-        kernel = self.builder_.add_func(tvm_vnni.matmul_primfunc(plan.rows, plan.k, plan.n), "vnni_matmul")
-        packed = relax.const(tvm_vnni.pack_weight(np.ascontiguousarray(wq)), "int8")
+        kernel = self.builder_.add_func(vnni_kernel.matmul_primfunc(plan.rows, plan.k, plan.n), "vnni_matmul")
+        packed = relax.const(vnni_kernel.pack_weight(np.ascontiguousarray(wq)), "int8")
         self.report.vnni[plan.op] += 1
         return self._emit(
             relax.call_tir(kernel, [xu8, packed], relax.TensorType([plan.rows, plan.n], "int32")), "vnni_i32"
@@ -418,7 +419,7 @@ class _Lowering(relax.PyExprMutator):
         with a VNNI plan, the kernel's (rows, N) layout."""
         # The activations' zero point in the integers the kernel multiplies: VNNI reads
         # xq + 128, whose zero point is zx + 128.
-        zero_point = m.zx + tvm_vnni.ACTIVATION_SHIFT if plan else m.zx
+        zero_point = m.zx + vnni_kernel.ACTIVATION_SHIFT if plan else m.zx
         # Weight sums per output channel: what the zero point contributes to every accumulator.
         reduce_axes = (1, 2, 3) if m.op == "relax.nn.conv2d" else (0,)
         weight_sum = m.wq.astype(np.int64).sum(axis=reduce_axes)
@@ -515,8 +516,8 @@ def int8_lowering_pass(report: Int8Report, vnni: bool = False) -> tvm.transform.
 def int8_rewrites(target, report: Int8Report) -> tuple[tuple[str, list], ...]:
     """The rewrites phase that compile (and tuning, to see the same kernels) runs on a QDQ
     model for a pipeline target: the lowering, with VNNI where the target has it."""
-    vnni = tvm_vnni.has_vnni(tvm.target.Target(target.tvm_target))
-    return (("int8", [int8_lowering_pass(report, vnni)]),)
+    use_vnni = vnni_kernel.has_vnni(tvm.target.Target(target.tvm_target))
+    return (("int8", [int8_lowering_pass(report, use_vnni)]),)
 
 
 # ---------------------------------------------------------------------------
@@ -567,11 +568,11 @@ def primfunc_compute_dtypes(mod: tvm.IRModule) -> list[dict[str, Any]]:
 
 
 def compile_onnx_int8(onnx_path: Path, target, library_path: Path, **kwargs) -> dict:
-    """`tvm_backend.compile_onnx` for a QDQ model, with its convolutions and matmuls in integers.
+    """`backend.compile_onnx` for a QDQ model, with its convolutions and matmuls in integers.
 
     Returns compile_onnx's summary plus "int8": what was lowered and what stayed float.
     """
-    from pipeline import tvm_backend
+    from pipeline.compiler import backend
 
     if kwargs.get("params_mode", "embedded") != "embedded":
         raise PipelineError(
@@ -590,7 +591,7 @@ def compile_onnx_int8(onnx_path: Path, target, library_path: Path, **kwargs) -> 
             )
     report = Int8Report()
     # Params are bound by the time rewrites run, which the lowering needs.
-    info = tvm_backend.compile_onnx(
+    info = backend.compile_onnx(
         onnx_path, target, library_path, rewrites=int8_rewrites(target, report), **kwargs
     )
     if not report.lowered:

@@ -2,9 +2,9 @@
 way to run stages from that config.
 
 The stage commands (`compile`, `run`, ...), `package`, `quantize` and
-`python -m pipeline.cross verify` all take these options, so that one MODEL_ARGS string
-(the Makefile's) works with each of them. A command that does not use an option still
-accepts it; its help says so.
+`python -m pipeline.cli.cross verify` take these options, each the ones it uses: the
+measuring options (MEASUREMENT_OPTIONS) only the commands that measure (bench, evaluate,
+report, run). The Makefile keeps them apart the same way (MODEL_ARGS, MEASURE_ARGS).
 
 Nothing here imports torch, TVM or ONNX at import time: `pipeline --help` must stay fast.
 """
@@ -21,7 +21,7 @@ import typer
 from pipeline.config import PARAMS_MODES, PRECISIONS, PipelineConfig
 from pipeline.errors import PipelineError
 
-# Options that only matter when the artifact is measured (bench, evaluate, report).
+# Options that only matter when the artifact is measured (bench, evaluate, report, run).
 MEASUREMENT_OPTIONS = ("warmup", "repeats", "eval_limit", "rpc_tracker", "rpc_key", "reports_dir")
 
 
@@ -56,23 +56,11 @@ def _options(
     """Signature holder: the options, their types, defaults and help."""
 
 
-def model_parameters(names: tuple[str, ...] | None = None, unused_by: str | None = None,
-                     unused: tuple[str, ...] = ()) -> list[inspect.Parameter]:
-    """The options (all, or `names` in this order) as parameters for a command's signature.
-
-    Options in `unused` keep their name and type, and their help says that `unused_by`
-    accepts them only so that the same MODEL_ARGS work everywhere."""
+def model_parameters(names: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+    """The options (all, or `names` in this order, less `exclude`) as parameters for a
+    command's signature."""
     parameters = inspect.signature(_options, eval_str=True).parameters
-    chosen = [parameters[name] for name in (names or parameters)]
-    result = []
-    for parameter in chosen:
-        if parameter.name in unused:
-            base, info = typing.get_args(parameter.annotation)
-            option = typer.Option(help=f"{info.help} Not used by {unused_by}: accepted so that the same "
-                                       "model options work with every command.")
-            parameter = parameter.replace(annotation=Annotated[base, option])
-        result.append(parameter)
-    return result
+    return [parameters[name] for name in (names or parameters) if name not in exclude]
 
 
 def option_help(name: str) -> tuple[Any, Any, str]:
@@ -83,6 +71,11 @@ def option_help(name: str) -> tuple[Any, Any, str]:
     return (optional[0] if optional else base), parameter.default, info.help
 
 
+def parse_weights(text: str | Path) -> Path | None:
+    """--weights: a checkpoint path, or None for 'none' (random init)."""
+    return None if str(text).lower() == "none" else Path(text)
+
+
 def config_from_options(options: dict[str, Any]) -> PipelineConfig:
     """The PipelineConfig of a command's options (the names of `_options`; others are ignored)."""
     direct = ("variant", "num_classes", "in_chans", "seed", "input_size", "batch_size", "opset", "dynamic_batch",
@@ -91,7 +84,7 @@ def config_from_options(options: dict[str, Any]) -> PipelineConfig:
     values = {name: options[name] for name in direct if name in options}
     # The three whose command-line form differs from the config's.
     if "weights" in options:
-        values["weights"] = None if str(options["weights"]).lower() == "none" else Path(options["weights"])
+        values["weights"] = parse_weights(options["weights"])
     if "params" in options:
         values["params_mode"] = options["params"]
     if "eval_limit" in options:

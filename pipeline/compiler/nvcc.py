@@ -9,8 +9,8 @@ Fast-math policy: nvcc compiles with IEEE semantics (no ``--use_fast_math``: acc
 division, square root and transcendental functions, denormals kept). Approximations
 are decided per op in the graph, where they are visible and tested: GELU's erf, exp and
 tanh become polynomials in Relax's FastMathTransform (the "fast_math" phase of
-pipeline/tvm_backend.py), and small integer powers become multiplications
-(pipeline/tvm_graph_rewrites.py). The flags go into the artifact's metadata.
+pipeline/compiler/backend.py), and small integer powers become multiplications
+(pipeline/compiler/graph_rewrites.py). The flags go into the artifact's metadata.
 """
 
 from __future__ import annotations

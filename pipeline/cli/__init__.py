@@ -12,14 +12,13 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline.errors import EXIT_USER_ERROR, PipelineError
-# run_stages and validate_config are part of this module's interface (benchmarks use them).
-from pipeline.model_options import config_from_options, model_parameters, run_stages, validate_config  # noqa: F401
-from pipeline.compile_matrix import register as register_compile_matrix
-from pipeline.package_command import register as register_package
-from pipeline.quantize_command import register as register_quantize
-from pipeline.report_command import register as register_reports
-from pipeline.train_command import register as register_train
-from pipeline.tune_command import register as register_tune
+from pipeline.cli.options import MEASUREMENT_OPTIONS, config_from_options, model_parameters, run_stages
+from pipeline.cli.compile_matrix import register as register_compile_matrix
+from pipeline.cli.package import register as register_package
+from pipeline.cli.quantize import register as register_quantize
+from pipeline.cli.reports import register as register_reports
+from pipeline.cli.train import register as register_train
+from pipeline.cli.tune import register as register_tune
 
 app = typer.Typer(
     add_completion=False,
@@ -64,7 +63,9 @@ def _make_stage_command(until: str):
         config = config_from_options(options)
         _run_until("report" if until == "run" else until, config, options["target"], options["onnx"], options["force"])
 
-    command.__signature__ = inspect.Signature(model_parameters())
+    # The stages before bench measure nothing, so they take no measuring options.
+    measures = until in ("bench", "evaluate", "report", "run")
+    command.__signature__ = inspect.Signature(model_parameters(exclude=() if measures else MEASUREMENT_OPTIONS))
     command.__doc__ = STAGE_HELP[until]
     return command
 
@@ -128,7 +129,7 @@ def main() -> None:
     if len(sys.argv) > 1 and not {"--help", "--version"} & set(sys.argv[1:]):
         # Before any TVM kernel runs (constant folding in compile starts the thread pool).
         # Not for help and version: runtime_only imports TVM, which takes seconds.
-        from pipeline.runtime_only import configure_cpu_threads
+        from pipeline.runtime.runtime_only import configure_cpu_threads
 
         configure_cpu_threads()
     try:

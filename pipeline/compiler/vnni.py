@@ -1,4 +1,4 @@
-"""AVX-512 VNNI kernels for the int8 matmuls of pipeline/tvm_int8.py on x86 (the pointwise
+"""AVX-512 VNNI kernels for the int8 matmuls of pipeline/compiler/int8.py on x86 (the pointwise
 layers, and the stem and downsampling convolutions as matmuls of non-overlapping patches).
 
 `vpdpbusd` multiplies 64 unsigned 8-bit activations by 64 signed 8-bit weights and adds

@@ -4,7 +4,7 @@ with only the TVM runtime and NumPy installed there.
     <bundle>/model.so             the library (kernels; weights too, if embedded)
     <bundle>/model.so.json        its metadata: target, input/output, params order
     <bundle>/model.params.npz     weights, only for params_mode="separate"
-    <bundle>/run.py               pipeline/runtime_only.py, unchanged: no pipeline import
+    <bundle>/run.py               pipeline/runtime/runtime_only.py, unchanged: no pipeline import
     <bundle>/README.md            for the person at the board: runtime to install, input
                                   preprocessing, output, classes, the run command
     <bundle>/labels.txt           class names, one per line (index = output), when known
@@ -26,7 +26,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.runtime_only import metadata_path
+from pipeline.runtime.runtime_only import metadata_path
 from targets import Target
 
 RUNNER_SOURCE = Path(__file__).with_name("runtime_only.py")

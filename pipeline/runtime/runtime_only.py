@@ -2,7 +2,7 @@
 
 This file is copied alone into device bundles as ``run.py``, so it imports no
 ``pipeline`` module and nothing of TVM's compiler. An artifact is three files
-side by side, written by ``pipeline.tvm_backend.compile_onnx``:
+side by side, written by ``pipeline.compiler.backend.compile_onnx``:
 
     model.so            the VM executable and its kernels (and weights, if embedded)
     model.so.json       metadata: target, input/output shape and dtype, params order

@@ -12,6 +12,9 @@ from typing import Protocol
 
 import numpy as np
 
+from pipeline.errors import PipelineError
+from pipeline.runtime.runtime_only import ArtifactError, LoadedArtifact
+
 
 class Runner(Protocol):
     name: str
@@ -59,7 +62,7 @@ class OnnxRuntimeRunner:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         # 0 (ORT's default) means one thread per physical core.
-        from pipeline.runtime_only import physical_cores
+        from pipeline.runtime.runtime_only import physical_cores
 
         self.threads = threads or physical_cores()
         self.input_name = self.session.get_inputs()[0].name
@@ -68,14 +71,25 @@ class OnnxRuntimeRunner:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})[0]
 
 
+class ArtifactPipelineError(PipelineError, ArtifactError):
+    """An artifact problem met inside the pipeline: a user error like any other (exit 2)."""
+
+
+class _PipelineArtifact(LoadedArtifact):
+    error_type = ArtifactPipelineError
+
+
+def load_artifact(library_path: Path, device: str = "cpu") -> LoadedArtifact:
+    """Load a compiled library for inference (runtime_only.LoadedArtifact, PipelineError errors)."""
+    return _PipelineArtifact(library_path, device=device)
+
+
 class TvmRunner:
     """A compiled artifact, loaded through the TVM runtime only."""
 
     name = "tvm"
 
     def __init__(self, library: Path, device: str = "cpu"):
-        from pipeline.tvm_backend import load_artifact
-
         self.artifact = load_artifact(library, device=device)
         import tvm
 
@@ -90,10 +104,8 @@ def artifact_runner(library: Path, target, rpc_tracker: str | None = None, rpc_k
     process, refusing an artifact that this machine cannot run."""
     import platform
 
-    from pipeline.errors import PipelineError
-
     if rpc_tracker:
-        from pipeline.rpc import RpcRunner
+        from pipeline.runtime.rpc import RpcRunner
 
         return RpcRunner(library, target, rpc_tracker, rpc_key or target.rpc_key)
     host_arch = target.host_triple.split("-", 1)[0]

@@ -1,6 +1,6 @@
 """`pipeline package --target T`: compile (cached) and write a device bundle .tar.gz.
 
-It takes the model options of the stage commands (`pipeline.model_options`), so the
+It takes the model options of the stage commands (`pipeline.cli.options`), so the
 Makefile's MODEL_ARGS work with `make package` as with `make compile`.
 """
 
@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline.errors import PipelineError
-from pipeline.model_options import MEASUREMENT_OPTIONS, config_from_options, model_parameters
+from pipeline.cli.options import MEASUREMENT_OPTIONS, config_from_options, model_parameters
 
 
 def _package_options(
@@ -26,7 +26,7 @@ def _package_options(
 def package(**options) -> None:
     """Write a .tar.gz with the compiled model, its metadata, a README, a manifest and run.py (needs only the TVM runtime and NumPy)."""
     from pipeline.engine import log
-    from pipeline.package import bundle_model, write_bundle
+    from pipeline.runtime.package import bundle_model, write_bundle
     from targets import get_target
 
     config = config_from_options(options)
@@ -44,7 +44,7 @@ def package(**options) -> None:
 
 def _compile(config, target, onnx: Optional[Path], force: bool) -> Path:
     """Run the pipeline up to `compile` (cached) and return the library path."""
-    from pipeline.model_options import run_stages
+    from pipeline.cli.options import run_stages
 
     results = run_stages("compile", config, target, onnx, force)
     compiled = results["compile"].outputs.get("library")
@@ -57,6 +57,6 @@ def register(app: typer.Typer) -> None:
     """Add the `package` command to the `pipeline` CLI."""
     extra = list(inspect.signature(_package_options, eval_str=True).parameters.values())
     package.__signature__ = inspect.Signature(
-        model_parameters(unused_by="package", unused=MEASUREMENT_OPTIONS) + extra
+        model_parameters(exclude=MEASUREMENT_OPTIONS) + extra
     )
     app.command(name="package")(package)

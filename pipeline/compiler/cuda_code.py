@@ -1,9 +1,11 @@
-"""Read the GPU machine code inside a compiled library, without a GPU.
+"""The GPU code inside a compiled library, read without a GPU.
 
-A CUDA artifact embeds its kernels as a fatbin inside TVM's serialized module tree
-(pipeline/tvm_backend.py), not in an ELF ``.nv_fatbin`` section, so ``cuobjdump`` cannot
-find them in the library itself. The fatbin containers are cut out by their header
-(pipeline/cross.py reads the same headers) and handed to ``cuobjdump`` one by one:
+``cuda_device_code`` lists the fatbin entries (SASS per sm_XX, PTX per compute_XX) from
+their headers in the library's bytes; compile uses it to prove an artifact holds kernels
+for its architecture. ``disassemble`` prints their SASS or PTX: a CUDA artifact embeds its
+kernels as a fatbin inside TVM's serialized module tree (pipeline/compiler/backend.py), not in
+an ELF ``.nv_fatbin`` section, so ``cuobjdump`` cannot find them in the library itself; the
+fatbin containers are cut out by their header and handed to ``cuobjdump`` one by one:
 ``-sass`` disassembles the SASS (through ``nvdisasm``), ``-ptx`` prints the PTX. Both
 tools come with a CUDA toolkit, or alone from the PyPI packages nvidia-cuda-cuobjdump
 and nvidia-cuda-nvdisasm (dependencies here, on x86-64).
@@ -14,12 +16,63 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+from dataclasses import dataclass
 import subprocess
 import tempfile
 from pathlib import Path
 
-from pipeline.cross import FATBIN_MAGIC
 from pipeline.errors import PipelineError
+
+
+FATBIN_MAGIC = 0xBA55ED50
+_FATBIN_KINDS = {1: "ptx", 2: "sass"}
+
+
+@dataclass(frozen=True)
+class DeviceCode:
+    """One entry of a CUDA fatbin: SASS (a cubin, runs as is) or PTX (JIT-compiled)."""
+
+    kind: str  # "sass" or "ptx"
+    arch: str  # "sm_87" for SASS, "compute_87" for PTX
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.arch}"
+
+
+def fatbin_entries(data: bytes) -> list[DeviceCode]:
+    """Every fatbin entry in `data`, found by magic number and parsed from its headers.
+
+    Fatbin layout (CUDA 10 .. 13): a 16-byte header (u32 magic, u16 version, u16 header
+    size, u64 size of the entries), then entries, each with a header of u16 kind
+    (1 PTX, 2 ELF), u16 version, u32 header size, u64 payload size, and the sm number
+    as u32 at offset 28.
+    """
+    entries: list[DeviceCode] = []
+    magic = struct.pack("<I", FATBIN_MAGIC)
+    start = data.find(magic)
+    while start != -1:
+        if start + 16 <= len(data):
+            _, version, header_size, body_size = struct.unpack_from("<IHHQ", data, start)
+            end = start + header_size + body_size
+            if version == 1 and header_size == 16 and end <= len(data):
+                offset = start + header_size
+                while offset + 32 <= end:
+                    kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, offset)
+                    (sm,) = struct.unpack_from("<I", data, offset + 28)
+                    if kind in _FATBIN_KINDS and entry_header >= 32:
+                        prefix = "sm" if kind == 2 else "compute"
+                        entries.append(DeviceCode(_FATBIN_KINDS[kind], f"{prefix}_{sm}"))
+                    if entry_header == 0:
+                        break
+                    offset += entry_header + payload
+                start = end - 1
+        start = data.find(magic, start + 1)
+    return entries
+
+
+def cuda_device_code(library: Path) -> list[DeviceCode]:
+    """The GPU code a compiled library carries (empty: none, e.g. CUDA source only)."""
+    return fatbin_entries(Path(library).read_bytes())
 
 
 def fatbins(data: bytes) -> list[bytes]:

@@ -1,0 +1,380 @@
+"""ONNX -> TVM Relax -> shared library: the only module that touches TVM's compiler.
+
+TVM's Python API moves between releases (0.27 renamed half of it), so every
+compiler import lives here, and each quirk of the pinned version carries a
+comment that starts with "TVM 0.27:". Running an artifact needs none of this:
+see ``pipeline/runtime/runtime_only.py`` (``pipeline.runtime.runners.load_artifact`` in the pipeline).
+
+Artifact layout (all in the library's directory, written atomically):
+
+    model.so            the VM executable and its kernels (weights too, if "embedded")
+    model.so.json       metadata the runtime reads: target, input/output, params order
+    model.params.npz    weights, only for params_mode="separate"
+    model.cu            CUDA targets: the kernels' source, as nvcc compiled it (for reading)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+import tvm
+
+from pipeline import toolchain
+from pipeline.compiler import cuda_code, nvcc
+from pipeline.compiler.onnx_import import bind_weights, import_relax, output_spec, resolve_input
+from pipeline.compiler.phases import precision_phases, relax_phases
+from pipeline.config import PARAMS_MODES
+from pipeline.errors import PipelineError
+from pipeline.onnx_io import load_onnx
+from pipeline.runtime import runtime_only
+from pipeline.runtime.runtime_only import metadata_path
+from targets import Target
+
+log = logging.getLogger(__name__)
+
+def params_path(library_path: Path) -> Path:
+    """Where the weights of a params_mode="separate" library live: ``<stem>.params.npz``."""
+    return library_path.with_name(f"{library_path.stem}.params.npz")
+
+
+def cuda_source_path(library_path: Path) -> Path:
+    """Where a CUDA library's kernel source lives: ``<stem>.cu``."""
+    return library_path.with_name(f"{library_path.stem}.cu")
+
+
+def _dump(dump_ir_dir: Path | None, index: int, phase: str, mod: tvm.IRModule) -> None:
+    if dump_ir_dir is not None:
+        dump_ir_dir.mkdir(parents=True, exist_ok=True)
+        (dump_ir_dir / f"{index:02d}_{phase}.py").write_text(mod.script())
+
+
+def _count_primfuncs(mod: tvm.IRModule) -> int:
+    # TVM 0.27: TIR lives in tvm.tirx (was tvm.tir).
+    return sum(isinstance(func, tvm.tirx.PrimFunc) for func in mod.functions.values())
+
+
+def _link_function(target: Target):
+    """The export_library fcompile: None (host cc) or the target's cross compiler."""
+    if target.cross_compiler is None:
+        return None
+    # TVM 0.27: cc helpers moved to tvm.support.cc (was tvm.contrib.cc).
+    from tvm.support import cc
+
+    return cc.cross_compiler(target.cross_compiler)
+
+
+# ---------------------------------------------------------------------------
+# Cross builds and CUDA device code
+#
+# TVM 0.27: without libcuda.so.1 (any machine with no GPU driver) the CUDA runtime module
+# does not load, so codegen silently keeps the kernels as CUDA *source* in a placeholder
+# module (CUDAFallbackModuleNode), which a GPU machine would have to JIT-compile at load
+# time with NVRTC or nvcc. Artifacts must carry machine code instead, so for CUDA targets
+# we always take that source path (TVM_COMPILE_FORCE_FALLBACK=1, the same on machines with
+# and without a GPU), compile the source with nvcc for the target's sm_XX at export time,
+# and write the module as a fatbin (SASS for sm_XX plus PTX for newer GPUs).
+
+
+def _check_build_tools(target: Target) -> None:
+    """Everything the build will run, checked before any compile work starts."""
+    target.check_available()
+    toolchain.require_cross_compiler(target)
+    if target.cuda_arch is not None:
+        _require_nvcc(target)
+
+
+def _nvcc_archs(nvcc_path: str) -> tuple[str, ...]:
+    result = subprocess.run([nvcc_path, "--list-gpu-arch"], capture_output=True, text=True, timeout=60)
+    return tuple(result.stdout.split()) if result.returncode == 0 else ()
+
+
+def _require_nvcc(target: Target) -> None:
+    nvcc_path = toolchain.require_tool(
+        "nvcc", "nvidia-cuda-toolkit", f"compile the GPU kernels of target '{target.name}'"
+    )
+    compute = target.cuda_arch.replace("sm_", "compute_")
+    archs = _nvcc_archs(nvcc_path)
+    if compute not in archs:
+        raise PipelineError(
+            f"{nvcc_path} cannot compile for {target.cuda_arch} (target '{target.name}'); it supports "
+            f"{', '.join(a for a in archs if a.startswith('compute_')) or 'nothing it would list'}; "
+            f"install a CUDA toolkit that does (sm_110 needs CUDA 13)"
+        )
+
+
+@contextlib.contextmanager
+def _cuda_source_codegen(target: Target):
+    """Make TVM keep CUDA kernels as source (compiled by us at export), GPU or not."""
+    if target.cuda_arch is None:
+        yield
+        return
+    previous = os.environ.get("TVM_COMPILE_FORCE_FALLBACK")
+    os.environ["TVM_COMPILE_FORCE_FALLBACK"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TVM_COMPILE_FORCE_FALLBACK"]
+        else:
+            os.environ["TVM_COMPILE_FORCE_FALLBACK"] = previous
+
+
+def _u64(value: int) -> bytes:
+    return struct.pack("<Q", value)
+
+
+def _string(value: bytes) -> bytes:
+    return _u64(len(value)) + value
+
+
+def fatbin_module_blob(blob: bytes, sources: list[str], compile_source) -> tuple[bytes, int]:
+    """Rewrite the "cuda" modules of a serialized module tree from source to fatbin.
+
+    TVM 0.27 (tvm-ffi) serialization, every integer u64 little-endian, strings and byte
+    strings length-prefixed: total length, import-tree row pointers (vector), child
+    indices (vector), then per module its kind and, unless the kind is "_lib", its bytes.
+    A CUDA module's bytes are: format, function table, code; the code is the CUDA source
+    for format "cuda". Only the format and the code change; the function table is kept
+    byte for byte. Returns the new blob and the number of modules rewritten.
+    """
+    view = memoryview(blob)
+    offset = 0
+
+    def read_u64() -> int:
+        nonlocal offset
+        (value,) = struct.unpack_from("<Q", view, offset)
+        offset += 8
+        return value
+
+    def read_bytes() -> bytes:
+        nonlocal offset
+        size = read_u64()
+        value = bytes(view[offset:offset + size])
+        offset += size
+        return value
+
+    if read_u64() != len(blob) - 8:
+        raise RuntimeError("unexpected TVM module serialization: length header mismatch")
+    header_start = offset
+    row_ptr = [read_u64() for _ in range(read_u64())]
+    for _ in range(read_u64()):
+        read_u64()
+    out = [bytes(view[header_start:offset])]
+    encoded_sources = [source.encode() for source in sources]
+    rewritten = 0
+    for _ in range(len(row_ptr) - 1):
+        kind = read_bytes()
+        out.append(_string(kind))
+        if kind == b"_lib":
+            continue
+        payload = read_bytes()
+        fmt_length = struct.unpack_from("<Q", payload, 0)[0]
+        if kind == b"cuda" and payload[8:8 + fmt_length] == b"cuda":
+            source = next(
+                (s for s in encoded_sources if payload.endswith(_string(s))), None
+            )
+            if source is None:
+                raise RuntimeError("unexpected TVM module serialization: CUDA source not found")
+            function_table = payload[8 + fmt_length:len(payload) - len(source) - 8]
+            payload = _string(b"fatbin") + function_table + _string(compile_source(source.decode()))
+            rewritten += 1
+        out.append(_string(payload))
+    if offset != len(blob):
+        raise RuntimeError("unexpected TVM module serialization: trailing bytes")
+    body = b"".join(out)
+    return _u64(len(body)) + body, rewritten
+
+
+def _fatbin_import_packer(target: Target, sources: list[str]):
+    """An export_library ``fpack_imports``: the module tree with CUDA modules as fatbins
+    (pipeline/compiler/nvcc.py), embedded in an object file by LLVM (as TVM's default packer
+    does). The CUDA sources it compiled are appended to ``sources``."""
+
+    def pack(module, is_system_lib: bool, prefix: str, workspace_dir: str) -> str:
+        get = tvm.get_global_func
+        blob = get("runtime.ModulePackImportsToTensor")(module).numpy().tobytes()
+        sources.extend(
+            m.inspect_source("cuda")
+            for m in module._collect_from_import_tree(lambda m: m.kind == "cuda")
+        )
+        blob, rewritten = fatbin_module_blob(
+            blob, sources, lambda source: nvcc.compile_source(source, target.cuda_arch)
+        )
+        if rewritten == 0:
+            raise RuntimeError(f"no CUDA kernels to compile for target '{target.name}'")
+        packed = get("codegen.codegen_blob")(
+            blob, is_system_lib, json.dumps(target.host_target), prefix
+        )
+        path = os.path.join(workspace_dir, f"{prefix}devc.o")
+        packed.write_to_file(path)
+        return path
+
+    return pack
+
+
+def _export_library(executable, path: Path, target: Target) -> tuple[list[str], str]:
+    """Link the executable into ``path``; returns the GPU code it carries and the CUDA
+    source that code was compiled from (([], "") for CPU)."""
+    if target.cuda_arch is None:
+        executable.export_library(str(path), fcompile=_link_function(target))
+        return [], ""
+    sources: list[str] = []
+    # TVM 0.27: Executable.export_library does not pass fpack_imports on; its .mod does.
+    executable.mod.export_library(
+        str(path), fcompile=_link_function(target), fpack_imports=_fatbin_import_packer(target, sources)
+    )
+    code = cuda_code.cuda_device_code(path)
+    if not any(entry.kind == "sass" and entry.arch == target.cuda_arch for entry in code):
+        raise RuntimeError(
+            f"{path.name} has no {target.cuda_arch} code after the build (found: "
+            f"{', '.join(map(str, code)) or 'none'})"
+        )
+    return [str(entry) for entry in code], "\n".join(sources)
+
+
+# ---------------------------------------------------------------------------
+# Public API
+
+
+def compile_onnx(
+    onnx_path: Path,
+    target: Target,
+    library_path: Path,
+    *,
+    params_mode: str = "embedded",
+    input_name: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    dump_ir_dir: Path | None = None,
+    tuning_database: Path | None = None,
+    precision: str = "fp32",
+    rewrites: tuple[tuple[str, list], ...] = (),
+) -> dict:
+    """Compile an ONNX model into ``library_path`` (+ metadata, + weights if "separate").
+
+    Nothing appears at ``library_path`` unless the whole build succeeded. Returns a
+    JSON-friendly summary: sizes, input/output, PrimFunc count, compile seconds, and
+    ``tuning``: how many PrimFuncs got a schedule from ``tuning_database`` (a directory
+    made by `pipeline tune`) and how many a default schedule (pipeline/compiler/tuning/tuner.py).
+
+    ``rewrites`` are extra (phase name, passes) run first, once params are bound (the
+    INT8 lowering in pipeline/compiler/int8.py is one); ``precision="fp16"`` adds TVM's mixed
+    precision rewrite for GPU targets.
+    """
+    start = time.perf_counter()
+    onnx_path, library_path = Path(onnx_path), Path(library_path)
+    dump_ir_dir = Path(dump_ir_dir) if dump_ir_dir is not None else None
+    if params_mode not in PARAMS_MODES:
+        raise PipelineError(
+            f"unknown params_mode '{params_mode}'; use one of: {', '.join(PARAMS_MODES)}"
+        )
+
+    _check_build_tools(target)
+    model = load_onnx(onnx_path)
+    name, shape, dtype = resolve_input(model, input_name, input_shape)
+    log.info(
+        "compile %s -> %s: target %s %s, input %s %s %s, params %s, TVM %s",
+        onnx_path, library_path, target.name, target.target_json(), name, shape, dtype,
+        params_mode, tvm.__version__,
+    )
+
+    mod, param_names, param_values = import_relax(model, onnx_path, name, shape, dtype)
+    output = output_spec(mod)
+    _dump(dump_ir_dir, 0, "imported", mod)
+    if params_mode == "embedded":
+        mod = bind_weights(mod, param_values)
+        _dump(dump_ir_dir, 1, "params_bound", mod)
+
+    tvm_target = tvm.target.Target(target.tvm_target)
+    tuning: dict = {}
+    phases = [*rewrites, *precision_phases(precision, target), *relax_phases(target, tuning_database, tuning)]
+    with tvm_target, _cuda_source_codegen(target):
+        for index, (phase, passes) in enumerate(phases, start=2):
+            if passes:
+                mod = tvm.transform.Sequential(passes, name=phase)(mod)
+                _dump(dump_ir_dir, index, phase, mod)
+        num_primfuncs = _count_primfuncs(mod)
+        # A precision phase may have changed the dtype the weights are passed in.
+        param_dtypes = [str(var.ty.dtype) for var in mod["main"].params[-len(param_names):]] if (
+            params_mode == "separate" and param_names) else []
+        # relax_pipeline=None: the Relax passes ran above; tvm.compile now runs TIR's
+        # default lowering pipeline and LLVM (or the target's) codegen.
+        executable = tvm.compile(mod, target=tvm_target, relax_pipeline=None)
+
+    library_path.parent.mkdir(parents=True, exist_ok=True)
+    weights = params_path(library_path)
+    cuda_source = cuda_source_path(library_path)
+    metadata = {
+        "format": 1,
+        "target": target.name,
+        "target_json": target.tvm_target,
+        "host_triple": target.host_triple,
+        "device": target.device,
+        "tvm_version": tvm.__version__,
+        "library": library_path.name,
+        "entry": "main",
+        "input": {"name": name, "shape": list(shape), "dtype": dtype},
+        "output": output,
+        "params_mode": params_mode,
+        "params_file": weights.name if params_mode == "separate" else None,
+        "params_order": param_names if params_mode == "separate" else [],
+    }
+
+    # Everything is written to temporary names in the destination directory and renamed
+    # into place at the end, the library last: a crash leaves no half-written artifact.
+    tag = f".tmp-{os.getpid()}"
+    temp_library = library_path.with_name(f".{library_path.stem}{tag}{library_path.suffix}")
+    temp_metadata = library_path.with_name(f".{metadata_path(library_path).name}{tag}")
+    temp_weights = weights.with_name(f".{weights.stem}{tag}.npz")
+    temp_source = cuda_source.with_name(f".{cuda_source.stem}{tag}.cu")
+    temps = [temp_library, temp_metadata, temp_weights, temp_source]
+    try:
+        device_code, source = _export_library(executable, temp_library, target)
+        if device_code:
+            metadata["device_code"] = device_code
+            metadata["cuda"] = {**nvcc.build_record(target.cuda_arch), "source": cuda_source.name}
+            temp_source.write_text(source)
+        if params_mode == "separate":
+            with open(temp_weights, "wb") as f:
+                np.savez(f, **{
+                    name: value.numpy().astype(dtype, copy=False)
+                    for name, value, dtype in zip(param_names, param_values, param_dtypes)
+                })
+        runtime_only.write_metadata(temp_metadata, metadata)
+        if params_mode == "separate":
+            os.replace(temp_weights, weights)
+        elif weights.exists():
+            weights.unlink()  # a stale weights file from an earlier "separate" build
+        if device_code:
+            os.replace(temp_source, cuda_source)
+        elif cuda_source.exists():
+            cuda_source.unlink()  # a stale source from an earlier CUDA build
+        os.replace(temp_metadata, metadata_path(library_path))
+        os.replace(temp_library, library_path)
+    finally:
+        for temp in temps:
+            temp.unlink(missing_ok=True)
+
+    return {
+        "library": str(library_path),
+        "library_bytes": library_path.stat().st_size,
+        "metadata_file": str(metadata_path(library_path)),
+        "params_file": str(weights) if params_mode == "separate" else None,
+        "params_bytes": weights.stat().st_size if params_mode == "separate" else 0,
+        "params_mode": params_mode,
+        "input": metadata["input"],
+        "output": output,
+        "num_primfuncs": num_primfuncs,
+        "tuning": tuning,
+        "compile_s": round(time.perf_counter() - start, 3),
+        "tvm_version": tvm.__version__,
+        "target": target.name,
+    }

@@ -1,0 +1,139 @@
+"""The compile pipeline written out: the Relax passes from an imported ONNX graph to code the
+VM runs, phase by phase, with a comment per phase; scheduling is one of the phases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tvm
+from tvm import relax
+
+from pipeline.compiler import graph_rewrites, layout, prepack
+from pipeline.compiler.schedules import cpu as cpu_schedules
+from pipeline.compiler.schedules import gpu as gpu_schedules
+from pipeline.config import PRECISIONS
+from pipeline.errors import PipelineError
+from targets import Target
+
+# (phase name, its passes in order)
+Phase = tuple[str, list[tvm.transform.Pass]]
+
+
+def schedule_pass(target: Target, tuning_database: Path | None, report: dict) -> tvm.transform.Pass:
+    """Every kernel gets a schedule: its tuning record where ``tuning_database`` has one,
+    else its device kind's default: on CPU the defaults of schedules/cpu.py, then the
+    weights packed in the order the tiles read them (prepack.py); on GPU dlight's rules
+    (schedules/gpu.py). ``report`` receives the counts compile reports. Runs inside
+    ``with tvm_target``, as compile runs every phase."""
+
+    @tvm.transform.module_pass(opt_level=0, name="Schedule")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        tvm_target = tvm.target.Target.current(allow_none=False)
+        mod, counts = cpu_schedules.schedule_module(mod, tvm_target, target, tuning_database)
+        report.update(counts)
+        if target.device == "cuda":
+            return gpu_schedules.default_schedule_pass()(mod)
+        return tvm.transform.Sequential(prepack.pack_weights(), name="pack_weights")(mod)
+
+    return _pass
+
+
+def relax_phases(
+    target: Target, tuning_database: Path | None = None, schedule_report: dict | None = None,
+) -> list[Phase]:
+    """The Relax passes from an imported graph to VM-ready code, in order, per phase.
+
+    This follows TVM's own per-target pipeline (relax/backend/cpu_generic/pipeline.py)
+    rather than relax.build's "default", because on CPU that default skips fusion
+    (TVM 0.27: vm_build.py keeps the unfused pipeline for CPU because fusion can drop
+    side-effecting call_pure_packed calls; ONNX vision graphs have none). The schedule
+    phase applies ``tuning_database``'s records and fills ``schedule_report``.
+    """
+    transform = relax.transform
+    is_gpu = target.device == "cuda"
+    return [
+        # Simplify: split composite ops (batch_norm, attention) into basic ones, drop
+        # trivial bindings so that legalization sees plain ops; x ** 2 (channels-first
+        # LayerNorm) becomes x * x, exact for negative x where a fast pow is NaN
+        # (pipeline/compiler/graph_rewrites.py).
+        ("simplify", [
+            transform.DecomposeOpsForInference(),
+            transform.CanonicalizeBindings(),
+            graph_rewrites.integer_power_to_multiply(),
+        ]),
+        # Channels last (CPU): NCHW convolutions compute in NHWC so that the transposes
+        # around ConvNeXt's LayerNorms cancel and channel reductions read contiguous
+        # memory (pipeline/compiler/layout.py). GPU targets keep NCHW until measured on one.
+        ("channels_last", [] if is_gpu else [layout.channels_last_pass()]),
+        # Library dispatch: route sampling/sort ops to hand-written kernels (a no-op for
+        # CNNs, kept so that the list matches TVM's own CPU pipeline).
+        ("dispatch", [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()]),
+        # Fast math: erf (GELU), exp and tanh become polynomial approximations that LLVM
+        # vectorizes (float32 error ~1e-7 relative, ~2e-6 on ConvNeXt-T logits). The libm
+        # erf is a scalar call per element and took more time than the 1x1-conv GEMMs it
+        # is fused into (ConvNeXt-atto, znver4: 34 ms -> 24 ms per image untuned).
+        ("fast_math", [transform.FastMathTransform()]),
+        # Legalize: every Relax op becomes a call_tir to a TE-generated PrimFunc; constant
+        # subgraphs (weight transposes of embedded params) are evaluated now.
+        ("legalize", [
+            transform.LegalizeOps(),
+            transform.AnnotateTIROpPattern(),
+            transform.FoldConstant(),
+        ]),
+        # Fuse: group elementwise/injective ops into their producers and merge each group
+        # into one PrimFunc: the kernels (and MetaSchedule's tuning tasks). Weights marked
+        # layout free (CPU): a tuned kernel may read them packed in its tiles' order,
+        # packed once after scheduling (pipeline/compiler/prepack.py).
+        ("fuse", [transform.FuseOps(), transform.FuseTIR(), *([] if is_gpu else [prepack.mark_weights()])]),
+        # Schedule: every kernel gets its tuning record, else its device kind's default
+        # (schedule_pass).
+        ("schedule", [schedule_pass(target, tuning_database, {} if schedule_report is None else schedule_report)]),
+        # Dataflow lowering: leave the pure dataflow world; call_tir becomes explicit
+        # output allocation plus a call.
+        ("lower_dataflow", [
+            transform.RewriteDataflowReshape(),
+            transform.ToNonDataflow(),
+            transform.RemovePurityChecking(),
+            transform.CallTIRRewrite(),
+        ]),
+        # VM finalization: plan and reuse memory statically, free after last use, lower
+        # builtins and shape computations to VM instructions, name the entry points.
+        ("finalize", [
+            transform.StaticPlanBlockMemory(),
+            transform.LowerAllocTensor(),
+            transform.KillAfterLastUse(),
+            transform.LowerRuntimeBuiltin(),
+            transform.ComputePrimValue(),
+            transform.VMShapeLower(),
+            transform.AttachGlobalSymbol(),
+        ]),
+    ]
+
+
+def phases_before(phases: list[Phase], name: str) -> list[Phase]:
+    """The phases that run before phase ``name`` (the tuner stops before "schedule")."""
+    names = [phase for phase, _ in phases]
+    if name not in names:
+        raise ValueError(f"no phase '{name}' in {names}")
+    return phases[:names.index(name)]
+
+
+def precision_phases(precision: str, target: Target) -> list[tuple[str, list[tvm.transform.Pass]]]:
+    """Passes that change the arithmetic precision, run before legalization.
+
+    FP16: convolutions and matmuls take float16 operands and accumulate in float32
+    (ToMixedPrecision's out_dtype), the rest of the graph follows the float16 values where
+    it is numerically safe; the model's input and output stay float32. Only GPU targets
+    offer it: their tensor cores are where FP16 pays off. Weights passed in at run time
+    (params_mode="separate") become float16 parameters, cast once when they are saved.
+    """
+    if precision not in PRECISIONS:
+        raise PipelineError(f"unknown precision '{precision}'; use one of: {', '.join(PRECISIONS)}")
+    if precision != "fp16":
+        return []
+    if target.device != "cuda":
+        raise PipelineError(f"precision fp16 is for GPU targets, not '{target.name}'; use --precision fp32 or int8")
+    return [("fp16", [
+        relax.transform.ToMixedPrecision(out_dtype="float32"),
+        graph_rewrites.cast_weight_params_once(),
+    ])]

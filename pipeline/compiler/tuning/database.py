@@ -1,0 +1,437 @@
+"""Tuning databases: where MetaSchedule records live, which one compile uses, and reading,
+repairing, merging and shipping them.
+
+A tuning database is a directory with MetaSchedule's two JSON tables and a ``meta.json``
+naming the target and the TVM version that made it (a MetaSchedule database ignores the
+target when it looks records up, so there is one database per target and model):
+
+    artifacts/tune/<target>/<model-key>/   written by `pipeline tune`, read by compile
+    tuning/<target>/<model-key>/<cpu>/     committed to the repository, one per CPU model
+                                           (mcpu) or GPU architecture, read when the
+                                           artifacts tree has none (shipped records)
+
+        database_workload.json         MetaSchedule's workload table (one PrimFunc a line)
+        database_tuning_record.json    MetaSchedule's records (schedule trace, run seconds)
+        meta.json                      target JSON, TVM version, model key
+        tune_state.json                per task: trials measured, best latency, finished?
+        tune_curve.jsonl               the tuning curve (pipeline/compiler/tuning/tuner.py)
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import tvm
+import tvm_ffi
+
+# TVM 0.27: MetaSchedule and the TensorIR schedule moved to tvm.s_tir.
+from tvm.s_tir import meta_schedule as ms
+
+from pipeline import artifacts
+from pipeline.engine import log
+from pipeline.errors import PipelineError
+from pipeline.compiler.tensor_intrinsics import load_tensor_intrinsics
+from targets import Target
+
+
+REPO = Path(__file__).resolve().parents[3]
+SHIPPED_ROOT = REPO / "tuning"
+WORKLOAD_FILE = "database_workload.json"
+RECORD_FILE = "database_tuning_record.json"
+META_FILE = "meta.json"
+STATE_FILE = "tune_state.json"
+CURVE_FILE = "tune_curve.jsonl"
+DATABASE_FORMAT = 1
+
+
+def warn(message: str) -> None:
+    log(f"warning: {message}")
+
+
+@functools.lru_cache(maxsize=None)
+def warn_once(message: str) -> None:
+    """A warning about a database, said once per process: compile looks it up twice (for
+    its cache key and to build)."""
+    warn(message)
+
+
+# ---------------------------------------------------------------------------
+# Where databases live, and whether one can be used
+
+
+def model_key(variant: str, input_size: int, batch_size: int, num_classes: int, in_chans: int,
+              precision: str) -> str:
+    """The directory name of a model's databases: every setting that changes its tasks."""
+    return f"{variant}-{input_size}-b{batch_size}-c{num_classes}-in{in_chans}-{precision}"
+
+
+def config_model_key(config) -> str:
+    """model_key of a PipelineConfig."""
+    return model_key(config.variant, config.input_size, config.batch_size, config.num_classes,
+                     config.in_chans, config.precision)
+
+
+def local_database_dir(artifacts_root: Path, target_name: str, key: str) -> Path:
+    """Where `pipeline tune` writes: artifacts/tune/<target>/<model-key>/."""
+    return Path(artifacts_root) / "tune" / target_name / key
+
+
+def cpu_tag(tvm_target: dict[str, Any]) -> str:
+    """What a database's records were tuned on, as a directory name: the CPU (``mcpu``) of
+    a CPU target, the GPU architecture of a GPU target."""
+    return str(tvm_target.get("arch") or tvm_target.get("mcpu") or "generic")
+
+
+def shipped_database_dir(target_name: str, key: str, tvm_target: dict[str, Any]) -> Path:
+    """Records committed to the repository: tuning/<target>/<model-key>/<cpu>/. A target
+    such as x86 means whatever CPU the machine has, so one model keeps one database per CPU."""
+    return SHIPPED_ROOT / target_name / key / cpu_tag(tvm_target)
+
+
+def shipped_databases(target_name: str, key: str) -> list[Path]:
+    """Every committed database of a target and model, one per CPU it was tuned on."""
+    root = SHIPPED_ROOT / target_name / key
+    return sorted(d for d in root.glob("*") if (d / WORKLOAD_FILE).is_file()) if root.is_dir() else []
+
+
+def _without_cpu_model(tvm_target: dict[str, Any]) -> dict[str, Any]:
+    stripped = {k: v for k, v in tvm_target.items() if k not in ("mcpu", "num-cores")}
+    if isinstance(stripped.get("host"), dict):
+        stripped["host"] = _without_cpu_model(stripped["host"])
+    return stripped
+
+
+def target_fit(made_for: dict[str, Any], target: Target) -> str:
+    """How records made for the TVM target `made_for` fit `target`: "same"; "similar"
+    (another CPU model or core count of the same kind and triple: a trace replays there
+    and gives correct code, compiled for this CPU, but was timed on another one); else
+    "foreign"."""
+    if made_for == target.tvm_target:
+        return "same"
+    if _without_cpu_model(made_for) == _without_cpu_model(target.tvm_target):
+        return "similar"
+    return "foreign"
+
+
+def read_meta(db_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(db_dir) / META_FILE).read_text())
+
+
+def database_problem(db_dir: Path, target: Target | None, *, similar_ok: bool = False) -> str | None:
+    """Why the database in db_dir cannot be used for target (None: it can).
+
+    Records made by another TVM version may not replay (schedule primitives and the IR
+    printer change between releases), and records made for another target would be
+    applied anyway, since MetaSchedule looks records up by workload only. With
+    `similar_ok`, records of another CPU model of the same target kind are usable."""
+    db_dir = Path(db_dir)
+    missing = [name for name in (WORKLOAD_FILE, RECORD_FILE, META_FILE) if not (db_dir / name).is_file()]
+    if missing:
+        return f"{db_dir} is not a tuning database (no {', '.join(missing)})"
+    try:
+        meta = read_meta(db_dir)
+        made_for, made_with = meta["target_json"], meta["tvm_version"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{db_dir / META_FILE} is unreadable or incomplete"
+    if made_with != tvm.__version__:
+        return f"{db_dir} was tuned with TVM {made_with}, this is TVM {tvm.__version__}"
+    fit = target_fit(made_for, target) if target is not None else "same"
+    if fit == "foreign" or (fit == "similar" and not similar_ok):
+        return (f"{db_dir} was tuned for {json.dumps(made_for, sort_keys=True)}, "
+                f"not for target '{target.name}' {target.target_json()}")
+    return None
+
+
+def _usable_database(artifacts_root: Path, target: Target, key: str,
+                     exclude: Path | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """The first usable database of a target and model, and the target it was made for:
+    the artifacts tree's, then the repository's, those made for this exact target before
+    those of another CPU model. One that exists but cannot be used is skipped with a
+    warning."""
+    usable = []
+    for db_dir in (local_database_dir(artifacts_root, target.name, key), *shipped_databases(target.name, key)):
+        if not (db_dir / WORKLOAD_FILE).is_file():
+            continue
+        if exclude is not None and db_dir.resolve() == Path(exclude).resolve():
+            continue
+        problem = database_problem(db_dir, target, similar_ok=True)
+        if problem is not None:
+            warn_once(f"ignoring tuning records: {problem}")
+            continue
+        made_for = read_meta(db_dir)["target_json"]
+        if target_fit(made_for, target) == "same":
+            return db_dir, made_for
+        usable.append((db_dir, made_for))
+    return usable[0] if usable else None
+
+
+def find_database(artifacts_root: Path, target: Target, key: str) -> Path | None:
+    """The database compile uses for a target and model (``_usable_database``); one tuned
+    on another CPU model of the same kind comes with a warning: its schedules are correct
+    here but were timed there."""
+    found = _usable_database(artifacts_root, target, key)
+    if found is None:
+        return None
+    db_dir, made_for = found
+    if target_fit(made_for, target) != "same":
+        warn_once(f"using tuning records made on another CPU ({cpu_tag(made_for)}, this is "
+                   f"{cpu_tag(target.tvm_target)}): {db_dir}; run `pipeline tune` for kernels timed on this one")
+    return db_dir
+
+
+def seed_database(artifacts_root: Path, target: Target, key: str, exclude: Path) -> Path | None:
+    """Records `pipeline tune` starts from: the database compile would use (this CPU's
+    first, else another CPU model's), other than the one being tuned."""
+    found = _usable_database(artifacts_root, target, key, exclude=exclude)
+    return found[0] if found is not None else None
+
+
+def database_digest(db_dir: Path) -> str:
+    """sha256 over the database's tables and meta: part of the compile stage's cache key."""
+    digest = hashlib.sha256()
+    for name in (WORKLOAD_FILE, RECORD_FILE, META_FILE):
+        digest.update(name.encode())
+        digest.update(bytes.fromhex(artifacts.file_sha256(Path(db_dir) / name)))
+    return digest.hexdigest()
+
+
+def _loads(workloads: str, records: list[str]) -> bool:
+    with tempfile.TemporaryDirectory(prefix="tvm-db-check-") as scratch:
+        (Path(scratch) / WORKLOAD_FILE).write_text(workloads)
+        (Path(scratch) / RECORD_FILE).write_text("".join(records))
+        try:
+            ms.database.JSONDatabase(str(Path(scratch) / WORKLOAD_FILE), str(Path(scratch) / RECORD_FILE),
+                                     allow_missing=False)
+            return True
+        except Exception:
+            return False
+
+
+def _unreplayable(workloads: str, records: list[str], indices: list[int]) -> list[int]:
+    """The records among `indices` that do not load, by bisection (few are expected)."""
+    if not indices or _loads(workloads, [records[i] for i in indices]):
+        return []
+    if len(indices) == 1:
+        return indices
+    middle = len(indices) // 2
+    return _unreplayable(workloads, records, indices[:middle]) + _unreplayable(workloads, records, indices[middle:])
+
+
+def _open_without_unreplayable(db_dir: Path, *, repair: bool) -> "ms.database.JSONDatabase | None":
+    """A database without the records MetaSchedule cannot load back, or None.
+
+    TVM 0.27 writes records that its own reader then rejects, failing the whole database
+    (seen: rfactor traces of ConvNeXt-T's last LayerNorm, on 1 x 768). Those records are
+    dropped with a warning: from the files themselves when `repair` (the database being
+    tuned), else from a copy read once (compile, merge), leaving the files as they are."""
+    workloads = (db_dir / WORKLOAD_FILE).read_text()
+    records = [line for line in (db_dir / RECORD_FILE).read_text().splitlines(keepends=True) if line.strip()]
+    try:
+        for line in records:
+            json.loads(line)
+    except ValueError:  # not records TVM wrote: a corrupt file, not a TVM quirk
+        return None
+    dropped = set(_unreplayable(workloads, records, list(range(len(records)))))
+    kept = [line for i, line in enumerate(records) if i not in dropped]
+    if not dropped or not kept or not _loads(workloads, kept):
+        return None
+    warn(f"{db_dir}: {len(dropped)} of {len(records)} records cannot be loaded back by TVM "
+          f"{tvm.__version__} and are {'removed' if repair else 'skipped'}")
+    if repair:
+        artifacts.atomic_write_text(db_dir / RECORD_FILE, "".join(kept))
+        (db_dir / RECORD_FILE).chmod(0o644)
+        return ms.database.JSONDatabase(str(db_dir / WORKLOAD_FILE), str(db_dir / RECORD_FILE), allow_missing=False)
+    with tempfile.TemporaryDirectory(prefix="tvm-db-") as scratch:
+        (Path(scratch) / WORKLOAD_FILE).write_text(workloads)
+        (Path(scratch) / RECORD_FILE).write_text("".join(kept))
+        # Read now, into memory: nothing is committed to a database opened for reading.
+        return ms.database.JSONDatabase(str(Path(scratch) / WORKLOAD_FILE), str(Path(scratch) / RECORD_FILE),
+                                        allow_missing=False)
+
+
+def open_database(db_dir: Path, target: Target | None, *, strict: bool,
+                  repair: bool = False, similar_ok: bool = False) -> "ms.database.JSONDatabase | None":
+    """Load a database; a foreign or corrupt one raises (strict) or warns and gives None.
+    Records TVM cannot load back are skipped (removed from the files with `repair`)."""
+    db_dir = Path(db_dir)
+    problem = database_problem(db_dir, target, similar_ok=similar_ok)
+    if problem is None:
+        # Reading a record replays its trace, and a trace that tensorizes (the int8 VNNI
+        # kernels: the pipeline's default, and MetaSchedule's own VNNI candidates) needs its
+        # intrinsic registered. Loading them costs seconds, so only for such records.
+        if "Tensorize" in (db_dir / RECORD_FILE).read_text():
+            load_tensor_intrinsics()
+        try:
+            return ms.database.JSONDatabase(
+                str(db_dir / WORKLOAD_FILE), str(db_dir / RECORD_FILE), allow_missing=False,
+            )
+        except Exception as exc:  # TVMError/ValueError from the JSON reader or the IR parser
+            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            problem = f"{db_dir} is corrupt ({first[:200]})"
+            database = _open_without_unreplayable(db_dir, repair=repair)
+            if database is not None:
+                return database
+    if strict:
+        raise PipelineError(f"{problem}; delete it, or point to a database made by `pipeline tune`")
+    warn(f"ignoring tuning records: {problem}; building with default schedules")
+    return None
+
+
+def write_json(path: Path, data: Any) -> None:
+    artifacts.atomicwrite_json(path, data)
+    path.chmod(0o644)  # mkstemp makes 0600; databases are shared and committed
+
+
+def write_meta(db_dir: Path, target: Target, key: str, **extra: Any) -> None:
+    write_json(Path(db_dir) / META_FILE, {
+        "format": DATABASE_FORMAT,
+        "target": target.name,
+        "target_json": target.tvm_target,
+        "tvm_version": tvm.__version__,
+        "model_key": key,
+        **extra,
+    })
+
+
+def merge_databases(sources: list[Path], output: Path) -> dict[str, Any]:
+    """Merge tuning databases of one target into a new one at `output`, through
+    MetaSchedule's Database API (workloads are re-committed, duplicates dropped)."""
+    output = Path(output)
+    if len(sources) < 2:
+        raise PipelineError("tune-db merge needs at least two databases")
+    if output.exists() and any(output.iterdir()):
+        raise PipelineError(f"{output} already exists; choose a new -o directory or delete it")
+    metas = []
+    for source in sources:
+        problem = database_problem(source, None)
+        if problem is not None:
+            raise PipelineError(f"cannot merge: {problem}")
+        metas.append(read_meta(source))
+    targets = {json.dumps(meta["target_json"], sort_keys=True) for meta in metas}
+    if len(targets) > 1:
+        raise PipelineError(
+            "cannot merge databases of different targets ("
+            + "; ".join(f"{s}: {json.dumps(m['target_json'], sort_keys=True)}" for s, m in zip(sources, metas))
+            + "): MetaSchedule would apply one target's records to the other"
+        )
+    keys = sorted({meta.get("model_key", "?") for meta in metas})
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        merged = ms.database.JSONDatabase(str(temp / WORKLOAD_FILE), str(temp / RECORD_FILE), allow_missing=True)
+        seen: set[tuple[int, str]] = set()
+        counts = {"records_in": 0, "records_out": 0}
+        for source in sources:
+            database = open_database(source, None, strict=True)
+            for record in database.get_all_tuning_records():
+                counts["records_in"] += 1
+                workload_mod = record.workload.mod
+                # The trace as text: record.as_json() cannot convert the IndexMap of a
+                # layout rewrite (TVM 0.27), its printed form names it.
+                identity = (tvm_ffi.structural_hash(workload_mod), str(record.trace),
+                            tuple(float(s) for s in record.run_secs or ()))
+                if identity in seen:
+                    continue
+                seen.add(identity)
+                workload = merged.commit_workload(workload_mod)
+                merged.commit_tuning_record(ms.database.TuningRecord(
+                    record.trace, workload, record.run_secs, record.target, record.args_info,
+                ))
+                counts["records_out"] += 1
+        meta = dict(metas[0])
+        meta.update(merged_from=[str(s) for s in sources], model_key=keys[0] if len(keys) == 1 else keys)
+        write_json(temp / META_FILE, meta)
+        temp.chmod(0o755)
+        if output.exists():
+            output.rmdir()
+        os.replace(temp, output)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return {"output": str(output), "workloads": len(merged_workloads(output)), **counts}
+
+
+def ship_database(source: Path, output: Path | None = None) -> dict[str, Any]:
+    """Copy a tuning database into the repository's tuning/<target>/<model-key>/<cpu>/ (or
+    `output`), pruned to the best record of each kernel, with its meta, state and curve. An
+    earlier database there is replaced only once the new one is complete."""
+    source = Path(source)
+    problem = database_problem(source, None)
+    if problem is not None:
+        raise PipelineError(f"cannot ship: {problem}")
+    meta = read_meta(source)
+    output = Path(output) if output is not None else shipped_database_dir(
+        meta["target"], meta["model_key"], meta["target_json"])
+    database = open_database(source, None, strict=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        pruned = ms.database.JSONDatabase(str(temp / WORKLOAD_FILE), str(temp / RECORD_FILE), allow_missing=True)
+        database.dump_pruned(pruned)
+        for name in (WORKLOAD_FILE, RECORD_FILE):
+            (temp / name).chmod(0o644)
+        for name in (META_FILE, STATE_FILE, CURVE_FILE):
+            if (source / name).is_file():
+                shutil.copyfile(source / name, temp / name)
+                (temp / name).chmod(0o644)
+        temp.chmod(0o755)
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(temp, output)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return {"output": str(output), "records_in": len(database), "records_out": len(pruned)}
+
+
+def merged_workloads(db_dir: Path) -> list[str]:
+    """The lines of a database's workload table (one per distinct PrimFunc)."""
+    text = (Path(db_dir) / WORKLOAD_FILE).read_text()
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def read_curve(db_dir: Path) -> list[dict[str, Any]]:
+    """The points _append_curve wrote; [] when there are none or the file is unreadable."""
+    try:
+        lines = (Path(db_dir) / CURVE_FILE).read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def tuning_cost(curve: list[dict[str, Any]], within: float = 0.10) -> dict[str, Any] | None:
+    """What tuning cost: trials and wall time in all, and to first come within ``within``
+    (10%) of the final estimated latency. None without a curve.
+
+    Only points that cover every kernel measured by the end count (before that the
+    estimate leaves kernels out); the clock restarts with each resumed run, so seconds
+    are summed across runs."""
+    if not curve:
+        return None
+    offset, last, points = 0.0, 0.0, []
+    for point in curve:
+        seconds = float(point.get("seconds") or 0.0)
+        if seconds < last:  # a new (resumed) run started its clock again
+            offset += last
+        last = seconds
+        points.append((int(point["trials"]), offset + seconds, float(point["best_ms"]), point.get("kernels_measured")))
+    kernels = points[-1][3]
+    complete = [p for p in points if p[3] == kernels] or points
+    final_ms = complete[-1][2]
+    reached = next(p for p in complete if p[2] <= final_ms * (1 + within))
+    return {
+        "final_estimate_ms": round(final_ms, 3),
+        "trials": points[-1][0],
+        "seconds": round(points[-1][1], 1),
+        "within": within,
+        "trials_to_within": reached[0],
+        "seconds_to_within": round(reached[1], 1),
+    }

@@ -1,0 +1,660 @@
+"""MetaSchedule tuning for the pipeline: the tasks (the distinct PrimFuncs of the fused model,
+as compile produces them) and the tuning loop that measures candidates and writes records
+into a database (pipeline/compiler/tuning/database.py).
+
+Like the rest of pipeline.compiler this imports TVM's moving internals; quirks of the pinned
+version carry a comment that starts with "TVM 0.27:".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tvm.ir.utils import derived_object
+
+# TVM 0.27: MetaSchedule and the TensorIR schedule moved to tvm.s_tir.
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir import Schedule
+
+from pipeline import artifacts
+from pipeline.compiler import prepack
+from pipeline.engine import log
+from pipeline.errors import PipelineError
+from pipeline.compiler.schedules.cpu import default_schedule
+from pipeline.compiler.tensor_intrinsics import load_tensor_intrinsics
+from pipeline.compiler.tuning.tasks import Task, extract_tasks, fused_module
+from pipeline.compiler.tuning.database import (
+    CURVE_FILE, META_FILE, RECORD_FILE, STATE_FILE, WORKLOAD_FILE, cpu_tag, database_problem, open_database,
+    read_meta, warn, write_json, write_meta,
+)
+from targets import Target
+
+
+# Seconds to let a build's worker process exit before kernels are timed on this machine
+# (_SettlingBuilder).
+LOCAL_SETTLE_S = 2.0
+
+
+# ---------------------------------------------------------------------------
+# The tuning loop
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """Everything `pipeline tune` was asked, resolved; printed before work starts."""
+
+    trials: int | None = None  # total this run; None: trials_per_task for each task
+    trials_per_task: int = 64
+    time_budget_s: float | None = None
+    max_tasks: int | None = None
+    resume: bool = False
+    rpc_tracker: str | None = None
+    rpc_key: str | None = None
+    rpc_timeout_s: float = 30.0
+    # Candidates built and measured per round; a task stops after `patience` rounds
+    # that improve its best latency by less than `min_improvement`.
+    round_trials: int = 16
+    patience: int = 2
+    min_improvement: float = 0.01
+    builder_timeout_s: float = 300.0
+    runner_timeout_s: float = 60.0
+    population: int = 256
+    seed: int = 0
+
+    def describe(self) -> str:
+        width = max(len(f.name) for f in dataclasses.fields(self))
+        return "\n".join(f"  {f.name:<{width}}  {getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+
+def _export_library(cross_compiler: str | None, mod) -> str:
+    """LocalBuilder export: a shared library linked for the target (cross compiler or cc)."""
+    from tvm.support import cc
+
+    directory = tempfile.mkdtemp(prefix="tvm-tune-build-")
+    path = os.path.join(directory, "candidate.so")
+    mod.export_library(path, fcompile=cc.cross_compiler(cross_compiler) if cross_compiler else None)
+    return path
+
+
+@derived_object
+class _SettlingBuilder(ms.builder.PyBuilder):
+    """A builder that returns only once this machine is quiet enough to time kernels.
+
+    LocalBuilder's worker process is still exiting when build() returns, and a process
+    busy on one of the cores a kernel is timed on stalls the kernel's thread barrier for
+    a scheduler tick. On two cores, the candidates timed in the next ~1.5 s came out 2-4x
+    slow (ConvNeXt-T's largest GEMM: 2.0-2.4 ms instead of 0.60), which misled the search
+    and buried good records."""
+
+    def __init__(self, builder: "ms.builder.Builder", settle_s: float):
+        super().__init__()
+        self.builder, self.settle_s = builder, settle_s
+
+    def build(self, build_inputs):
+        results = self.builder.build(build_inputs)
+        time.sleep(self.settle_s)
+        return results
+
+
+def _builder(target: Target, settings: TuneSettings) -> "ms.builder.Builder":
+    builder = ms.builder.LocalBuilder(
+        max_workers=1,
+        timeout_sec=settings.builder_timeout_s,
+        initializer=load_tensor_intrinsics,
+        f_export=functools.partial(_export_library, target.cross_compiler),
+    )
+    # Candidates timed on a device over RPC do not share its cores with the build.
+    return builder if settings.rpc_tracker is not None else _SettlingBuilder(builder, LOCAL_SETTLE_S)
+
+
+def _evaluator() -> "ms.runner.EvaluatorConfig":
+    return ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=50, enable_cpu_cache_flush=False)
+
+
+def _runner(target: Target, settings: TuneSettings):
+    if settings.rpc_tracker is None:
+        # Candidates are timed in worker processes that inherit TVM_NUM_THREADS: on as
+        # many cores as the artifact will run on (runtime_only.configure_cpu_threads).
+        from pipeline.runtime.runtime_only import configure_cpu_threads
+
+        configure_cpu_threads()
+        return ms.runner.LocalRunner(timeout_sec=settings.runner_timeout_s, evaluator_config=_evaluator())
+    from pipeline.runtime.rpc import parse_tracker
+
+    host, port = parse_tracker(settings.rpc_tracker)
+    return ms.runner.RPCRunner(
+        rpc_config=ms.runner.RPCConfig(
+            tracker_host=host, tracker_port=port, tracker_key=settings.rpc_key or target.rpc_key or target.name,
+            session_priority=1, session_timeout_sec=int(settings.runner_timeout_s),
+        ),
+        evaluator_config=_evaluator(),
+        max_workers=1,
+    )
+
+
+def check_rpc(target: Target, settings: TuneSettings) -> None:
+    """Before any work: a device target needs a tracker, and the tracker must answer and
+    have a device registered under the key."""
+    key = settings.rpc_key or target.rpc_key or target.name
+    connect_hint = (
+        f"start a tracker (`python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port 9190`), on the board run "
+        f"`python -m tvm.exec.rpc_server --tracker HOST:9190 --key {key}`, then pass "
+        f"--rpc-tracker HOST:9190 --rpc-key {key}"
+    )
+    if settings.rpc_tracker is None:
+        if target.runner == "rpc":
+            raise PipelineError(f"target '{target.name}' is measured on the device itself, through an RPC tracker; {connect_hint}")
+        return
+    from tvm import rpc
+
+    from pipeline.runtime.rpc import check_tracker, parse_tracker
+
+    host, port = parse_tracker(settings.rpc_tracker)
+    check_tracker(host, port, settings.rpc_timeout_s)
+    try:
+        session = rpc.connect_tracker(host, port)
+        # TVM 0.27: TrackerSession keeps its socket in ._sock, with no timeout of its own.
+        session._sock.settimeout(settings.rpc_timeout_s)
+        summary = session.summary()
+        session.close()
+    except (OSError, RuntimeError) as exc:
+        raise PipelineError(f"the RPC tracker at {host}:{port} did not answer a summary request ({exc}); {connect_hint}") from None
+    free = int(summary.get("queue_info", {}).get(key, {}).get("free", 0))
+    registered = [info["key"].split(":", 1)[-1] for info in summary.get("server_info", [])]
+    if key not in registered and free == 0:
+        raise PipelineError(
+            f"no device with key '{key}' is registered with the RPC tracker at {host}:{port} "
+            f"(registered: {', '.join(sorted(set(registered))) or 'none'}); {connect_hint}"
+        )
+
+
+@derived_object
+class _RoundResults(ms.measure_callback.PyMeasureCallback):
+    """Collects what one round measured: run seconds of successes, error messages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: list[float] = []
+        self.errors: list[str] = []
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+        for built, ran in zip(builder_results, runner_results):
+            if built.error_msg is not None:
+                self.errors.append(str(built.error_msg))
+            elif ran.error_msg is not None:
+                self.errors.append(str(ran.error_msg))
+            elif ran.run_secs:
+                runs = sorted(float(s) for s in ran.run_secs)
+                self.seconds.append(runs[len(runs) // 2])
+
+
+# Statuses a resumed run does not reopen: stopped improving, nothing left to try, or kept on
+# a schedule of the pipeline's own (VNNI).
+FINISHED = ("converged", "exhausted", "kept")
+
+
+@dataclass
+class TaskProgress:
+    name: str
+    flops: float
+    weight: int
+    trials: int = 0
+    best_s: float | None = None
+    # The default schedule, measured once as a record of its own: compile applies the
+    # fastest record, so tuning can never make a task slower than its default.
+    default_s: float | None = None
+    # The best record of the database tuning started from (pipeline tune's seed: records
+    # of this model shipped for this or another CPU), replayed and timed on this machine.
+    seed_s: float | None = None
+    status: str = "pending"  # pending, tuning, converged, done (its trials), exhausted, kept, failed
+
+    def as_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _fmt_latency(seconds: float | None, flops: float) -> str:
+    if seconds is None:
+        return "none yet"
+    rate = f", {flops / seconds / 1e9:.1f} GFLOP/s" if flops > 0 else ""
+    return f"{seconds * 1e3:.3f} ms{rate}"
+
+
+def _load_state(db_dir: Path) -> dict[str, TaskProgress]:
+    path = Path(db_dir) / STATE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())["tasks"]
+        return {name: TaskProgress(**entry) for name, entry in raw.items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        warn(f"{path} is unreadable; tasks are tuned as if none had been")
+        return {}
+
+
+def _save_state(db_dir: Path, state: dict[str, TaskProgress], command: str) -> None:
+    write_json(Path(db_dir) / STATE_FILE, {
+        "command": command, "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "tasks": {name: progress.as_json() for name, progress in state.items()},
+    })
+
+
+def _append_curve(db_dir: Path, state: dict[str, TaskProgress], started: float) -> None:
+    """One point of the tuning curve per round: all trials so far against the model's
+    estimated latency (sum over measured kernels of calls x best time), for the reports."""
+    measured = [p for p in state.values() if (p.best_s or p.default_s) is not None]
+    point = {
+        "trials": sum(p.trials for p in state.values()),
+        "best_ms": 1e3 * sum(p.weight * (p.best_s if p.best_s is not None else p.default_s) for p in measured),
+        "kernels_measured": len(measured),
+        "seconds": round(time.monotonic() - started, 1),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    with open(Path(db_dir) / CURVE_FILE, "a") as f:
+        f.write(json.dumps(point) + "\n")
+
+
+def _args_info(sch: Schedule) -> list:
+    """The arguments a scheduled kernel is built and timed with: as MetaSchedule does, those
+    of the kernel without its weight layout rewrite, which takes the weights packed."""
+    return ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
+
+
+def _median(values) -> float:
+    ordered = sorted(float(v) for v in values)
+    return ordered[len(ordered) // 2]
+
+
+def _best_record_seconds(database, task: Task) -> float | None:
+    if not database.has_workload(task.mod):
+        return None
+    records = database.get_top_k(database.commit_workload(task.mod), 1)
+    if not records or not records[0].run_secs:
+        return None
+    return _median(records[0].run_secs)
+
+
+class _CtrlC:
+    """Ctrl-C during tuning: the first stops after the round in flight (its records are
+    measured and kept), a second stops at once. TVM 0.27: a KeyboardInterrupt raised inside
+    MetaSchedule's C++ loop (in a Python callback) comes out as a bare RuntimeError, so the
+    first one must not be raised there."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.say = say
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self) -> "_CtrlC":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.say("[tune] Ctrl-C: stopping after the round in flight (Ctrl-C again stops now); records are kept")
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def tune(
+    onnx_path: Path,
+    target: Target,
+    db_dir: Path,
+    key: str,
+    settings: TuneSettings,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    rewrites: tuple[tuple[str, list], ...] = (),
+    seed_dir: Path | None = None,
+    command: str = "",
+    say: Callable[[str], None] = log,
+) -> dict[str, Any]:
+    """Tune the model's tasks for target into the database at db_dir.
+
+    Tasks go most latency first; each gets up to trials_per_task trials in rounds and stops
+    early once a round no longer improves it. Every measured record is in the database as
+    soon as it is measured, so an interruption (Ctrl-C, a tracker that goes away) loses
+    only the round in flight; `resume` continues where the state file says it stopped.
+
+    With `seed_dir` (another database of this model, e.g. the one shipped for another CPU
+    model), each task's best record there is timed here and added first: the search starts
+    from it (MetaSchedule seeds its population with the best measured records) and the
+    task can only get faster than it."""
+    db_dir = Path(db_dir)
+    started = time.monotonic()
+    # LocalBuilder ships work to its workers with cloudpickle; the cost model is XGBoost.
+    missing = [name for name in ("cloudpickle", "xgboost") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise PipelineError(
+            f"tuning needs the Python packages {', '.join(missing)}; run `make install` "
+            f"(or `pip install cloudpickle xgboost-cpu`)"
+        )
+    check_rpc(target, settings)
+    has_records = (db_dir / RECORD_FILE).is_file() and (db_dir / RECORD_FILE).stat().st_size > 0
+    if has_records and not settings.resume:
+        raise PipelineError(
+            f"{db_dir} holds records of an earlier tuning run; pass --resume to continue it, "
+            f"or delete the directory to start over"
+        )
+    if settings.resume and (db_dir / META_FILE).is_file():
+        problem = database_problem(db_dir, target)
+        if problem is not None:
+            raise PipelineError(f"cannot resume: {problem}; delete the directory to start over")
+    db_dir.mkdir(parents=True, exist_ok=True)
+    write_meta(db_dir, target, key, onnx_sha256=artifacts.file_sha256(onnx_path))
+    for name in (WORKLOAD_FILE, RECORD_FILE):
+        (db_dir / name).touch()
+    load_tensor_intrinsics()
+    database = open_database(db_dir, target, strict=True, repair=True)
+
+    seed_database = None
+    if seed_dir is not None:
+        seed_database = open_database(seed_dir, target, strict=False, similar_ok=True)
+        if seed_database is not None:
+            say(f"[tune] starting from the records of {seed_dir} ({cpu_tag(read_meta(seed_dir)['target_json'])})")
+
+    mod, tvm_target = fused_module(onnx_path, target, input_shape, rewrites)
+    all_tasks = [_in_stored_names(task, database, seed_database) for task in extract_tasks(mod, tvm_target)]
+    state = _load_state(db_dir) if settings.resume else {}
+    chosen = all_tasks[: settings.max_tasks] if settings.max_tasks else all_tasks
+    for task in all_tasks:
+        state.setdefault(task.key, TaskProgress(task.name, task.flops, task.weight))
+    # "done" is a task that used its trials: a run with more trials per task continues it.
+    todo = [t for t in chosen if state[t.key].status not in FINISHED
+            and state[t.key].trials < settings.trials_per_task]
+    budget_trials = settings.trials if settings.trials is not None else settings.trials_per_task * len(todo)
+    say(f"[tune] {len(all_tasks)} tasks for {target.name}; tuning {len(todo)} "
+        f"({len(chosen) - len(todo)} already done) with up to {budget_trials} trials -> {db_dir}")
+
+    tuner = _Tuner(target, tvm_target, settings, database, db_dir, command, say)
+    stop_reason = None
+    with _CtrlC(say) as ctrl_c:
+        try:
+            # First the default schedule of every chosen task (and its seed record), timed
+            # as records: the baselines each task's tuning must beat.
+            for task in chosen:
+                if ctrl_c.requested:
+                    stop_reason = "interrupted"
+                    break
+                tuner.measure_baselines(task, state[task.key], seed_database)
+                _save_state(db_dir, state, command)
+            todo = [t for t in todo if state[t.key].status not in FINISHED]  # measure_baselines may keep one
+            for index, task in enumerate(todo if stop_reason is None else [], start=1):
+                stop_reason = tuner.tune_task(task, state, index, len(todo), budget_trials, started, ctrl_c)
+                _save_state(db_dir, state, command)
+                if stop_reason:
+                    break
+        except BaseException as exc:
+            _save_state(db_dir, state, command)
+            if not (ctrl_c.requested or isinstance(exc, KeyboardInterrupt)):
+                raise
+            stop_reason = "interrupted"
+    summary = {
+        "database": str(db_dir),
+        "tasks_total": len(all_tasks),
+        "tasks_tuned": sum(1 for t in all_tasks if state[t.key].trials > 0),
+        "trials": tuner.spent,
+        "records": len(database),
+        "stopped": stop_reason,
+        "seconds": round(time.monotonic() - started, 1),
+        "tasks": [state[t.key].as_json() for t in all_tasks],
+    }
+    say(_summary_table(all_tasks, state))
+    if stop_reason == "interrupted":
+        say(f"[tune] interrupted: {len(database)} records are kept in {db_dir}; "
+            f"run the same command with --resume to continue")
+        raise KeyboardInterrupt
+    return summary
+
+
+def _in_stored_names(task: Task, database, seed_database) -> Task:
+    """The task as its workload is stored in the database (else in the seed database).
+
+    Records are schedule traces that name blocks, and compile replays them on the stored
+    workload. Lookups match workloads by structure, ignoring names, so a kernel whose block
+    names changed since it was stored (a new graph pass upstream) must be scheduled in the
+    stored names, or its new records would not replay."""
+    for db in (database, seed_database):
+        # has_workload first: commit_workload on a database it lacks would add it there.
+        if db is not None and db.has_workload(task.mod):
+            return dataclasses.replace(task, mod=db.commit_workload(task.mod).mod)
+    for db in (database, seed_database):
+        # Records of the kernel from before its weights were marked layout free.
+        marked = prepack.stored_marked(db, task.mod) if db is not None else None
+        if marked is not None:
+            return dataclasses.replace(task, mod=marked)
+    return task
+
+
+class _Tuner:
+    """Rounds of MetaSchedule search for one task at a time, into one database."""
+
+    def __init__(self, target: Target, tvm_target, settings: TuneSettings, database, db_dir: Path,
+                 command: str, say: Callable[[str], None]):
+        self.target, self.tvm_target, self.settings = target, tvm_target, settings
+        self.database, self.db_dir, self.command, self.say = database, db_dir, command, say
+        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.builder, self.runner = _builder(target, settings), _runner(target, settings)
+        # One cost model for the whole run: what it learns on one task helps the next.
+        self.cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=self.cores)
+        self.spent = 0
+
+    def run_round(self, task: Task, trials: int, seed: int) -> _RoundResults:
+        """Search, build and measure `trials` candidates; records go to the database."""
+        results = _RoundResults()
+        context = ms.TuneContext(
+            mod=task.mod, target=self.tvm_target, space_generator="post-order-apply",
+            search_strategy=ms.search_strategy.EvolutionarySearch(
+                population_size=self.settings.population,
+                init_min_unmeasured=min(50, self.settings.population),
+            ),
+            task_name=task.name, rand_state=seed, num_threads=self.cores,
+        ).clone()
+        ms.tune.tune_tasks(
+            tasks=[context], task_weights=[1.0], work_dir=str(self.db_dir),
+            max_trials_global=trials, max_trials_per_task=trials, num_trials_per_iter=trials,
+            builder=self.builder, runner=self.runner, database=self.database, cost_model=self.cost_model,
+            measure_callbacks=[
+                ms.measure_callback.AddToDatabase(), ms.measure_callback.RemoveBuildArtifact(),
+                ms.measure_callback.UpdateCostModel(), results,
+            ],
+            task_scheduler="round-robin",
+        )
+        return results
+
+    def _measure(self, task: Task, schedules: list[tuple[Schedule, str]]) -> list[list[float] | None]:
+        """Build schedules of a task together and time each; None (said why) where one fails."""
+        built = self.builder.build([ms.builder.BuilderInput(sch.mod, self.tvm_target) for sch, _ in schedules])
+        device = "cpu" if self.tvm_target.kind.name == "llvm" else self.tvm_target.kind.name
+        timings: list[list[float] | None] = []
+        for (sch, what), result in zip(schedules, built):
+            args_info = _args_info(sch)
+            if result.error_msg is not None:
+                self.say(f"[tune] {task.name}: the {what} did not build: {str(result.error_msg).strip()[:200]}")
+                timings.append(None)
+                continue
+            try:
+                # Timed three times, the fastest kept: noise only ever adds time.
+                futures = self.runner.run([ms.runner.RunnerInput(result.artifact_path, device, args_info)] * 3)
+                runs = [future.result() for future in futures]
+            finally:
+                shutil.rmtree(os.path.dirname(result.artifact_path), ignore_errors=True)
+            timed = [r for r in runs if r.error_msg is None and r.run_secs]
+            if not timed:
+                self.say(f"[tune] {task.name}: the {what} did not run: {str(runs[0].error_msg).strip()[-300:]}")
+                timings.append(None)
+                continue
+            timings.append([float(s) for s in min(timed, key=lambda r: _median(r.run_secs)).run_secs])
+        return timings
+
+    def _commit(self, task: Task, sch: Schedule, run_secs: list[float], progress: TaskProgress) -> float:
+        """Add a timed schedule to the database as a record; its median latency."""
+        workload = self.database.commit_workload(task.mod)
+        self.database.commit_tuning_record(
+            ms.database.TuningRecord(sch.trace, workload, run_secs, self.tvm_target, _args_info(sch))
+        )
+        median = _median(run_secs)
+        if progress.best_s is None or median < progress.best_s:
+            progress.best_s = median
+        return median
+
+    def _seed_schedule(self, task: Task, seed_database) -> Schedule | None:
+        """The seed database's best record of the task, replayed; None if it has none."""
+        if not seed_database.has_workload(task.mod):
+            return prepack.schedule_from_unmarked_record(seed_database, task.mod)
+        try:
+            return prepack.replay_best_record(seed_database, task.mod, task.mod)
+        except Exception as exc:  # TVMError: a trace of another TVM build or target kind
+            self.say(f"[tune] {task.name}: the seed record does not replay ({str(exc).strip().splitlines()[-1][:160]})")
+            return None
+
+    def measure_baselines(self, task: Task, progress: TaskProgress, seed_database) -> None:
+        """Time the task's default schedule and (with a seed database) its best record
+        there, and commit each as a record: the baselines tuning must beat, and what
+        compile uses where tuning does not."""
+        wanted: list[tuple[str, Schedule, str]] = []
+        kind = None
+        if progress.default_s is None:
+            sch, kind = default_schedule(task.mod, self.tvm_target)
+            wanted.append(("default_s", sch, f"default schedule ({kind.replace('_', ' ')})"))
+        if seed_database is not None and progress.seed_s is None:
+            sch = self._seed_schedule(task, seed_database)
+            if sch is not None:
+                wanted.append(("seed_s", sch, "seed record"))
+        if not wanted:
+            return
+        for (field, sch, what), run_secs in zip(wanted, self._measure(task, [(sch, what) for _, sch, what in wanted])):
+            if run_secs is not None:
+                setattr(progress, field, self._commit(task, sch, run_secs, progress))
+                self.say(f"[tune] {task.name}: {what} {_fmt_latency(getattr(progress, field), task.flops)}")
+        if kind == "vnni":
+            # MetaSchedule's x86 rules tensorize with TVM's own dot_16x4_vnni, which this
+            # LLVM rejects (pipeline/compiler/vnni.py): every candidate would fail to build.
+            progress.status = "kept"
+            self.say(f"[tune] {task.name}: VNNI kernel, kept on its own schedule (not searched)")
+
+    def tune_task(self, task: Task, state: dict[str, TaskProgress], index: int, count: int,
+                  budget_trials: int, started: float, ctrl_c: "_CtrlC") -> str | None:
+        """Rounds until the task has its trials, stops improving, or a budget runs out
+        (returned as the reason to stop the whole run)."""
+        settings = self.settings
+        progress = state[task.key]
+        progress.status = "tuning"
+        progress.best_s = _best_record_seconds(self.database, task) or progress.best_s
+        stale = failed_rounds = rounds = 0
+        while progress.trials < settings.trials_per_task:
+            elapsed = time.monotonic() - started
+            if ctrl_c.requested:
+                progress.status = "pending"
+                return "interrupted"
+            if settings.time_budget_s is not None and elapsed >= settings.time_budget_s:
+                progress.status = "pending"
+                return "time budget spent"
+            if self.spent >= budget_trials:
+                progress.status = "pending"
+                return "trial budget spent"
+            if settings.rpc_tracker is not None:
+                # Before each round: a tracker that went away is an error now, not after
+                # a round of connection retries.
+                _tracker_gone(settings, self.db_dir, self.database)
+            trials = min(settings.round_trials, settings.trials_per_task - progress.trials, budget_trials - self.spent)
+            results = self.run_round(task, trials, seed=settings.seed + 7919 * rounds + progress.trials + 1)
+            rounds += 1
+            measured = len(results.seconds) + len(results.errors)
+            progress.trials += measured
+            self.spent += measured
+            previous = progress.best_s
+            if results.seconds:
+                progress.best_s = min(results.seconds + ([previous] if previous is not None else []))
+            _save_state(self.db_dir, state, self.command)
+            _append_curve(self.db_dir, state, started)
+            self._report(task, progress, index, count, budget_trials, started)
+            if measured == 0:
+                progress.status = "exhausted"  # the search space has nothing left to try
+                return None
+            if not results.seconds:
+                failed_rounds += 1
+                first = results.errors[0].strip().splitlines()[0] if results.errors else "no result"
+                if settings.rpc_tracker is not None and "RPCRunner" in first:
+                    _tracker_gone(settings, self.db_dir, self.database)
+                if failed_rounds >= 2:
+                    self.say(f"[tune] task {task.name}: every candidate failed twice ({first[:160]}); moving on")
+                    progress.status = "failed"
+                    return None
+                continue
+            failed_rounds = 0
+            improved = previous is None or progress.best_s < previous * (1 - settings.min_improvement)
+            stale = 0 if improved else stale + 1
+            if stale >= settings.patience:
+                progress.status = "converged"
+                return None
+        progress.status = "done"
+        return None
+
+    def _report(self, task: Task, progress: TaskProgress, index: int, count: int, budget_trials: int,
+                started: float) -> None:
+        settings = self.settings
+        elapsed = time.monotonic() - started
+        if settings.time_budget_s is not None:
+            left = f"{_fmt_duration(settings.time_budget_s - elapsed)} left of the budget"
+        else:
+            left = f"~{_fmt_duration(elapsed / max(self.spent, 1) * (budget_trials - self.spent))} left"
+        self.say(
+            f"[tune] task {index} of {count} {task.name} ({task.flops / 1e6:.1f} MFLOP x{task.weight}): "
+            f"{progress.trials}/{settings.trials_per_task} trials, best {_fmt_latency(progress.best_s, task.flops)}; "
+            f"{self.spent}/{budget_trials} trials in all, {left}"
+        )
+
+
+def _tracker_gone(settings: TuneSettings, db_dir: Path, database) -> None:
+    """After a round where every run failed over RPC: a clear error if the tracker is gone."""
+    from pipeline.runtime.rpc import check_tracker, parse_tracker
+
+    host, port = parse_tracker(settings.rpc_tracker)
+    try:
+        check_tracker(host, port, settings.rpc_timeout_s)
+    except PipelineError as exc:
+        raise PipelineError(
+            f"{exc}; the {len(database)} records measured so far are kept in {db_dir}: "
+            f"run the same command with --resume once the tracker is back"
+        ) from None
+
+
+def _summary_table(tasks: list[Task], state: dict[str, TaskProgress]) -> str:
+    """The tasks that have trials, most latency first; the rest in one line."""
+    lines = [f"{'task':<58} {'MFLOP':>8} {'x':>3} {'trials':>6} {'default ms':>10} {'best':>26}  status"]
+    untouched = 0
+    for task in tasks:
+        progress = state[task.key]
+        if progress.trials == 0 and progress.default_s is None:
+            untouched += 1
+            continue
+        lines.append(
+            f"{task.name[:58]:<58} {task.flops / 1e6:>8.2f} {task.weight:>3} {progress.trials:>6} "
+            f"{progress.default_s * 1e3 if progress.default_s else float('nan'):>10.3f} "
+            f"{_fmt_latency(progress.best_s, task.flops):>26}  {progress.status}"
+        )
+    if untouched:
+        lines.append(f"{untouched} more tasks have no trials yet: compile gives them default schedules")
+    return "\n".join(lines)
