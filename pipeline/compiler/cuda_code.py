@@ -39,45 +39,14 @@ class DeviceCode:
         return f"{self.kind}:{self.arch}"
 
 
-def fatbin_entries(data: bytes) -> list[DeviceCode]:
-    """Every fatbin entry in `data`, found by magic number and parsed from its headers.
+def fatbins(data: bytes) -> list[bytes]:
+    """Every fatbin container in ``data``, found by magic number, in file order.
 
-    Fatbin layout (CUDA 10 .. 13): a 16-byte header (u32 magic, u16 version, u16 header
-    size, u64 size of the entries), then entries, each with a header of u16 kind
+    Fatbin layout (CUDA 10 .. 13): a 16-byte header (u32 magic, u16 version 1, u16 header
+    size 16, u64 size of the entries), then entries, each with a header of u16 kind
     (1 PTX, 2 ELF), u16 version, u32 header size, u64 payload size, and the sm number
     as u32 at offset 28.
     """
-    entries: list[DeviceCode] = []
-    magic = struct.pack("<I", FATBIN_MAGIC)
-    start = data.find(magic)
-    while start != -1:
-        if start + 16 <= len(data):
-            _, version, header_size, body_size = struct.unpack_from("<IHHQ", data, start)
-            end = start + header_size + body_size
-            if version == 1 and header_size == 16 and end <= len(data):
-                offset = start + header_size
-                while offset + 32 <= end:
-                    kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, offset)
-                    (sm,) = struct.unpack_from("<I", data, offset + 28)
-                    if kind in _FATBIN_KINDS and entry_header >= 32:
-                        prefix = "sm" if kind == 2 else "compute"
-                        entries.append(DeviceCode(_FATBIN_KINDS[kind], f"{prefix}_{sm}"))
-                    if entry_header == 0:
-                        break
-                    offset += entry_header + payload
-                start = end - 1
-        start = data.find(magic, start + 1)
-    return entries
-
-
-def cuda_device_code(library: Path) -> list[DeviceCode]:
-    """The GPU code a compiled library carries (empty: none, e.g. CUDA source only)."""
-    return fatbin_entries(Path(library).read_bytes())
-
-
-def fatbins(data: bytes) -> list[bytes]:
-    """Every fatbin container in ``data`` (16-byte header: magic, version 1, header size
-    16, u64 size of the entries that follow), in file order."""
     found = []
     magic = struct.pack("<I", FATBIN_MAGIC)
     start = data.find(magic)
@@ -90,6 +59,28 @@ def fatbins(data: bytes) -> list[bytes]:
                 start = end - 1
         start = data.find(magic, start + 1)
     return found
+
+
+def fatbin_entries(data: bytes) -> list[DeviceCode]:
+    """Every entry of every fatbin in `data`, parsed from its header (layout: ``fatbins``)."""
+    entries: list[DeviceCode] = []
+    for container in fatbins(data):
+        offset = 16
+        while offset + 32 <= len(container):
+            kind, _, entry_header, payload = struct.unpack_from("<HHIQ", container, offset)
+            (sm,) = struct.unpack_from("<I", container, offset + 28)
+            if kind in _FATBIN_KINDS and entry_header >= 32:
+                prefix = "sm" if kind == 2 else "compute"
+                entries.append(DeviceCode(_FATBIN_KINDS[kind], f"{prefix}_{sm}"))
+            if entry_header == 0:
+                break
+            offset += entry_header + payload
+    return entries
+
+
+def cuda_device_code(library: Path) -> list[DeviceCode]:
+    """The GPU code a compiled library carries (empty: none, e.g. CUDA source only)."""
+    return fatbin_entries(Path(library).read_bytes())
 
 
 def cuobjdump_path() -> str | None:
