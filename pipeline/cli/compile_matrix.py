@@ -15,6 +15,7 @@ minimum of eight, and what the images show changes no size or compile time.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -338,37 +339,30 @@ def write_report(output: Path, record: dict[str, Any]) -> tuple[Path, Path]:
 # ---------------------------------------------------------------- the command
 
 
-def compile_matrix(
-    variant: Annotated[str, typer.Option(help="ConvNeXt variant; `pipeline variants` lists them.")] = "tiny",
-    input_size: Annotated[int, typer.Option(help="Input height and width.")] = 224,
+# The shared model options the matrix takes, and its defaults: ConvNeXt-T, calibrated on
+# Fashion-MNIST (the four sample photos are too few for INT8).
+MODEL_OPTIONS = (
+    "variant", "input_size", "data", "preprocessing", "calib_size", "calib_method", "weights", "num_classes",
+    "in_chans", "seed", "batch_size", "opset", "params", "artifacts",
+)
+MODEL_DEFAULTS = {"variant": "tiny", "data": "fashion-mnist"}
+
+
+def _matrix_options(
     targets: Annotated[str, typer.Option(help="Comma-separated target names (default: every target `pipeline targets` lists).")] = "",
     precisions: Annotated[str, typer.Option(help="Comma-separated precisions, or 'all': every precision each target offers, plus fp32 and int8 (shown as 'not offered' where missing).")] = "all",
-    data: Annotated[str, typer.Option(help="INT8 calibration images: 'fashion-mnist' (its train split, as RGB), an ImageFolder, a flat folder, .npy/.npz or a list file.")] = "fashion-mnist",
-    preprocessing: Annotated[str, typer.Option(help="Preprocessing of the calibration images (imagenet, fashion-mnist).")] = "imagenet",
-    calib_size: Annotated[int, typer.Option(help="INT8 calibration images to use.")] = 256,
-    calib_method: Annotated[str, typer.Option(help="INT8 calibration: minmax, percentile, entropy or mse.")] = "minmax",
-    weights: Annotated[str, typer.Option(help="Checkpoint .pth, or 'none' for random init (sizes and times do not depend on the values).")] = "none",
-    num_classes: Annotated[int, typer.Option(help="Classifier outputs.")] = 1000,
-    in_chans: Annotated[int, typer.Option(help="Input channels.")] = 3,
-    seed: Annotated[int, typer.Option(help="Seed for random init and calibration sampling.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Batch size compiled into the artifacts.")] = 1,
-    opset: Annotated[int, typer.Option(help="ONNX opset (17 or higher).")] = 17,
-    params: Annotated[str, typer.Option(help="'embedded' weights in the .so, or 'separate' .params.npz file.")] = "embedded",
     output: Annotated[Path, typer.Option(help="Folder for matrix.json and README.md.")] = Path("reports/compile-matrix"),
-    artifacts: Annotated[Path, typer.Option(help="Artifacts directory (content-keyed cache).")] = Path("artifacts"),
 ) -> None:
+    """Signature holder: the matrix's own options, appended to the model options."""
+
+
+def compile_matrix(**options) -> None:
     """Compile the model for every target and precision; write OUTPUT/matrix.json and README.md. Exits 1 if an offered cell failed."""
-    from pipeline.cli.options import parse_weights, validate_config
-    from pipeline.config import PipelineConfig
+    from pipeline.cli.options import config_from_options, validate_config
     from pipeline.engine import log
 
-    config = PipelineConfig(
-        variant=variant, weights=parse_weights(weights),
-        num_classes=num_classes, in_chans=in_chans, seed=seed, input_size=input_size,
-        batch_size=batch_size, opset=opset, params_mode=params, data=data,
-        preprocessing=preprocessing, calib_size=calib_size, calib_method=calib_method,
-        artifacts=artifacts,
-    )
+    config = config_from_options(options)
+    targets, precisions, output = options["targets"], options["precisions"], options["output"]
     # Every bad argument is reported before the first (long) build starts.
     validate_config(config, None)
     plan = plan_cells(resolve_targets(targets), resolve_precisions(precisions))
@@ -392,4 +386,8 @@ def compile_matrix(
 
 def register(app: typer.Typer) -> None:
     """Add the `compile-matrix` command to the `pipeline` CLI."""
+    from pipeline.cli.options import model_parameters
+
+    own = list(inspect.signature(_matrix_options, eval_str=True).parameters.values())
+    compile_matrix.__signature__ = inspect.Signature(model_parameters(MODEL_OPTIONS, defaults=MODEL_DEFAULTS) + own)
     app.command(name="compile-matrix")(compile_matrix)

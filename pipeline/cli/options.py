@@ -56,11 +56,14 @@ def _options(
     """Signature holder: the options, their types, defaults and help."""
 
 
-def model_parameters(names: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+def model_parameters(names: tuple[str, ...] | None = None, exclude: tuple[str, ...] = (),
+                     defaults: dict[str, Any] | None = None) -> list[inspect.Parameter]:
     """The options (all, or `names` in this order, less `exclude`) as parameters for a
-    command's signature."""
+    command's signature, with the command's own `defaults` where it has them."""
     parameters = inspect.signature(_options, eval_str=True).parameters
-    return [parameters[name] for name in (names or parameters) if name not in exclude]
+    defaults = defaults or {}
+    return [parameters[name].replace(default=defaults.get(name, parameters[name].default))
+            for name in (names or parameters) if name not in exclude]
 
 
 def option_help(name: str) -> tuple[Any, Any, str]:

@@ -8,6 +8,7 @@ picks them up (see pipeline/compiler/tuning/tuner.py for the layout and the ship
 
 from __future__ import annotations
 
+import inspect
 import json
 import shlex
 import sys
@@ -21,37 +22,36 @@ from pipeline.errors import PipelineError
 db_app = typer.Typer(no_args_is_help=True, help="Work with tuning databases.")
 
 
-def tune_command(
-    target: Annotated[str, typer.Option(help="Target name; `pipeline targets` lists them.")] = "x86",
-    variant: Annotated[str, typer.Option(help="ConvNeXt variant; `pipeline variants` lists them.")] = "micro",
-    weights: Annotated[str, typer.Option(help="Checkpoint .pth, or 'none' (schedules do not depend on weights).")] = "none",
-    num_classes: Annotated[int, typer.Option(help="Classifier outputs.")] = 1000,
-    in_chans: Annotated[int, typer.Option(help="Input channels.")] = 3,
-    input_size: Annotated[int, typer.Option(help="Input height and width.")] = 224,
-    batch_size: Annotated[int, typer.Option(help="Batch size compiled into the artifact.")] = 1,
+# The shared model options tune takes (pipeline/cli/options.py): the model, and for
+# --precision int8 its calibration images; --rpc-tracker/--rpc-key measure on a board.
+MODEL_OPTIONS = (
+    "target", "variant", "weights", "num_classes", "in_chans", "input_size", "batch_size", "seed", "precision",
+    "data", "preprocessing", "calib_size", "calib_method", "rpc_tracker", "rpc_key", "artifacts",
+)
+
+
+def _tune_options(
     trials: Annotated[Optional[int], typer.Option(help="Trials in all for this run (default: trials-per-task for every task tuned).")] = None,
     trials_per_task: Annotated[int, typer.Option(help="At most this many trials per task; a task stops earlier once it stops improving.")] = 64,
     time_budget: Annotated[Optional[float], typer.Option(help="Stop starting new rounds after this many minutes.")] = None,
     max_tasks: Annotated[Optional[int], typer.Option(help="Tune only the N tasks with the most FLOPs x occurrences.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an earlier (interrupted) run into the same database.")] = False,
-    rpc_tracker: Annotated[Optional[str], typer.Option(help="Measure on a device through this TVM RPC tracker, HOST:PORT.")] = None,
-    rpc_key: Annotated[Optional[str], typer.Option(help="The device's key at the tracker (default: the target's).")] = None,
     rpc_timeout: Annotated[float, typer.Option(help="Seconds to wait for the tracker to answer.")] = 30.0,
     round_trials: Annotated[int, typer.Option(help="Candidates built and measured per round.")] = 16,
-    seed: Annotated[int, typer.Option(help="Seed of the search (and of random init weights).")] = 0,
-    precision: Annotated[str, typer.Option(help="fp32, or int8: tune the integer kernels of the model `pipeline quantize` makes (needs --data).")] = "fp32",
-    data: Annotated[Optional[str], typer.Option(help="Calibration images for --precision int8 (any --data that `pipeline quantize` takes).")] = None,
-    preprocessing: Annotated[str, typer.Option(help="Preprocessing of --data: imagenet or fashion-mnist.")] = "imagenet",
-    calib_size: Annotated[int, typer.Option(help="Calibration images for --precision int8.")] = 256,
-    calib_method: Annotated[str, typer.Option(help="Calibration method for --precision int8, as `pipeline quantize` takes it.")] = "minmax",
-    artifacts: Annotated[Path, typer.Option(help="Artifacts directory; records go to <artifacts>/tune/<target>/<model-key>/.")] = Path("artifacts"),
 ) -> None:
+    """Signature holder: tune's own options, appended to the model options."""
+
+
+def tune_command(**options) -> None:
     """Tune the model's kernels for a target with MetaSchedule; compile reuses the records."""
-    from pipeline.config import PipelineConfig
+    from pipeline.cli.options import config_from_options, validate_config
     from pipeline.engine import log, run_pipeline
     from pipeline.stages import STAGES
     from targets import get_target
 
+    trials, trials_per_task, round_trials = options["trials"], options["trials_per_task"], options["round_trials"]
+    time_budget, max_tasks = options["time_budget"], options["max_tasks"]
+    rpc_tracker, rpc_key, precision = options["rpc_tracker"], options["rpc_key"], options["precision"]
     for name, value in (("trials-per-task", trials_per_task), ("round-trials", round_trials)):
         if value < 1:
             raise PipelineError(f"--{name} must be at least 1, got {value}")
@@ -66,21 +66,14 @@ def tune_command(
 
     if precision not in TUNABLE_PRECISIONS:
         raise PipelineError(f"--precision {precision} cannot be tuned; use one of: {', '.join(TUNABLE_PRECISIONS)}")
-    if precision == "int8" and data is None:
+    if precision == "int8" and options["data"] is None:
         raise PipelineError(
             "--precision int8 tunes the quantized model, which needs calibration images; "
             "pass --data (the folder `pipeline quantize` uses, or e.g. --data fashion-mnist --preprocessing imagenet)"
         )
-    from pipeline.cli.options import parse_weights, validate_config
-
-    config = PipelineConfig(
-        variant=variant, weights=parse_weights(weights),
-        num_classes=num_classes, in_chans=in_chans, seed=seed, input_size=input_size,
-        batch_size=batch_size, artifacts=artifacts, precision=precision, data=data,
-        preprocessing=preprocessing, calib_size=calib_size, calib_method=calib_method,
-    )
+    config = config_from_options(options)
     validate_config(config, None)
-    resolved = get_target(target)
+    resolved = get_target(options["target"])
     if resolved.cuda_arch is not None:
         raise PipelineError(
             f"tuning is implemented for CPU targets; '{resolved.name}' builds its GPU kernels with "
@@ -94,8 +87,8 @@ def tune_command(
     settings = tuner.TuneSettings(
         trials=trials, trials_per_task=trials_per_task,
         time_budget_s=time_budget * 60 if time_budget is not None else None,
-        max_tasks=max_tasks, resume=resume, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
-        rpc_timeout_s=rpc_timeout, round_trials=round_trials, seed=seed,
+        max_tasks=max_tasks, resume=options["resume"], rpc_tracker=rpc_tracker, rpc_key=rpc_key,
+        rpc_timeout_s=options["rpc_timeout"], round_trials=round_trials, seed=config.seed,
     )
     # A device target without a tracker, or a tracker that does not answer, fails here,
     # before the model is built.
@@ -169,5 +162,10 @@ def ship_command(
 
 def register(app: typer.Typer) -> None:
     """Add `tune` and `tune-db` to `app`."""
+    from pipeline.cli.options import model_parameters
+
+    own = list(inspect.signature(_tune_options, eval_str=True).parameters.values())
+    tune_command.__signature__ = inspect.Signature(model_parameters(MODEL_OPTIONS) + own)
+    tune_command.__doc__ = "Tune the model's kernels for a target with MetaSchedule; compile reuses the records."
     app.command(name="tune")(tune_command)
     app.add_typer(db_app, name="tune-db")

@@ -285,7 +285,7 @@ def open_database(db_dir: Path, target: Target | None, *, strict: bool,
 
 
 def write_json(path: Path, data: Any) -> None:
-    artifacts.atomicwrite_json(path, data)
+    artifacts.atomic_write_json(path, data)
     path.chmod(0o644)  # mkstemp makes 0600; databases are shared and committed
 
 
