@@ -50,7 +50,7 @@ def test_unmarked_records_apply_to_marked_kernels_and_weights_are_packed_once(de
 
     # The tuned GEMMs read packed weights: their layout rewrite was split out of the kernel
     # and folded into the embedded constant, so the module calls no rewrite at run time.
-    scheduled = next((tmp_path / "ir").glob("*_scheduled.py")).read_text()
+    scheduled = next((tmp_path / "ir").glob("*_schedule.py")).read_text()
     main = scheduled[scheduled.index("def main("):]
     assert "_prepacked" in main
     assert "_weight_prepack" not in main
@@ -64,7 +64,7 @@ def test_default_schedules_pack_weights_too(demo_onnx, tmp_path):
     info = compile_onnx(demo_onnx, get_target("x86"), library, input_shape=(1, 1, 32, 32),
                         tuning_database=None, dump_ir_dir=tmp_path / "ir")
     assert info["tuning"]["default_tiled"] >= 1
-    scheduled = next((tmp_path / "ir").glob("*_scheduled.py")).read_text()
+    scheduled = next((tmp_path / "ir").glob("*_schedule.py")).read_text()
     assert "_prepacked" in scheduled[scheduled.index("def main("):]
     x = np.random.default_rng(1).standard_normal((1, 1, 32, 32), dtype=np.float32)
     np.testing.assert_allclose(load_artifact(library).infer(x), _reference(demo_onnx, x), rtol=1e-4, atol=1e-4)
