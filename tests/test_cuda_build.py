@@ -354,3 +354,35 @@ def test_int8_gemms_skip_dlights_tensor_core_matmul_rule():
     rule = gpu_schedules.FloatMatmul()
     assert rule.apply(gemm("int8", "int32"), target, False) is None
     assert rule.apply(gemm("float32", "float32"), target, False) is not None
+
+
+# ---------------------------------------------------------------------------
+# What each GPU kernel must cost at least
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_compile_states_each_gpu_kernels_roofline_bound(tmp_path_factory):
+    """FLOPs, bytes and the time they take at the H200's rates, per kernel and in all,
+    counted on the unscheduled kernels; the pointwise GEMMs hold at least 2 M N K FLOPs."""
+    from edge_models import SHAPE, micro_onnx
+
+    info = backend.compile_onnx(micro_onnx(tmp_path_factory), get_target("cuda-sm80"),
+                                tmp_path_factory.mktemp("cost") / "model.so", input_shape=SHAPE)
+    cost = info["gpu_cost"]
+    kernels = {k["kernel"]: k for k in cost["kernels"]}
+    assert cost["launches"] == sum(k["calls"] for k in kernels.values()) >= len(kernels) > 10
+    for kernel in kernels.values():
+        assert kernel["bytes"] > 0 and kernel["roofline_us"] > 0 and kernel["bound"] in ("compute", "memory")
+        rate = cost["rates"]["fp32_flops"]
+        assert kernel["roofline_us"] == pytest.approx(
+            max(kernel["flops"] / rate, kernel["bytes"] / cost["rates"]["memory_bytes"]) * 1e6, abs=1e-6)
+    # Stage 0's first expand GEMM of the micro model at 64x64: 16x16 pixels, 16 -> 64 channels.
+    expand = [k for name, k in kernels.items() if name.startswith("fused_matmul") and "erf" in name]
+    assert max(k["flops"] for k in expand) >= 2 * 16 * 16 * 16 * 64
+    assert cost["roofline_ms"] == pytest.approx(sum(k["roofline_us"] * k["calls"] for k in kernels.values()) / 1e3,
+                                                abs=1e-3)
+    assert "gpu_cost" not in info["tuning"]
+    x86 = backend.compile_onnx(micro_onnx(tmp_path_factory), get_target("x86"),
+                               tmp_path_factory.mktemp("cost-cpu") / "model.so", input_shape=SHAPE)
+    assert "gpu_cost" not in x86

@@ -263,7 +263,8 @@ def compile_onnx(
     Nothing appears at ``library_path`` unless the whole build succeeded. Returns a
     JSON-friendly summary: sizes, input/output, PrimFunc count, compile seconds, and
     ``tuning``: how many PrimFuncs got a schedule from ``tuning_database`` (a directory
-    made by `pipeline tune`) and how many a default schedule (pipeline/compiler/tuning/tuner.py).
+    made by `pipeline tune`) and how many a default schedule (pipeline/compiler/schedules/);
+    for GPU targets ``gpu_cost``: each kernel's roofline bound (pipeline/compiler/cost.py).
 
     ``rewrites`` are extra (phase name, passes) run first, once params are bound (the
     INT8 lowering in pipeline/compiler/int8.py is one); ``precision="fp16"`` adds TVM's mixed
@@ -302,6 +303,7 @@ def compile_onnx(
                 mod = tvm.transform.Sequential(passes, name=phase)(mod)
                 _dump(dump_ir_dir, index, phase, mod)
         num_primfuncs = _count_primfuncs(mod)
+        gpu_cost = tuning.pop("gpu_cost", None)
         # A precision phase may have changed the dtype the weights are passed in.
         param_dtypes = [str(var.ty.dtype) for var in mod["main"].params[-len(param_names):]] if (
             params_mode == "separate" and param_names) else []
@@ -374,6 +376,7 @@ def compile_onnx(
         "output": output,
         "num_primfuncs": num_primfuncs,
         "tuning": tuning,
+        **({"gpu_cost": gpu_cost} if gpu_cost else {}),
         "compile_s": round(time.perf_counter() - start, 3),
         "tvm_version": tvm.__version__,
         "target": target.name,

@@ -9,6 +9,7 @@ import tvm
 from tvm import relax
 
 from pipeline.compiler import graph_rewrites, layout, prepack
+from pipeline.compiler.cost import kernel_costs
 from pipeline.compiler.schedules import cpu as cpu_schedules
 from pipeline.compiler.schedules import gpu as gpu_schedules
 from pipeline.config import PRECISIONS
@@ -23,12 +24,17 @@ def schedule_pass(target: Target, tuning_database: Path | None, report: dict) ->
     """Every kernel gets a schedule: its tuning record where ``tuning_database`` has one,
     else its device kind's default: on CPU the defaults of schedules/cpu.py, then the
     weights packed in the order the tiles read them (prepack.py); on GPU dlight's rules
-    (schedules/gpu.py). ``report`` receives the counts compile reports. Runs inside
+    (schedules/gpu.py). ``report`` receives the counts compile reports and, for GPU
+    targets, each kernel's roofline bound (pipeline/compiler/cost.py). Runs inside
     ``with tvm_target``, as compile runs every phase."""
 
     @tvm.transform.module_pass(opt_level=0, name="Schedule")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         tvm_target = tvm.target.Target.current(allow_none=False)
+        if target.device == "cuda":
+            # What each kernel must cost at least (on the unscheduled kernels, whose FLOPs
+            # TVM counts exactly): the bound a GPU schedule is measured against.
+            report["gpu_cost"] = kernel_costs(mod)
         mod, counts = cpu_schedules.schedule_module(mod, tvm_target, target, tuning_database)
         report.update(counts)
         if target.device == "cuda":

@@ -77,6 +77,11 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
         counts = info["tuning"]
         log(f"[compile] {counts['tasks_from_records']} of {counts['tasks_total']} kernels from tuning records "
             f"({counts['database'] or 'no database'}), {counts['tasks_default']} with default schedules")
+    cost = info.get("gpu_cost")
+    if cost:
+        top = ", ".join(f"{k['kernel']} {k['roofline_us'] * k['calls']:.1f} us" for k in cost["kernels"][:3])
+        log(f"[compile] roofline bound on an H200: {cost['roofline_ms']:.3f} ms in {cost['launches']} launches "
+            f"(largest: {top})")
     # Paths inside the scratch directory mean nothing once it is renamed into place.
     info = {k: v for k, v in info.items() if k not in ("library", "metadata_file")}
     if info.get("params_file"):
