@@ -47,6 +47,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from gpu_check import params_digest  # noqa: E402  (the check verifies what this takes)
 
+from pipeline.runtime.cross import cache_root  # noqa: E402
+
 MIB = 1024 * 1024
 # What the check imports from the pipeline: NumPy, torch and the TVM runtime only.
 BUNDLED_MODULES = (
@@ -110,12 +112,6 @@ def config_name(precision: str, batch: int) -> str:
 
 # ---------------------------------------------------------------------------
 # The pieces
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("CONVNEXT_EDGE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "convnext-edge")
-    return Path(base)
 
 
 def seeded_checkpoint(variant: str, num_classes: int, seed: int, directory: Path) -> Path:
@@ -229,7 +225,7 @@ def tvm_runtime_archive(into: Path) -> dict:
     import tvm
 
     version = metadata.version("apache-tvm")
-    cached = cache_dir() / "gpu-bundle" / f"tvm-runtime-{version}.tar.xz"
+    cached = cache_root() / "gpu-bundle" / f"tvm-runtime-{version}.tar.xz"
     if not cached.is_file():
         package = Path(tvm.__file__).parent
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -261,7 +257,7 @@ def ffi_wheel(into: Path, given: Path | None) -> dict:
             raise PipelineError(f"--ffi-wheel {given} is not an apache-tvm-ffi wheel for Python {GPU_PYTHON}")
         wheel = given
     else:
-        folder = cache_dir() / "gpu-bundle" / "wheels"
+        folder = cache_root() / "gpu-bundle" / "wheels"
         found = sorted(folder.glob(f"apache_tvm_ffi-{version}-{tag}-*.whl"))
         if not found:
             log(f"downloading apache-tvm-ffi=={version} for Python {GPU_PYTHON}")

@@ -44,7 +44,8 @@ QEMU_TIMEOUT_S = 600
 # A cached aarch64 TVM runtime and runner
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """The pipeline's cache of built or downloaded tools (CONVNEXT_EDGE_CACHE, else ~/.cache/convnext-edge)."""
     base = os.environ.get("CONVNEXT_EDGE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "convnext-edge"
     )
@@ -104,7 +105,7 @@ def aarch64_runtime(rebuild: bool = False) -> Path:
     versions = _versions()
     source_hash = hashlib.sha256(RUNNER_SOURCE.read_bytes()).hexdigest()[:12]
     key = f"tvm-{versions['apache-tvm']}-ffi-{versions['apache-tvm-ffi']}-runner-{source_hash}"
-    final = _cache_root() / "aarch64-runtime" / key
+    final = cache_root() / "aarch64-runtime" / key
     if (final / "tvm_runner").is_file() and not rebuild:
         return final
 

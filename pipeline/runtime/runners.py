@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.runtime.runtime_only import ArtifactError, LoadedArtifact
+from pipeline.runtime.runtime_only import ArtifactError, LoadedArtifact, machine_arch
 
 
 class Runner(Protocol):
@@ -102,17 +102,15 @@ class TvmRunner:
 def artifact_runner(library: Path, target, rpc_tracker: str | None = None, rpc_key: str | None = None):
     """The runner for a target's artifact: over RPC when a tracker is given, else in this
     process, refusing an artifact that this machine cannot run."""
-    import platform
-
     if rpc_tracker:
         from pipeline.runtime.rpc import RpcRunner
 
         return RpcRunner(library, target, rpc_tracker, rpc_key or target.rpc_key)
     host_arch = target.host_triple.split("-", 1)[0]
-    if target.runner == "rpc" or host_arch != platform.machine():
+    if target.runner == "rpc" or host_arch != machine_arch():
         raise PipelineError(
             f"target '{target.name}' runs on its own board ({target.host_triple}), not this "
-            f"{platform.machine()} machine; pass --rpc-tracker HOST:PORT [--rpc-key KEY] with the board "
+            f"{machine_arch()} machine; pass --rpc-tracker HOST:PORT [--rpc-key KEY] with the board "
             "registered there (python -m tvm.exec.rpc_server --tracker HOST:PORT --key KEY)"
         )
     runner = TvmRunner(library, device=target.device)
