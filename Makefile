@@ -78,7 +78,7 @@ package: install
 	$(PIPELINE) package --target $(TARGET) $(MODEL_ARGS) $(ARGS)
 
 # The one-call GPU check, packed (benchmarks/gpu_bundle.py): ConvNeXt-T artifacts for cuda-sm90
-# (fp32 b1, fp16 b1 and b8, int8 b1), the TVM runtime without its compiler and
+# (fp32 b1, fp16 b1 and b8; GPU targets offer no int8), the TVM runtime without its compiler and
 # benchmarks/gpu_check.py, in dist/gpu-bundle/ (at most 60 MiB). On the GPU machine:
 # `bash dist/gpu-bundle/run.sh --out OUT`, then copy OUT/reports/* into reports/.
 GPU_BUNDLE_ARGS ?= --variant tiny --input-size 224 --target cuda-sm90

@@ -54,6 +54,7 @@ TORCH_MODES = {
 BASELINES = {
     "fp32": ("pytorch_fp32",),
     "fp16": ("pytorch_fp16", "pytorch_fp16_channels_last", "torch_compile_fp16", "torch_compile_cudagraphs_fp16"),
+    # Bundles for x86 only: GPU targets do not offer int8 (targets.GPU_INT8_REASON).
     "int8": ("pytorch_fp16", "pytorch_fp32"),
 }
 

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable
 
-from pipeline.config import PRECISIONS
 from pipeline.errors import PipelineError
 
 X86_TRIPLE = "x86_64-linux-gnu"
@@ -40,9 +39,20 @@ AARCH64_GCC = "aarch64-linux-gnu-gcc"
 AARCH64_GCC_PACKAGE = "gcc-aarch64-linux-gnu"
 
 
-# GPU targets: FP16 (mixed precision) where tensor cores pay off, and INT8 (the integer
-# kernels of pipeline/compiler/int8.py, scheduled by dlight like every GPU kernel).
-GPU_PRECISIONS = PRECISIONS
+# GPU targets: FP32, and FP16 (mixed precision) where tensor cores pay off. No INT8 (issue #16):
+# TVM 0.27 cannot lower dlight's int8 tensor-core matmul (FloatMatmul in
+# pipeline/compiler/schedules/gpu.py skips it), so the integer kernels of
+# pipeline/compiler/int8.py run on dlight's non-tensor-core rules. Measured on an NVIDIA H200
+# (reports/cuda-sm90-int8/report.md, 2026-12-04): ConvNeXt-T int8 28.1 ms per image at batch 1
+# against 4.99 ms for fp16, 5.6x slower, at 95.3% top-1 agreement with PyTorch fp32.
+GPU_PRECISIONS = ("fp32", "fp16")
+# Why, in one sentence for users: `pipeline targets` prints it on GPU rows, and asking a GPU
+# target for int8 fails with it (Target.precision_note).
+GPU_INT8_REASON = (
+    "int8 is not offered on GPU targets because without integer tensor-core kernels (TVM 0.27 cannot "
+    "lower dlight's int8 tensor-core matmul) ConvNeXt-T int8 ran 5.6x slower than fp16 on an H200 "
+    "(28.1 vs 4.99 ms, batch 1, 2026-12-04); use --precision fp16"
+)
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,24 @@ class Target:
         """Raise the reason this target cannot be built here, if there is one."""
         if self.unavailable is not None:
             raise PipelineError(self.unavailable)
+
+    def precision_note(self, precision: str) -> str | None:
+        """Why this target does not offer `precision`, where that has a reason of its own
+        (int8 on a GPU target: GPU_INT8_REASON); None otherwise."""
+        if precision == "int8" and self.device == "cuda" and precision not in self.precisions:
+            return GPU_INT8_REASON
+        return None
+
+    def check_precision(self, precision: str) -> None:
+        """Raise a one-line error when this target does not offer `precision`: the reason where
+        there is one, else the precisions it does offer."""
+        if precision in self.precisions:
+            return
+        note = self.precision_note(precision)
+        raise PipelineError(
+            f"target '{self.name}' does not support precision '{precision}'"
+            + (f": {note}" if note else f"; use one of: {', '.join(self.precisions)}")
+        )
 
     @property
     def cuda_arch(self) -> str | None:

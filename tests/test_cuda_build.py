@@ -322,7 +322,11 @@ def test_fp16_is_refused_for_cpu_targets(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
 def test_int8_gpu_build_matches_the_int8_cpu_build(tmp_path_factory):
-    """The same integer kernels on the GPU and the CPU: the same logits up to float epilogues."""
+    """The same integer kernels on the GPU and the CPU: the same logits up to float epilogues.
+
+    GPU targets do not offer int8 (targets.GPU_INT8_REASON: 5.6x slower than fp16 on an H200
+    without integer tensor cores), so the pipeline never builds this; the low-level compiler
+    still does, and this keeps that path right for when integer tensor-core kernels land."""
     from test_tvm_int8 import quantized
 
     from pipeline.compiler.int8 import compile_onnx_int8

@@ -133,6 +133,26 @@ def test_report_folders_follow_the_repository_naming():
     assert gpu_check.report_folder("x86", "int8", 1) == "x86-int8"
 
 
+def test_the_default_bundle_offers_no_int8_on_gpu_targets():
+    """GPU targets do not offer int8 (issue #16: 5.6x slower than fp16 on an H200): the bundle's
+    default configurations leave it out, asking for it names the reason, and int8 bundles
+    (BASELINES["int8"]) are for x86."""
+    from pipeline.errors import PipelineError
+    from targets import GPU_INT8_REASON, get_target
+
+    gpu_bundle = _load("gpu_bundle")
+    defaults = gpu_bundle.parse_args([])
+    target = get_target(defaults.target)
+    assert target.device == "cuda"
+    assert gpu_bundle.parse_configs(defaults.configs, target) == [("fp32", 1), ("fp16", 1), ("fp16", 8)]
+    with pytest.raises(PipelineError) as refused:
+        gpu_bundle.parse_configs("fp32:1,int8:1", target)
+    message = str(refused.value)
+    assert message.startswith("target 'cuda-sm90' does not offer precision 'int8'")
+    assert message.endswith(GPU_INT8_REASON) and "\n" not in message
+    assert gpu_bundle.parse_configs("fp32:1,int8:1", get_target("x86")) == [("fp32", 1), ("int8", 1)]
+
+
 @pytest.mark.slow
 def test_the_whole_check_runs_on_a_cpu_bundle(tmp_path):
     """Everything but CUDA, end to end: a bundle built for x86, unpacked, weights derived and

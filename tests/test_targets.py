@@ -12,6 +12,7 @@ from tvm.target import codegen
 
 import targets
 from pipeline.errors import PipelineError
+from conftest import run_cli
 from pipeline.compiler.backend import compile_onnx
 from targets import get_target, known_targets
 
@@ -108,7 +109,56 @@ def test_gpu_rows(name, arch, mcpu):
     assert target.cuda_arch == arch
     assert target.tvm_target["max_shared_memory_per_block"] == 49152
     assert target.host_target.get("mcpu") == mcpu
-    assert target.precisions == ("fp32", "fp16", "int8")
+    # No int8 on GPUs (issue #16): 5.6x slower than fp16 on an H200 without integer tensor cores.
+    assert target.precisions == ("fp32", "fp16")
+    assert target.precision_note("int8") == targets.GPU_INT8_REASON
+    assert target.precision_note("fp16") is None
+
+
+def test_cpu_rows_keep_int8_and_have_no_gpu_reason():
+    for name in ("x86", "jetson-orin-cpu", "jetson-thor-cpu", "arm-a72"):
+        target = get_target(name)
+        assert target.precisions == ("fp32", "int8")
+        assert target.precision_note("int8") is None and target.precision_note("fp16") is None
+
+
+def test_int8_on_a_gpu_target_is_refused_with_the_reason_and_the_fix():
+    reason = targets.GPU_INT8_REASON
+    assert "\n" not in reason and "5.6x slower than fp16" in reason and "H200" in reason
+    assert reason.endswith("use --precision fp16")
+    with pytest.raises(PipelineError) as refused:
+        get_target("cuda-sm90").check_precision("int8")
+    assert str(refused.value) == f"target 'cuda-sm90' does not support precision 'int8': {reason}"
+    get_target("cuda-sm90").check_precision("fp16")
+    # Elsewhere the error lists what the target offers, as before.
+    with pytest.raises(PipelineError, match=r"^target 'x86' does not support precision 'fp16'; use one of: fp32, int8$"):
+        get_target("x86").check_precision("fp16")
+
+
+def test_pipeline_targets_gives_the_reason_on_gpu_rows(tmp_path):
+    listing = run_cli("targets", cwd=tmp_path, check=True).stdout
+    rows: dict[str, list[str]] = {}
+    for line in listing.splitlines():
+        if not line.startswith(" "):
+            rows[line.split()[0]] = []
+        rows[next(reversed(rows))].append(line)
+    for name in ("cuda-sm90", "jetson-orin", "cuda"):
+        assert "precisions fp32, fp16;" in rows[name][1]
+        assert any(line.strip() == targets.GPU_INT8_REASON for line in rows[name]), rows[name]
+    for name in ("x86", "jetson-orin-cpu"):
+        assert "precisions fp32, int8;" in rows[name][1]
+        assert targets.GPU_INT8_REASON not in "\n".join(rows[name])
+
+
+def test_compile_int8_for_a_gpu_target_is_a_one_line_error_before_any_work(tmp_path):
+    result = run_cli("compile", "--variant", "atto", "--input-size", "32", "--target", "cuda-sm90",
+                     "--precision", "int8", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: target 'cuda-sm90' does not support precision 'int8': {targets.GPU_INT8_REASON}"]
+    # Refused before export and quantize: nothing was built or cached.
+    assert not (tmp_path / "artifacts").exists()
 
 
 def test_jetson_cpu_rows_share_the_boards_host():
@@ -148,6 +198,7 @@ def test_local_cuda_takes_the_detected_architecture(monkeypatch):
     try:
         target = get_target("cuda")
         assert target.cuda_arch == "sm_89" and target.device == "cuda"
+        assert target.precisions == ("fp32", "fp16")
         target.check_available()
         tvm.target.Target(target.tvm_target)
     finally:

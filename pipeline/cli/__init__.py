@@ -93,6 +93,8 @@ def targets() -> None:
         needs = f"; needs {', '.join(target.needs)}" if target.needs else ""
         print(f"{'':<18} tvm target {target.target_json()}; precisions {', '.join(target.precisions)}; "
               f"measured {target.runner}{needs}")
+        if target.device == "cuda":
+            print(f"{'':<18} {target.precision_note('int8')}")
 
 
 @app.command()

@@ -177,7 +177,9 @@ def compile_cell(config, target, precision: str) -> Cell:
 
     cell = Cell(target.name, precision, COMPILED, target_json=target.target_json())
     if precision not in target.precisions:
-        cell.status, cell.reason = NOT_OFFERED, f"{target.name} offers precisions {', '.join(target.precisions)}"
+        note = target.precision_note(precision)
+        cell.status, cell.reason = NOT_OFFERED, (
+            f"{target.name} offers precisions {', '.join(target.precisions)}" + (f": {note}" if note else ""))
         return cell
     if target.unavailable is not None:
         cell.status, cell.reason = UNAVAILABLE, target.unavailable

@@ -148,6 +148,10 @@ def run_stages(until: str, config: PipelineConfig, target, onnx: Optional[Path] 
 
     validate_config(config, onnx)
     target.check_available()
+    names = [stage.name for stage in STAGES]
+    if names.index(until) >= names.index("compile"):
+        # Before export and quantize run: the compile stage would refuse the precision anyway.
+        target.check_precision(config.precision)
     if until in MEASURING_STAGES and target.runner == "rpc" and not config.rpc_tracker:
         # Fail before compiling: the artifact could not be measured anyway.
         raise PipelineError(
