@@ -74,6 +74,9 @@ class Target:
     device: str = "cpu"
     # What building or measuring needs beyond the Python packages, for `pipeline targets`.
     needs: tuple[str, ...] = ()
+    # GPU targets: the streaming multiprocessors of the largest GPU the target names. The
+    # default GPU schedules size their grids to give each at least one thread block.
+    sm_count: int | None = None
     # Why this target cannot be built on this machine (a detected device that is absent);
     # None when it can. Listing still works; check_available() raises the reason.
     unavailable: str | None = None
@@ -179,6 +182,11 @@ def _arm_cpu_target(name: str, board: str, mcpu: str, mattr: tuple[str, ...]) ->
     )
 
 
+# SMs of the largest GPU each architecture's target names (RTX 2080 Ti, A100, RTX 3090,
+# RTX 4090, H100/H200 SXM, AGX Orin, AGX Thor): a grid of at least this many blocks fills it.
+SM_COUNTS = {"sm_75": 68, "sm_80": 108, "sm_86": 82, "sm_89": 128, "sm_90": 132, "sm_87": 16, "sm_110": 20}
+
+
 def _cuda_sm_target(arch: str, gpus: str) -> Target:
     return Target(
         name=f"cuda-{arch.replace('_', '')}",
@@ -188,6 +196,7 @@ def _cuda_sm_target(arch: str, gpus: str) -> Target:
         precisions=GPU_PRECISIONS,
         device="cuda",
         needs=_CUDA_NEEDS,
+        sm_count=SM_COUNTS[arch],
     )
 
 
@@ -208,6 +217,7 @@ def _jetson_target(name: str, board: str, arch: str, mcpu: str, mattr: tuple[str
         device="cuda" if gpu else "cpu",
         # CUDA 13 is the first toolkit that knows sm_110.
         needs=((f"nvcc (CUDA {'13+' if arch == 'sm_110' else 'toolkit'})",) if gpu else ()) + _ARM_NEEDS,
+        sm_count=SM_COUNTS[arch] if gpu else None,
     )
 
 
@@ -291,7 +301,16 @@ def _local_cuda() -> Target:
         precisions=GPU_PRECISIONS,
         device="cuda",
         needs=_CUDA_NEEDS,
+        sm_count=_local_sm_count(arch),
     )
+
+
+def _local_sm_count(arch: str) -> int:
+    """This machine's GPU's SM count where TVM sees the GPU, else its architecture's."""
+    import tvm
+
+    device = tvm.cuda(0)
+    return int(device.multi_processor_count) if device.exist else SM_COUNTS.get(arch, SM_COUNTS["sm_90"])
 
 
 def _fixed(target: Target) -> Callable[[], Target]:

@@ -31,7 +31,7 @@ import tvm
 from pipeline import toolchain
 from pipeline.compiler import cuda_code, nvcc
 from pipeline.compiler.onnx_import import bind_weights, import_relax, output_spec, resolve_input
-from pipeline.compiler.phases import precision_phases, relax_phases
+from pipeline.compiler.phases import pass_config, precision_phases, relax_phases
 from pipeline.config import PARAMS_MODES
 from pipeline.errors import PipelineError
 from pipeline.onnx_io import load_onnx
@@ -264,7 +264,9 @@ def compile_onnx(
     JSON-friendly summary: sizes, input/output, PrimFunc count, compile seconds, and
     ``tuning``: how many PrimFuncs got a schedule from ``tuning_database`` (a directory
     made by `pipeline tune`) and how many a default schedule (pipeline/compiler/schedules/);
-    for GPU targets ``gpu_cost``: each kernel's roofline bound (pipeline/compiler/cost.py).
+    for GPU targets ``gpu_cost``: each kernel's roofline bound (pipeline/compiler/cost.py)
+    and the rule, grid ("blocks") and block size ("threads") its schedule has,
+    and ``cuda_graph_captures``: how many kernel sequences run as captured CUDA graphs.
 
     ``rewrites`` are extra (phase name, passes) run first, once params are bound (the
     INT8 lowering in pipeline/compiler/int8.py is one); ``precision="fp16"`` adds TVM's mixed
@@ -297,13 +299,19 @@ def compile_onnx(
     tvm_target = tvm.target.Target(target.tvm_target)
     tuning: dict = {}
     phases = [*rewrites, *precision_phases(precision, target), *relax_phases(target, tuning_database, tuning)]
-    with tvm_target, _cuda_source_codegen(target):
+    with tvm_target, _cuda_source_codegen(target), tvm.transform.PassContext(config=pass_config(target)):
         for index, (phase, passes) in enumerate(phases, start=2):
             if passes:
                 mod = tvm.transform.Sequential(passes, name=phase)(mod)
                 _dump(dump_ir_dir, index, phase, mod)
         num_primfuncs = _count_primfuncs(mod)
+        # Regions RewriteCUDAGraph lifted out of main to capture as CUDA graphs (GPU targets).
+        cuda_graphs = sum(1 for gv in mod.functions if "cuda_graph_capture" in gv.name_hint)
         gpu_cost = tuning.pop("gpu_cost", None)
+        # Each GPU kernel's schedule beside its cost: the rule that made it, its grid and block.
+        gpu_kernels = tuning.pop("gpu_kernels", {})
+        for kernel in (gpu_cost or {}).get("kernels", []):
+            kernel.update(gpu_kernels.get(kernel["kernel"], {"rule": "tuning record"}))
         # A precision phase may have changed the dtype the weights are passed in.
         param_dtypes = [str(var.ty.dtype) for var in mod["main"].params[-len(param_names):]] if (
             params_mode == "separate" and param_names) else []
@@ -376,7 +384,7 @@ def compile_onnx(
         "output": output,
         "num_primfuncs": num_primfuncs,
         "tuning": tuning,
-        **({"gpu_cost": gpu_cost} if gpu_cost else {}),
+        **({"gpu_cost": gpu_cost, "cuda_graph_captures": cuda_graphs} if gpu_cost else {}),
         "compile_s": round(time.perf_counter() - start, 3),
         "tvm_version": tvm.__version__,
         "target": target.name,

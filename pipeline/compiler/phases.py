@@ -38,7 +38,8 @@ def schedule_pass(target: Target, tuning_database: Path | None, report: dict) ->
         mod, counts = cpu_schedules.schedule_module(mod, tvm_target, target, tuning_database)
         report.update(counts)
         if target.device == "cuda":
-            return gpu_schedules.default_schedule_pass()(mod)
+            mod, report["gpu_kernels"] = gpu_schedules.schedule_module(mod, tvm_target, target.sm_count)
+            return mod
         return tvm.transform.Sequential(prepack.pack_weights(), name="pack_weights")(mod)
 
     return _pass
@@ -67,10 +68,11 @@ def relax_phases(
             transform.CanonicalizeBindings(),
             graph_rewrites.integer_power_to_multiply(),
         ]),
-        # Channels last (CPU): NCHW convolutions compute in NHWC so that the transposes
-        # around ConvNeXt's LayerNorms cancel and channel reductions read contiguous
-        # memory (pipeline/compiler/layout.py). GPU targets keep NCHW until measured on one.
-        ("channels_last", [] if is_gpu else [layout.channels_last_pass()]),
+        # Channels last: NCHW convolutions compute in NHWC so that the transposes around
+        # ConvNeXt's LayerNorms cancel and channel reductions read contiguous memory
+        # (pipeline/compiler/layout.py); on GPU too, where the depthwise kernel then loads
+        # channel vectors and each LayerNorm is one row reduction.
+        ("channels_last", [layout.channels_last_pass()]),
         # Library dispatch: route sampling/sort ops to hand-written kernels (a no-op for
         # CNNs, kept so that the list matches TVM's own CPU pipeline).
         ("dispatch", [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()]),
@@ -103,9 +105,13 @@ def relax_phases(
             transform.CallTIRRewrite(),
         ]),
         # VM finalization: plan and reuse memory statically, free after last use, lower
-        # builtins and shape computations to VM instructions, name the entry points.
+        # builtins and shape computations to VM instructions, name the entry points. On
+        # GPU, the kernels between the input's first and the output's last one are captured
+        # as one CUDA graph on the first call and replayed after (pass_config turns it on):
+        # a batch-1 ConvNeXt is otherwise bound by ~130-200 kernel launches.
         ("finalize", [
             transform.StaticPlanBlockMemory(),
+            *([transform.RewriteCUDAGraph()] if is_gpu else []),
             transform.LowerAllocTensor(),
             transform.KillAfterLastUse(),
             transform.LowerRuntimeBuiltin(),
@@ -114,6 +120,15 @@ def relax_phases(
             transform.AttachGlobalSymbol(),
         ]),
     ]
+
+
+def pass_config(target: Target) -> dict:
+    """The PassContext settings compile runs the phases and TIR's lowering under: on GPU,
+    CUDA graph capture (RewriteCUDAGraph does nothing without it) and asynchronous
+    global-to-shared copies (cp.async, sm_80+) where a schedule pipelines its loads."""
+    if target.device != "cuda":
+        return {}
+    return {"relax.backend.use_cuda_graph": True, "tirx.use_async_copy": True}
 
 
 def phases_before(phases: list[Phase], name: str) -> list[Phase]:

@@ -103,8 +103,9 @@ def model_input(config: PipelineConfig) -> tuple[str, ...]:
 STAGE = Stage(
     name="compile",
     # 2: integer powers as multiplies, nvcc without fast math, model.cu and fp16 weights
-    # (artifacts of version 1 computed NaN on CUDA GPUs and must not be reused).
-    version=2,
+    # (artifacts of version 1 computed NaN on CUDA GPUs and must not be reused);
+    # 3: GPU kernels in NHWC with our depthwise and tensor-core GEMM schedules, CUDA graphs.
+    version=3,
     inputs=model_input,
     outputs=("library", "library_metadata", "params", "cuda_source"),
     settings=settings,

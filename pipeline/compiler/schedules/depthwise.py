@@ -25,7 +25,7 @@ def _largest_divisor(n: int, cap: int) -> int:
     return max(d for d in range(1, max(1, min(n, cap)) + 1) if n % d == 0)
 
 
-def _depthwise_block(sch: Schedule):
+def depthwise_block(sch: Schedule):
     """The group_conv2d_nhwc block with one input channel per group, or None."""
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         if not sch.get(block).name_hint.startswith("group_conv2d_nhwc"):
@@ -37,10 +37,10 @@ def _depthwise_block(sch: Schedule):
 
 
 def is_depthwise_nhwc(func: tvm.tirx.PrimFunc) -> bool:
-    return _depthwise_block(Schedule(tvm.IRModule({"main": func}))) is not None
+    return depthwise_block(Schedule(tvm.IRModule({"main": func}))) is not None
 
 
-def _inline_epilogue(sch: Schedule, conv) -> list:
+def inline_epilogue(sch: Schedule, conv) -> list:
     """Inline the elementwise chain after the convolution (bias, requantize) into its last
     block where TVM can; the blocks left are returned in order."""
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
@@ -58,11 +58,11 @@ def _inline_epilogue(sch: Schedule, conv) -> list:
 def depthwise_nhwc_schedule(task_mod: tvm.IRModule, vector_lanes: int) -> Schedule | None:
     """The register-tiled schedule of a depthwise NHWC task, None if it has no such block."""
     sch = Schedule(task_mod, seed=1)
-    conv = _depthwise_block(sch)
+    conv = depthwise_block(sch)
     if conv is None:
         return None
     producers = [b for b in sch.get_producers(conv) if sch.get(b).name_hint.startswith("pad")]
-    epilogue = _inline_epilogue(sch, conv)
+    epilogue = inline_epilogue(sch, conv)
     n, y, x, c, ry, rx, rc = sch.get_loops(conv)
     width, channels = int(sch.get(x).extent), int(sch.get(c).extent)
     # Two vectors of channels per tile where they divide the channels, else one (or less).

@@ -1,12 +1,33 @@
-"""Default schedules of GPU kernels: dlight's rules, first match wins, in the order of
-``rules()``, with two of them narrowed where TVM 0.27's versions fail instead of declining."""
+"""Default schedules of GPU kernels: our own rules for ConvNeXt's heavy kernels (the NHWC
+depthwise convolution, gpu_depthwise.py; float16 GEMMs, gpu_matmul.py) ahead of dlight's rules, first match wins, in the
+order of ``rules()``; two of dlight's are narrowed where TVM 0.27's versions fail instead
+of declining."""
 
 from __future__ import annotations
+
+import re
 
 import tvm
 
 # TVM 0.27: MetaSchedule moved to tvm.s_tir.meta_schedule and dlight to tvm.s_tir.dlight.
 from tvm.s_tir import dlight
+from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
+
+from pipeline.compiler.schedules.gpu_depthwise import depthwise_nhwc_gpu_schedule
+from pipeline.compiler.schedules.gpu_matmul import TensorCoreMatmul
+
+
+class DepthwiseNHWC(GPUScheduleRule):
+    """Channels-last depthwise convolutions: shared-memory input tiles, register
+    accumulators, a grid of at least ``sm_count`` blocks (gpu_depthwise.py)."""
+
+    def __init__(self, sm_count: int):
+        self.sm_count = sm_count
+
+    def apply(self, func, target, tunable):
+        if not isinstance(func, tvm.tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        return depthwise_nhwc_gpu_schedule(func, self.sm_count)
 
 
 class FloatMatmul(dlight.gpu.Matmul):
@@ -39,11 +60,48 @@ class DecliningGEMV(dlight.gpu.GEMV):
             return None
 
 
-def rules() -> list:
-    """dlight's rules for our kernels, most specific first."""
-    return [FloatMatmul(), DecliningGEMV(), dlight.gpu.Reduction(), dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()]
+def rules(sm_count: int) -> list:
+    """The rules for our kernels, most specific first; grids are sized for ``sm_count`` SMs."""
+    return [
+        DepthwiseNHWC(sm_count), TensorCoreMatmul(sm_count), FloatMatmul(), DecliningGEMV(), dlight.gpu.Reduction(),
+        dlight.gpu.GeneralReduction(), dlight.gpu.Fallback(),
+    ]
 
 
-def default_schedule_pass() -> tvm.transform.Pass:
-    """Every GPU kernel not scheduled yet (by a tuning record) gets the first rule that applies."""
-    return dlight.ApplyDefaultSchedule(*rules())
+_THREAD_BINDING = re.compile(r'T\.thread_binding\((?:T\.int(?:32|64)\()?(\d+)\)?, thread="(\w+)\.(\w)"\)')
+
+
+def launch_shape(func: tvm.tirx.PrimFunc) -> tuple[int, int]:
+    """(thread blocks, threads per block) of a scheduled kernel, from its thread bindings
+    (read from its TVMScript: TVM 0.27 has no Python visitor of TIR statements)."""
+    extents: dict[tuple[str, str], int] = {}
+    for extent, kind, axis in _THREAD_BINDING.findall(func.script()):
+        extents[kind, axis] = max(extents.get((kind, axis), 1), int(extent))
+    blocks = threads = 1
+    for (kind, _), extent in extents.items():
+        if kind == "blockIdx":
+            blocks *= extent
+        elif kind == "threadIdx":
+            threads *= extent
+    return blocks, threads
+
+
+def schedule_module(mod: tvm.IRModule, tvm_target, sm_count: int) -> tuple[tvm.IRModule, dict[str, dict]]:
+    """Every GPU kernel not scheduled yet (by a tuning record) gets the first rule that
+    applies (what dlight.ApplyDefaultSchedule does), and the rule, grid and block size of
+    each are returned by kernel name: compile's info, and what the tests read."""
+    mod = mod.clone()
+    kernels: dict[str, dict] = {}
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, tvm.tirx.PrimFunc) or "tirx.is_scheduled" in (func.attrs or {}):
+            continue
+        for rule in rules(sm_count):
+            schedule = rule.apply(func, tvm_target, False)
+            if schedule is None:
+                continue
+            scheduled = (schedule[0] if isinstance(schedule, list) else schedule).mod["main"]
+            mod.update_func(gv, scheduled.with_attr("tirx.is_scheduled", True))
+            blocks, threads = launch_shape(scheduled)
+            kernels[gv.name_hint] = {"rule": type(rule).__name__, "blocks": blocks, "threads": threads}
+            break
+    return mod, kernels

@@ -1,0 +1,158 @@
+"""The default GPU schedules (pipeline/compiler/schedules/gpu*.py), checked without a GPU:
+tile choices from the shapes, and on ConvNeXt-T (224x224, fp16, batch 1, cuda-sm90) the
+scheduled kernels' grids, the CUDA source and SASS nvcc made of them, and the CUDA graph."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import tvm
+
+from pipeline.compiler import cuda_code
+from pipeline.compiler.schedules import gpu_depthwise, gpu_matmul
+from targets import SM_COUNTS, get_target
+
+# ConvNeXt-T per stage at 224x224: (side, channels); GEMMs per image: (M, K, N).
+CONVNEXT_T_STAGES = ((56, 96), (28, 192), (14, 384), (7, 768))
+CONVNEXT_T_GEMMS = (
+    (3136, 48, 96), (3136, 96, 384), (3136, 384, 96), (784, 384, 192), (784, 192, 768), (784, 768, 192),
+    (196, 768, 384), (196, 384, 1536), (196, 1536, 384), (49, 1536, 768), (49, 768, 3072), (49, 3072, 768),
+)
+H200_SMS = SM_COUNTS["sm_90"]
+
+
+# ---------------------------------------------------------------------------
+# Fast: tiles from shapes
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("side, channels", CONVNEXT_T_STAGES)
+def test_depthwise_tiles_fill_every_sm_of_an_h200_with_many_outputs_per_block(batch, side, channels):
+    tile = gpu_depthwise.choose_tile(batch, side, side, channels, H200_SMS)
+    assert side % tile.rows == 0 and side % tile.pixels == 0 and channels % tile.channels == 0
+    assert 32 <= tile.threads <= 512
+    assert tile.blocks(batch, side, side, channels) >= H200_SMS
+    assert tile.threads * tile.pixels_per_thread >= 32  # outputs per block
+
+
+def test_depthwise_tile_on_a_small_gpu_keeps_wide_channel_tiles():
+    """Orin's 16 SMs are filled by wide tiles: channel tiles grow as the SM count shrinks."""
+    orin = gpu_depthwise.choose_tile(1, 56, 56, 96, SM_COUNTS["sm_87"])
+    h200 = gpu_depthwise.choose_tile(1, 56, 56, 96, H200_SMS)
+    assert orin.channels >= h200.channels
+    assert orin.blocks(1, 56, 56, 96) >= SM_COUNTS["sm_87"]
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("m, k, n", CONVNEXT_T_GEMMS)
+def test_gemm_tiles_fill_every_sm_of_an_h200(batch, m, k, n):
+    tile = gpu_matmul.choose_tile(batch * m, n, H200_SMS)
+    assert gpu_matmul.grid_blocks(batch * m, n, tile) >= H200_SMS
+    larger = gpu_matmul.TILES[:gpu_matmul.TILES.index(tile)]
+    assert all(gpu_matmul.grid_blocks(batch * m, n, t) < H200_SMS for t in larger)  # the largest that fills
+
+
+def test_gemm_tile_is_the_smallest_when_nothing_fills_the_gpu():
+    assert gpu_matmul.choose_tile(16, 16, H200_SMS) == gpu_matmul.TILES[-1]
+
+
+def test_every_gpu_target_names_its_sm_count():
+    from targets import known_targets
+
+    for name in known_targets():
+        target = get_target(name)
+        if target.device == "cuda" and target.unavailable is None:
+            assert target.sm_count and target.sm_count >= 16, name
+
+
+# ---------------------------------------------------------------------------
+# Slow: ConvNeXt-T compiled for an H200
+
+_T_SHAPE = (1, 3, 224, 224)
+
+
+@pytest.fixture(scope="module")
+def convnext_t(tmp_path_factory):
+    """ConvNeXt-T (1000 classes, fp16) for cuda-sm90: the compile info, the finalized
+    module's text, the CUDA source and the library."""
+    from pipeline.compiler import backend
+    from pipeline.model import create_model
+    from pipeline.stages.export import export_onnx
+
+    folder = tmp_path_factory.mktemp("convnext-t-cuda")
+    onnx_path = folder / "tiny.onnx"
+    export_onnx(create_model("tiny", num_classes=1000).eval(), onnx_path, _T_SHAPE, opset=17, dynamic_batch=False)
+    info = backend.compile_onnx(onnx_path, get_target("cuda-sm90"), folder / "model.so", precision="fp16",
+                                input_shape=_T_SHAPE, dump_ir_dir=folder / "ir")
+    finalize_dump = next(p for p in (folder / "ir").iterdir() if p.stem.endswith("_finalize"))
+    return {
+        "info": info,
+        "finalized": finalize_dump.read_text(),
+        "source": (folder / "model.cu").read_text(),
+        "library": folder / "model.so",
+    }
+
+
+def _kernels(convnext_t, word: str) -> dict[str, dict]:
+    """compile's record of each kernel whose name holds ``word``: rule, blocks, threads."""
+    return {k["kernel"]: k for k in convnext_t["info"]["gpu_cost"]["kernels"] if word in k["kernel"]}
+
+
+def _kernel_source(source: str, name: str) -> str:
+    """The body of kernel ``name`` in the CUDA source (up to the next kernel)."""
+    start = source.index(f" {name}_kernel(", source.index(f" {name}_kernel(") + 1)
+    end = source.find('extern "C" __global__', start)
+    return source[start:end if end > 0 else len(source)]
+
+
+@pytest.mark.slow
+def test_convnext_t_depthwise_kernels_use_shared_tiles_and_fill_the_sms(convnext_t):
+    depthwise = _kernels(convnext_t, "conv2d")
+    assert len(depthwise) == 4  # one per stage
+    for name, kernel in depthwise.items():
+        assert kernel["rule"] == "DepthwiseNHWC", name
+        assert kernel["blocks"] >= H200_SMS and 32 <= kernel["threads"] <= 512, kernel
+        body = _kernel_source(convnext_t["source"], name)
+        assert "__shared__" in body, name  # the input tile with its halo
+        assert "__syncthreads" in body, name
+
+
+@pytest.mark.slow
+def test_convnext_t_gemms_run_on_tensor_cores_with_async_copies_and_fill_the_sms(convnext_t):
+    # Every matmul but the classifier head (M = 1, 1.5 MFLOP: a GEMV); the smallest GEMM
+    # (stage 4 at batch 1) is 2 x 49 x 768 x 1536 = 116 MFLOP.
+    gemms = {name: k for name, k in _kernels(convnext_t, "matmul").items() if k["flops"] > 10e6}
+    assert len(gemms) >= 12
+    for name, kernel in gemms.items():
+        assert kernel["rule"] == "TensorCoreMatmul", name
+        assert kernel["blocks"] >= H200_SMS and kernel["threads"] >= 32, kernel
+        body = _kernel_source(convnext_t["source"], name)
+        assert "wmma::mma_sync" in body, name
+        assert re.search(r"cp_async\w*_16", body), name  # 16-byte cp.async (a PTX helper TVM emits)
+        assert "cp_async_wait_group" in body, name  # ... pipelined: waits for the older stage only
+
+
+@pytest.mark.slow
+def test_convnext_t_has_at_most_60_kernels_and_runs_as_a_cuda_graph(convnext_t):
+    kernels = set(re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(', convnext_t["source"]))
+    assert len(kernels) <= 60
+    assert convnext_t["info"]["cuda_graph_captures"] == 1
+    assert "vm.builtin.cuda_graph.run_or_capture" in convnext_t["finalized"]
+
+
+@pytest.mark.slow
+def test_no_convnext_t_kernel_is_left_to_the_generic_rules(convnext_t):
+    """dlight's GeneralReduction and Fallback rules are what made the depthwise convs slow;
+    what they may still get is a LayerNorm, a mean or an elementwise kernel."""
+    for name, kernel in _kernels(convnext_t, "").items():
+        if kernel["rule"] in ("GeneralReduction", "Fallback"):
+            assert "conv2d" not in name and "matmul" not in name, kernel
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(cuda_code.cuobjdump_path() is None, reason="cuobjdump is not installed")
+def test_convnext_t_gemm_machine_code_holds_tensor_core_and_async_copy_instructions(convnext_t):
+    sass = cuda_code.disassemble(convnext_t["library"], "sass")
+    assert "HMMA" in sass
+    assert "LDGSTS" in sass  # cp.async
