@@ -142,6 +142,45 @@ def test_convnext_t_has_at_most_60_kernels_and_runs_as_a_cuda_graph(convnext_t):
 
 
 @pytest.mark.slow
+def test_convnext_t_with_separate_weights_reads_them_as_saved(tmp_path):
+    """--params separate: the weights are saved in the layout and dtype the kernels read, so
+    no kernel transposes, reshapes or casts a weight per call, and the kernels stay <= 60."""
+    import numpy as np
+
+    from pipeline.compiler import backend
+    from pipeline.model import create_model
+    from pipeline.stages.export import export_onnx
+
+    import onnx
+    import onnxsim
+
+    import torch
+
+    from pipeline.seeded_weights import seeded_state
+
+    # Weights like a trained model's (no two alike: onnxsim merges equal initializers, e.g.
+    # the zero biases of a fresh model, into one parameter read in many places).
+    model = create_model("tiny", num_classes=1000).eval()
+    state = seeded_state(((n, tuple(t.shape)) for n, t in model.state_dict().items()), seed=0)
+    model.load_state_dict({n: torch.from_numpy(v) for n, v in state.items()})
+    onnx_path = tmp_path / "tiny.onnx"
+    export_onnx(model, onnx_path, _T_SHAPE, opset=17, dynamic_batch=False)
+    simplified, ok = onnxsim.simplify(onnx.load(str(onnx_path)), check_n=0)  # as the simplify stage does
+    onnx.save(simplified, str(onnx_path))
+    info = backend.compile_onnx(onnx_path, get_target("cuda-sm90"), tmp_path / "model.so", precision="fp16",
+                                params_mode="separate", input_shape=_T_SHAPE)
+    kernels = {k["kernel"] for k in info["gpu_cost"]["kernels"]}
+    assert len(kernels) <= 60
+    # What layout kernels remain cut the three downsampling layers' inputs into patches.
+    layout_only = [k for k in kernels if re.fullmatch(r"(fused_)?((transpose|reshape)\d*_?)+", k)]
+    assert len(layout_only) <= 3, layout_only
+    assert info["cuda_graph_captures"] == 1
+    with np.load(tmp_path / "model.params.npz") as weights:
+        depthwise = [weights[n] for n in weights.files if "dwconv" in n and "weight" in n]
+        assert depthwise and all(w.shape[:2] == (7, 7) and w.dtype == np.float16 for w in depthwise)  # HWOI
+
+
+@pytest.mark.slow
 def test_no_convnext_t_kernel_is_left_to_the_generic_rules(convnext_t):
     """dlight's GeneralReduction and Fallback rules are what made the depthwise convs slow;
     what they may still get is a LayerNorm, a mean or an elementwise kernel."""

@@ -1,4 +1,4 @@
-"""tvm_graph_rewrites: integer powers as multiplications, weights cast once, on real builds."""
+"""graph_rewrites: integer powers and divisions by constants as multiplications, on real builds."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import tvm
 from tvm import relax
 
-from pipeline.compiler.graph_rewrites import cast_weight_params_once, integer_power_to_multiply
+from pipeline.compiler.graph_rewrites import integer_power_to_multiply
 
 
 def _ops(mod: tvm.IRModule) -> list[str]:
@@ -54,37 +54,30 @@ def test_other_exponents_stay_a_power(exponent):
     assert _ops(rewritten) == ["relax.power"]
 
 
-def _cast_weight_module() -> tvm.IRModule:
-    """main(x, w, b): matmul(cast16(x), cast16(w)) + b, with w and b weights (num_input=1)."""
-    builder = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((4, 8), "float32"))
-    w = relax.Var("w", relax.TensorType((8, 16), "float32"))
-    b = relax.Var("b", relax.TensorType((16,), "float32"))
-    with builder.function("main", [x, w, b], attrs={"num_input": 1}):
-        with builder.dataflow():
-            x16 = builder.emit(relax.op.astype(x, "float16"))
-            w16 = builder.emit(relax.op.astype(w, "float16"))
-            y = builder.emit(relax.op.matmul(x16, w16, out_dtype="float32"))
-            out = builder.emit_output(builder.emit(relax.op.add(y, b)))
-        builder.emit_func_output(out)
-    return builder.get()
+def test_division_by_a_constant_becomes_a_multiplication_within_one_rounding():
+    from pipeline.compiler.graph_rewrites import divide_by_constant_to_multiply
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((64,), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.divide(x, relax.const(np.float32(1.4142135381698608))))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    rewritten = divide_by_constant_to_multiply(mod)
+    assert _ops(rewritten) == ["relax.multiply"] and _ops(mod) == ["relax.divide"]
+    values = np.random.default_rng(0).standard_normal(64).astype("float32") * 10
+    np.testing.assert_allclose(_run(rewritten, values), _run(mod, values), rtol=2.5e-7, atol=0)
 
 
-def test_weights_that_are_only_cast_become_parameters_of_the_cast_dtype():
-    mod = _cast_weight_module()
-    rewritten = cast_weight_params_once()(mod)
-    params = {str(p.name): str(p.ty.dtype) for p in rewritten["main"].params}
-    # The input keeps its dtype (it is not a weight); b is read as float32, so it stays.
-    assert params == {"x": "float32", "w": "float16", "b": "float32"}
-    assert _ops(rewritten).count("relax.astype") == 1
+def test_division_by_a_tensor_or_by_zero_stays_a_division():
+    from pipeline.compiler.graph_rewrites import divide_by_constant_to_multiply
 
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((4, 8), dtype=np.float32)
-    w = rng.standard_normal((8, 16), dtype=np.float32)
-    b = rng.standard_normal(16, dtype=np.float32)
-    np.testing.assert_array_equal(_run(rewritten, x, w.astype(np.float16), b), _run(mod, x, w, b))
-
-
-def test_a_module_without_weight_parameters_is_unchanged():
-    mod = _powers_module([2.0])
-    assert cast_weight_params_once()(mod).script() == mod.script()
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4,), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.divide(x, x))
+            out = bb.emit_output(relax.op.divide(a, relax.const(np.float32(0.0))))
+        bb.emit_func_output(out)
+    assert _ops(divide_by_constant_to_multiply(bb.get())) == ["relax.divide", "relax.divide"]

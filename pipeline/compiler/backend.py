@@ -29,7 +29,7 @@ import numpy as np
 import tvm
 
 from pipeline import toolchain
-from pipeline.compiler import cuda_code, nvcc
+from pipeline.compiler import cuda_code, nvcc, weight_params
 from pipeline.compiler.onnx_import import bind_weights, import_relax, output_spec, resolve_input
 from pipeline.compiler.phases import pass_config, precision_phases, relax_phases
 from pipeline.config import PARAMS_MODES
@@ -300,10 +300,14 @@ def compile_onnx(
     tuning: dict = {}
     phases = [*rewrites, *precision_phases(precision, target), *relax_phases(target, tuning_database, tuning)]
     with tvm_target, _cuda_source_codegen(target), tvm.transform.PassContext(config=pass_config(target)):
+        param_transforms: dict = {}
         for index, (phase, passes) in enumerate(phases, start=2):
             if passes:
                 mod = tvm.transform.Sequential(passes, name=phase)(mod)
                 _dump(dump_ir_dir, index, phase, mod)
+                attrs = mod["main"].attrs
+                if attrs is not None and weight_params.PARAM_TRANSFORMS_ATTR in attrs:
+                    param_transforms = json.loads(str(attrs[weight_params.PARAM_TRANSFORMS_ATTR]))
         num_primfuncs = _count_primfuncs(mod)
         # Regions RewriteCUDAGraph lifted out of main to capture as CUDA graphs (GPU targets).
         cuda_graphs = sum(1 for gv in mod.functions if "cuda_graph_capture" in gv.name_hint)
@@ -354,8 +358,10 @@ def compile_onnx(
             temp_source.write_text(source)
         if params_mode == "separate":
             with open(temp_weights, "wb") as f:
+                # In the layout and dtype the kernels read them (weight_params.lift_weight_layouts).
                 np.savez(f, **{
-                    name: value.numpy().astype(dtype, copy=False)
+                    name: weight_params.apply_param_transforms(value.numpy(), param_transforms.get(name, []))
+                    .astype(dtype, copy=False)
                     for name, value, dtype in zip(param_names, param_values, param_dtypes)
                 })
         runtime_only.write_metadata(temp_metadata, metadata)

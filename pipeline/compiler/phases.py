@@ -8,7 +8,7 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
-from pipeline.compiler import graph_rewrites, layout, prepack
+from pipeline.compiler import graph_rewrites, layout, nhwc_gemms, prepack, weight_params
 from pipeline.compiler.cost import kernel_costs
 from pipeline.compiler.schedules import cpu as cpu_schedules
 from pipeline.compiler.schedules import gpu as gpu_schedules
@@ -71,8 +71,14 @@ def relax_phases(
         # Channels last: NCHW convolutions compute in NHWC so that the transposes around
         # ConvNeXt's LayerNorms cancel and channel reductions read contiguous memory
         # (pipeline/compiler/layout.py); on GPU too, where the depthwise kernel then loads
-        # channel vectors and each LayerNorm is one row reduction.
-        ("channels_last", [layout.channels_last_pass()]),
+        # channel vectors and each LayerNorm is one row reduction. On GPU the pointwise
+        # GEMMs also stay on the NHWC maps (no flatten/unflatten around them), so that their
+        # casts, layer scale and residual add fuse into neighbouring kernels
+        # (pipeline/compiler/nhwc_gemms.py); CPU records are keyed by the flattened GEMMs.
+        # Weights passed in (--params separate) are saved in the layout the kernels read,
+        # instead of being permuted and reshaped on every call (weight_params.py; GPU).
+        ("channels_last", [layout.channels_last_pass(), *([
+            nhwc_gemms.gemms_on_maps_pass(), weight_params.lift_weight_layouts_pass()] if is_gpu else [])]),
         # Library dispatch: route sampling/sort ops to hand-written kernels (a no-op for
         # CNNs, kept so that the list matches TVM's own CPU pipeline).
         ("dispatch", [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()]),
@@ -80,7 +86,10 @@ def relax_phases(
         # vectorizes (float32 error ~1e-7 relative, ~2e-6 on ConvNeXt-T logits). The libm
         # erf is a scalar call per element and took more time than the 1x1-conv GEMMs it
         # is fused into (ConvNeXt-atto, znver4: 34 ms -> 24 ms per image untuned).
-        ("fast_math", [transform.FastMathTransform()]),
+        # On GPU, division by a constant is a multiplication by its reciprocal
+        # (graph_rewrites.py: GELU's x / sqrt(2) was 22 IEEE divisions per element).
+        ("fast_math", [transform.FastMathTransform(),
+                       *([graph_rewrites.divide_by_constant_to_multiply_pass()] if is_gpu else [])]),
         # Legalize: every Relax op becomes a call_tir to a TE-generated PrimFunc; constant
         # subgraphs (weight transposes of embedded params) are evaluated now.
         ("legalize", [
@@ -156,5 +165,5 @@ def precision_phases(precision: str, target: Target) -> list[tuple[str, list[tvm
         raise PipelineError(f"precision fp16 is for GPU targets, not '{target.name}'; use --precision fp32 or int8")
     return [("fp16", [
         relax.transform.ToMixedPrecision(out_dtype="float32"),
-        graph_rewrites.cast_weight_params_once(),
+        weight_params.cast_weight_params_once(),
     ])]

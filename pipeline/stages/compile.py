@@ -104,8 +104,11 @@ STAGE = Stage(
     name="compile",
     # 2: integer powers as multiplies, nvcc without fast math, model.cu and fp16 weights
     # (artifacts of version 1 computed NaN on CUDA GPUs and must not be reused);
-    # 3: GPU kernels in NHWC with our depthwise and tensor-core GEMM schedules, CUDA graphs.
-    version=3,
+    # 3: GPU kernels in NHWC with our depthwise and tensor-core GEMM schedules, CUDA graphs;
+    # 4: GPU GEMMs on the NHWC maps with deeper pipelines, register rows in the depthwise
+    # kernel, division by constants as multiplication, separate weights saved in the
+    # layout the kernels read.
+    version=4,
     inputs=model_input,
     outputs=("library", "library_metadata", "params", "cuda_source"),
     settings=settings,

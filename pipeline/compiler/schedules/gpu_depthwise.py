@@ -56,8 +56,8 @@ def choose_tile(batch: int, height: int, width: int, channels: int, sm_count: in
     """The tile of an NHWC depthwise output (batch, height, width, channels): widest
     channel tile first, then most rows, among those with _MIN_THREADS.._MAX_THREADS
     threads whose grid fills ``sm_count`` SMs; else the one with the most blocks."""
-    pixels = _divisors_up_to(width, _MAX_PIXELS_PER_ROW)[0]
-    per_thread = _divisors_up_to(pixels, _MAX_PIXELS_PER_THREAD)[0]
+    per_thread = _divisors_up_to(width, _MAX_PIXELS_PER_THREAD)[0]
+    pixels = next(d for d in _divisors_up_to(width, _MAX_PIXELS_PER_ROW) if d % per_thread == 0)
     candidates = [
         DepthwiseTile(rows, pixels, tile_channels, per_thread)
         for tile_channels in _CHANNEL_TILES if channels % tile_channels == 0
@@ -102,6 +102,13 @@ def depthwise_nhwc_gpu_schedule(func: tvm.tirx.PrimFunc, sm_count: int) -> Sched
         copy = sch.fuse(*sch.get_loops(input_tile)[1:])
         _, copy_thread = sch.split(copy, [None, tile.threads])
         sch.bind(copy_thread, "threadIdx.x")
+
+    # Per filter row, each thread reads the PX + 6 inputs and 7 weights it needs once into
+    # registers: 49 taps x PX pixels then multiply registers, not shared memory.
+    input_row = sch.cache_read(conv, 0, "local")
+    sch.compute_at(input_row, ry)
+    weight_row = sch.cache_read(conv, 1, "local")
+    sch.compute_at(weight_row, ry)
 
     # Each thread's PX accumulators live in registers; the epilogue reads them there.
     if not epilogue:

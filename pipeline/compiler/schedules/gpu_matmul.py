@@ -37,7 +37,34 @@ _VECTOR = 8  # float16 lanes per 16-byte copy
 # tile would need more than the 48 KB of shared memory a block gets without opting in
 # (two stages of its A and B tiles, 27 KB, beside its 33 KB float32 output stage).
 TILES = ((2, 2, 2, 2), (1, 2, 2, 2), (1, 1, 2, 2), (1, 1, 1, 2), (1, 1, 1, 1))
-_K_STEP_FRAGMENTS = 2  # a K step of 32 where K allows, else 16
+# K steps (in fragments of 16) and pipeline depths, preferred first. At batch 1 a block has
+# little math per K step and few warps per SM hide nothing, so each step waits for global
+# memory: fewer, deeper steps and a third stage in flight are what hide that latency.
+_K_STEPS = (8, 4, 2, 1)
+_STAGES = (3, 2)
+_SHARED_BYTES = 40 * 1024  # of the 48 KB a block gets without opting in, with room for alignment
+_ROW_PAD = 8  # float16 elements after each shared row (storage_align), against bank conflicts
+
+
+def shared_bytes(rows: int, columns: int, k_step: int, stages: int) -> int:
+    """Shared memory of a block: ``stages`` copies of its A (rows x k) and B (k x columns)
+    float16 tiles, and its float32 output stage."""
+    operands = rows * (k_step + _ROW_PAD) + k_step * (columns + _ROW_PAD)
+    return stages * operands * 2 + rows * (columns + 4) * 4
+
+
+def choose_pipeline(rows: int, columns: int, k: int) -> tuple[int, int]:
+    """(K step in fragments, stages): the deepest K step dividing K, then the most stages,
+    that fit a block's shared memory; the K step is at most a quarter of K, so that the
+    pipeline has steps to overlap."""
+    for k_fragments in _K_STEPS:
+        step = k_fragments * _FRAGMENT
+        if k % step or (k_fragments > 1 and 4 * step > k):
+            continue
+        for stages in _STAGES:
+            if shared_bytes(rows, columns, step, stages) <= _SHARED_BYTES:
+                return k_fragments, stages
+    return 1, 2
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -104,7 +131,7 @@ def tensor_core_matmul_schedule(func: tirx.PrimFunc, sm_count: int) -> s_tir.Sch
     tile = choose_tile(m, n, sm_count)
     warps_m, warps_n, frags_m, frags_n = tile
     rows, columns = tile_shape(tile)
-    k_fragments = _K_STEP_FRAGMENTS if k % (_FRAGMENT * _K_STEP_FRAGMENTS) == 0 else 1
+    k_fragments, stages = choose_pipeline(rows, columns, k)
     sch.pad_einsum(main_block, [1, rows, columns, _FRAGMENT * k_fragments])
 
     batch, i, j, kk = sch.get_loops(main_block)
@@ -135,7 +162,7 @@ def tensor_core_matmul_schedule(func: tirx.PrimFunc, sm_count: int) -> s_tir.Sch
         sch.bind(tx, "threadIdx.x")
         sch.vectorize(vector)
         # A row offset of 8 halves keeps the fragment loads free of bank conflicts.
-        sch.storage_align(copy, 0, axis=-2, factor=16, offset=8)
+        sch.storage_align(copy, 0, axis=-2, factor=16, offset=_ROW_PAD)
         return copy
 
     a_copy, b_copy = copy_to_shared(0), copy_to_shared(1)
@@ -181,10 +208,10 @@ def tensor_core_matmul_schedule(func: tirx.PrimFunc, sm_count: int) -> s_tir.Sch
     except tvm.TVMError:
         return None
 
-    # Two stages: the copies of step k+1 (cp.async) are issued before the math of step k.
+    # The copies of the next stages - 1 steps (cp.async) are in flight during the math of this one.
     # (The fragment loads from shared memory are not pipelined: TVM 0.27 cannot pipeline
     # the inner K loop once its fragment loops are unrolled.)
-    sch.annotate(k_outer, "software_pipeline_stage", [0, 0, 1])
+    sch.annotate(k_outer, "software_pipeline_stage", [0, 0, stages - 1])
     sch.annotate(k_outer, "software_pipeline_order", [0, 1, 2])
     sch.annotate(k_outer, "software_pipeline_async_stages", [0])
 
