@@ -81,3 +81,42 @@ def test_division_by_a_tensor_or_by_zero_stays_a_division():
             out = bb.emit_output(relax.op.divide(a, relax.const(np.float32(0.0))))
         bb.emit_func_output(out)
     assert _ops(divide_by_constant_to_multiply(bb.get())) == ["relax.divide", "relax.divide"]
+
+
+@pytest.mark.parametrize("weights", ["fresh", "seeded"])
+def test_channels_first_layer_norms_in_parts_become_layer_norm_ops_with_the_same_outputs(tmp_path, weights):
+    """The micro ConvNeXt's stem and downsampling LayerNorms, exported in parts, once
+    channels-last: each becomes one layer_norm, and the outputs stay the same; with a fresh
+    model's unit gamma and zero beta (which onnxsim drops) and with weights like trained ones."""
+    import onnx
+    import onnxsim
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from pipeline.compiler.graph_rewrites import layer_norm_from_parts, power_to_multiply
+    from pipeline.compiler.layout import to_channels_last
+    from pipeline.model import create_model
+    from pipeline.stages.export import export_onnx
+
+    shape = (2, 3, 32, 32)
+    path = tmp_path / "micro.onnx"
+    torch_model = create_model("micro", num_classes=10).eval()
+    if weights == "seeded":
+        import torch
+
+        from pipeline.seeded_weights import seeded_state
+
+        state = seeded_state(((n, tuple(t.shape)) for n, t in torch_model.state_dict().items()), seed=0)
+        torch_model.load_state_dict({n: torch.from_numpy(v) for n, v in state.items()})
+    export_onnx(torch_model, path, shape, opset=17, dynamic_batch=False)
+    model, ok = onnxsim.simplify(onnx.load(str(path)), check_n=0)
+    # As compile's phases have it: x ** 2 as x * x (simplify), then channels-last.
+    before = to_channels_last(power_to_multiply(relax.transform.DecomposeOpsForInference()(from_onnx(model))))
+    after = layer_norm_from_parts(before)
+
+    layer_norms = lambda m: _ops(m).count("relax.nn.layer_norm")  # noqa: E731
+    means = lambda m: _ops(m).count("relax.mean")  # noqa: E731
+    assert means(before) >= 2 * 2  # two means per LayerNorm in parts: the stem's and the downsamplings'
+    assert layer_norms(after) - layer_norms(before) == means(before) // 2
+    assert means(after) <= 1  # only the global average pool before the head is left
+    x = np.random.default_rng(0).standard_normal(shape).astype("float32")
+    np.testing.assert_allclose(_run(after, x), _run(before, x), rtol=1e-4, atol=1e-4)

@@ -117,3 +117,69 @@ def divide_by_constant_to_multiply_pass() -> tvm.transform.Pass:
         return divide_by_constant_to_multiply(mod)
 
     return _pass
+
+
+# ---------------------------------------------------------------------------
+# A LayerNorm written out in parts as one LayerNorm (GPU)
+
+
+def _layer_norm_patterns():
+    """(with gamma and beta, without them: onnxsim drops a multiply by ones and an add of
+    zeros), each as (pattern, x, gamma or None, beta or None, eps, the two means)."""
+    x, gamma, beta, eps = wildcard(), wildcard(), wildcard(), is_const()
+    mean = is_op("relax.mean")(x)
+    centred = is_op("relax.subtract")(x, mean)
+    variance = is_op("relax.mean")(is_op("relax.multiply")(centred, centred))
+    normed = is_op("relax.divide")(centred, is_op("relax.sqrt")(is_op("relax.add")(variance, eps)))
+    scaled = is_op("relax.multiply")(gamma, normed) | is_op("relax.multiply")(normed, gamma)
+    affine = is_op("relax.add")(scaled, beta)
+    return [(affine, x, gamma, beta, eps, (mean, variance)), (normed, x, None, None, eps, (mean, variance))]
+
+
+def layer_norm_from_parts(mod: tvm.IRModule) -> tvm.IRModule:
+    """``gamma * (x - mean(x)) / sqrt(mean((x - mean(x))**2) + eps) + beta`` over the last
+    axis -> ``layer_norm(x, gamma, beta, eps)``. ConvNeXt's channels-first LayerNorm (stem and
+    downsampling layers) is exported in parts; once channels-last (layout.py) it reduces
+    over the last axis like the others, and as one op it is one kernel instead of four
+    (mean-subtract, square, mean with normalize, and their reads of the map in between).
+    CPU kernels keep the parts: their tuning records are keyed by them.
+    """
+    result = mod.clone()
+    for pattern, x, gamma, beta, eps, means in _layer_norm_patterns():
+
+        def rewrite(call: relax.Call, matches, x=x, gamma=gamma, beta=beta, eps=eps, means=means) -> relax.Expr:
+            shape = static_shape(matches[x])
+            if shape is None or static_shape(call) != shape or str(call.ty.dtype) != "float32":
+                return call
+            channels, last = shape[-1], len(shape) - 1
+            for mean in means:
+                attrs = matches[mean].attrs
+                if attrs.axis is None or [int(a) % len(shape) for a in attrs.axis] != [last] or not attrs.keepdims:
+                    return call
+            params = []
+            for weight, default in ((gamma, 1.0), (beta, 0.0)):
+                if weight is None:
+                    params.append(relax.const(np.full((channels,), default, dtype="float32")))
+                    continue
+                weight_shape = static_shape(matches[weight])
+                if weight_shape is None or int(np.prod(weight_shape)) != channels or weight_shape[-1] != channels:
+                    return call
+                params.append(matches[weight] if weight_shape == (channels,)
+                              else relax.op.reshape(matches[weight], (channels,)))
+            epsilon = float(matches[eps].value.numpy().reshape(-1)[0])
+            return relax.op.nn.layer_norm(matches[x], params[0], params[1], axes=[-1], epsilon=epsilon)
+
+        for gvar, func in list(result.functions.items()):
+            if isinstance(func, relax.Function):
+                result.update_func(gvar, rewrite_call(pattern, rewrite, func))
+    return relax.transform.DeadCodeElimination()(result)
+
+
+def layer_norm_from_parts_pass() -> tvm.transform.Pass:
+    """``layer_norm_from_parts`` as a module pass."""
+
+    @tvm.transform.module_pass(opt_level=0, name="LayerNormFromParts")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        return layer_norm_from_parts(mod)
+
+    return _pass

@@ -77,8 +77,11 @@ def relax_phases(
         # (pipeline/compiler/nhwc_gemms.py); CPU records are keyed by the flattened GEMMs.
         # Weights passed in (--params separate) are saved in the layout the kernels read,
         # instead of being permuted and reshaped on every call (weight_params.py; GPU).
+        # LayerNorms exported in parts (channels-first, now over the last axis) become one
+        # op (graph_rewrites.py; GPU).
         ("channels_last", [layout.channels_last_pass(), *([
-            nhwc_gemms.gemms_on_maps_pass(), weight_params.lift_weight_layouts_pass()] if is_gpu else [])]),
+            nhwc_gemms.gemms_on_maps_pass(), graph_rewrites.layer_norm_from_parts_pass(),
+            weight_params.lift_weight_layouts_pass()] if is_gpu else [])]),
         # Library dispatch: route sampling/sort ops to hand-written kernels (a no-op for
         # CNNs, kept so that the list matches TVM's own CPU pipeline).
         ("dispatch", [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()]),

@@ -107,8 +107,8 @@ STAGE = Stage(
     # 3: GPU kernels in NHWC with our depthwise and tensor-core GEMM schedules, CUDA graphs;
     # 4: GPU GEMMs on the NHWC maps with deeper pipelines, register rows in the depthwise
     # kernel, division by constants as multiplication, separate weights saved in the
-    # layout the kernels read.
-    version=4,
+    # layout the kernels read; 5: GPU LayerNorms exported in parts as one op.
+    version=5,
     inputs=model_input,
     outputs=("library", "library_metadata", "params", "cuda_source"),
     settings=settings,
