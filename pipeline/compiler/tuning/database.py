@@ -172,13 +172,57 @@ def _usable_database(artifacts_root: Path, target: Target, key: str,
     return usable[0] if usable else None
 
 
+def _other_models_databases(artifacts_root: Path, target: Target, key: str) -> list[tuple[Path, dict[str, Any]]]:
+    """Usable databases of the target made for other models (any model key), the
+    artifacts tree's first: those tuned for this exact target if there are any, else
+    those of one other CPU model (records of two CPUs are never mixed)."""
+    candidates = sorted(d for d in (Path(artifacts_root) / "tune" / target.name).glob("*")
+                        if d.name != key and not d.name.startswith("_"))
+    shipped_root = SHIPPED_ROOT / target.name
+    if shipped_root.is_dir():
+        candidates += sorted(d for model in shipped_root.glob("*") if model.name != key for d in model.glob("*"))
+    usable = []
+    for db_dir in candidates:
+        if (db_dir / WORKLOAD_FILE).is_file() and database_problem(db_dir, target, similar_ok=True) is None:
+            usable.append((db_dir, read_meta(db_dir)["target_json"]))
+    same = [(d, m) for d, m in usable if target_fit(m, target) == "same"]
+    if same or not usable:
+        return same
+    first = json.dumps(usable[0][1], sort_keys=True)
+    return [(d, m) for d, m in usable if json.dumps(m, sort_keys=True) == first]
+
+
+def _kernel_database(artifacts_root: Path, target: Target, key: str) -> tuple[Path, dict[str, Any]] | None:
+    """Records of other models for a model that has none: MetaSchedule finds a record by
+    its kernel's workload, whatever model it was tuned in, so ConvNeXt-S compiles with
+    ConvNeXt-T's records (the same 48 kernels, more blocks) and a batch or input size
+    shares every kernel whose shape it keeps. Several databases are merged once into
+    artifacts/tune/<target>/_kernels-<digest>/."""
+    found = _other_models_databases(artifacts_root, target, key)
+    if not found:
+        return None
+    if len(found) == 1:
+        return found[0]
+    sources = [d for d, _ in found]
+    digest = hashlib.sha256("".join(database_digest(d) for d in sources).encode()).hexdigest()[:16]
+    merged = Path(artifacts_root) / "tune" / target.name / f"_kernels-{digest}"
+    if not (merged / WORKLOAD_FILE).is_file():
+        merge_databases(sources, merged)
+    return merged, found[0][1]
+
+
 def find_database(artifacts_root: Path, target: Target, key: str) -> Path | None:
-    """The database compile uses for a target and model (``_usable_database``); one tuned
-    on another CPU model of the same kind comes with a warning: its schedules are correct
-    here but were timed there."""
+    """The database compile uses for a target and model (``_usable_database``), else the
+    records of the target's other models (``_kernel_database``); records tuned on another
+    CPU model of the same kind come with a warning: their schedules are correct here but
+    were timed there."""
     found = _usable_database(artifacts_root, target, key)
     if found is None:
-        return None
+        found = _kernel_database(artifacts_root, target, key)
+        if found is None:
+            return None
+        warn_once(f"no tuning records for {key}; using those of other models of target '{target.name}' "
+                  f"for every kernel they share: {found[0]}")
     db_dir, made_for = found
     if target_fit(made_for, target) != "same":
         warn_once(f"using tuning records made on another CPU ({cpu_tag(made_for)}, this is "
@@ -188,8 +232,10 @@ def find_database(artifacts_root: Path, target: Target, key: str) -> Path | None
 
 def seed_database(artifacts_root: Path, target: Target, key: str, exclude: Path) -> Path | None:
     """Records `pipeline tune` starts from: the database compile would use (this CPU's
-    first, else another CPU model's), other than the one being tuned."""
-    found = _usable_database(artifacts_root, target, key, exclude=exclude)
+    first, else another CPU model's, else other models' records for the kernels they
+    share), other than the one being tuned."""
+    found = _usable_database(artifacts_root, target, key, exclude=exclude) or _kernel_database(
+        artifacts_root, target, key)
     return found[0] if found is not None else None
 
 
