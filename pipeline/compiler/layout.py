@@ -62,7 +62,8 @@ def patch_kernel(attrs, input_shape: tuple[int, ...], weight_shape: tuple[int, .
     return kernel
 
 
-def _op_name(call: relax.Expr) -> str | None:
+def op_name(call: relax.Expr) -> str | None:
+    """The Relax operator a call applies ("relax.add"), None for any other expression."""
     if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op):
         return call.op.name
     return None
@@ -133,7 +134,7 @@ class _ChannelsLast(relax.PyExprMutator):
 
     def _convert(self, value: relax.Expr) -> tuple[str, relax.Expr] | None:
         """("twin", NHWC var) or ("direct", var) for a value computed channels-last, or None."""
-        name = _op_name(value)
+        name = op_name(value)
         if name is None:
             return None
         args = list(value.args)

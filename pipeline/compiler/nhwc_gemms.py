@@ -21,19 +21,13 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from pipeline.compiler.layout import static_shape
+from pipeline.compiler.layout import op_name, static_shape
 
 _ELEMENTWISE = {
     "relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.astype", "relax.erf",
     "relax.tanh", "relax.sigmoid", "relax.nn.gelu", "relax.nn.gelu_tanh", "relax.nn.relu",
     "relax.maximum", "relax.minimum", "relax.power", "relax.sqrt",
 }
-
-
-def _op_name(expr: relax.Expr) -> str | None:
-    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
-        return expr.op.name
-    return None
 
 
 @relax.expr_functor.mutator
@@ -77,7 +71,7 @@ class _GemmsOnMaps(relax.PyExprMutator):
         return self.twin.get(expr) if isinstance(expr, relax.Var) else None
 
     def _convert(self, value: relax.Expr) -> tuple[str, relax.Expr] | None:
-        name = _op_name(value)
+        name = op_name(value)
         if name is None or not value.args:
             return None
         source = value.args[0]
