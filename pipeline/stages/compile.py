@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from pathlib import Path
 
 from pipeline.config import PipelineConfig
@@ -13,9 +15,24 @@ from targets import Target
 TUNABLE_PRECISIONS = ("fp32", "int8")
 
 
+COMPILER_DIR = Path(__file__).resolve().parents[1] / "compiler"
+
+
+@functools.lru_cache(maxsize=1)
+def compiler_digest() -> str:
+    """sha256 of the compiler's sources (pipeline/compiler/**/*.py): a changed schedule or
+    pass rebuilds the artifact, where the stage version alone was easy to forget to bump."""
+    digest = hashlib.sha256()
+    for path in sorted(COMPILER_DIR.rglob("*.py")):
+        digest.update(str(path.relative_to(COMPILER_DIR)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def settings(config: PipelineConfig, target: Target) -> dict:
     return {
         "target": target.name,
+        "compiler_sha256": compiler_digest(),
         "target_json": target.tvm_target,
         "host_triple": target.host_triple,
         "precision": config.precision,
@@ -107,7 +124,8 @@ STAGE = Stage(
     # 3: GPU kernels in NHWC with our depthwise and tensor-core GEMM schedules, CUDA graphs;
     # 4: GPU GEMMs on the NHWC maps with deeper pipelines, register rows in the depthwise
     # kernel, division by constants as multiplication, separate weights saved in the
-    # layout the kernels read; 5: GPU LayerNorms exported in parts as one op.
+    # layout the kernels read; 5: GPU LayerNorms exported in parts as one op. (The key also
+    # holds compiler_sha256 now: a changed compiler rebuilds without a version bump.)
     version=5,
     inputs=model_input,
     outputs=("library", "library_metadata", "params", "cuda_source"),
