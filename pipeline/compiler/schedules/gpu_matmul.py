@@ -9,10 +9,13 @@ or N up to 64 (stage 4 at batch 1 got no tensor cores at all).
 Here each thread block computes a TM x TN tile of C with WMMA 16x16x16 fragments (fp16
 in, fp32 accumulators), its warps each up to 2x2 fragments. The tile is the largest of
 ``TILES`` (64x64 down to 16x16) whose grid still gives every SM (``sm_count``) a block,
-else the smallest; M, N and K are padded to the tile. The A and B tiles of each K step are copied
-global -> shared with cp.async (16 bytes per thread per copy) in a two-stage software
-pipeline, so the next step's loads overlap this step's math; the epilogue (bias, GELU,
-layer scale, residual, casts) is applied on the way out of the accumulators.
+else the smallest; M, N and K are padded to the tile. The A and B tiles of each K step
+(16 to 128 deep) are copied global -> shared with cp.async (16 bytes per thread per copy)
+in a two- or three-stage software pipeline (``choose_pipeline``), so the next steps' loads
+overlap this step's math; the epilogue (bias, GELU, layer scale, residual, casts) is
+applied on the way out of the accumulators. Measured on an H200 (reports/cuda-sm90-fp16*):
+ConvNeXt-T fp16 0.58 ms at batch 1, 1.47 ms at batch 8, with the depthwise kernel of
+gpu_depthwise.py.
 """
 
 from __future__ import annotations
