@@ -42,11 +42,14 @@ def test_committed_report_names_no_local_path_and_drops_a_stale_curve(tiny_run):
     data = tiny_run / "eval-images.npy"
     np.save(data, np.random.default_rng(0).integers(0, 255, (4, 40, 40, 3), dtype=np.uint8))
     run_cli("report", *TINY_ARGS, "--data", str(data), cwd=tiny_run, check=True)
-    # The artifact is untuned: a curve left from an earlier report would be drawn beside it.
+    # No records of its own (the other models' shared kernels only): a curve left from an
+    # earlier report would be drawn beside it.
     assert not stale.exists()
     for name in ("latency.json", "accuracy.json", "report.md"):
         assert str(tiny_run) not in (folder / name).read_text(), name
     accuracy = json.loads((folder / "accuracy.json").read_text())
     assert accuracy["data"]["source"] == "eval-images.npy"
     assert accuracy["provenance"]["device"] == cpu_description()
-    assert accuracy["model"]["tuning_records"]["database"] is None
+    # The other models' records it compiled with, merged under the working directory, named
+    # by a relative path.
+    assert accuracy["model"]["tuning_records"]["database"].startswith("artifacts/tune/x86/_kernels-")
