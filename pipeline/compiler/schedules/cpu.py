@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir import Schedule
 
-from pipeline.compiler.schedules import depthwise
+from pipeline.compiler.schedules import cpu_rows, depthwise
 from pipeline.compiler import prepack
 from pipeline.compiler.tensor_intrinsics import load_tensor_intrinsics
 from pipeline.compiler.tuning.database import open_database, read_curve, tuning_cost
@@ -28,7 +29,7 @@ from targets import Target
 
 
 # Bump when the default schedules change, so compiled artifacts are rebuilt.
-DEFAULT_SCHEDULE_VERSION = 4
+DEFAULT_SCHEDULE_VERSION = 5
 
 log = logging.getLogger(__name__)
 
@@ -60,49 +61,103 @@ def schedule_module(
         # Records made before weights were marked layout free (pipeline/compiler/prepack.py).
         mod = prepack.apply_unmarked_records(mod, database)
         from_records = sum(isinstance(f, tvm.tirx.PrimFunc) and _is_scheduled(f) for f in mod.functions.values())
-    mod, defaults = apply_default_schedules(mod, tvm_target)
+    # Where each kernel's schedule comes from: "record", or its default's kind (below).
+    origins = {gv.name_hint: "record" for gv, f in mod.functions_items()
+               if isinstance(f, tvm.tirx.PrimFunc) and _is_scheduled(f)}
+    mod, defaults = apply_default_schedules(mod, tvm_target, origins)
     return mod, {
         "database": str(database_dir) if database is not None else None,
         "tasks_total": total,
         "tasks_from_records": from_records,
         "tasks_default": total - from_records,
-        # Of the defaults: tiled (dense contractions), VNNI matmuls, depthwise convolutions and
-        # kept as lowered (see below).
-        "default_tiled": defaults["tiled"],
-        "default_vnni": defaults["vnni"],
-        "default_depthwise": defaults["depthwise"],
-        "default_as_lowered": defaults["as_lowered"],
+        # Of the defaults: tiled (dense contractions), VNNI matmuls, depthwise convolutions,
+        # reductions over channels (LayerNorms, means), elementwise and data movement kernels,
+        # and kept as lowered (see below).
+        **{f"default_{kind}": count for kind, count in defaults.items()},
         "default_schedule_version": DEFAULT_SCHEDULE_VERSION,
         "cost": tuning_cost(read_curve(database_dir)) if database is not None else None,
+        "kernel_schedules": dict(sorted(origins.items())),
     }
 
 
-# Default schedules, chosen by measurement (znver4, 2 busy cores: every PrimFunc of
-# ConvNeXt-atto at 224 built alone and timed with time_evaluator, lowered vs candidates):
+# Default schedules, chosen from the target's vector registers and caches rather than by
+# search (the way MLAS and oneDNN block their GEMMs), and checked against tuned records:
 #
-#   * Dense contractions (the 1x1-conv matmuls with their bias/GELU epilogues, the 2x2
-#     downsampling convolutions) are 6-60x faster with MetaSchedule's own CPU sketch
-#     (multi-level tiling "SSRSRS", epilogue fused, outer loops parallel, inner vectorized)
-#     and these fixed decisions: innermost output tile = one vector register of lanes,
-#     4 rows x 8 row-blocks, inner reduction 4, unroll 64. A randomly sampled sketch was
-#     2-10x worse than these on the same tasks; fixed decisions also make builds repeatable.
-#   * Since compile computes channels-last (pipeline/compiler/layout.py), the stem and the
-#     downsampling layers are patch GEMMs (tiled as above) and the depthwise 7x7
-#     convolutions get their own register-tiled schedule (pipeline/compiler/schedules/depthwise.py).
-#   * LayerNorms, means and the data movement tasks were as fast or faster as lowered
-#     (LLVM vectorizes the plain loops) than with any generic schedule tried: the same
-#     sketch, parallel+vectorize+unroll alone, and random sketches were 1.2-20x slower.
-#     They keep the lowered loops.
+#   * Dense contractions (the 1x1-conv matmuls with their bias/GELU epilogues, the stem and
+#     the downsampling patch GEMMs) take MetaSchedule's own CPU sketch (multi-level tiling
+#     "SSRSRS", epilogue fused, outer loops parallel, inner vectorized) with decisions from
+#     ``RegisterBlock``: a register tile of `rows` x 2 vectors of outputs, as many rows as
+#     the vector registers hold accumulators for (a FMA chain per accumulator hides the FMA
+#     latency; AVX-512 and NEON have 32 registers, AVX2 16), 64 reduction steps per pass
+#     over the tile. Where the weights do not fit in a core's L2 (stage 3's 768x3072) a
+#     parallel job takes up to 128 rows, so each weight panel is read from memory once per
+#     job instead of once per register tile.
+#   * The depthwise 7x7 convolutions (channels-last since pipeline/compiler/layout.py) get
+#     their register-tiled schedule (pipeline/compiler/schedules/depthwise.py).
+#   * LayerNorms and means over channels, and the elementwise and data movement kernels
+#     (pipeline/compiler/schedules/cpu_rows.py): pixels parallel, channels vectorized, the
+#     reductions as vector partial sums.
 #
-# Whole model, one inference (same machine and load): atto 224 untuned ~1000 ms, with these
-# defaults ~71 ms, ONNX Runtime ~65 ms; micro 64: 7.6 ms, 1.2 ms, 0.21 ms. Records replace them.
+# ConvNeXt-T 224, batch 1, 2 threads (Xeon, rocketlake), kernel time summed over the model,
+# these defaults vs. the znver5 tuned records replayed on the same machine: GEMMs 42.9 vs
+# 44.7 ms (the tuned records 1.0-1.2x faster on 9 of 13 GEMMs, the defaults faster on the
+# rest); LayerNorms and means 0.38 vs 0.67 ms; before these defaults (4 rows x 1 vector,
+# reduction 4; reductions and elementwise kernels single-threaded scalar loops) 62.9 and
+# 3.6 ms. Records replace defaults where a database has them.
 _MIN_CONV_REDUCTION = 64
 # Accumulator types the tiled default was measured for. Integer kernels need it most: the
 # int8 x int8 -> int32 kernels of pipeline/compiler/int8.py as lowered took 2.47 s per
 # ConvNeXt-T image (znver4, 2 threads), tiled 0.12 s; micro at 32: 0.28 -> 0.20 ms.
 _TILED_ACCUMULATORS = ("float32", "int32")
 _UNROLL_STEPS = (0, 16, 64, 512)
-_DEFAULT_DECISIONS = {"rows": 4, "row_blocks": 8, "inner_reduction": 4, "unroll": 64}
+
+
+@dataclass(frozen=True)
+class RegisterBlock:
+    """The tiling decisions of the tiled default, from the CPU's vector unit and caches."""
+
+    vector_lanes: int  # outputs per vector register
+    vector_registers: int
+    # A core's L2; 1 MiB is typical of the CPUs targeted (512 KiB-2 MiB): only whether a
+    # GEMM's weights fit in it matters, and ConvNeXt's are 0.15-0.6 MiB or 2.4-9.4 MiB.
+    l2_bytes: int = 1 << 20
+    vectors_wide: int = 2  # output columns of the register tile, in vectors
+    reduction_step: int = 64  # K steps per pass over the register tile (its weights stay in L1)
+    rows_per_job: int = 128  # rows of a parallel job where the weights exceed L2
+    unroll: int = 64
+
+    @property
+    def accumulators(self) -> int:
+        # Left for the tile's weight vectors, the broadcast input and one spare.
+        return self.vector_registers - self.vectors_wide - 2
+
+    def columns(self, extent: int) -> int:
+        """Whole vectors where the extent allows (atto's 40 and 80 channels: not 20 lanes,
+        which LLVM would split into a vector and scalars, but 8 and 16)."""
+        for vectors in range(self.vectors_wide, 0, -1):
+            if extent % (vectors * self.vector_lanes) == 0:
+                return vectors * self.vector_lanes
+        power_of_two = extent & -extent
+        return min(power_of_two, self.vector_lanes)
+
+    def rows(self, extent: int, columns: int) -> int:
+        vectors = max(1, columns // self.vector_lanes)
+        return _largest_divisor(extent, max(1, self.accumulators // vectors))
+
+    def row_blocks(self, extent: int, rows: int, weight_bytes: int) -> int:
+        if weight_bytes <= self.l2_bytes:
+            return 1
+        return _largest_divisor(extent // rows, max(1, self.rows_per_job // rows))
+
+    def inner_reduction(self, extent: int) -> int:
+        return _largest_divisor(extent, self.reduction_step)
+
+
+def register_block(tvm_target: tvm.target.Target) -> RegisterBlock:
+    """AVX-512 and AArch64 (NEON, SVE) have 32 vector registers, AVX2 and SSE 16."""
+    bits = _vector_bits(tvm_target)
+    registers = 32 if _is_arm(tvm_target) or bits >= 512 else 16
+    return RegisterBlock(vector_lanes=max(1, bits // 32), vector_registers=registers)
 
 
 def _dense_contraction(func) -> bool:
@@ -139,12 +194,26 @@ def _largest_divisor(n: int, cap: int) -> int:
     return max(d for d in range(1, max(1, min(n, cap)) + 1) if n % d == 0)
 
 
-def _vector_lanes(tvm_target: tvm.target.Target, bits: int = 32) -> int:
+def _is_arm(tvm_target: tvm.target.Target) -> bool:
+    triple = str(tvm_target.attrs.get("mtriple", "")) if tvm_target.attrs else ""
+    return triple.startswith(("aarch64", "arm"))
+
+
+def _vector_bits(tvm_target: tvm.target.Target) -> int:
+    codegen = tvm.target.codegen
+    if not _is_arm(tvm_target):
+        # TVM 0.27: llvm_get_vector_width says 512 for every x86 CPU (core2 and haswell too).
+        if codegen.target_has_features("avx512f", tvm_target):
+            return 512
+        return 256 if codegen.target_has_features("avx", tvm_target) else 128
     try:
-        width = int(tvm.target.codegen.llvm_get_vector_width(tvm_target))
+        return int(codegen.llvm_get_vector_width(tvm_target))
     except Exception:  # an LLVM without this target: assume 128-bit vectors
-        width = 128
-    return max(1, width // bits)
+        return 128
+
+
+def _vector_lanes(tvm_target: tvm.target.Target, bits: int = 32) -> int:
+    return max(1, _vector_bits(tvm_target) // bits)
 
 
 def _default_space_generator() -> "ms.space_generator.PostOrderApply":
@@ -179,7 +248,20 @@ def _default_space_generator() -> "ms.space_generator.PostOrderApply":
     )
 
 
-def _tiled_default(func, tvm_target: tvm.target.Target, lanes: int) -> Schedule | None:
+def _weight_panel_bytes(func) -> tuple[int, int]:
+    """Bytes of the weights one sweep over the output columns reads (the reduction extent
+    times the contiguous output extent, at the widest operand's element size), and that
+    contiguous output extent."""
+    from tvm.s_tir.analysis import find_anchor_sblock
+
+    anchor = find_anchor_sblock(tvm.IRModule({"main": func}))
+    spatial = [int(iv.dom.extent) for iv in anchor.iter_vars if int(iv.iter_type) == 0]
+    reduction = math.prod(int(iv.dom.extent) for iv in anchor.iter_vars if int(iv.iter_type) == 2)
+    element = max(tvm.runtime.DataType(str(region.source.dtype)).bits for region in anchor.reads) // 8
+    return reduction * spatial[-1] * element, spatial[-1]
+
+
+def _tiled_default(func, tvm_target: tvm.target.Target) -> Schedule | None:
     """The tiled default schedule of a dense contraction, or None if the sketch fails."""
     load_tensor_intrinsics()
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
@@ -217,7 +299,9 @@ def _tiled_default(func, tvm_target: tvm.target.Target, lanes: int) -> Schedule 
         return None
     sch = Schedule(mod, seed=1)
     position = iter(roles)
-    decisions = _DEFAULT_DECISIONS
+    block = register_block(tvm_target)
+    weight_bytes, column_extent = _weight_panel_bytes(func)
+    columns = block.columns(column_extent)
 
     def decide(inst, inputs, attrs, decision):
         kind = inst.kind.name
@@ -225,19 +309,19 @@ def _tiled_default(func, tvm_target: tvm.target.Target, lanes: int) -> Schedule 
             role = next(position)
             extent = int(sch.get(inputs[0]).extent)
             if role == "lanes":
-                inner = _largest_divisor(extent, lanes)
+                inner = block.columns(extent)
                 return [extent // inner, 1, 1, inner]
             if role == "rows":
-                rows = _largest_divisor(extent, decisions["rows"])
-                blocks = _largest_divisor(extent // rows, decisions["row_blocks"])
+                rows = block.rows(extent, columns)
+                blocks = block.row_blocks(extent, rows, weight_bytes)
                 return [extent // rows // blocks, 1, blocks, rows]
             if role == "reduction":
-                inner = _largest_divisor(extent, decisions["inner_reduction"])
+                inner = block.inner_reduction(extent)
                 return [extent // inner, inner]
             return [extent, 1, 1, 1]
         if kind == "SampleCategorical":
             candidates = [int(c) for c in attrs[0]]
-            return candidates.index(decisions["unroll"]) if decisions["unroll"] in candidates else decision
+            return candidates.index(block.unroll) if block.unroll in candidates else decision
         return decision
 
     trace.apply_to_schedule(sch, remove_postproc=True, decision_provider=decide)
@@ -266,7 +350,9 @@ def _vnni_default(func, tvm_target: tvm.target.Target) -> Schedule | None:
 def default_schedule(task_mod: tvm.IRModule, tvm_target: tvm.target.Target) -> tuple[Schedule, str]:
     """The default schedule of a task ({"main": PrimFunc}) and its kind: "tiled" for dense
     contractions, "vnni" for the int8 VNNI matmuls, "depthwise" for channels-last depthwise
-    convolutions (pipeline/compiler/schedules/depthwise.py), else "as_lowered" (an empty schedule).
+    convolutions (pipeline/compiler/schedules/depthwise.py), "reduction" and "elementwise" for
+    LayerNorms, means and the kernels between (pipeline/compiler/schedules/cpu_rows.py), else
+    "as_lowered" (an empty schedule: kernels too small to parallelize).
     Its trace is a tuning record's."""
     func = task_mod["main"]
     sch = _vnni_default(func, tvm_target)
@@ -279,11 +365,21 @@ def default_schedule(task_mod: tvm.IRModule, tvm_target: tvm.target.Target) -> t
             return sch, "depthwise"
     if is_cpu and _dense_contraction(func):
         try:
-            sch = _tiled_default(func, tvm_target, _vector_lanes(tvm_target))
+            sch = _tiled_default(func, tvm_target)
             if sch is not None:
                 return sch, "tiled"
         except Exception as exc:  # a sketch that does not apply keeps the lowered loops
             log.info("no tiled default: %s", exc)
+    if is_cpu:
+        for kind, rule in (("reduction", lambda: cpu_rows.reduction_rows_schedule(func, tvm_target, _vector_lanes(tvm_target))),
+                           ("elementwise", lambda: cpu_rows.injective_schedule(func, _vector_lanes(tvm_target)))):
+            try:
+                sch = rule()
+            except Exception as exc:  # noqa: BLE001 -- a rule that does not apply
+                log.info("no %s default: %s", kind, exc)
+                sch = None
+            if sch is not None:
+                return sch, kind
     sch = Schedule(task_mod, seed=1)
     # TVM 0.27: a record with an empty trace is "invalid" and never looked up; fetching the
     # root block changes nothing and makes the lowered loops a record like any other.
@@ -291,11 +387,15 @@ def default_schedule(task_mod: tvm.IRModule, tvm_target: tvm.target.Target) -> t
     return sch, "as_lowered"
 
 
-def apply_default_schedules(mod: tvm.IRModule, tvm_target: tvm.target.Target) -> tuple[tvm.IRModule, dict[str, int]]:
-    """Default schedules for every PrimFunc not scheduled yet (see the notes above).
+def apply_default_schedules(
+    mod: tvm.IRModule, tvm_target: tvm.target.Target, origins: dict[str, str] | None = None,
+) -> tuple[tvm.IRModule, dict[str, int]]:
+    """Default schedules for every PrimFunc not scheduled yet (see the notes above); each
+    one's kind goes into ``origins`` by kernel name. Returns the module and counts by kind.
 
-    CPU (LLVM) targets only: GPU targets get dlight's rules in compile's schedule phase."""
-    counts = {"tiled": 0, "vnni": 0, "depthwise": 0, "as_lowered": 0}
+    CPU (LLVM) targets only: GPU targets get their rules in compile's schedule phase."""
+    origins = {} if origins is None else origins
+    counts = {"tiled": 0, "vnni": 0, "depthwise": 0, "reduction": 0, "elementwise": 0, "as_lowered": 0}
     pending = [(gv, f) for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and not _is_scheduled(f)]
     if tvm_target.kind.name != "llvm" or "gpu" in tvm_target.keys:
         counts["as_lowered"] = len(pending)
@@ -303,6 +403,7 @@ def apply_default_schedules(mod: tvm.IRModule, tvm_target: tvm.target.Target) ->
     for gv, func in pending:
         sch, kind = default_schedule(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), tvm_target)
         counts[kind] += 1
+        origins[gv.name_hint] = kind
         if kind != "as_lowered":
             scheduled = sch.mod["main"]
             symbol = func.attrs.get("global_symbol") if func.attrs is not None else None
