@@ -56,9 +56,10 @@ compile-matrix: install
 	$(PIPELINE) compile-matrix $(MATRIX_ARGS) $(ARGS)
 
 # The target's bench stage, then (on x86) the speed-goal benchmarks: PyTorch vs ONNX Runtime vs
-# TVM on ConvNeXt-T at batch 1 and 8, with the committed tuning records (tuning/x86/); and the
+# TVM on ConvNeXt-T, -S and -B at batch 1 and 8, with the default schedules and (where any match)
+# with the committed tuning records (tuning/x86/); and the
 # INT8 artifact against the FP32 one (speed, size, agreement) on ConvNeXt-T at batch 1.
-BENCH_ARGS ?= --variant tiny --batches 1,8 --repeats 20
+BENCH_ARGS ?= --variants tiny,small,base --batches 1,8 --repeats 10
 INT8_BENCH_ARGS ?= --variant tiny --batches 1 --repeats 20
 bench: install
 	$(PIPELINE) bench --target $(TARGET) $(MODEL_ARGS) $(MEASURE_ARGS) $(ARGS)

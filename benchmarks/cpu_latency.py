@@ -1,14 +1,16 @@
 """CPU latency of ConvNeXt: PyTorch eager vs ONNX Runtime vs the TVM artifact, one table.
 
     .venv/bin/python benchmarks/cpu_latency.py                       # ConvNeXt-Tiny, 224, batch 1 and 8
-    .venv/bin/python benchmarks/cpu_latency.py --variant atto --batches 1 --repeats 5
+    .venv/bin/python benchmarks/cpu_latency.py --variants tiny,small,base
+    .venv/bin/python benchmarks/cpu_latency.py --variants atto --batches 1 --repeats 5
 
-For each batch size it builds (or reuses from the artifacts cache) the model, its ONNX
-export and the x86 artifact, then times all three backends on the same input, each in a
-process of its own (pipeline/runtime/isolated.py says why). The artifact uses the tuning records of
-`pipeline tune` for that model and batch (artifacts/tune/x86/<model>/, else
-tuning/x86/<model>/<cpu>/) and default schedules elsewhere; the table says how many kernels had
-records. Effective GFLOP/s = the model's FLOPs (counted from the TVM kernels, multiply-add
+For each model and batch size it builds (or reuses from the artifacts cache) the model, its
+ONNX export and the x86 artifacts, then times the backends on the same input, each in a
+process of its own (pipeline/runtime/isolated.py says why). TVM has up to two rows: "tvm
+defaults", compiled with the default schedules only (`--no-tuning-records`: what a user gets
+without tuning), and "tvm records", with the tuning records compile finds for the model
+(artifacts/tune/x86/<model>/, else tuning/x86/<model>/<cpu>/, else other models' records for
+the same kernels) where there are any; the table says how many kernels had records. Effective GFLOP/s = the model's FLOPs (counted from the TVM kernels, multiply-add
 = 2) / median latency, next to a NumPy SGEMM rate on this machine as the practical ceiling.
 """
 
@@ -45,12 +47,34 @@ def model_flops(onnx_path: Path, target, shape: tuple[int, ...]) -> float:
     return sum(task.flops * task.weight for task in tasks.extract_tasks(mod, tvm_target))
 
 
+def tvm_artifacts(config, target, schedules: tuple[str, ...]) -> tuple[dict, dict[str, tuple[Path, dict]]]:
+    """The pipeline's results up to compile (with default schedules only), and the TVM
+    artifact of each of ``schedules`` that applies: "defaults" always, "records" where
+    tuning records are found for some of the model's kernels (its own, or other models')."""
+    from pipeline.engine import run_pipeline
+    from pipeline.stages import STAGES
+    from pipeline.stages.compile import tuning_database
+
+    artifacts = {}
+    results = run_pipeline(STAGES, config.replace(tuning_records=False), target, "compile")
+    if "defaults" in schedules:
+        artifacts["defaults"] = (results["compile"].outputs["library"], results["compile"].manifest["info"].get("tuning", {}))
+    if "records" in schedules and tuning_database(config, target) is not None:
+        tuned = run_pipeline(STAGES, config, target, "compile")
+        tuning = tuned["compile"].manifest["info"].get("tuning", {})
+        if tuning.get("tasks_from_records"):  # else the same kernels as the defaults
+            artifacts["records"] = (tuned["compile"].outputs["library"], tuning)
+    return results, artifacts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", default="tiny")
+    parser.add_argument("--variants", "--variant", default="tiny", help="comma-separated ConvNeXt variants")
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--schedules", default="defaults,records",
+                        help="TVM rows: 'defaults' (no tuning records), 'records' (where a database has them)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--artifacts", type=Path, default=REPO / "artifacts")
@@ -62,69 +86,77 @@ def main() -> None:
     # Before compile's constant folding starts TVM's thread pool (see configure_cpu_threads).
     configure_cpu_threads()
     from pipeline.config import PipelineConfig
-    from pipeline.engine import run_pipeline
+    from pipeline.provenance import cpu_description
     from pipeline.runtime.isolated import measure_isolated
-    from pipeline.stages import STAGES
     from targets import get_target
 
     target = get_target("x86")
+    schedules = tuple(s for s in args.schedules.split(",") if s)
     sgemm = sgemm_gflops()
     rows = []
-    for batch_size in (int(b) for b in args.batches.split(",")):
-        config = PipelineConfig(
-            variant=args.variant, input_size=args.input_size, num_classes=args.num_classes,
-            batch_size=batch_size, artifacts=args.artifacts,
-        )
-        results = run_pipeline(STAGES, config, target, "compile")
-        onnx_path = results["simplify"].outputs["onnx_simplified"]
-        library = results["compile"].outputs["library"]
-        tuning = results["compile"].manifest["info"].get("tuning", {})
-        shape = (batch_size, 3, args.input_size, args.input_size)
-        flops = model_flops(onnx_path, target, shape)
-        batch = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-        models = {"pytorch": results["build"].outputs["checkpoint"], "onnxruntime": onnx_path, "tvm": library}
-        medians = {}
-        for backend, model in models.items():
-            # The bench stage's own timing loop and statistics, each backend alone in a process.
-            stats = measure_isolated(backend, model, batch, args.warmup, args.repeats)
-            median = stats["median_ms"] / 1e3
-            medians[backend] = median
-            rows.append({
-                "backend": backend, "batch": batch_size, "threads": stats["threads"], "median_ms": stats["median_ms"],
-                "p90_ms": stats["p90_ms"], "images_per_s": stats["throughput_ips"],
-                "gflops": flops / median / 1e9,
-            })
-            print(f"  measured {backend} batch {batch_size}: {median * 1e3:.2f} ms", file=sys.stderr, flush=True)
-        rows[-1]["tvm_over_ort"] = medians["tvm"] / medians["onnxruntime"]
-        rows[-1]["tuning"] = (f"{tuning.get('tasks_from_records', 0)}/{tuning.get('tasks_total', '?')} kernels from "
-                              f"records ({tuning.get('database') or 'no database'})")
-        rows[-1]["tuning_cost"] = tuning.get("cost")
+    for variant in args.variants.split(","):
+        for batch_size in (int(b) for b in args.batches.split(",")):
+            config = PipelineConfig(
+                variant=variant, input_size=args.input_size, num_classes=args.num_classes,
+                batch_size=batch_size, artifacts=args.artifacts,
+            )
+            results, tvm_builds = tvm_artifacts(config, target, schedules)
+            onnx_path = results["simplify"].outputs["onnx_simplified"]
+            shape = (batch_size, 3, args.input_size, args.input_size)
+            flops = model_flops(onnx_path, target, shape)
+            batch = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+            models = {"pytorch": ("pytorch", results["build"].outputs["checkpoint"], None),
+                      "onnxruntime": ("onnxruntime", onnx_path, None)}
+            for origin, (library, tuning) in tvm_builds.items():
+                models[f"tvm {origin}"] = ("tvm", library, tuning)
+            ort_median = None
+            for name, (backend, model, tuning) in models.items():
+                # The bench stage's own timing loop and statistics, each backend alone in a process.
+                stats = measure_isolated(backend, model, batch, args.warmup, args.repeats)
+                median = stats["median_ms"] / 1e3
+                row = {
+                    "variant": variant, "backend": name, "batch": batch_size, "threads": stats["threads"],
+                    "median_ms": stats["median_ms"], "p90_ms": stats["p90_ms"],
+                    "images_per_s": stats["throughput_ips"], "gflops": flops / median / 1e9,
+                }
+                if backend == "onnxruntime":
+                    ort_median = median
+                if tuning is not None:
+                    row["tvm_over_ort"] = median / ort_median
+                    row["tuning"] = (f"{tuning.get('tasks_from_records', 0)}/{tuning.get('tasks_total', '?')} kernels "
+                                     f"from records ({tuning.get('database') or 'none'})")
+                    row["tuning_cost"] = tuning.get("cost")
+                rows.append(row)
+                print(f"  measured {variant} {name} batch {batch_size}: {median * 1e3:.2f} ms", file=sys.stderr, flush=True)
 
     lines = [
-        f"ConvNeXt-{args.variant} {args.input_size}x{args.input_size} on {target.target_json()}; "
+        f"ConvNeXt {args.input_size}x{args.input_size} on {cpu_description()}, TVM target {target.target_json()}; "
         f"NumPy SGEMM {sgemm:.0f} GFLOP/s",
-        f"{'backend':<12} {'batch':>5} {'threads':>7} {'median ms':>10} {'p90 ms':>9} {'img/s':>8} {'GFLOP/s':>8}  notes",
+        f"{'model':<6} {'backend':<13} {'batch':>5} {'threads':>7} {'median ms':>10} {'p90 ms':>9} {'img/s':>8} "
+        f"{'GFLOP/s':>8}  notes",
     ]
     for row in rows:
         notes = ""
         if "tvm_over_ort" in row:
             notes = f"TVM/ORT {row['tvm_over_ort']:.2f}x; {row['tuning']}"
-        lines.append(f"{row['backend']:<12} {row['batch']:>5} {row['threads'] or '-':>7} {row['median_ms']:>10.2f} "
-                     f"{row['p90_ms']:>9.2f} {row['images_per_s']:>8.1f} {row['gflops']:>8.1f}  {notes}")
+        lines.append(f"{row['variant']:<6} {row['backend']:<13} {row['batch']:>5} {row['threads'] or '-':>7} "
+                     f"{row['median_ms']:>10.2f} {row['p90_ms']:>9.2f} {row['images_per_s']:>8.1f} "
+                     f"{row['gflops']:>8.1f}  {notes}")
     for row in rows:
         cost = row.get("tuning_cost")
         if cost:
             lines.append(
-                f"tuning cost, batch {row['batch']}: {cost['trials']} trials in {cost['seconds'] / 60:.1f} min; "
-                f"within {100 * cost['within']:.0f}% of the final estimate ({cost['final_estimate_ms']:.2f} ms) "
-                f"after {cost['trials_to_within']} trials, {cost['seconds_to_within'] / 60:.1f} min"
+                f"tuning cost, {row['variant']} batch {row['batch']}: {cost['trials']} trials in "
+                f"{cost['seconds'] / 60:.1f} min; within {100 * cost['within']:.0f}% of the final estimate "
+                f"({cost['final_estimate_ms']:.2f} ms) after {cost['trials_to_within']} trials, "
+                f"{cost['seconds_to_within'] / 60:.1f} min"
             )
     print("\n" + "\n".join(lines))
     if args.json:
         from pipeline.provenance import provenance, write_measurement
 
-        record = {"model": f"convnext-{args.variant} {args.input_size}x{args.input_size}", "target": target.tvm_target,
-                  "sgemm_gflops": sgemm, "rows": rows, "provenance": provenance()}
+        record = {"models": [f"convnext-{v} {args.input_size}x{args.input_size}" for v in args.variants.split(",")],
+                  "target": target.tvm_target, "sgemm_gflops": sgemm, "rows": rows, "provenance": provenance()}
         write_measurement(args.json, record, lines)
 
 

@@ -26,6 +26,7 @@ class PipelineConfig:
     # Compile
     precision: str = "fp32"
     params_mode: str = "embedded"
+    tuning_records: bool = True  # False: default schedules only, whatever records exist
     # Bench
     warmup: int = 5
     repeats: int = 50

@@ -103,12 +103,17 @@ def test_compile_applies_records_and_a_default_to_every_other_task(tuned):
     tuning = manifest["info"]["tuning"]
     assert tuning["database"] == str((tuned / DB).resolve())
     assert tuning["tasks_from_records"] >= 1
-    # No task is left without a decision: a record, or a default (tiled, or kept as lowered
-    # where that measured fastest).
+    # No task is left without a decision: a record, or a default (pipeline/compiler/schedules/cpu.py).
     assert tuning["tasks_from_records"] + tuning["tasks_default"] == tuning["tasks_total"]
-    default_kinds = ("default_tiled", "default_vnni", "default_depthwise", "default_as_lowered")
+    default_kinds = ("default_tiled", "default_vnni", "default_depthwise", "default_reduction",
+                     "default_elementwise", "default_as_lowered")
     assert sum(tuning[kind] for kind in default_kinds) == tuning["tasks_default"]
     assert tuning["default_tiled"] >= 1
+    # Each kernel's origin by name: a record, or the kind of default it got.
+    origins = list(tuning["kernel_schedules"].values())
+    assert len(origins) == tuning["tasks_total"]
+    assert origins.count("record") == tuning["tasks_from_records"]
+    assert all(origins.count(kind.removeprefix("default_")) == tuning[kind] for kind in default_kinds)
     assert manifest["settings"]["tuning_database_sha256"]
 
     onnx_path = Path(manifest["input_files"]["onnx_simplified"])
@@ -116,6 +121,18 @@ def test_compile_applies_records_and_a_default_to_every_other_task(tuned):
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     expected = session.run(None, {session.get_inputs()[0].name: x})[0]
     np.testing.assert_allclose(load_artifact(library).infer(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_no_tuning_records_compiles_with_the_defaults_only(tuned):
+    result = run_cli("compile", *MODEL, "--no-tuning-records", cwd=tuned)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "0 of" in result.stderr and "tuning records off" in result.stderr
+    library = Path(next(line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith("library:")))
+    manifest = json.loads((library.parent / "manifest.json").read_text())
+    tuning = manifest["info"]["tuning"]
+    assert tuning["database"] is None and tuning["tasks_from_records"] == 0
+    assert "record" not in tuning["kernel_schedules"].values()
+    assert manifest["settings"]["tuning_database_sha256"] is None
 
 
 def test_a_second_run_needs_resume_and_resume_skips_finished_tasks(tuned):

@@ -47,7 +47,7 @@ def settings(config: PipelineConfig, target: Target) -> dict:
 def tuning_database(config: PipelineConfig, target: Target) -> Path | None:
     """The tuning records compile applies to CPU builds (fp32, int8): artifacts/tune/<target>/<model>/,
     else the repository's tuning/<target>/<model>/<cpu>/, for this CPU or another (pipeline/compiler/tuning/database.py)."""
-    if config.precision not in TUNABLE_PRECISIONS:
+    if config.precision not in TUNABLE_PRECISIONS or not config.tuning_records:
         return None
     from pipeline.compiler.tuning import database
 
@@ -89,7 +89,8 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
     if "tuning" in info:
         counts = info["tuning"]
         log(f"[compile] {counts['tasks_from_records']} of {counts['tasks_total']} kernels from tuning records "
-            f"({counts['database'] or 'no database'}), {counts['tasks_default']} with default schedules")
+            f"({counts['database'] or ('no database' if config.tuning_records else 'tuning records off')}), "
+            f"{counts['tasks_default']} with default schedules")
     cost = info.get("gpu_cost")
     if cost:
         top = ", ".join(f"{k['kernel']} {k['roofline_us'] * k['calls']:.1f} us" for k in cost["kernels"][:3])
