@@ -50,6 +50,7 @@ def test_committed_report_names_no_local_path_and_drops_a_stale_curve(tiny_run):
     accuracy = json.loads((folder / "accuracy.json").read_text())
     assert accuracy["data"]["source"] == "eval-images.npy"
     assert accuracy["provenance"]["device"] == cpu_description()
-    # The other models' records it compiled with, merged under the working directory, named
-    # by a relative path.
-    assert accuracy["model"]["tuning_records"]["database"].startswith("artifacts/tune/x86/_kernels-")
+    # The other models' records it compiled with where this CPU has shipped ones, merged under
+    # the working directory, named by a relative path (none on other CPUs).
+    database = accuracy["model"]["tuning_records"]["database"]
+    assert database is None or database.startswith("artifacts/tune/x86/_kernels-")

@@ -273,7 +273,8 @@ def _as_tuned_on(db_dir: Path, copy: Path, mcpu: str) -> Path:
     return copy
 
 
-def test_records_shipped_for_another_cpu_are_used_and_seed_tuning_timed_here(tuned, tmp_path, monkeypatch, capsys):
+def test_records_shipped_for_another_cpu_are_not_applied_but_seed_tuning_timed_here(
+        tuned, tmp_path, monkeypatch, capsys):
     from pipeline.compiler.tuning import database
     from pipeline.compiler.tuning import tuner
     from targets import get_target
@@ -286,10 +287,11 @@ def test_records_shipped_for_another_cpu_are_used_and_seed_tuning_timed_here(tun
     monkeypatch.setattr(database, "SHIPPED_ROOT", shipped)
     other = _as_tuned_on(tuned / DB, shipped / "x86" / key / other_cpu, other_cpu)
 
-    # Compile uses the other CPU's records, saying so, until there are some for this CPU.
+    # Compile does not apply the other CPU's records (the defaults are chosen for this one),
+    # saying so, and uses this CPU's once there are some.
     artifacts_root = tmp_path / "artifacts"
-    assert database.find_database(artifacts_root, target, key) == other
-    assert f"made on another CPU ({other_cpu}, this is {this_cpu})" in capsys.readouterr().err
+    assert database.find_database(artifacts_root, target, key) is None
+    assert f"not applying tuning records made on another CPU ({other_cpu}, this is {this_cpu})" in capsys.readouterr().err
     mine = shutil.copytree(tuned / DB, database.shipped_database_dir("x86", key, target.tvm_target))
     assert database.find_database(artifacts_root, target, key) == mine
     # Tuning too starts from this CPU's records when there are some.
@@ -444,6 +446,12 @@ def test_a_model_without_records_uses_other_models_records_for_the_kernels_they_
     found = database.find_database(tmp_path / "artifacts", target, key)
     assert found == first
     assert "using those of other models" in capsys.readouterr().err
+    # Of this CPU only: the same records as if made on another CPU are not applied.
+    meta = json.loads((first / "meta.json").read_text())
+    other_cpu = "znver3" if database.cpu_tag(target.tvm_target) != "znver3" else "skylake-avx512"
+    (first / "meta.json").write_text(json.dumps({**meta, "target_json": {**meta["target_json"], "mcpu": other_cpu}}))
+    assert database.find_database(tmp_path / "artifacts", target, key) is None
+    (first / "meta.json").write_text(json.dumps(meta))
     import onnx
     import onnxsim
 

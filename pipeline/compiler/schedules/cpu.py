@@ -50,7 +50,7 @@ def schedule_module(
 
     Returns the module and the counts compile reports."""
     total = sum(isinstance(f, tvm.tirx.PrimFunc) and not _is_scheduled(f) for f in mod.functions.values())
-    # find_database chose it, records of another CPU model included.
+    # find_database chose it (this CPU model's records), or a caller passed one of another.
     database = (open_database(database_dir, target, strict=False, similar_ok=True)
                 if database_dir is not None else None)
     from_records = 0
