@@ -124,3 +124,13 @@ def test_register_block_follows_the_vector_unit():
     # 768x3072 fp32 = 9 MiB): all 49 rows in a job, each weight panel read once.
     assert avx512.row_blocks(3136, 14, 96 * 384 * 4) == 1
     assert avx512.row_blocks(49, 7, 768 * 3072 * 4) == 7
+
+
+def test_arm_targets_get_the_tiled_gemm_without_a_core_count():
+    # Arm targets name no "num-cores"; the tiled default must not need this machine's (psutil).
+    arm = tvm.target.Target(get_target("arm-a72").tvm_target)
+    assert not arm.attrs.get("num-cores")
+    func = _primfunc(lambda bb, x, w: relax.op.matmul(x, w), [(196, 384), (384, 1536)])
+    with arm:
+        sch, kind = default_schedule(tvm.IRModule({"main": func}), arm)
+    assert kind == "tiled"

@@ -261,13 +261,27 @@ def _weight_panel_bytes(func) -> tuple[int, int]:
     return reduction * spatial[-1] * element, spatial[-1]
 
 
+# Cores assumed where a target does not say (the Arm boards: Raspberry Pi 3-5 have 4).
+_ASSUMED_CORES = 4
+
+
+def _with_core_count(tvm_target: tvm.target.Target) -> tvm.target.Target:
+    """The target with "num-cores" (it bounds the sketch's parallel jobs). TVM 0.27: without
+    it MetaSchedule asks psutil for this machine's cores, which is not installed (every Arm
+    target's tiled default failed on it and fell back to the lowered loops) and would make a
+    cross build depend on the machine it runs on."""
+    if tvm_target.attrs.get("num-cores"):
+        return tvm_target
+    return tvm.target.Target({**tvm_target.export(), "num-cores": _ASSUMED_CORES})
+
+
 def _tiled_default(func, tvm_target: tvm.target.Target) -> Schedule | None:
     """The tiled default schedule of a dense contraction, or None if the sketch fails."""
     load_tensor_intrinsics()
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     context = ms.TuneContext(
-        mod=mod, target=tvm_target, space_generator=_default_space_generator(), task_name="default",
-        num_threads=1, rand_state=1,
+        mod=mod, target=_with_core_count(tvm_target), space_generator=_default_space_generator(),
+        task_name="default", num_threads=1, rand_state=1,
     )
     spaces = context.space_generator.generate_design_space(mod)
     if len(spaces) != 1:
