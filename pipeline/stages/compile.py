@@ -69,6 +69,21 @@ def tuning_settings(config: PipelineConfig, target: Target) -> dict:
     }
 
 
+def _note_records_of_other_models(tuning: dict, config: PipelineConfig) -> None:
+    """Records found by kernel in other models' databases (pipeline/compiler/tuning/database.py):
+    say whose, and drop the tuning cost, which is the tuning of those models, not of this one
+    (the report would draw their curve as this artifact's)."""
+    from pipeline.compiler.tuning import database
+
+    try:
+        made_for = database.read_meta(Path(tuning["database"])).get("model_key")
+    except (OSError, ValueError):  # a database without its meta.json: nothing to say
+        return
+    if made_for != database.config_model_key(config):
+        tuning["records_of_models"] = made_for if isinstance(made_for, list) else [made_for]
+        tuning["cost"] = None
+
+
 def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir: Path) -> dict:
     from pipeline.compiler.backend import compile_onnx
 
@@ -86,6 +101,8 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
         input_shape=(config.batch_size, config.in_chans, config.input_size, config.input_size),
         tuning_database=tuning_database(config, target),
     )
+    if info.get("tuning", {}).get("database"):
+        _note_records_of_other_models(info["tuning"], config)
     if "tuning" in info:
         counts = info["tuning"]
         log(f"[compile] {counts['tasks_from_records']} of {counts['tasks_total']} kernels from tuning records "
@@ -127,7 +144,8 @@ STAGE = Stage(
     # kernel, division by constants as multiplication, separate weights saved in the
     # layout the kernels read; 5: GPU LayerNorms exported in parts as one op. (The key also
     # holds compiler_sha256 now: a changed compiler rebuilds without a version bump.)
-    version=5,
+    # 6: info.tuning names the models whose records were found by kernel (records_of_models).
+    version=6,
     inputs=model_input,
     outputs=("library", "library_metadata", "params", "cuda_source"),
     settings=settings,

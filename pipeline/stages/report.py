@@ -30,8 +30,9 @@ def training_record(weights: str | None) -> dict | None:
 
 
 def tuning_curve(tuning) -> list[dict]:
-    """Best estimated latency against trials, from the database the artifact was compiled with."""
-    if not isinstance(tuning, dict) or not tuning.get("database"):
+    """Best estimated latency against trials, from the database the artifact was compiled with
+    (none where those were other models' records: their curve is those models' tuning)."""
+    if not isinstance(tuning, dict) or not tuning.get("database") or tuning.get("records_of_models"):
         return []
     from pipeline.compiler.tuning.database import read_curve
 
