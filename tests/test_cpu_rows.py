@@ -100,7 +100,7 @@ def test_elementwise_kernels_are_parallel_vectorized_and_exact():
 def test_kernels_too_small_to_share_keep_the_lowered_loops():
     # The head's LayerNorm: 768 outputs, less than waking the thread pool costs.
     func = _primfunc(lambda bb, x, g, b: relax.op.nn.layer_norm(x, g, b, axes=[-1]), [(1, 768), (768,), (768,)])
-    assert cpu_rows.reduction_rows_schedule(func, X86, 16) is None
+    assert cpu_rows.reduction_rows_schedule(func, 16) is None
     with X86:
         _, kind = default_schedule(tvm.IRModule({"main": func}), X86)
     assert kind == "as_lowered"

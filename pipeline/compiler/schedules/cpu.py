@@ -385,10 +385,9 @@ def default_schedule(task_mod: tvm.IRModule, tvm_target: tvm.target.Target) -> t
         except Exception as exc:  # a sketch that does not apply keeps the lowered loops
             log.info("no tiled default: %s", exc)
     if is_cpu:
-        for kind, rule in (("reduction", lambda: cpu_rows.reduction_rows_schedule(func, tvm_target, _vector_lanes(tvm_target))),
-                           ("elementwise", lambda: cpu_rows.injective_schedule(func, _vector_lanes(tvm_target)))):
+        for kind, rule in (("reduction", cpu_rows.reduction_rows_schedule), ("elementwise", cpu_rows.injective_schedule)):
             try:
-                sch = rule()
+                sch = rule(func, _vector_lanes(tvm_target))
             except Exception as exc:  # noqa: BLE001 -- a rule that does not apply
                 log.info("no %s default: %s", kind, exc)
                 sch = None

@@ -8,6 +8,8 @@ are computed per pixel under the same parallel loop (dlight's CPU Reduction rule
 
 from __future__ import annotations
 
+import math
+
 import tvm
 from tvm.s_tir import Schedule
 from tvm.s_tir.dlight.analysis import normalize_prim_func
@@ -18,21 +20,15 @@ MIN_PARALLEL_ELEMENTS = 4096
 
 
 def _output_elements(func: tvm.tirx.PrimFunc) -> int:
-    out = func.params[-1]
-    shape = getattr(out, "shape", None) or func.buffer_map[out].shape
-    total = 1
-    for dim in shape:
-        total *= int(dim)
-    return total
+    # TVM 0.27: a PrimFunc's parameters are its buffers.
+    return math.prod(int(dim) for dim in func.params[-1].shape)
 
 
 def _leading_spatial(dom_kind: str) -> int:
     return len(dom_kind) - len(dom_kind.lstrip("S"))
 
 
-def reduction_rows_schedule(
-    func: tvm.tirx.PrimFunc, tvm_target: tvm.target.Target, vector_lanes: int,
-) -> Schedule | None:
+def reduction_rows_schedule(func: tvm.tirx.PrimFunc, vector_lanes: int) -> Schedule | None:
     """LayerNorm-like kernels: reductions over the trailing (contiguous) axes, then
     elementwise blocks, all sharing the leading (pixel) axes. None where that is not the shape.
 
