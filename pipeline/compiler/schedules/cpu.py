@@ -99,11 +99,12 @@ def schedule_module(
 #     reductions as vector partial sums.
 #
 # ConvNeXt-T 224, batch 1, 2 threads (Xeon, rocketlake), kernel time summed over the model,
-# these defaults vs. the znver5 tuned records replayed on the same machine: GEMMs 42.9 vs
-# 44.7 ms (the tuned records 1.0-1.2x faster on 9 of 13 GEMMs, the defaults faster on the
-# rest); LayerNorms and means 0.38 vs 0.67 ms; before these defaults (4 rows x 1 vector,
-# reduction 4; reductions and elementwise kernels single-threaded scalar loops) 62.9 and
-# 3.6 ms. Records replace defaults where a database has them.
+# these defaults vs. the znver5 tuned records replayed on the same machine: the 12 tiled
+# GEMMs 39.4 vs 41.6 ms (the records faster on 4 of them, by up to 1.2x); LayerNorms and
+# means 0.38 vs 0.67 ms; every kernel 42.4 vs 45.4 ms. Before these defaults (4 rows x
+# 1 vector, reduction 4; reductions and elementwise kernels single-threaded scalar loops)
+# the GEMMs took 62.9 ms and the LayerNorms and means 3.6 ms. Records replace defaults
+# where a database has them.
 _MIN_CONV_REDUCTION = 64
 # Accumulator types the tiled default was measured for. Integer kernels need it most: the
 # int8 x int8 -> int32 kernels of pipeline/compiler/int8.py as lowered took 2.47 s per
