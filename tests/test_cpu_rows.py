@@ -3,6 +3,8 @@ register blocking of cpu's tiled default, from the target's vector unit."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -97,6 +99,22 @@ def test_elementwise_kernels_are_parallel_vectorized_and_exact():
     _same_as_lowered(func, sch.mod["main"])
 
 
+def test_the_head_at_batch_1_is_a_parallel_vectorized_matrix_vector_product():
+    # ConvNeXt-T's classifier: 768 features x 1000 classes (not a multiple of 16 lanes: 8).
+    func = _primfunc(lambda bb, x, w, b: relax.op.add(relax.op.matmul(x, w), b), [(1, 768), (768, 1000), (1000,)])
+    with X86:
+        sch, kind = default_schedule(tvm.IRModule({"main": func}), X86)
+    assert kind == "gemv"
+    text = sch.mod.script()
+    assert "T.parallel" in text and "T.vectorized(T.int64(8))" in text
+    _same_as_lowered(func, sch.mod["main"])
+    # Several rows reuse the weights: a GEMM, tiled.
+    batched = _primfunc(lambda bb, x, w: relax.op.matmul(x, w), [(8, 768), (768, 1000)])
+    assert cpu_rows.gemv_schedule(batched, 16) is None
+    with X86:
+        assert default_schedule(tvm.IRModule({"main": batched}), X86)[1] == "tiled"
+
+
 def test_kernels_too_small_to_share_keep_the_lowered_loops():
     # The head's LayerNorm: 768 outputs, less than waking the thread pool costs.
     func = _primfunc(lambda bb, x, g, b: relax.op.nn.layer_norm(x, g, b, axes=[-1]), [(1, 768), (768,), (768,)])
@@ -124,6 +142,10 @@ def test_register_block_follows_the_vector_unit():
     # 768x3072 fp32 = 9 MiB): all 49 rows in a job, each weight panel read once.
     assert avx512.row_blocks(3136, 14, 96 * 384 * 4) == 1
     assert avx512.row_blocks(49, 7, 768 * 3072 * 4) == 7
+    # The same rows as image rows ([1, 7, 7, 768] x [768, 3072]): the 7 image rows join the
+    # job too, not a job each reading all the weights.
+    assert avx512.outer_rows([1, 7, 7], 32, 768 * 3072 * 4) == 18
+    assert avx512.outer_rows([1, 56, 56], 32, 96 * 384 * 4) == 1
 
 
 def test_arm_targets_get_the_tiled_gemm_without_a_core_count():
@@ -134,3 +156,13 @@ def test_arm_targets_get_the_tiled_gemm_without_a_core_count():
     with arm:
         sch, kind = default_schedule(tvm.IRModule({"main": func}), arm)
     assert kind == "tiled"
+
+
+def test_a_job_takes_all_image_rows_where_the_weights_exceed_l2():
+    # Stage 3's first block, [1, 7, 7, 768] x [768, 3072] (9 MiB of weights): the parallel
+    # jobs split the output columns only, each reading its weight panel once for all 49 rows.
+    func = _primfunc(lambda bb, x, w: relax.op.matmul(x, w), [(1, 7, 7, 768), (768, 3072)])
+    with X86:
+        sch, kind = default_schedule(tvm.IRModule({"main": func}), X86)
+    assert kind == "tiled"
+    assert re.findall(r"T\.parallel\(T\.int64\((\d+)\)", sch.mod.script()) == [str(3072 // 32)]

@@ -105,7 +105,7 @@ def test_compile_applies_records_and_a_default_to_every_other_task(tuned):
     assert tuning["tasks_from_records"] >= 1
     # No task is left without a decision: a record, or a default (pipeline/compiler/schedules/cpu.py).
     assert tuning["tasks_from_records"] + tuning["tasks_default"] == tuning["tasks_total"]
-    default_kinds = ("default_tiled", "default_vnni", "default_depthwise", "default_reduction",
+    default_kinds = ("default_tiled", "default_vnni", "default_depthwise", "default_gemv", "default_reduction",
                      "default_elementwise", "default_as_lowered")
     assert sum(tuning[kind] for kind in default_kinds) == tuning["tasks_default"]
     assert tuning["default_tiled"] >= 1
