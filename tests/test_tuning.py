@@ -216,6 +216,62 @@ def test_ship_copies_the_best_record_of_each_kernel_under_its_cpu(tuned, tmp_pat
     assert result.returncode == 2 and "not a directory" in result.stderr
 
 
+def test_remeasure_times_each_record_against_todays_default_and_rewrites_the_database(tuned, tmp_path):
+    from pipeline.compiler.tuning import database
+
+    copy = tmp_path / DB  # where compile, run in tmp_path, looks for the model's records
+    shutil.copytree(tuned / DB, copy)
+    kernels = len(database.merged_workloads(copy))
+    result = run_tune("tune-db", "remeasure", str(copy), cwd=tuned)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| kernel | record ms | default ms |" in result.stdout
+    assert f"of {kernels} kernels keep their records" in result.stdout
+    assert "[remeasure] 1/" in result.stderr  # progress, one line per kernel
+    meta = json.loads((copy / "meta.json").read_text())
+    remeasured = meta["remeasured"]
+    assert remeasured["cpu"] == database.cpu_tag(meta["target_json"])
+    assert remeasured["kernels_kept"] + len(remeasured["kernels_dropped"]) == kernels
+    assert len(database.merged_workloads(copy)) == remeasured["kernels_kept"]
+    assert (copy / "tune_state.json").read_bytes() == (tuned / DB / "tune_state.json").read_bytes()
+    result = run_cli("compile", *MODEL, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f" {remeasured['kernels_kept']} of " in result.stderr and "kernels from tuning records" in result.stderr
+
+    # Timings mean something only on the CPU the records name: another one's are refused.
+    meta["target_json"] = {**meta["target_json"], "mcpu": "znver4"}
+    (copy / "meta.json").write_text(json.dumps(meta))
+    before = sorted((p.name, p.read_bytes()) for p in copy.iterdir())
+    result = run_tune("tune-db", "remeasure", str(copy), cwd=tuned)
+    assert result.returncode == 2 and "re-measure them on a znver4 machine" in result.stderr
+    assert sorted((p.name, p.read_bytes()) for p in copy.iterdir()) == before
+    result = run_tune("tune-db", "remeasure", str(tuned / DB), "--margin", "1.5", cwd=tuned)
+    assert result.returncode == 2 and "--margin" in result.stderr
+
+
+@pytest.mark.parametrize("record_ms,default_ms,kept", [
+    (2.0, 1.0, False),   # the default is faster: the record goes
+    (1.0, 0.99, True),   # within the margin: a tie, kept (ties alone were faster in the model)
+    (1.0, 1.5, True),    # the record is faster
+    (None, 1.0, False),  # the record no longer builds or runs
+])
+def test_remeasure_drops_a_record_only_where_the_default_beats_it(tuned, tmp_path, monkeypatch, record_ms, default_ms, kept):
+    from pipeline.compiler.tuning import database, remeasure, tuner
+
+    def fake_timings(builder, runner, tvm_target, name, schedules, say):
+        seconds = {"record": record_ms}
+        return [None if seconds.get(what, default_ms) is None else [seconds.get(what, default_ms) / 1e3]
+                for _, what in schedules]
+
+    monkeypatch.setattr(tuner, "time_schedules", fake_timings)
+    copy = tmp_path / "db"
+    shutil.copytree(tuned / DB, copy)
+    kernels = len(database.merged_workloads(copy))
+    result = remeasure.remeasure_database(copy, say=lambda line: None)
+    assert result["kept"] == (kernels if kept else 0)
+    assert len(_records(copy)) == (len(_records(tuned / DB)) if kept else 0)
+    assert all(row["decision"].startswith("kept" if kept else "dropped") for row in result["rows"])
+
+
 def test_corrupt_or_foreign_databases_warn_and_build_with_defaults(tuned, tmp_path, capsys, monkeypatch):
     from pipeline.compiler.tuning import database
     from pipeline.compiler.backend import compile_onnx

@@ -1,5 +1,5 @@
-"""`pipeline tune` (MetaSchedule tuning records for a target and model) and
-`pipeline tune-db merge A B -o C`.
+"""`pipeline tune` (MetaSchedule tuning records for a target and model), and
+`pipeline tune-db merge A B -o C`, `ship` and `remeasure` (records against today's defaults).
 
 Registered on the main app by `pipeline.cli` with `register(app)`. Records go to
 ``artifacts/tune/<target>/<model-key>/``; `pipeline compile` with the same model settings
@@ -158,6 +158,21 @@ def ship_command(
     if not source.is_dir():
         raise PipelineError(f"{source} is not a directory; pass a tuning database directory (artifacts/tune/<target>/<model>)")
     print(json.dumps(database.ship_database(source, output), indent=2))
+
+
+@db_app.command("remeasure")
+def remeasure_command(
+    database_dir: Annotated[Path, typer.Argument(help="A tuning database directory (tuning/<target>/<model>/<cpu>/ or artifacts/tune/<target>/<model>).")],
+    margin: Annotated[float, typer.Option(help="Drop a kernel's records where today's default schedule is at least this fraction faster.")] = 0.03,
+) -> None:
+    """Time each record against today's default schedule on this CPU (the one the records
+    were made for) and drop the records that the default now beats."""
+    if not database_dir.is_dir():
+        raise PipelineError(f"{database_dir} is not a directory; pass a tuning database directory (tuning/<target>/<model>/<cpu>)")
+    from pipeline.compiler.tuning import remeasure
+
+    result = remeasure.remeasure_database(database_dir, margin=margin)
+    print(remeasure.format_table(result))
 
 
 def register(app: typer.Typer) -> None:

@@ -108,7 +108,7 @@ class _SettlingBuilder(ms.builder.PyBuilder):
         return results
 
 
-def _builder(target: Target, settings: TuneSettings) -> "ms.builder.Builder":
+def make_builder(target: Target, settings: TuneSettings) -> "ms.builder.Builder":
     builder = ms.builder.LocalBuilder(
         max_workers=1,
         timeout_sec=settings.builder_timeout_s,
@@ -123,7 +123,7 @@ def _evaluator() -> "ms.runner.EvaluatorConfig":
     return ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=50, enable_cpu_cache_flush=False)
 
 
-def _runner(target: Target, settings: TuneSettings):
+def make_runner(target: Target, settings: TuneSettings):
     if settings.rpc_tracker is None:
         # Candidates are timed in worker processes that inherit TVM_NUM_THREADS: on as
         # many cores as the artifact will run on (runtime_only.configure_cpu_threads).
@@ -276,7 +276,7 @@ def _args_info(sch: Schedule) -> list:
     return ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
 
 
-def _median(values) -> float:
+def median(values) -> float:
     ordered = sorted(float(v) for v in values)
     return ordered[len(ordered) // 2]
 
@@ -287,7 +287,7 @@ def _best_record_seconds(database, task: Task) -> float | None:
     records = database.get_top_k(database.commit_workload(task.mod), 1)
     if not records or not records[0].run_secs:
         return None
-    return _median(records[0].run_secs)
+    return median(records[0].run_secs)
 
 
 class _CtrlC:
@@ -447,6 +447,34 @@ def _in_stored_names(task: Task, database, seed_database) -> Task:
     return task
 
 
+def time_schedules(builder, runner, tvm_target, name: str, schedules: list[tuple[Schedule, str]],
+                   say: Callable[[str], None] = log) -> list[list[float] | None]:
+    """Build schedules of one kernel together and time each (its run_secs); None, said why,
+    where one fails to build or run."""
+    built = builder.build([ms.builder.BuilderInput(sch.mod, tvm_target) for sch, _ in schedules])
+    device = "cpu" if tvm_target.kind.name == "llvm" else tvm_target.kind.name
+    timings: list[list[float] | None] = []
+    for (sch, what), result in zip(schedules, built):
+        args_info = _args_info(sch)
+        if result.error_msg is not None:
+            say(f"[tune] {name}: the {what} did not build: {str(result.error_msg).strip()[:200]}")
+            timings.append(None)
+            continue
+        try:
+            # Timed three times, the fastest kept: noise only ever adds time.
+            futures = runner.run([ms.runner.RunnerInput(result.artifact_path, device, args_info)] * 3)
+            runs = [future.result() for future in futures]
+        finally:
+            shutil.rmtree(os.path.dirname(result.artifact_path), ignore_errors=True)
+        timed = [r for r in runs if r.error_msg is None and r.run_secs]
+        if not timed:
+            say(f"[tune] {name}: the {what} did not run: {str(runs[0].error_msg).strip()[-300:]}")
+            timings.append(None)
+            continue
+        timings.append([float(s) for s in min(timed, key=lambda r: median(r.run_secs)).run_secs])
+    return timings
+
+
 class _Tuner:
     """Rounds of MetaSchedule search for one task at a time, into one database."""
 
@@ -455,7 +483,7 @@ class _Tuner:
         self.target, self.tvm_target, self.settings = target, tvm_target, settings
         self.database, self.db_dir, self.command, self.say = database, db_dir, command, say
         self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        self.builder, self.runner = _builder(target, settings), _runner(target, settings)
+        self.builder, self.runner = make_builder(target, settings), make_runner(target, settings)
         # One cost model for the whole run: what it learns on one task helps the next.
         self.cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=self.cores)
         self.spent = 0
@@ -484,29 +512,7 @@ class _Tuner:
         return results
 
     def _measure(self, task: Task, schedules: list[tuple[Schedule, str]]) -> list[list[float] | None]:
-        """Build schedules of a task together and time each; None (said why) where one fails."""
-        built = self.builder.build([ms.builder.BuilderInput(sch.mod, self.tvm_target) for sch, _ in schedules])
-        device = "cpu" if self.tvm_target.kind.name == "llvm" else self.tvm_target.kind.name
-        timings: list[list[float] | None] = []
-        for (sch, what), result in zip(schedules, built):
-            args_info = _args_info(sch)
-            if result.error_msg is not None:
-                self.say(f"[tune] {task.name}: the {what} did not build: {str(result.error_msg).strip()[:200]}")
-                timings.append(None)
-                continue
-            try:
-                # Timed three times, the fastest kept: noise only ever adds time.
-                futures = self.runner.run([ms.runner.RunnerInput(result.artifact_path, device, args_info)] * 3)
-                runs = [future.result() for future in futures]
-            finally:
-                shutil.rmtree(os.path.dirname(result.artifact_path), ignore_errors=True)
-            timed = [r for r in runs if r.error_msg is None and r.run_secs]
-            if not timed:
-                self.say(f"[tune] {task.name}: the {what} did not run: {str(runs[0].error_msg).strip()[-300:]}")
-                timings.append(None)
-                continue
-            timings.append([float(s) for s in min(timed, key=lambda r: _median(r.run_secs)).run_secs])
-        return timings
+        return time_schedules(self.builder, self.runner, self.tvm_target, task.name, schedules, self.say)
 
     def _commit(self, task: Task, sch: Schedule, run_secs: list[float], progress: TaskProgress) -> float:
         """Add a timed schedule to the database as a record; its median latency."""
@@ -514,10 +520,10 @@ class _Tuner:
         self.database.commit_tuning_record(
             ms.database.TuningRecord(sch.trace, workload, run_secs, self.tvm_target, _args_info(sch))
         )
-        median = _median(run_secs)
-        if progress.best_s is None or median < progress.best_s:
-            progress.best_s = median
-        return median
+        seconds = median(run_secs)
+        if progress.best_s is None or seconds < progress.best_s:
+            progress.best_s = seconds
+        return seconds
 
     def _seed_schedule(self, task: Task, seed_database) -> Schedule | None:
         """The seed database's best record of the task, replayed; None if it has none."""
