@@ -192,13 +192,16 @@ def _other_models_databases(artifacts_root: Path, target: Target, key: str) -> l
     return [(d, m) for d, m in usable if json.dumps(m, sort_keys=True) == first]
 
 
-def _kernel_database(artifacts_root: Path, target: Target, key: str) -> tuple[Path, dict[str, Any]] | None:
+def _kernel_database(artifacts_root: Path, target: Target, key: str,
+                     found: list[tuple[Path, dict[str, Any]]] | None = None) -> tuple[Path, dict[str, Any]] | None:
     """Records of other models for a model that has none: MetaSchedule finds a record by
     its kernel's workload, whatever model it was tuned in, so ConvNeXt-S compiles with
     ConvNeXt-T's records (the same 48 kernels, more blocks) and a batch or input size
     shares every kernel whose shape it keeps. Several databases are merged once into
-    artifacts/tune/<target>/_kernels-<digest>/."""
-    found = _other_models_databases(artifacts_root, target, key)
+    artifacts/tune/<target>/_kernels-<digest>/. `found`: the other models' databases, if
+    the caller has listed them already (``_other_models_databases``)."""
+    if found is None:
+        found = _other_models_databases(artifacts_root, target, key)
     if not found:
         return None
     if len(found) == 1:
@@ -226,7 +229,7 @@ def find_database(artifacts_root: Path, target: Target, key: str) -> Path | None
         return own[0]
     others = _other_models_databases(artifacts_root, target, key)
     if others and target_fit(others[0][1], target) == "same":
-        db_dir, _ = _kernel_database(artifacts_root, target, key)
+        db_dir, _ = _kernel_database(artifacts_root, target, key, others)
         warn_once(f"no tuning records for {key}; using those of other models of target '{target.name}' "
                   f"for every kernel they share: {db_dir}")
         return db_dir
