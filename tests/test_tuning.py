@@ -22,6 +22,7 @@ import pytest
 
 from rpc_loopback import loopback_tracker
 from conftest import REPO, run_cli
+from pipeline.compiler.schedules.cpu import DEFAULT_SCHEDULE_VERSION
 from pipeline.errors import PipelineError
 
 pytestmark = pytest.mark.slow
@@ -222,6 +223,14 @@ def test_remeasure_times_each_record_against_todays_default_and_rewrites_the_dat
     copy = tmp_path / DB  # where compile, run in tmp_path, looks for the model's records
     shutil.copytree(tuned / DB, copy)
     kernels = len(database.merged_workloads(copy))
+    # Records timed against older defaults: compile applies them and says how to check them.
+    meta = json.loads((copy / "meta.json").read_text())
+    assert meta["default_schedule_version"] == DEFAULT_SCHEDULE_VERSION  # tune wrote today's
+    (copy / "meta.json").write_text(json.dumps({**meta, "default_schedule_version": 1}))
+    result = run_cli("compile", *MODEL, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "timed against older default schedules (version 1" in result.stderr
+    assert f"pipeline tune-db remeasure {copy}" in result.stderr
     result = run_tune("tune-db", "remeasure", str(copy), cwd=tuned)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| kernel | record ms | default ms |" in result.stdout
@@ -236,6 +245,7 @@ def test_remeasure_times_each_record_against_todays_default_and_rewrites_the_dat
     result = run_cli("compile", *MODEL, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f" {remeasured['kernels_kept']} of " in result.stderr and "kernels from tuning records" in result.stderr
+    assert "older default schedules" not in result.stderr and meta["default_schedule_version"] == DEFAULT_SCHEDULE_VERSION
 
     # Timings mean something only on the CPU the records name: another one's are refused.
     meta["target_json"] = {**meta["target_json"], "mcpu": "znver4"}

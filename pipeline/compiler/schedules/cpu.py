@@ -24,7 +24,7 @@ from tvm.s_tir import Schedule
 from pipeline.compiler.schedules import cpu_rows, depthwise
 from pipeline.compiler import prepack
 from pipeline.compiler.tensor_intrinsics import load_tensor_intrinsics
-from pipeline.compiler.tuning.database import open_database, read_curve, tuning_cost
+from pipeline.compiler.tuning.database import open_database, read_curve, read_meta, tuning_cost, warn_once
 from targets import Target
 
 
@@ -61,6 +61,8 @@ def schedule_module(
         # Records made before weights were marked layout free (pipeline/compiler/prepack.py).
         mod = prepack.apply_unmarked_records(mod, database)
         from_records = sum(isinstance(f, tvm.tirx.PrimFunc) and _is_scheduled(f) for f in mod.functions.values())
+        if from_records:
+            _note_records_older_than_defaults(database_dir)
     # Where each kernel's schedule comes from: "record", or its default's kind (below).
     origins = {gv.name_hint: "record" for gv, f in mod.functions_items()
                if isinstance(f, tvm.tirx.PrimFunc) and _is_scheduled(f)}
@@ -78,6 +80,19 @@ def schedule_module(
         "cost": tuning_cost(read_curve(database_dir)) if database is not None else None,
         "kernel_schedules": dict(sorted(origins.items())),
     }
+
+
+def _note_records_older_than_defaults(database_dir: Path) -> None:
+    """A record beat the default of its day; once the defaults improve, some records are
+    slower than today's (the rocketlake ConvNeXt-T head: 0.092 ms, its new default 0.052 ms)
+    and compile would still apply them."""
+    version = read_meta(database_dir).get("default_schedule_version", 0)
+    if version >= DEFAULT_SCHEDULE_VERSION:
+        return
+    made = f"version {version}" if version else "a version before versions were recorded"
+    warn_once(f"the tuning records in {database_dir} were timed against older default schedules ({made}; "
+              f"today's are version {DEFAULT_SCHEDULE_VERSION}); `pipeline tune-db remeasure {database_dir}` "
+              f"on the CPU they were made for drops the records today's defaults beat")
 
 
 # Default schedules, chosen from the target's vector registers and caches rather than by

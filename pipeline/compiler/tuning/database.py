@@ -404,7 +404,9 @@ def merge_databases(sources: list[Path], output: Path) -> dict[str, Any]:
                 ))
                 counts["records_out"] += 1
         meta = dict(metas[0])
-        meta.update(merged_from=[str(s) for s in sources], model_key=keys[0] if len(keys) == 1 else keys)
+        meta.update(merged_from=[str(s) for s in sources], model_key=keys[0] if len(keys) == 1 else keys,
+                    # Timed against the oldest defaults of any source (schedules/cpu.py).
+                    default_schedule_version=min(m.get("default_schedule_version", 0) for m in metas))
         write_json(temp / META_FILE, meta)
         temp.chmod(0o755)
         if output.exists():

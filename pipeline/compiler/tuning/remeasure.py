@@ -81,6 +81,7 @@ def remeasure_database(db_dir: Path, *, margin: float = DEFAULT_MARGIN,
             say(f"[remeasure] {index}/{len(workloads)} {name}: record {_ms(row['record_ms'])}, "
                 f"default ({row['default_kind']}) {_ms(row['default_ms'])}: {row['decision']}")
     kept = [mod for mod, row in zip(workloads, rows) if row["decision"] == "kept"]
+    meta = {**meta, "default_schedule_version": DEFAULT_SCHEDULE_VERSION}  # what the kept records beat
     _rewrite(db_dir, database, kept, meta, {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": here,

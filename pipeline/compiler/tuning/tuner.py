@@ -32,7 +32,7 @@ from pipeline import artifacts
 from pipeline.compiler import prepack
 from pipeline.engine import log
 from pipeline.errors import PipelineError
-from pipeline.compiler.schedules.cpu import default_schedule
+from pipeline.compiler.schedules.cpu import DEFAULT_SCHEDULE_VERSION, default_schedule
 from pipeline.compiler.tensor_intrinsics import load_tensor_intrinsics
 from pipeline.compiler.tuning.tasks import Task, extract_tasks, fused_module
 from pipeline.compiler.tuning.database import (
@@ -362,7 +362,11 @@ def tune(
         if problem is not None:
             raise PipelineError(f"cannot resume: {problem}; delete the directory to start over")
     db_dir.mkdir(parents=True, exist_ok=True)
-    write_meta(db_dir, target, key, onnx_sha256=artifacts.file_sha256(onnx_path))
+    # The defaults its records were timed against: a resumed run keeps the oldest.
+    version = DEFAULT_SCHEDULE_VERSION
+    if settings.resume and (db_dir / META_FILE).is_file():
+        version = min(version, read_meta(db_dir).get("default_schedule_version", 0))
+    write_meta(db_dir, target, key, onnx_sha256=artifacts.file_sha256(onnx_path), default_schedule_version=version)
     for name in (WORKLOAD_FILE, RECORD_FILE):
         (db_dir / name).touch()
     load_tensor_intrinsics()
