@@ -105,13 +105,15 @@ def _note_records_older_than_defaults(database_dir: Path) -> None:
 #     the vector registers hold accumulators for (a FMA chain per accumulator hides the FMA
 #     latency; AVX-512 and NEON have 32 registers, AVX2 16), 64 reduction steps per pass
 #     over the tile. Where the weights do not fit in a core's L2 (stage 3's 768x3072) a
-#     parallel job takes up to 128 rows, so each weight panel is read from memory once per
-#     job instead of once per register tile.
+#     parallel job takes up to 128 rows, image rows of a [1, H, W, C] map included, so each
+#     weight panel is read from memory once per job instead of once per register tile.
 #   * The depthwise 7x7 convolutions (channels-last since pipeline/compiler/layout.py) get
 #     their register-tiled schedule (pipeline/compiler/schedules/depthwise.py).
 #   * LayerNorms and means over channels, and the elementwise and data movement kernels
 #     (pipeline/compiler/schedules/cpu_rows.py): pixels parallel, channels vectorized, the
 #     reductions as vector partial sums.
+#   * Matrix-vector products (the head at batch 1; cpu_rows.gemv_schedule): the weights
+#     streamed once, parallel over vectors of output columns.
 #
 # ConvNeXt-T 224, batch 1, 2 threads (Xeon, rocketlake), kernel time summed over the model,
 # these defaults vs. the znver5 tuned records replayed on the same machine: the 12 tiled

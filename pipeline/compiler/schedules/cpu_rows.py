@@ -135,8 +135,9 @@ def gemv_schedule(func: tvm.tirx.PrimFunc, vector_lanes: int) -> Schedule | None
     Each weight is used once, so the kernel streams the weight matrix: the output columns in
     vectors, one parallel job per vector of columns, and over the reduction each job adds a
     row of weights times one input into its vector (weights [K, N], N contiguous). As
-    lowered, one thread computed one output at a time, striding down a column of weights:
-    0.70 ms for ConvNeXt-T's head on 2 rocketlake threads, so 0.05 ms (0.42 ms tuned)."""
+    lowered, one thread computed one output at a time, striding down a column of weights.
+    ConvNeXt-T's head on 2 rocketlake threads, timed alone: 0.70 ms as lowered, 0.05 ms so,
+    0.09 ms with its tuned record; in the whole model 0.98 -> 0.19 ms."""
     sch = Schedule(tvm.IRModule({"main": func}))
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     product, epilogue = blocks[0], blocks[1:]
