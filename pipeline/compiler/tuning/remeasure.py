@@ -161,9 +161,15 @@ def _rewrite(db_dir: Path, database, kept: list[tvm.IRModule], meta: dict[str, A
                 (temp / name).chmod(0o644)
         db.write_json(temp / db.META_FILE, {**meta, "remeasured": remeasured})
         temp.chmod(0o755)
+        # Directories cannot be swapped in one rename: the old one steps aside first, and
+        # comes back if the new one cannot take its place.
         old = db_dir.with_name(f".{db_dir.name}.old-{os.getpid()}")
         os.replace(db_dir, old)
-        os.replace(temp, db_dir)
+        try:
+            os.replace(temp, db_dir)
+        except BaseException:
+            os.replace(old, db_dir)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
