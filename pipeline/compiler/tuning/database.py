@@ -56,6 +56,12 @@ def warn(message: str) -> None:
 
 
 @functools.lru_cache(maxsize=None)
+def note_once(message: str) -> None:
+    """Said once per process, as warn_once, but news rather than a problem."""
+    log(message)
+
+
+@functools.lru_cache(maxsize=None)
 def warn_once(message: str) -> None:
     """A warning about a database, said once per process: compile looks it up twice (for
     its cache key and to build)."""
@@ -230,8 +236,10 @@ def find_database(artifacts_root: Path, target: Target, key: str) -> Path | None
     others = _other_models_databases(artifacts_root, target, key)
     if others and target_fit(others[0][1], target) == "same":
         db_dir, _ = _kernel_database(artifacts_root, target, key, others)
-        warn_once(f"no tuning records for {key}; using those of other models of target '{target.name}' "
-                  f"for every kernel they share: {db_dir}")
+        # Not a warning: compile then says how many kernels were found (often none: the demo
+        # model shares no kernel with ConvNeXt-T).
+        note_once(f"no tuning records for {key}; looking its kernels up in the records of target "
+                  f"'{target.name}''s other models made on this CPU: {db_dir}")
         return db_dir
     elsewhere = own or (others[0] if others else None)
     if elsewhere is not None:
