@@ -166,3 +166,14 @@ def test_a_job_takes_all_image_rows_where_the_weights_exceed_l2():
         sch, kind = default_schedule(tvm.IRModule({"main": func}), X86)
     assert kind == "tiled"
     assert re.findall(r"T\.parallel\(T\.int64\((\d+)\)", sch.mod.script()) == [str(3072 // 32)]
+
+
+def test_a_gemms_epilogue_runs_in_its_jobs_not_in_a_pass_of_its_own():
+    # fc1 of a ConvNeXt-T stage-2 block: bias and GELU after the matmul.
+    func = _primfunc(lambda bb, x, w, b: relax.op.nn.gelu(relax.op.add(relax.op.matmul(x, w), b)),
+                     [(196, 384), (384, 1536), (1536,)])
+    with X86:
+        sch, kind = default_schedule(tvm.IRModule({"main": func}), X86)
+    assert kind == "tiled"
+    assert sch.mod.script().count("T.parallel(") == 1
+    _same_as_lowered(func, sch.mod["main"])
