@@ -156,7 +156,10 @@ def gemv_schedule(func: tvm.tirx.PrimFunc, vector_lanes: int) -> Schedule | None
     ]
     if not weights or any(_block_kinds(sch, block) != {0} for block in epilogue):
         return None
-    lanes = _largest_power_of_two_dividing(int(iters[-2].dom.extent), vector_lanes)
+    # Whole vectors where the columns allow, else the largest power of two dividing them
+    # (1000 classes: 8 lanes), as RegisterBlock.columns picks a narrow tile's width.
+    extent = int(iters[-2].dom.extent)
+    lanes = min(extent & -extent, vector_lanes)
     if lanes < 4:
         return None
     *rows, column, k = sch.get_loops(product)
@@ -178,10 +181,3 @@ def _indexed_by(dim_range, var: tvm.tirx.Var) -> bool:
 
 def _block_kinds(sch: Schedule, block) -> set[int]:
     return {int(iv.iter_type) for iv in sch.get(block).iter_vars}
-
-
-def _largest_power_of_two_dividing(extent: int, cap: int) -> int:
-    lanes = 1
-    while lanes * 2 <= cap and extent % (lanes * 2) == 0:
-        lanes *= 2
-    return lanes
