@@ -10,7 +10,7 @@ import pytest
 import tvm
 
 from pipeline.compiler import cuda_code
-from pipeline.compiler.schedules import gpu_depthwise, gpu_matmul
+from pipeline.compiler.schedules import gpu_depthwise, gpu_matmul, gpu_row_reduction
 from targets import SM_COUNTS, get_target
 
 # ConvNeXt-T per stage at 224x224: (side, channels); GEMMs per image: (M, K, N).
@@ -55,6 +55,41 @@ def test_gemm_tiles_fill_every_sm_of_an_h200(batch, m, k, n):
 
 def test_gemm_tile_is_the_smallest_when_nothing_fills_the_gpu():
     assert gpu_matmul.choose_tile(16, 16, H200_SMS) == gpu_matmul.TILES[-1]
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("side, channels", CONVNEXT_T_STAGES)
+def test_layer_norm_blocks_hold_rows_of_one_image_row_and_fill_the_sms_where_rows_allow(batch, side, channels):
+    rows = batch * side * side
+    per_block = gpu_row_reduction.choose_rows_per_block(rows, side, H200_SMS)
+    assert side % per_block == 0  # a block's rows never straddle two image rows
+    assert rows // per_block >= H200_SMS or per_block == 1
+    if rows >= 8 * H200_SMS and side % 8 == 0:
+        assert per_block == 8  # ConvNeXt-T's stage 0: 256-thread blocks
+
+
+def _softmax_kernel(axis: int) -> tvm.tirx.PrimFunc:
+    from tvm import relax
+    from tvm.script import relax as R
+
+    builder = relax.BlockBuilder()
+    x = relax.Var("x", R.Tensor((2, 8, 64), "float32"))
+    with builder.function("main", [x]):
+        builder.emit_func_output(builder.emit(relax.op.nn.softmax(x, axis=axis)))
+    legalized = relax.transform.LegalizeOps()(builder.get())
+    return next(f for _, f in legalized.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+
+
+def test_row_reduction_rule_takes_reductions_over_the_innermost_axis_only():
+    """A softmax over the last axis is rows like a LayerNorm's: a warp per row, results in
+    registers. Over another axis the elementwise pass reads a result per column: declined,
+    for dlight's rules."""
+    rows = gpu_row_reduction.row_reduction_schedule(_softmax_kernel(-1), H200_SMS)
+    assert rows is not None
+    script = rows.mod.script()
+    assert 'thread="threadIdx.y"' in script and 'T.thread_binding(T.int64(32), thread="threadIdx.x")' in script
+    assert 'scope="local"' in script and 'scope="shared"' not in script
+    assert gpu_row_reduction.row_reduction_schedule(_softmax_kernel(1), H200_SMS) is None
 
 
 def test_every_gpu_target_names_its_sm_count():
@@ -183,10 +218,25 @@ def test_convnext_t_with_separate_weights_reads_them_as_saved(tmp_path):
 @pytest.mark.slow
 def test_no_convnext_t_kernel_is_left_to_the_generic_rules(convnext_t):
     """dlight's GeneralReduction and Fallback rules are what made the depthwise convs slow;
-    what they may still get is a LayerNorm, a mean or an elementwise kernel."""
+    what they may still get is a mean or an elementwise kernel."""
     for name, kernel in _kernels(convnext_t, "").items():
         if kernel["rule"] in ("GeneralReduction", "Fallback"):
-            assert "conv2d" not in name and "matmul" not in name, kernel
+            assert "conv2d" not in name and "matmul" not in name and "layer_norm" not in name, kernel
+
+
+@pytest.mark.slow
+def test_convnext_t_layer_norms_are_a_warp_per_pixel_with_shuffle_reductions_in_registers(convnext_t):
+    norms = _kernels(convnext_t, "layer_norm")
+    assert len(norms) >= 6  # the stem's, three downsampling layers', the blocks' per stage, the head's
+    for name, kernel in norms.items():
+        assert kernel["rule"] == "RowReductionPerWarp", kernel
+        assert kernel["threads"] % 32 == 0 and kernel["threads"] <= 256, kernel
+        body = _kernel_source(convnext_t["source"], name)
+        assert body.count("__shfl_down_sync") == 10, name  # two reductions, five steps each
+        # Results in registers: no shared memory, so no barrier for TVM's sync planner to miss.
+        assert "__shared__" not in body and "__syncthreads" not in body, name
+    stage_0 = [k for k in norms.values() if k["flops"] > 1e6 and k["blocks"] * k["threads"] == 56 * 56 * 32]
+    assert stage_0 and all(k["threads"] == 256 for k in stage_0)  # 8 pixels per block
 
 
 @pytest.mark.slow

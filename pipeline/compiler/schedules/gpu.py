@@ -1,5 +1,6 @@
 """Default schedules of GPU kernels: our own rules for ConvNeXt's heavy kernels (the NHWC
-depthwise convolution, gpu_depthwise.py; float16 GEMMs, gpu_matmul.py) ahead of dlight's rules, first match wins, in the
+depthwise convolution, gpu_depthwise.py; float16 GEMMs, gpu_matmul.py; channel LayerNorms,
+gpu_row_reduction.py) ahead of dlight's rules, first match wins, in the
 order of ``rules()``; two of dlight's are narrowed where TVM 0.27's versions fail instead
 of declining."""
 
@@ -15,6 +16,7 @@ from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 
 from pipeline.compiler.schedules.gpu_depthwise import depthwise_nhwc_gpu_schedule
 from pipeline.compiler.schedules.gpu_matmul import TensorCoreMatmul
+from pipeline.compiler.schedules.gpu_row_reduction import row_reduction_schedule
 
 
 class DepthwiseNHWC(GPUScheduleRule):
@@ -28,6 +30,19 @@ class DepthwiseNHWC(GPUScheduleRule):
         if not isinstance(func, tvm.tirx.PrimFunc) or not self.is_target_available(target):
             return None
         return depthwise_nhwc_gpu_schedule(func, self.sm_count)
+
+
+class RowReductionPerWarp(GPUScheduleRule):
+    """Row reductions and their elementwise pass (channel LayerNorms): one warp per row,
+    warp-shuffle reductions, several rows per block (gpu_row_reduction.py)."""
+
+    def __init__(self, sm_count: int):
+        self.sm_count = sm_count
+
+    def apply(self, func, target, tunable):
+        if not isinstance(func, tvm.tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        return row_reduction_schedule(func, self.sm_count)
 
 
 class FloatMatmul(dlight.gpu.Matmul):
@@ -63,8 +78,8 @@ class DecliningGEMV(dlight.gpu.GEMV):
 def rules(sm_count: int) -> list:
     """The rules for our kernels, most specific first; grids are sized for ``sm_count`` SMs."""
     return [
-        DepthwiseNHWC(sm_count), TensorCoreMatmul(sm_count), FloatMatmul(), DecliningGEMV(), dlight.gpu.Reduction(),
-        dlight.gpu.GeneralReduction(), dlight.gpu.Fallback(),
+        DepthwiseNHWC(sm_count), TensorCoreMatmul(sm_count), FloatMatmul(), DecliningGEMV(),
+        RowReductionPerWarp(sm_count), dlight.gpu.Reduction(), dlight.gpu.GeneralReduction(), dlight.gpu.Fallback(),
     ]
 
 
