@@ -53,6 +53,7 @@ MIB = 1024 * 1024
 # What the check imports from the pipeline: NumPy, torch and the TVM runtime only.
 BUNDLED_MODULES = (
     "errors.py", "model.py", "seeded_weights.py", "runtime/runtime_only.py", "compare.py", "latency_stats.py",
+    "kernel_profile.py",
 )
 # Parts of the apache-tvm wheel a machine that only runs artifacts does not need.
 COMPILER_PARTS = ("lib/libtvm_compiler.so", "3rdparty", "include", "src")
@@ -135,8 +136,9 @@ def seeded_checkpoint(variant: str, num_classes: int, seed: int, directory: Path
     return path
 
 
-def compile_configs(args: argparse.Namespace, target, configs, weights: Path) -> dict[str, Path]:
-    """Config name -> the compile stage's output folder (model.so and what travels with it)."""
+def compile_configs(args: argparse.Namespace, target, configs, weights: Path) -> dict[str, tuple[Path, list]]:
+    """Config name -> the compile stage's output folder (model.so and what travels with it)
+    and compile's record of each GPU kernel (rule, grid, roofline bound; empty on CPU)."""
     from pipeline.config import PipelineConfig
     from pipeline.engine import run_pipeline
     from pipeline.stages import STAGES
@@ -153,7 +155,9 @@ def compile_configs(args: argparse.Namespace, target, configs, weights: Path) ->
         config = base.replace(precision=precision, batch_size=batch,
                               params_mode="embedded" if precision == "int8" else "separate")
         results = run_pipeline(STAGES, config, target, "compile", {"weights": weights})
-        folders[config_name(precision, batch)] = Path(results["compile"].outputs["library"]).parent
+        compiled = results["compile"]
+        folders[config_name(precision, batch)] = (Path(compiled.outputs["library"]).parent,
+                                                  compiled.manifest.get("info", {}).get("gpu_cost", {}).get("kernels", []))
     return folders
 
 
@@ -343,8 +347,10 @@ into `reports/`).
 `gpu_check.py` rebuilds the model in PyTorch with the same seeded weights (seed {model['seed']},
 pipeline/seeded_weights.py), runs every artifact below on the GPU against PyTorch float32 (TF32 off)
 and times TVM beside PyTorch eager fp16, channels_last, `torch.compile` and `torch.compile`
-with CUDA graphs. It writes `OUT/reports/<folder>/` (latency.json, accuracy.json, report.md:
-copy them into the repository's `reports/`), `OUT/gpu_check.json` and `OUT/summary.md`, and
+with CUDA graphs; it records 20 calls (`--profile-calls`) of each artifact with PyTorch's profiler for a
+table of each kernel's GPU time beside its roofline bound (`--profile-calls 0`: none). It writes
+`OUT/reports/<folder>/` (latency.json, accuracy.json, kernels.json, report.md: copy them into
+the repository's `reports/`), `OUT/gpu_check.json` and `OUT/summary.md`, and
 exits 0 when the criteria hold (no NaN, fp32 max abs error <= 1e-4, fp16 top-1 agreement
 >= 99%), 1 when one fails, 2 when it cannot run (no GPU, a damaged bundle).
 
@@ -366,7 +372,8 @@ def build_bundle(args: argparse.Namespace) -> dict:
     target.check_available()
 
     weights = seeded_checkpoint(args.variant, args.num_classes, args.seed, args.artifacts / "gpu-bundle")
-    folders = compile_configs(args, target, configs, weights)
+    compiled = compile_configs(args, target, configs, weights)
+    folders = {name: folder for name, (folder, _) in compiled.items()}
 
     output = args.output.resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -388,6 +395,8 @@ def build_bundle(args: argparse.Namespace) -> dict:
         runtime = {**tvm_runtime_archive(bundle / "runtime"), **ffi_wheel(bundle / "runtime", args.ffi_wheel)}
 
         entries = stage_artifacts(folders, work / "artifacts")
+        for name, (_, kernels) in compiled.items():
+            entries[name]["kernels"] = kernels  # what the check's kernel profile is set beside
         log("compressing the artifacts (xz)")
         _xz_tar(work / "artifacts", bundle / "artifacts.tar.xz")
 

@@ -10,9 +10,12 @@ For every artifact of the bundle it reports
   inputs (seeded): NaN count, max abs error, relative L2, top-1 agreement (pipeline/compare.py);
 - latency: the median (and p90/p99) of --repeats synchronized calls after --warmup, with the
   input already on the GPU, beside PyTorch eager (fp32, fp16), eager fp16 channels_last,
-  torch.compile and torch.compile(mode="reduce-overhead") (CUDA graphs) at the same batch.
+  torch.compile and torch.compile(mode="reduce-overhead") (CUDA graphs) at the same batch;
+- kernels: GPU time per call of each TVM kernel over --profile-calls calls (PyTorch's profiler,
+  CUPTI), beside the rule, grid and roofline bound compile recorded (pipeline/kernel_profile.py),
+  and the time between kernels.
 
-It writes OUT/reports/<folder>/{latency,accuracy}.json and report.md in the layout of the
+It writes OUT/reports/<folder>/{latency,accuracy,kernels}.json and report.md in the layout of the
 repository's reports/ (folders cuda-sm90, cuda-sm90-fp16, cuda-sm90-fp16-b8, ...),
 OUT/gpu_check.json (everything) and OUT/summary.md. Exit 0 when the criteria hold (no NaN;
 fp32 max abs error <= 1e-4; fp16 top-1 agreement >= 99%), 1 when one fails, 2 when the check
@@ -71,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=300, help=f"timed calls per backend (at least {MIN_REPEATS})")
     parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile rows")
+    parser.add_argument("--profile-calls", type=int, default=20,
+                        help="calls of each artifact recorded for its kernel table (0: none; needs a CUDA GPU)")
     parser.add_argument("--pack", action="store_true",
                         help="write the report folders as OUT/reports.tar.gz (three files in all: for a "
                              "machine that hands back only a few files)")
@@ -208,8 +213,35 @@ def measure_torch(net, mode: str, x: np.ndarray, device: str, warmup: int, repea
         return {"error": f"{type(exc).__name__}: {text[0] if text else ''}"}
 
 
+def profile_kernels(call, calls: int, costs: list[dict], latency_ms: float, trace_path: Path) -> dict:
+    """The kernel table of ``calls`` calls of ``call`` (pipeline/kernel_profile.py), from
+    the Chrome trace PyTorch's profiler writes; an error is reported, not fatal."""
+    from pipeline import kernel_profile
+
+    try:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as recording:
+            for _ in range(calls):
+                call()
+            torch.cuda.synchronize()
+        recording.export_chrome_trace(str(trace_path))
+        rows = kernel_profile.with_costs(kernel_profile.kernel_times(json.loads(trace_path.read_text()), calls), costs)
+        if not rows:
+            return {"error": "the profiler recorded no kernels", "calls": calls}
+        return {"calls": calls, "summary": kernel_profile.summary(rows, latency_ms), "kernels": rows}
+    except Exception as exc:  # noqa: BLE001 -- the check's numbers stand without the table
+        text = str(exc).strip().splitlines()
+        return {"error": f"{type(exc).__name__}: {text[0] if text else ''}", "calls": calls}
+    finally:
+        trace_path.unlink(missing_ok=True)
+
+
 def measure_artifact(folder: Path, x_all: np.ndarray, reference: np.ndarray, batch: int,
-                     warmup: int, repeats: int, device: str) -> dict:
+                     warmup: int, repeats: int, device: str, profile_calls: int = 0,
+                     kernel_costs: list[dict] | None = None) -> dict:
     from pipeline.compare import compare_logits
     from pipeline.latency_stats import latency_stats
     from pipeline.runtime.runtime_only import ArtifactError, LoadedArtifact
@@ -220,12 +252,17 @@ def measure_artifact(folder: Path, x_all: np.ndarray, reference: np.ndarray, bat
         raise CheckError(str(exc)) from None
     count = len(x_all) - len(x_all) % batch
     outputs = np.concatenate([artifact.infer(x_all[i:i + batch]) for i in range(0, count, batch)])
-    return {
+    measured = {
         "accuracy": compare_logits(reference[:count], outputs),
         "latency": latency_stats(artifact.time_calls(x_all[:batch], warmup, repeats), batch),
         "artifact_bytes": sum((folder / f).stat().st_size for f in ("model.so", "model.params.npz")
                               if (folder / f).is_file()),
     }
+    if profile_calls > 0 and device == "cuda":
+        measured["kernel_profile"] = profile_kernels(
+            artifact.device_call(x_all[:batch]), profile_calls, kernel_costs or [],
+            measured["latency"]["median_ms"], folder / "trace.json")
+    return measured
 
 
 def environment(device: str) -> dict:
@@ -366,6 +403,17 @@ def row_markdown(latency: dict, accuracy: dict) -> str:
     return "\n".join(lines)
 
 
+def profile_markdown(profile: dict | None) -> str:
+    """report.md's kernel section: the table, or why there is none."""
+    from pipeline import kernel_profile
+
+    if not profile:
+        return ""
+    if "error" in profile:
+        return f"## Kernels\n\nNo kernel table: {profile['error']}.\n"
+    return kernel_profile.markdown(profile["kernels"], profile["summary"], profile["calls"])
+
+
 def summary_markdown(results: dict) -> str:
     env, manifest = results["environment"], results["manifest"]
     lines = [
@@ -399,7 +447,10 @@ def write_outputs(results: dict, out: Path, pack: bool = False) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "latency.json").write_text(json.dumps(latency, indent=2, sort_keys=True) + "\n")
         (folder / "accuracy.json").write_text(json.dumps(accuracy, indent=2, sort_keys=True) + "\n")
-        (folder / "report.md").write_text(row_markdown(latency, accuracy))
+        profile = row.get("kernel_profile")
+        if profile:
+            (folder / "kernels.json").write_text(json.dumps(profile, indent=2, sort_keys=True) + "\n")
+        (folder / "report.md").write_text(row_markdown(latency, accuracy) + profile_markdown(profile))
     if pack:
         with tarfile.open(out / "reports.tar.gz", "w:gz") as archive:
             archive.add(reports, arcname="reports")
@@ -440,13 +491,15 @@ def run_check(args: argparse.Namespace) -> dict:
     for config in manifest["configs"]:
         print(f"[gpu_check] TVM {config['name']}", file=sys.stderr, flush=True)
         measured = measure_artifact(folder / config["name"], images, reference, config["batch_size"],
-                                    args.warmup, args.repeats, args.device)
+                                    args.warmup, args.repeats, args.device, args.profile_calls,
+                                    manifest["artifacts"][config["name"]].get("kernels"))
         rows.append({"name": config["name"], "precision": config["precision"],
                      "batch_size": config["batch_size"], **measured})
     return {
         "manifest": {k: manifest[k] for k in ("target", "model", "configs", "commit", "created")},
         "environment": environment(args.device),
-        "settings": {"images": len(images), "warmup": args.warmup, "repeats": args.repeats, "device": args.device},
+        "settings": {"images": len(images), "warmup": args.warmup, "repeats": args.repeats, "device": args.device,
+                     "profile_calls": args.profile_calls if args.device == "cuda" else 0},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": "gpu_check.py " + " ".join(sys.argv[1:]),
         "pytorch": pytorch,

@@ -57,7 +57,7 @@ def test_the_bundle_holds_the_check_the_runtime_and_the_artifacts(bundle):
     assert sorted(n for n in names if n.startswith("lib/")) == sorted(
         ["lib/pipeline/__init__.py", "lib/pipeline/runtime/__init__.py"]
         + [f"lib/pipeline/{m}" for m in ("errors.py", "model.py", "seeded_weights.py", "runtime/runtime_only.py",
-                                         "compare.py", "latency_stats.py")])
+                                         "compare.py", "latency_stats.py", "kernel_profile.py")])
     total = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
     assert total < 60 * 1024 * 1024
 
@@ -71,6 +71,11 @@ def test_the_bundle_holds_the_check_the_runtime_and_the_artifacts(bundle):
     # One weights file: fp32 and fp16 b8 are derived from fp16 b1 on the GPU machine.
     assert [m for m in members if m.endswith(".npz")] == ["fp16-b1/model.params.npz"]
     assert manifest["artifacts"]["fp32-b1"]["derived_params"]["from"] == "fp16-b1/model.params.npz"
+    # Compile's record of each kernel travels along, for the check's kernel table.
+    for name in ("fp32-b1", "fp16-b1", "fp16-b8"):
+        kernels = manifest["artifacts"][name]["kernels"]
+        assert kernels and all(k["rule"] and k["roofline_us"] > 0 for k in kernels if k["flops"] > 0)
+        assert {"DepthwiseNHWC", "RowReductionPerWarp"} <= {k["rule"] for k in kernels}
 
 
 @pytest.mark.slow

@@ -126,6 +126,26 @@ def test_packed_reports_are_three_files(tmp_path):
             "reports/cuda-sm90-fp16-b8/latency.json", "reports/cuda-sm90-fp16-b8/report.md"]
 
 
+def test_a_kernel_profile_becomes_kernels_json_and_a_table_in_the_report(tmp_path):
+    from pipeline import kernel_profile
+
+    reference = np.random.default_rng(1).standard_normal((16, 10))
+    profiled, failed = _row("fp16", 1, reference, reference, 0.05), _row("fp16", 8, reference, reference, 0.2)
+    rows = [{"kernel": "fused_matmul1_add", "launches": 1.0, "us": 32.0, "us_per_launch": 32.0,
+             "rule": "TensorCoreMatmul", "blocks": 196, "threads": 128, "roofline_us": 4.0, "x_roofline": 8.0}]
+    profiled["kernel_profile"] = {"calls": 20, "kernels": rows, "summary": kernel_profile.summary(rows, 0.05)}
+    failed["kernel_profile"] = {"calls": 20, "error": "RuntimeError: CUPTI unavailable"}
+    gpu_check.write_outputs(_results([profiled, failed]), tmp_path)
+
+    folder = tmp_path / "reports" / "cuda-sm90-fp16"
+    assert json.loads((folder / "kernels.json").read_text())["kernels"] == rows
+    report = (folder / "report.md").read_text()
+    assert "## Kernels (GPU time per call, from a profiler trace of 20 calls)" in report
+    assert "32.0 us of kernel time of a 50.0 us median call (18.0 us between kernels)" in report
+    b8 = (tmp_path / "reports" / "cuda-sm90-fp16-b8" / "report.md").read_text()
+    assert "No kernel table: RuntimeError: CUPTI unavailable." in b8
+
+
 def test_report_folders_follow_the_repository_naming():
     assert gpu_check.report_folder("cuda-sm90", "fp32", 1) == "cuda-sm90"
     assert gpu_check.report_folder("cuda-sm90", "fp16", 1) == "cuda-sm90-fp16"
@@ -178,4 +198,6 @@ def test_the_whole_check_runs_on_a_cpu_bundle(tmp_path):
     fp32 = results["rows"][0]
     assert fp32["accuracy"]["nan_count"] == 0 and fp32["accuracy"]["max_abs_error"] < 1e-4
     assert fp32["latency"]["repeats"] == 5
+    assert "kernel_profile" not in fp32  # the profiler's table is for CUDA devices
+    assert results["settings"]["profile_calls"] == 0
     assert (tmp_path / "out" / "reports" / "x86" / "report.md").is_file()

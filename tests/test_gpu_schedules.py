@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import tvm
 
@@ -90,6 +91,33 @@ def test_row_reduction_rule_takes_reductions_over_the_innermost_axis_only():
     assert 'thread="threadIdx.y"' in script and 'T.thread_binding(T.int64(32), thread="threadIdx.x")' in script
     assert 'scope="local"' in script and 'scope="shared"' not in script
     assert gpu_row_reduction.row_reduction_schedule(_softmax_kernel(1), H200_SMS) is None
+
+
+def _layer_norm_kernel(shape: tuple[int, ...]) -> tvm.tirx.PrimFunc:
+    from tvm import relax
+    from tvm.script import relax as R
+
+    builder = relax.BlockBuilder()
+    x = relax.Var("x", R.Tensor(shape, "float32"))
+    gamma, beta = relax.Var("gamma", R.Tensor(shape[-1:], "float32")), relax.Var("beta", R.Tensor(shape[-1:], "float32"))
+    with builder.function("main", [x, gamma, beta]):
+        builder.emit_func_output(builder.emit(relax.op.nn.layer_norm(x, gamma, beta, axes=[-1])))
+    legalized = relax.transform.LegalizeOps()(builder.get())
+    return next(f for _, f in legalized.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+
+
+@pytest.mark.parametrize("shape", [
+    (1, 56, 56, 96), (8, 56, 56, 96), (8, 28, 28, 192), (8, 14, 14, 384), (8, 7, 7, 768),  # ConvNeXt-T
+    (8, 8, 8, 16), (3, 16, 16, 40), (2, 1, 1, 320), (1, 768), (8, 768),  # micro b8, atto, heads
+])
+def test_layer_norms_of_any_batch_get_a_warp_per_row(shape):
+    from pipeline.compiler.schedules.gpu import launch_shape
+
+    scheduled = gpu_row_reduction.row_reduction_schedule(_layer_norm_kernel(shape), H200_SMS)
+    assert scheduled is not None
+    blocks, threads = launch_shape(scheduled.mod["main"])
+    rows = int(np.prod(shape[:-1]))
+    assert threads % 32 == 0 and blocks * threads // 32 == rows  # one warp per row, every row once
 
 
 def test_every_gpu_target_names_its_sm_count():

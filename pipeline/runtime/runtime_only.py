@@ -273,18 +273,24 @@ class LoadedArtifact:
         """Seconds of each of ``repeats`` calls on ``x``, after ``warmup`` calls: the input
         stays on the device and every call is synchronized, so this is the device's time
         per call (launches included), not the host copies ``infer`` adds."""
-        self.infer(x)  # checks the input's shape and dtype
-        x_device = tvm.runtime.tensor(np.ascontiguousarray(x), self.device)
+        call = self.device_call(x)
         for _ in range(warmup):
-            self._main(x_device, *self._params)
+            call()
         self.device.sync()
         seconds = []
         for _ in range(repeats):
             start = time.perf_counter()
-            self._main(x_device, *self._params)
+            call()
             self.device.sync()
             seconds.append(time.perf_counter() - start)
         return seconds
+
+    def device_call(self, x: np.ndarray):
+        """A function running the model on ``x``, copied to the device once: it launches
+        the work and returns without waiting for it or copying anything back."""
+        self.infer(x)  # checks the input's shape and dtype
+        x_device = tvm.runtime.tensor(np.ascontiguousarray(x), self.device)
+        return lambda: self._main(x_device, *self._params)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,15 +75,6 @@ def row_reduction_schedule(func: tvm.tirx.PrimFunc, sm_count: int) -> s_tir.Sche
     last_extents = _static_extents(sch, last.block_rv)
     if not last.is_injective() or last_extents is None:
         return None
-    loops = sch.get_loops(last.block_rv)
-    if last_extents == extents[-1:] and all(e == 1 for e in extents[:-1]):
-        # One row (the head's LayerNorm): dlight's normalization dropped its unit loops.
-        row = sch.add_unit_loop(last.block_rv)
-        sch.reorder(row, loops[0])
-    elif last_extents == extents:
-        row = sch.fuse(*loops[:-1])
-    else:
-        return None
     if _reads_reduced_values_per_column(sch, reductions, last):
         return None  # not a reduction over the innermost axis, e.g. a softmax over another
     rows = 1
@@ -91,8 +82,21 @@ def row_reduction_schedule(func: tvm.tirx.PrimFunc, sm_count: int) -> s_tir.Sche
         rows *= extent
     per_block = choose_rows_per_block(rows, extents[-2], sm_count)
 
+    loops = sch.get_loops(last.block_rv)
+    if last_extents == extents[-1:] and all(e == 1 for e in extents[:-1]):
+        # One row (the head's LayerNorm): dlight's normalization dropped its unit loops.
+        block_index = sch.add_unit_loop(last.block_rv)
+        sch.reorder(block_index, loops[0])
+        row_in_block = sch.add_unit_loop(loops[0])
+    elif last_extents == extents:
+        # The block's rows are split off the innermost spatial axis before the others are
+        # fused: each reduction's row then has affine bindings when it is computed at the
+        # block (fused first, the row's index came out in a form TVM 0.27 rejects).
+        outer, row_in_block = sch.split(loops[-2], [None, per_block])
+        block_index = sch.fuse(*loops[:-2], outer)
+    else:
+        return None
     columns, lane = sch.split(loops[-1], [None, LANES])
-    block_index, row_in_block = sch.split(row, [None, per_block])
     sch.reorder(block_index, row_in_block, lane, columns)
     sch.bind(block_index, "blockIdx.x")
     sch.bind(row_in_block, "threadIdx.y")
