@@ -179,6 +179,8 @@ def test_convnext_t_depthwise_kernels_use_shared_tiles_and_fill_the_sms(convnext
         body = _kernel_source(convnext_t["source"], name)
         assert "__shared__" in body, name  # the input tile with its halo
         assert "__syncthreads" in body, name
+        assert "half pad_temp_shared" in body, name  # float16 in, float32 accumulators
+    assert not [k for k in _kernels(convnext_t, "") if re.fullmatch(r"cast\d*", k)]  # no kernel only casts
 
 
 @pytest.mark.slow
@@ -237,6 +239,12 @@ def test_convnext_t_with_separate_weights_reads_them_as_saved(tmp_path):
     # What layout kernels remain cut the three downsampling layers' inputs into patches.
     layout_only = [k for k in kernels if re.fullmatch(r"(fused_)?((transpose|reshape)\d*_?)+", k)]
     assert len(layout_only) <= 3, layout_only
+    # The float32 residual stream is read by the depthwise kernels as it is and converted on
+    # the copy into their float16 tiles (pipeline/compiler/cast_fusion.py): no kernel only casts.
+    assert not [k for k in kernels if re.fullmatch(r"cast\d*", k)]
+    depthwise = [k for k in info["gpu_cost"]["kernels"] if "conv2d" in k["kernel"]]
+    assert len(depthwise) == 4 and all(k["kernel"].startswith("fused_cast") for k in depthwise), depthwise
+    assert info["gpu_cost"]["launches"] <= 90  # 105 with a cast kernel before each depthwise conv
     assert info["cuda_graph_captures"] == 1
     with np.load(tmp_path / "model.params.npz") as weights:
         depthwise = [weights[n] for n in weights.files if "dwconv" in n and "weight" in n]

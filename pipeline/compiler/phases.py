@@ -8,7 +8,7 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
-from pipeline.compiler import graph_rewrites, layout, nhwc_gemms, prepack, weight_params
+from pipeline.compiler import cast_fusion, graph_rewrites, layout, nhwc_gemms, prepack, weight_params
 from pipeline.compiler.cost import kernel_costs
 from pipeline.compiler.schedules import cpu as cpu_schedules
 from pipeline.compiler.schedules import gpu as gpu_schedules
@@ -101,10 +101,13 @@ def relax_phases(
             transform.FoldConstant(),
         ]),
         # Fuse: group elementwise/injective ops into their producers and merge each group
-        # into one PrimFunc: the kernels (and MetaSchedule's tuning tasks). Weights marked
-        # layout free (CPU): a tuned kernel may read them packed in its tiles' order,
-        # packed once after scheduling (pipeline/compiler/prepack.py).
-        ("fuse", [transform.FuseOps(), transform.FuseTIR(), *([] if is_gpu else [prepack.mark_weights()])]),
+        # into one PrimFunc: the kernels (and MetaSchedule's tuning tasks). On GPU the cast
+        # of a depthwise convolution's input joins the convolution (cast_fusion.py: FuseOps
+        # leaves it a kernel of its own). Weights marked layout free (CPU): a tuned kernel
+        # may read them packed in its tiles' order, packed once after scheduling
+        # (pipeline/compiler/prepack.py).
+        ("fuse", [transform.FuseOps(), *([cast_fusion.fuse_casts_into_depthwise_pass()] if is_gpu else []),
+                  transform.FuseTIR(), *([] if is_gpu else [prepack.mark_weights()])]),
         # Schedule: every kernel gets its tuning record, else its device kind's default
         # (schedule_pass).
         ("schedule", [schedule_pass(target, tuning_database, {} if schedule_report is None else schedule_report)]),

@@ -1,7 +1,8 @@
 """Default GPU schedule for channels-last depthwise convolutions (ConvNeXt's 7x7).
 
 out[n, y, x, c] = sum over (ry, rx) of in[n, y+ry, x+rx, c] * w[ry, rx, c], then the
-elementwise epilogue (bias, casts). dlight has no rule for it: its GeneralReduction rule
+elementwise epilogue (bias, casts); a cast of the input is applied on the copy into shared
+memory. dlight has no rule for it: its GeneralReduction rule
 made each output one 256-thread block with 49 threads busy (80% of ConvNeXt-T's time on
 an H200, batch 8). Here a thread block computes an output tile of TH rows x TW pixels x
 CT channels: it copies the input tile with its 3-pixel halo into shared memory once
@@ -93,8 +94,12 @@ def depthwise_nhwc_gpu_schedule(func: tvm.tirx.PrimFunc, sm_count: int) -> Sched
     sch.bind(thread_index, "threadIdx.x")
 
     # The input tile and its halo, copied once per block by all its threads; the padding
-    # becomes a bounds check on that copy.
+    # becomes a bounds check on that copy, and a cast of the input (the float32 residual
+    # stream in fp16 models, pipeline/compiler/cast_fusion.py) a conversion on it.
     if pads:
+        for pad in pads:
+            for producer in sch.get_producers(pad):
+                sch.compute_inline(producer)
         input_tile = sch.cache_read(conv, 0, "shared")
         sch.compute_at(input_tile, block_index)
         for pad in pads:
