@@ -19,30 +19,33 @@ from pipeline.compiler.schedules.gpu_matmul import TensorCoreMatmul
 from pipeline.compiler.schedules.gpu_row_reduction import row_reduction_schedule
 
 
-class DepthwiseNHWC(GPUScheduleRule):
+class _SizedForSMs(GPUScheduleRule):
+    """A rule of ours: ``schedule(func, sm_count)`` gives the kernel's schedule, or None
+    where the kernel is not one it takes."""
+
+    schedule = None
+
+    def __init__(self, sm_count: int):
+        self.sm_count = sm_count
+
+    def apply(self, func, target, tunable):
+        if not isinstance(func, tvm.tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        return type(self).schedule(func, self.sm_count)
+
+
+class DepthwiseNHWC(_SizedForSMs):
     """Channels-last depthwise convolutions: shared-memory input tiles, register
     accumulators, a grid of at least ``sm_count`` blocks (gpu_depthwise.py)."""
 
-    def __init__(self, sm_count: int):
-        self.sm_count = sm_count
-
-    def apply(self, func, target, tunable):
-        if not isinstance(func, tvm.tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        return depthwise_nhwc_gpu_schedule(func, self.sm_count)
+    schedule = staticmethod(depthwise_nhwc_gpu_schedule)
 
 
-class RowReductionPerWarp(GPUScheduleRule):
+class RowReductionPerWarp(_SizedForSMs):
     """Row reductions and their elementwise pass (channel LayerNorms): one warp per row,
     warp-shuffle reductions, several rows per block (gpu_row_reduction.py)."""
 
-    def __init__(self, sm_count: int):
-        self.sm_count = sm_count
-
-    def apply(self, func, target, tunable):
-        if not isinstance(func, tvm.tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        return row_reduction_schedule(func, self.sm_count)
+    schedule = staticmethod(row_reduction_schedule)
 
 
 class FloatMatmul(dlight.gpu.Matmul):
