@@ -35,7 +35,7 @@ def _is_cast(func) -> bool:
 
 def _depthwise_group(mod: tvm.IRModule, gvar) -> bool:
     """Whether ``gvar`` is a fused function (FuseOps' group) around a depthwise convolution."""
-    func = mod[gvar] if gvar in mod.get_global_vars() else None
+    func = mod[gvar]
     if not isinstance(func, relax.Function) or not (func.attrs and func.attrs.get("Primitive")):
         return False
     for block in func.body.blocks:
@@ -78,17 +78,18 @@ def fuse_casts_into_depthwise(mod: tvm.IRModule) -> tvm.IRModule:
         casts = {binding.var: binding.value for binding in block.bindings
                  if _call_tir(binding.value) and _is_cast(mod[binding.value.args[0]])
                  and len(users.get(binding.var, [])) == 1}
-        # The consumers to rewrite, by the cast they take in.
-        joined = {binding.value.args[0]: binding for binding in block.bindings
-                  if isinstance(binding.value, relax.Call) and isinstance(binding.value.op, tvm.ir.GlobalVar)
-                  and binding.value.args and binding.value.args[0] in casts
-                  and _depthwise_group(mod, binding.value.op)}
+        # The consumers that take a cast in, and the casts that move into them.
+        consumers = {binding.var for binding in block.bindings
+                     if isinstance(binding.value, relax.Call) and isinstance(binding.value.op, tvm.ir.GlobalVar)
+                     and binding.value.args and binding.value.args[0] in casts
+                     and _depthwise_group(mod, binding.value.op)}
+        moved = {binding.value.args[0] for binding in block.bindings if binding.var in consumers}
         bindings = []
         for binding in block.bindings:
-            if binding.var in joined:
-                continue  # moves into its consumer
+            if binding.var in moved:
+                continue
             consumer = binding.value
-            if binding.var in {b.var for b in joined.values()}:
+            if binding.var in consumers:
                 cast = casts[consumer.args[0]]
                 cast_gvar, source = cast.args[0], cast.args[1][0]
                 key = (cast_gvar.name_hint, consumer.op.name_hint)
