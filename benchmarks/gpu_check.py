@@ -467,6 +467,8 @@ def run_check(args: argparse.Namespace) -> dict:
 
     if args.repeats < MIN_REPEATS and args.device == "cuda":
         raise CheckError(f"--repeats {args.repeats} is below {MIN_REPEATS}; the report's medians need at least that")
+    if args.profile_calls < 0:
+        raise CheckError(f"--profile-calls {args.profile_calls} is negative; give a count of calls, or 0 for no kernel table")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CheckError("PyTorch sees no CUDA GPU on this machine; run the check where `nvidia-smi` lists one")
     bundle = args.bundle.resolve()

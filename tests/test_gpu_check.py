@@ -146,6 +146,12 @@ def test_a_kernel_profile_becomes_kernels_json_and_a_table_in_the_report(tmp_pat
     assert "No kernel table: RuntimeError: CUPTI unavailable." in b8
 
 
+def test_a_negative_profile_count_is_a_one_line_error(capsys):
+    assert gpu_check.main(["--profile-calls", "-1", "--device", "cpu", "--bundle", "/nonexistent"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --profile-calls -1 is negative") and "\n" not in error
+
+
 def test_report_folders_follow_the_repository_naming():
     assert gpu_check.report_folder("cuda-sm90", "fp32", 1) == "cuda-sm90"
     assert gpu_check.report_folder("cuda-sm90", "fp16", 1) == "cuda-sm90-fp16"
