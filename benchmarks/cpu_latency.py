@@ -39,18 +39,27 @@ def sgemm_gflops(n: int = 1024, seconds: float = 2.0) -> float:
     return 2 * n**3 * runs / (time.perf_counter() - start) / 1e9
 
 
-def model_flops(onnx_path: Path, target, shape: tuple[int, ...]) -> float:
+def fused_model(onnx_path: Path, target, shape: tuple[int, ...]):
+    """The model's kernels before scheduling (compile's phases up to it) and the TVM target."""
+    from pipeline.compiler.tuning import tasks
+
+    return tasks.fused_module(onnx_path, target, shape)
+
+
+def model_flops(mod, tvm_target) -> float:
     """FLOPs of one forward pass: every TVM kernel's FLOPs times how often it runs."""
     from pipeline.compiler.tuning import tasks
 
-    mod, tvm_target = tasks.fused_module(onnx_path, target, shape)
     return sum(task.flops * task.weight for task in tasks.extract_tasks(mod, tvm_target))
 
 
-def tvm_artifacts(config, target, schedules: tuple[str, ...]) -> tuple[dict, dict[str, tuple[Path, dict]]]:
+def tvm_artifacts(config, target, schedules: tuple[str, ...], kernels) -> tuple[dict, dict[str, tuple[Path, dict]]]:
     """The pipeline's results up to compile (with default schedules only), and the TVM
     artifact of each of ``schedules`` that applies: "defaults" always, "records" where
-    tuning records are found for some of the model's kernels (its own, or other models')."""
+    tuning records are found for some of the model's kernels (its own, or other models').
+    ``kernels`` (``fused_model``) are looked up in the records before a build with them:
+    other models' records often hold none of a model's kernels."""
+    from pipeline.compiler.schedules import cpu as cpu_schedules
     from pipeline.engine import run_pipeline
     from pipeline.stages import STAGES
     from pipeline.stages.compile import tuning_database
@@ -59,7 +68,16 @@ def tvm_artifacts(config, target, schedules: tuple[str, ...]) -> tuple[dict, dic
     results = run_pipeline(STAGES, config.replace(tuning_records=False), target, "compile")
     if "defaults" in schedules:
         artifacts["defaults"] = (results["compile"].outputs["library"], results["compile"].manifest["info"].get("tuning", {}))
-    if "records" in schedules and tuning_database(config, target) is not None:
+    database = tuning_database(config, target) if "records" in schedules else None
+    if database is not None:
+        mod, tvm_target = kernels
+        with tvm_target:
+            found = cpu_schedules.kernels_scheduled(cpu_schedules.apply_tuning_records(mod, target, database)[0])
+        if not found:
+            print(f"  no tuning records for any kernel of {config.variant} batch {config.batch_size} in {database}: "
+                  f"no 'tvm records' build", file=sys.stderr, flush=True)
+            database = None
+    if database is not None:
         tuned = run_pipeline(STAGES, config, target, "compile")
         tuning = tuned["compile"].manifest["info"].get("tuning", {})
         if tuning.get("tasks_from_records"):  # else the same kernels as the defaults
@@ -86,7 +104,9 @@ def main() -> None:
     # Before compile's constant folding starts TVM's thread pool (see configure_cpu_threads).
     configure_cpu_threads()
     from pipeline.config import PipelineConfig
+    from pipeline.engine import run_pipeline
     from pipeline.provenance import cpu_description
+    from pipeline.stages import STAGES
     from pipeline.runtime.isolated import measure_isolated
     from targets import get_target
 
@@ -100,10 +120,11 @@ def main() -> None:
                 variant=variant, input_size=args.input_size, num_classes=args.num_classes,
                 batch_size=batch_size, artifacts=args.artifacts,
             )
-            results, tvm_builds = tvm_artifacts(config, target, schedules)
-            onnx_path = results["simplify"].outputs["onnx_simplified"]
             shape = (batch_size, 3, args.input_size, args.input_size)
-            flops = model_flops(onnx_path, target, shape)
+            onnx_path = run_pipeline(STAGES, config, target, "simplify")["simplify"].outputs["onnx_simplified"]
+            kernels = fused_model(onnx_path, target, shape)
+            results, tvm_builds = tvm_artifacts(config, target, schedules, kernels)
+            flops = model_flops(*kernels)
             batch = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
             models = {"pytorch": ("pytorch", results["build"].outputs["checkpoint"], None),
                       "onnxruntime": ("onnxruntime", onnx_path, None)}

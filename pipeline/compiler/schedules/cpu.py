@@ -50,25 +50,16 @@ def schedule_module(
 
     Returns the module and the counts compile reports."""
     total = sum(isinstance(f, tvm.tirx.PrimFunc) and not _is_scheduled(f) for f in mod.functions.values())
-    # find_database chose it (this CPU model's records), or a caller passed one of another.
-    database = (open_database(database_dir, target, strict=False, similar_ok=True)
-                if database_dir is not None else None)
-    from_records = 0
-    if database is not None:
-        with database:
-            # Looks each PrimFunc up by structure; found ones get "tirx.is_scheduled".
-            mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-        # Records made before weights were marked layout free (pipeline/compiler/prepack.py).
-        mod = prepack.apply_unmarked_records(mod, database)
-        from_records = sum(isinstance(f, tvm.tirx.PrimFunc) and _is_scheduled(f) for f in mod.functions.values())
-        if from_records:
-            _note_records_older_than_defaults(database_dir)
+    mod, opened = apply_tuning_records(mod, target, database_dir)
+    from_records = kernels_scheduled(mod) if opened else 0
+    if from_records:
+        _note_records_older_than_defaults(database_dir)
     # Where each kernel's schedule comes from: "record", or its default's kind (below).
     origins = {gv.name_hint: "record" for gv, f in mod.functions_items()
                if isinstance(f, tvm.tirx.PrimFunc) and _is_scheduled(f)}
     mod, defaults = apply_default_schedules(mod, tvm_target, origins)
     return mod, {
-        "database": str(database_dir) if database is not None else None,
+        "database": str(database_dir) if opened else None,
         "tasks_total": total,
         "tasks_from_records": from_records,
         "tasks_default": total - from_records,
@@ -77,9 +68,32 @@ def schedule_module(
         # and kept as lowered (see below).
         **{f"default_{kind}": count for kind, count in defaults.items()},
         "default_schedule_version": DEFAULT_SCHEDULE_VERSION,
-        "cost": tuning_cost(read_curve(database_dir)) if database is not None else None,
+        "cost": tuning_cost(read_curve(database_dir)) if opened else None,
         "kernel_schedules": dict(sorted(origins.items())),
     }
+
+
+def kernels_scheduled(mod: tvm.IRModule) -> int:
+    """How many of ``mod``'s PrimFuncs have a schedule (after ``apply_tuning_records``:
+    how many kernels have tuning records)."""
+    return sum(isinstance(f, tvm.tirx.PrimFunc) and _is_scheduled(f) for f in mod.functions.values())
+
+
+def apply_tuning_records(mod: tvm.IRModule, target: Target,
+                         database_dir: Path | None) -> tuple[tvm.IRModule, bool]:
+    """``mod`` with each PrimFunc the database holds a record for scheduled by it (marked
+    "tirx.is_scheduled"), and whether there was a database to open. Call inside ``with
+    tvm_target``. The database is find_database's choice (this CPU model's records), or one
+    of another CPU a caller passed."""
+    database = (open_database(database_dir, target, strict=False, similar_ok=True)
+                if database_dir is not None else None)
+    if database is None:
+        return mod, False
+    with database:
+        # Looks each PrimFunc up by structure.
+        mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    # Records made before weights were marked layout free (pipeline/compiler/prepack.py).
+    return prepack.apply_unmarked_records(mod, database), True
 
 
 def _note_records_older_than_defaults(database_dir: Path) -> None:
