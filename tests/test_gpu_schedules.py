@@ -180,6 +180,9 @@ def test_convnext_t_depthwise_kernels_use_shared_tiles_and_fill_the_sms(convnext
         assert "__shared__" in body, name  # the input tile with its halo
         assert "__syncthreads" in body, name
         assert "half pad_temp_shared" in body, name  # float16 in, float32 accumulators
+        # The tile is copied 4 channels per thread and instruction, in and out.
+        assert re.search(r"\*\((float4|half4|uint2)\*\)\(\w+_ptr \+", body), name
+        assert re.search(r"\*\((half4|uint2)\*\)\(pad_temp_shared_ptr \+", body), name
     assert not [k for k in _kernels(convnext_t, "") if re.fullmatch(r"cast\d*", k)]  # no kernel only casts
 
 
@@ -244,6 +247,9 @@ def test_convnext_t_with_separate_weights_reads_them_as_saved(tmp_path):
     assert not [k for k in kernels if re.fullmatch(r"cast\d*", k)]
     depthwise = [k for k in info["gpu_cost"]["kernels"] if "conv2d" in k["kernel"]]
     assert len(depthwise) == 4 and all(k["kernel"].startswith("fused_cast") for k in depthwise), depthwise
+    source = (tmp_path / "model.cu").read_text()
+    for kernel in depthwise:  # 16-byte loads of the float32 input, converted on the copy
+        assert "*(float4*)(cast_input_ptr +" in _kernel_source(source, kernel["kernel"]), kernel["kernel"]
     assert info["gpu_cost"]["launches"] <= 90  # 105 with a cast kernel before each depthwise conv
     assert info["cuda_graph_captures"] == 1
     with np.load(tmp_path / "model.params.npz") as weights:

@@ -31,6 +31,7 @@ _MAX_ROWS = 8
 _MAX_PIXELS_PER_ROW = 16
 _MAX_PIXELS_PER_THREAD = 4
 _CHANNEL_TILES = (64, 32, 16, 8, 4, 2, 1)
+_COPY_LANES = 4  # channels per thread and instruction in the copy of the input tile
 
 
 def _divisors_up_to(n: int, cap: int) -> list[int]:
@@ -93,9 +94,11 @@ def depthwise_nhwc_gpu_schedule(func: tvm.tirx.PrimFunc, sm_count: int) -> Sched
     sch.bind(block_index, "blockIdx.x")
     sch.bind(thread_index, "threadIdx.x")
 
-    # The input tile and its halo, copied once per block by all its threads; the padding
-    # becomes a bounds check on that copy, and a cast of the input (the float32 residual
-    # stream in fp16 models, pipeline/compiler/cast_fusion.py) a conversion on it.
+    # The input tile and its halo, copied once per block by all its threads, 4 channels
+    # per thread and instruction (16-byte float32 loads; the pixel loops stay outside the
+    # vector, so that the bounds check is one per pixel and the loads stay vectors); the
+    # padding becomes that bounds check, and a cast of the input (the float32 residual
+    # stream in fp16 models, pipeline/compiler/cast_fusion.py) a conversion on the copy.
     if pads:
         for pad in pads:
             for producer in sch.get_producers(pad):
@@ -104,9 +107,13 @@ def depthwise_nhwc_gpu_schedule(func: tvm.tirx.PrimFunc, sm_count: int) -> Sched
         sch.compute_at(input_tile, block_index)
         for pad in pads:
             sch.compute_inline(pad)
-        copy = sch.fuse(*sch.get_loops(input_tile)[1:])
+        *pixel_loops, channel = sch.get_loops(input_tile)[1:]
+        lanes = _COPY_LANES if tile.channels % _COPY_LANES == 0 else 1
+        channel_outer, channel_lanes = sch.split(channel, [None, lanes])
+        copy = sch.fuse(*pixel_loops, channel_outer)
         _, copy_thread = sch.split(copy, [None, tile.threads])
         sch.bind(copy_thread, "threadIdx.x")
+        sch.vectorize(channel_lanes)
 
     # Per filter row, each thread reads the PX + 6 inputs and 7 weights it needs once into
     # registers: 49 taps x PX pixels then multiply registers, not shared memory.
