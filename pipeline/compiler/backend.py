@@ -112,7 +112,7 @@ def _require_nvcc(target: Target) -> None:
 
 
 @contextlib.contextmanager
-def _cuda_source_codegen(target: Target):
+def cuda_source_codegen(target: Target):
     """Make TVM keep CUDA kernels as source (compiled by us at export), GPU or not."""
     if target.cuda_arch is None:
         yield
@@ -299,7 +299,7 @@ def compile_onnx(
     tvm_target = tvm.target.Target(target.tvm_target)
     tuning: dict = {}
     phases = [*rewrites, *precision_phases(precision, target), *relax_phases(target, tuning_database, tuning)]
-    with tvm_target, _cuda_source_codegen(target), tvm.transform.PassContext(config=pass_config(target)):
+    with tvm_target, cuda_source_codegen(target), tvm.transform.PassContext(config=pass_config(target)):
         param_transforms: dict = {}
         for index, (phase, passes) in enumerate(phases, start=2):
             if passes:

@@ -6,6 +6,7 @@ of declining."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import tvm
@@ -89,19 +90,21 @@ def rules(sm_count: int) -> list:
 _THREAD_BINDING = re.compile(r'T\.thread_binding\((?:T\.int(?:32|64)\()?(\d+)\)?, thread="(\w+)\.(\w)"\)')
 
 
-def launch_shape(func: tvm.tirx.PrimFunc) -> tuple[int, int]:
-    """(thread blocks, threads per block) of a scheduled kernel, from its thread bindings
+def launch_dims(func: tvm.tirx.PrimFunc) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(grid, block) of a scheduled kernel as (x, y, z) extents, from its thread bindings
     (read from its TVMScript: TVM 0.27 has no Python visitor of TIR statements)."""
     extents: dict[tuple[str, str], int] = {}
     for extent, kind, axis in _THREAD_BINDING.findall(func.script()):
         extents[kind, axis] = max(extents.get((kind, axis), 1), int(extent))
-    blocks = threads = 1
-    for (kind, _), extent in extents.items():
-        if kind == "blockIdx":
-            blocks *= extent
-        elif kind == "threadIdx":
-            threads *= extent
-    return blocks, threads
+    grid = tuple(extents.get(("blockIdx", axis), 1) for axis in "xyz")
+    block = tuple(extents.get(("threadIdx", axis), 1) for axis in "xyz")
+    return grid, block
+
+
+def launch_shape(func: tvm.tirx.PrimFunc) -> tuple[int, int]:
+    """(thread blocks, threads per block) of a scheduled kernel."""
+    grid, block = launch_dims(func)
+    return math.prod(grid), math.prod(block)
 
 
 def schedule_module(mod: tvm.IRModule, tvm_target, sm_count: int) -> tuple[tvm.IRModule, dict[str, dict]]:
