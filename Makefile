@@ -15,7 +15,7 @@ MODEL_ARGS ?= --variant micro --weights models/convnext-micro-fmnist.pth --num-c
 	--input-size 32 --data fashion-mnist --preprocessing fashion-mnist
 MEASURE_ARGS ?= --eval-limit 0 --repeats 100
 
-.PHONY: install system-deps demo test tune compile compile-matrix bench report reports run package gpu-bundle arm-runtime verify-arm clean
+.PHONY: install system-deps demo test tune compile compile-matrix bench report reports run package gpu-bundle check-cuda-kernels arm-runtime verify-arm clean
 
 install: $(STAMP)
 
@@ -87,6 +87,11 @@ gpu-bundle: install
 	$(PY) benchmarks/gpu_bundle.py $(GPU_BUNDLE_ARGS) --output dist/gpu-bundle $(ARGS)
 
 # The cached aarch64 TVM runtime and runner that check ARM artifacts under qemu.
+# Every GPU kernel of the bundle's configurations run on this CPU by the CUDA emulator and
+# compared with its CPU build (benchmarks/cuda_emulation.py): reports/cuda-emulation/<target>.md.
+check-cuda-kernels: install
+	$(PY) benchmarks/cuda_emulation.py $(ARGS)
+
 arm-runtime: install
 	$(PY) -m pipeline.cli.cross runtime
 

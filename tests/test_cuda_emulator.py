@@ -62,6 +62,25 @@ extern "C" __global__ void __launch_bounds__(32) divergent_kernel(float* __restr
     assert not result.ok and "deadlock" in result.error and "16 threads wait at __syncthreads" in result.error
 
 
+def test_a_missing_barrier_shows_as_results_that_depend_on_the_order_threads_run_in():
+    """Lane 0 writes a sum into shared memory that every lane then reads, with no barrier
+    between (the race TVM 0.27's sync planner made of shared reduction results)."""
+    source = r'''
+extern "C" __global__ void __launch_bounds__(32) broadcast_kernel(float* __restrict__ out_ptr, float* __restrict__ x_ptr) {
+  __shared__ float total_ptr[1];
+  if (((int)threadIdx.x) == 0) { total_ptr[0] = x_ptr[0] * 2.0f; }
+  out_ptr[((int)threadIdx.x)] = total_ptr[0];
+}
+'''
+    x = np.ones(1, np.float32)
+    forward, reverse = np.zeros(32, np.float32), np.zeros(32, np.float32)
+    program = build_program("#define uchar unsigned char\n" + source)
+    assert program.launch("broadcast_kernel", (1, 1, 1), (32, 1, 1), [forward, x]).ok
+    assert program.launch("broadcast_kernel", (1, 1, 1), (32, 1, 1), [reverse, x], reverse=True).ok
+    assert (forward == 2).all()  # lane 0 ran first
+    assert np.isnan(reverse[1:]).all() and reverse[0] == 2  # lanes 31..1 read before lane 0 wrote
+
+
 def _staged_copy_source(wait: bool) -> str:
     """Each thread copies 4 floats into shared memory with cp.async; then all read a neighbour's."""
     return "#include <cstdint>\n" + _CP_ASYNC_HELPERS + r'''

@@ -291,16 +291,22 @@ def test_convnext_t_gemm_machine_code_holds_tensor_core_and_async_copy_instructi
 
 @pytest.mark.slow
 def test_every_convnext_t_kernel_computes_on_the_cuda_emulator_what_its_cpu_build_does(tmp_path):
-    """The H200 kernels of ConvNeXt-T fp16 batch 1, as the GPU check runs them (weights passed
-    separately), each run on this CPU by the CUDA emulator (pipeline/compiler/cuda_emulator/)."""
+    """The H200 kernels of ConvNeXt-T fp16 batch 1, as the GPU check runs them (simplified
+    ONNX, weights passed separately), each run on this CPU by the CUDA emulator
+    (pipeline/compiler/cuda_emulator/)."""
     from pipeline.compiler.cuda_emulator import kernel_check
     from pipeline.model import create_model
     from pipeline.stages.export import export_onnx
 
+    import onnx
+    import onnxsim
+
     onnx_path = tmp_path / "tiny.onnx"
     export_onnx(create_model("tiny", num_classes=1000).eval(), onnx_path, _T_SHAPE, opset=17, dynamic_batch=False)
+    onnx.save(onnxsim.simplify(onnx.load(str(onnx_path)), check_n=0)[0], str(onnx_path))  # as the pipeline does
     kernels = kernel_check.model_gpu_kernels(onnx_path, get_target("cuda-sm90"), precision="fp16", input_shape=_T_SHAPE)
     results = kernel_check.check_kernels(kernels)
     failed = [f"{r.kernel} ({r.rule}): {r.status}, {r.detail}" for r in results if r.status != "match"]
     assert not failed, "\n".join(failed)
+    assert len(results) == 28
     assert sum(r.rule == "TensorCoreMatmul" for r in results) == 12  # the head at batch 1 is a GEMV

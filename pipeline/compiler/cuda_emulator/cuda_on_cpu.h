@@ -5,7 +5,9 @@
 // Every CUDA thread of a block is a fiber (ucontext) and runs until it waits: at
 // __syncthreads, at a warp shuffle, or at its end. A block's fibers are resumed in turn
 // until all have ended; blocks run one after another. A wait nobody can end (a barrier some
-// threads never reach) is reported, not hung on. What is checked beside the results:
+// threads never reach) is reported, not hung on. The threads can be resumed first to last or
+// last to first: a result that differs between the two orders has a missing barrier. What
+// is checked beside the results:
 // - barriers: every thread of a block must reach each __syncthreads, every lane of a
 //   shuffle's mask each shuffle;
 // - cp.async: copies land only when a cp.async.wait_group lets them (as late as the
@@ -102,6 +104,9 @@ struct Launch {
 };
 
 inline Launch* launch_state = nullptr;
+// Threads resumed last to first: a kernel whose result depends on the order its threads
+// run between barriers (a missing barrier) gives different results in the two orders.
+inline bool reverse_order = false;
 
 // Fiber stacks, mapped once and reused by every launch (pages are touched only when used).
 inline std::vector<void*> stack_pool;
@@ -239,7 +244,8 @@ inline void run_block(Launch& state) {
   for (;;) {
     int ended = 0;
     bool resumed = false;
-    for (Fiber& fiber : state.fibers) {
+    for (int turn = 0; turn < threads; ++turn) {
+      Fiber& fiber = state.fibers[reverse_order ? threads - 1 - turn : turn];
       if (fiber.done) {
         ++ended;
         continue;
@@ -559,6 +565,7 @@ void store_matrix_sync(P* pointer, const fragment<accumulator, M, N, K, T>& f, u
 // --- the program: launches read from stdin -------------------------------------------------
 //
 //   buffer <id> <bytes> <file>     read into a buffer at a 256-byte boundary; written back
+//   order forward|reverse           the order a block's threads are resumed in (forward first)
 //   launch <kernel> <gx> <gy> <gz> <bx> <by> <bz> <buffer id>...
 //
 // Exit 0 when every launch ran; else 3 with one line on stderr.
@@ -603,6 +610,10 @@ inline int main(const Kernel* kernels, int kernel_count) {
       FILE* in = std::fopen(file, "rb");
       if (!in || std::fread(buffer.data, 1, bytes, in) != bytes) fail("cannot read %s", file);
       std::fclose(in);
+    } else if (!std::strcmp(word, "order")) {
+      char order[16];
+      if (std::scanf("%15s", order) != 1) fail("bad order line");
+      reverse_order = !std::strcmp(order, "reverse");
     } else if (!std::strcmp(word, "launch")) {
       char name[512];
       Index3 grid, block;

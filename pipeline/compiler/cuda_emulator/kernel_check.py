@@ -53,26 +53,31 @@ class KernelCheck:
 
 def model_gpu_kernels(onnx_path: Path, target: Target, *, precision: str = "fp16",
                       input_shape: tuple[int, ...] | None = None, params_mode: str = "separate") -> GpuKernels:
-    """Compile's phases up to scheduling on ``onnx_path``, then the default GPU schedules
-    and TVM's CUDA code generation of the scheduled kernels (no nvcc)."""
+    """Compile's phases up to scheduling on ``onnx_path``, then ``gpu_kernels`` of its kernels."""
     model = load_onnx(onnx_path)
     name, shape, dtype = resolve_input(model, None, input_shape)
     mod, _, param_values = import_relax(model, onnx_path, name, shape, dtype)
     if params_mode == "embedded":
         mod = bind_weights(mod, param_values)
-    tvm_target = tvm.target.Target(target.tvm_target)
     all_phases = [*phases.precision_phases(precision, target), *phases.relax_phases(target)]
-    with tvm_target, tvm.transform.PassContext(config=phases.pass_config(target)):
+    with tvm.target.Target(target.tvm_target), tvm.transform.PassContext(config=phases.pass_config(target)):
         for phase, passes in phases.phases_before(all_phases, "schedule"):
             mod = tvm.transform.Sequential(passes, name=phase)(mod)
-        scheduled, kernels = gpu_schedules.schedule_module(mod, tvm_target, target.sm_count)
-    unscheduled = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    return gpu_kernels({gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}, target)
+
+
+def gpu_kernels(unscheduled: dict[str, tvm.tirx.PrimFunc], target: Target) -> GpuKernels:
+    """Kernels (by name) given the default GPU schedules of ``target`` and TVM's CUDA code
+    generation (no nvcc)."""
+    tvm_target = tvm.target.Target(target.tvm_target)
+    with tvm_target:
+        scheduled, kernels = gpu_schedules.schedule_module(tvm.IRModule(unscheduled), tvm_target, target.sm_count)
     scheduled_funcs = {gv.name_hint: f for gv, f in scheduled.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
     device_module = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in scheduled_funcs.items()})
     with tvm_target, backend.cuda_source_codegen(target), tvm.transform.PassContext(config=phases.pass_config(target)):
         built = tvm.tirx.build(device_module, target=tvm_target)
     source = "\n".join(m.inspect_source("cuda") for m in built.imports if m.kind == "cuda")
-    return GpuKernels(unscheduled, scheduled_funcs, {k: v["rule"] for k, v in kernels.items()}, source)
+    return GpuKernels(dict(unscheduled), scheduled_funcs, {k: v["rule"] for k, v in kernels.items()}, source)
 
 
 def _random_arguments(func: tvm.tirx.PrimFunc, rng: np.random.Generator) -> list[np.ndarray]:
@@ -105,7 +110,8 @@ def _relative_error(result: np.ndarray, reference: np.ndarray) -> float:
 
 def check_kernels(kernels: GpuKernels, *, seed: int = 0, progress=None) -> list[KernelCheck]:
     """Every scheduled kernel run by the emulator against its unscheduled CPU build, on the
-    same random arguments (outputs start equal too, so a kernel must write all of them)."""
+    same random arguments (outputs start equal too, so a kernel must write all of them),
+    once with each block's threads resumed first to last and once last to first."""
     program = build_program(kernels.cuda_source)
     reference_module = tvm.IRModule({name: f.with_attr("global_symbol", name)
                                      for name, f in kernels.unscheduled.items() if name in kernels.scheduled})
@@ -123,28 +129,38 @@ def check_kernels(kernels: GpuKernels, *, seed: int = 0, progress=None) -> list[
             results.append(KernelCheck(name, rule, "skipped", float("nan"),
                                        f"{len(launched)} CUDA kernels (the emulator runs single-kernel functions)"))
             continue
-        signature = source_kernels[launched[0]]
         func = kernels.unscheduled[name]
         arguments = _random_arguments(func, rng)
-        by_parameter = {_parameter_name(buffer.name): i for i, buffer in enumerate(func.params)}
-        if set(by_parameter) != {parameter for _, parameter in signature.parameters}:
-            results.append(KernelCheck(name, rule, "skipped", float("nan"), "kernel parameters do not name the buffers"))
-            continue
         tensors = [tvm.runtime.tensor(array) for array in arguments]
         reference[name](*tensors)
         expected = [tensor.numpy() for tensor in tensors]
-        emulated = [array.copy() for array in arguments]
-        grid, block = gpu_schedules.launch_dims(kernels.scheduled[name])
-        launch = program.launch(signature.name, grid, block,
-                                [emulated[by_parameter[parameter]] for _, parameter in signature.parameters])
-        if not launch.ok:
-            results.append(KernelCheck(name, rule, "error", float("nan"), launch.error))
-            continue
-        errors = {func.params[i].name: _relative_error(emulated[i], expected[i]) for i in range(len(arguments))}
-        worst = max(errors, key=errors.get)
-        tolerance = TOLERANCE.get(str(func.params[list(errors).index(worst)].dtype), 0.0)
-        status = "match" if errors[worst] <= tolerance else "mismatch"
-        results.append(KernelCheck(name, rule, status, errors[worst],
-                                   f"grid {grid}, block {block}; largest error in {worst}"))
+        status, error, detail = _emulate(program, source_kernels[launched[0]], func, kernels.scheduled[name],
+                                         arguments, expected)
+        results.append(KernelCheck(name, rule, status, error, detail))
     return results
 
+
+def _emulate(program, signature, func: tvm.tirx.PrimFunc, scheduled: tvm.tirx.PrimFunc,
+             arguments: list[np.ndarray], expected: list[np.ndarray]) -> tuple[str, float, str]:
+    """(status, error, detail) of one kernel run in both thread orders."""
+    by_parameter = {_parameter_name(buffer.name): i for i, buffer in enumerate(func.params)}
+    if set(by_parameter) != {parameter for _, parameter in signature.parameters}:
+        return "skipped", float("nan"), "kernel parameters do not name the buffers"
+    grid, block = gpu_schedules.launch_dims(scheduled)
+    runs = []
+    for reverse in (False, True):
+        emulated = [array.copy() for array in arguments]
+        launch = program.launch(signature.name, grid, block,
+                                [emulated[by_parameter[parameter]] for _, parameter in signature.parameters],
+                                reverse=reverse)
+        if not launch.ok:
+            return "error", float("nan"), f"{launch.error} (threads run {'last to first' if reverse else 'first to last'})"
+        runs.append(emulated)
+    errors = {func.params[i].name: _relative_error(runs[0][i], expected[i]) for i in range(len(arguments))}
+    worst = max(errors, key=errors.get)
+    launch = f"grid {grid}, block {block}"
+    if any(a.tobytes() != b.tobytes() for a, b in zip(*runs)):
+        return "mismatch", errors[worst], f"{launch}; results depend on the order threads run in: a missing barrier"
+    tolerance = TOLERANCE.get(str(func.params[list(errors).index(worst)].dtype), 0.0)
+    status = "match" if errors[worst] <= tolerance else "mismatch"
+    return status, errors[worst], f"{launch}; " + (f"largest in {worst}" if errors[worst] > 0 else "bitwise equal")

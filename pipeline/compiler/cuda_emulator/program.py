@@ -40,11 +40,12 @@ class EmulatedProgram:
     path: Path
 
     def launch(self, kernel: str, grid: tuple[int, int, int], block: tuple[int, int, int],
-               arguments: list[np.ndarray]) -> LaunchResult:
+               arguments: list[np.ndarray], *, reverse: bool = False) -> LaunchResult:
         """Run ``kernel`` on ``arguments`` (its pointer parameters in order), which are
-        updated in place with what the kernel wrote."""
+        updated in place with what the kernel wrote; ``reverse`` resumes each block's
+        threads last to first."""
         with tempfile.TemporaryDirectory(prefix="cuda-emulator-") as folder:
-            lines = []
+            lines = [f"order {'reverse' if reverse else 'forward'}"]
             for index, array in enumerate(arguments):
                 file = Path(folder) / f"{index}.bin"
                 file.write_bytes(np.ascontiguousarray(array).tobytes())
