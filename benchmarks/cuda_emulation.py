@@ -23,7 +23,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.compiler.cuda_emulator import kernel_check  # noqa: E402
+from pipeline.compiler.cuda_emulator import gpu_build, kernel_check  # noqa: E402
+
+# The emulated model's largest logit error allowed, relative to the reference's largest logit
+# (float16 weights and activations against ONNX Runtime float32).
+MODEL_TOLERANCE = 2e-2
 from pipeline.provenance import cpu_model, git_commit  # noqa: E402
 
 
@@ -39,7 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target", default="cuda-sm90", help="a CUDA target (pipeline targets)")
     parser.add_argument("--configs", default="fp32:1,fp16:1,fp16:8",
                         help="comma-separated precision:batch pairs (the GPU bundle's by default)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the kernels' random arguments")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the kernels' random arguments and the input")
+    parser.add_argument("--weights-seed", type=int, default=0, help="seed of the weights (pipeline/seeded_weights.py)")
+    parser.add_argument("--model-batch-limit", type=int, default=1,
+                        help="run the whole model too for configurations up to this batch (ConvNeXt-T batch 1: "
+                             "about 2 minutes here)")
     parser.add_argument("--output", type=Path, default=REPO / "reports" / "cuda-emulation")
     return parser.parse_args(argv)
 
@@ -55,16 +63,6 @@ def _configs(text: str) -> list[tuple[str, int]]:
     return pairs
 
 
-def _simplify(onnx_path: Path) -> None:
-    import onnx
-    import onnxsim
-
-    simplified, ok = onnxsim.simplify(onnx.load(str(onnx_path)), check_n=0)
-    if not ok:
-        raise SystemExit(f"error: onnxsim could not simplify {onnx_path}")
-    onnx.save(simplified, str(onnx_path))
-
-
 def _gxx_version() -> str:
     done = subprocess.run(["g++", "--version"], capture_output=True, text=True)
     return done.stdout.splitlines()[0] if done.returncode == 0 else "unknown"
@@ -74,14 +72,17 @@ def _markdown(record: dict) -> str:
     lines = [
         f"# CUDA kernels of ConvNeXt-{record['variant']} for `{record['target']}`, run by the CUDA emulator",
         "",
-        "Each kernel as compile schedules it, run on the CPU by `pipeline/compiler/cuda_emulator/` and "
-        "compared with the same kernel unscheduled, built by TVM for the CPU, on random arguments. "
-        "Not a GPU run: nvcc's code and timing are not seen here (`benchmarks/gpu_check.py` does that).",
+        "Each kernel as compile schedules it, run on the CPU by `pipeline/compiler/cuda_emulator/` (twice: "
+        "each block's threads first to last, then last to first) and compared with the same kernel "
+        "unscheduled, built by TVM for the CPU, on random arguments; then the whole model, compile's GPU "
+        "graph with every kernel emulated, against ONNX Runtime float32. Not a GPU run: nvcc's code and "
+        "the timing are not seen here (`benchmarks/gpu_check.py` does that).",
         "",
         f"- date: {record['date']}",
         f"- commit: {record['commit']}",
         f"- host: {record['host']}; {record['gxx']}",
-        f"- input: {record['input_size']}x{record['input_size']}, {record['num_classes']} classes",
+        f"- model: {record['input_size']}x{record['input_size']}, {record['num_classes']} classes, "
+        f"weights {record['weights']}",
         "",
     ]
     for config in record["configs"]:
@@ -91,6 +92,7 @@ def _markdown(record: dict) -> str:
             f"## {config['precision']}, batch {config['batch']}: {matched} of {len(results)} kernels match "
             f"({config['seconds']:.0f} s)",
             "",
+            *_model_lines(config.get("model")),
             "| kernel | rule | status | largest relative error | launch |",
             "|---|---|---|---|---|",
         ]
@@ -101,11 +103,24 @@ def _markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
+def _model_lines(model: dict | None) -> list[str]:
+    if model is None:
+        return ["Whole model: not run at this batch (`--model-batch-limit`).", ""]
+    verdict = "matches" if model["ok"] else "DOES NOT MATCH"
+    return [f"Whole model ({model['launches']} kernel launches, emulated) {verdict} ONNX Runtime float32: "
+            f"largest logit error {model['max_abs_error']:.3g} (largest logit {model['reference_max_abs']:.3g}), "
+            f"top-1 agreement {model['top1_agreement']:.0%}.", ""]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configs = _configs(args.configs)
+    import onnx
+
     from pipeline.model import VARIANTS, create_model
+    from pipeline.seeded_weights import seed_model
     from pipeline.stages.export import export_onnx
+    from pipeline.stages.simplify import simplify
     from targets import get_target
 
     if args.variant not in VARIANTS:
@@ -118,39 +133,65 @@ def main(argv: list[str] | None = None) -> int:
         "variant": args.variant, "target": target.name, "input_size": args.input_size,
         "num_classes": args.num_classes, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "commit": git_commit(), "host": f"{cpu_model()} ({platform.machine()})", "gxx": _gxx_version(),
-        "configs": [],
+        "weights": f"pipeline/seeded_weights.py, seed {args.weights_seed}", "configs": [],
     }
     failed = 0
+    # The GPU bundle's model: seeded weights, exported at a fixed batch and simplified, as
+    # the pipeline's stages do (a fresh model's equal initializers would be merged by onnxsim).
+    model = seed_model(create_model(args.variant, num_classes=args.num_classes).eval(), args.weights_seed)
     with tempfile.TemporaryDirectory(prefix="cuda-emulation-") as folder:
-        model = create_model(args.variant, num_classes=args.num_classes).eval()
         for precision, batch in configs:
             start = time.perf_counter()
-            # Exported and simplified as the pipeline does for `pipeline compile` and the GPU
-            # bundle (unsimplified, some weights are reshaped on every call).
             shape = (batch, 3, args.input_size, args.input_size)
             onnx_path = Path(folder) / f"model-b{batch}.onnx"
             if not onnx_path.exists():
                 export_onnx(model, onnx_path, shape, opset=17, dynamic_batch=False)
-                _simplify(onnx_path)
+                onnx.save(simplify(onnx.load(str(onnx_path))), str(onnx_path))
             log(f"{precision} batch {batch}: compiling to the scheduled kernels")
-            kernels = kernel_check.model_gpu_kernels(
-                onnx_path, target, precision=precision, input_shape=shape)
+            kernels = gpu_build.model_gpu_kernels(onnx_path, target, precision=precision, input_shape=shape)
 
             def progress(index: int, total: int, name: str) -> None:
                 log(f"{precision} batch {batch}: kernel {index + 1}/{total} {name}")
 
             results = kernel_check.check_kernels(kernels, seed=args.seed, progress=progress)
             failed += sum(r.status != "match" for r in results)
-            record["configs"].append({
-                "precision": precision, "batch": batch, "seconds": round(time.perf_counter() - start, 1),
+            config = {
+                "precision": precision, "batch": batch,
                 "kernels": [{"kernel": r.kernel, "rule": r.rule, "status": r.status, "error": r.error,
                              "detail": r.detail} for r in results],
-            })
+            }
+            if batch <= args.model_batch_limit:
+                log(f"{precision} batch {batch}: the whole model, every kernel emulated")
+                config["model"] = _model_check(onnx_path, target, precision, shape, args.seed)
+                failed += not config["model"]["ok"]
+            config["seconds"] = round(time.perf_counter() - start, 1)
+            record["configs"].append(config)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / f"{target.name}.json").write_text(json.dumps(record, indent=1, allow_nan=True) + "\n")
     (args.output / f"{target.name}.md").write_text(_markdown(record))
-    log(f"wrote {args.output / (target.name + '.md')}: {failed} kernel(s) do not match")
+    log(f"wrote {args.output / (target.name + '.md')}: {failed} failure(s)")
     return 1 if failed else 0
+
+
+def _model_check(onnx_path: Path, target, precision: str, shape: tuple[int, ...], seed: int) -> dict:
+    """The emulated model's logits against ONNX Runtime float32 on the same ONNX and input."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from pipeline.compiler.cuda_emulator import model_run
+
+    model = model_run.emulated_model(onnx_path, target, precision=precision, input_shape=shape)
+    x = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    logits = model.run(x)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {session.get_inputs()[0].name: x})[0]
+    error = float(np.abs(logits - expected).max()) if np.isfinite(logits).all() else float("inf")
+    scale = float(np.abs(expected).max())
+    agreement = float((logits.argmax(1) == expected.argmax(1)).mean())
+    return {
+        "launches": model.launches, "max_abs_error": error, "reference_max_abs": scale,
+        "top1_agreement": agreement, "ok": error <= MODEL_TOLERANCE * scale and agreement == 1.0,
+    }
 
 
 if __name__ == "__main__":

@@ -148,16 +148,12 @@ def inputs(manifest: dict, count: int) -> np.ndarray:
 
 def torch_model(manifest: dict):
     """The bundle's model in PyTorch with the seeded weights it was compiled with."""
-    import torch
-
     from pipeline.model import create_model
-    from pipeline.seeded_weights import seeded_state
+    from pipeline.seeded_weights import seed_model
 
     model = manifest["model"]
     net = create_model(model["variant"], num_classes=model["num_classes"], in_chans=model["in_chans"]).eval()
-    state = seeded_state(((k, tuple(v.shape)) for k, v in net.state_dict().items()), model["seed"])
-    net.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
-    return net
+    return seed_model(net, model["seed"])
 
 
 def reference_logits(net, images: np.ndarray, device: str, batch: int = 8) -> np.ndarray:

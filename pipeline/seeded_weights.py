@@ -61,3 +61,12 @@ def seeded_array(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
 def seeded_state(shapes: Iterable[tuple[str, tuple[int, ...]]], seed: int) -> dict[str, np.ndarray]:
     """Name -> float32 array for every (name, shape), e.g. a model's state_dict items."""
     return {name: seeded_array(name, tuple(shape), seed) for name, shape in shapes}
+
+
+def seed_model(net, seed: int):
+    """``net`` (a torch module) with every parameter and buffer set to its seeded value."""
+    import torch
+
+    state = seeded_state(((k, tuple(v.shape)) for k, v in net.state_dict().items()), seed)
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    return net

@@ -37,6 +37,24 @@ def compiled(tmp_path_factory, target_name: str, params_mode: str = "embedded") 
     return _cache[key]
 
 
+def seeded_simplified_onnx(path: Path, variant: str, num_classes: int, shape: tuple[int, ...]) -> Path:
+    """``variant`` with pipeline/seeded_weights.py's weights (seed 0), exported at a fixed
+    ``shape`` and simplified as the pipeline's stages do: the model the GPU bundle compiles
+    (weights no two alike: onnxsim merges equal initializers, e.g. the zero biases of a
+    fresh model, into one parameter read in many places)."""
+    import onnx
+
+    from pipeline.model import create_model
+    from pipeline.seeded_weights import seed_model
+    from pipeline.stages.export import export_onnx
+    from pipeline.stages.simplify import simplify
+
+    export_onnx(seed_model(create_model(variant, num_classes=num_classes).eval(), 0), path, shape, opset=17,
+                dynamic_batch=False)
+    onnx.save(simplify(onnx.load(str(path))), str(path))
+    return path
+
+
 def sample(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(SHAPE, dtype=np.float32)
 

@@ -1,13 +1,16 @@
 """pipeline/compiler/cuda_emulator: CUDA kernels run on this CPU. Hand-written kernels in
 TVM's style show what the emulator computes and which faults it reports; then every kernel
-of the micro ConvNeXt, as compile schedules it for an H200, matches its CPU build."""
+of the micro ConvNeXt, as compile schedules it for an H200, matches its CPU build, and the
+whole model with every kernel emulated computes ONNX Runtime's logits."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.compiler.cuda_emulator import kernel_check
+from edge_models import seeded_simplified_onnx
+
+from pipeline.compiler.cuda_emulator import gpu_build, kernel_check, model_run
 from pipeline.compiler.cuda_emulator.program import build_program
 from pipeline.compiler.cuda_emulator.source import UnsupportedCuda, emulation_source, kernel_signatures
 from targets import get_target
@@ -189,16 +192,31 @@ def test_kernel_signatures_read_pointer_parameters_in_order():
 @pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 2])
 def test_every_micro_convnext_kernel_scheduled_for_an_h200_matches_its_cpu_build(tmp_path, batch):
-    from pipeline.model import create_model
-    from pipeline.stages.export import export_onnx
-
-    onnx_path = tmp_path / "micro.onnx"
-    export_onnx(create_model("micro", num_classes=10).eval(), onnx_path, (1, 3, 64, 64), opset=17, dynamic_batch=True)
-    kernels = kernel_check.model_gpu_kernels(onnx_path, get_target("cuda-sm90"), precision="fp16",
-                                             input_shape=(batch, 3, 64, 64))
+    shape = (batch, 3, 64, 64)
+    onnx_path = seeded_simplified_onnx(tmp_path / "micro.onnx", "micro", 10, shape)
+    kernels = gpu_build.model_gpu_kernels(onnx_path, get_target("cuda-sm90"), precision="fp16", input_shape=shape)
     results = kernel_check.check_kernels(kernels)
     assert len(results) == len(kernels.scheduled) >= 20
     failed = [f"{r.kernel} ({r.rule}): {r.status}, {r.detail}" for r in results if r.status != "match"]
     assert not failed, "\n".join(failed)
     rules = {r.rule for r in results}
     assert {"DepthwiseNHWC", "TensorCoreMatmul", "RowReductionPerWarp"} <= rules  # our schedules ran
+
+
+@pytest.mark.slow
+def test_the_micro_convnext_compiled_for_an_h200_and_emulated_computes_onnx_runtimes_logits(tmp_path):
+    """The whole fp16 model (compile's GPU graph, every kernel emulated as scheduled) against
+    ONNX Runtime float32 on the same ONNX."""
+    import onnxruntime as ort
+
+    shape = (2, 3, 64, 64)
+    onnx_path = seeded_simplified_onnx(tmp_path / "micro.onnx", "micro", 10, shape)
+    model = model_run.emulated_model(onnx_path, get_target("cuda-sm90"), precision="fp16", input_shape=shape)
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    logits = model.run(x)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {session.get_inputs()[0].name: x})[0]
+    assert model.launches >= 30  # every kernel call went through the emulator
+    assert np.isfinite(logits).all()
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=2e-2 * np.abs(expected).max())
+    assert (logits.argmax(1) == expected.argmax(1)).all()

@@ -12,6 +12,7 @@ import tvm
 
 from pipeline.compiler import cuda_code
 from pipeline.compiler.schedules import gpu_depthwise, gpu_matmul, gpu_row_reduction
+from edge_models import seeded_simplified_onnx
 from targets import SM_COUNTS, get_target
 
 # ConvNeXt-T per stage at 224x224: (side, channels); GEMMs per image: (M, K, N).
@@ -213,28 +214,9 @@ def test_convnext_t_has_at_most_60_kernels_and_runs_as_a_cuda_graph(convnext_t):
 def test_convnext_t_with_separate_weights_reads_them_as_saved(tmp_path):
     """--params separate: the weights are saved in the layout and dtype the kernels read, so
     no kernel transposes, reshapes or casts a weight per call, and the kernels stay <= 60."""
-    import numpy as np
-
     from pipeline.compiler import backend
-    from pipeline.model import create_model
-    from pipeline.stages.export import export_onnx
 
-    import onnx
-    import onnxsim
-
-    import torch
-
-    from pipeline.seeded_weights import seeded_state
-
-    # Weights like a trained model's (no two alike: onnxsim merges equal initializers, e.g.
-    # the zero biases of a fresh model, into one parameter read in many places).
-    model = create_model("tiny", num_classes=1000).eval()
-    state = seeded_state(((n, tuple(t.shape)) for n, t in model.state_dict().items()), seed=0)
-    model.load_state_dict({n: torch.from_numpy(v) for n, v in state.items()})
-    onnx_path = tmp_path / "tiny.onnx"
-    export_onnx(model, onnx_path, _T_SHAPE, opset=17, dynamic_batch=False)
-    simplified, ok = onnxsim.simplify(onnx.load(str(onnx_path)), check_n=0)  # as the simplify stage does
-    onnx.save(simplified, str(onnx_path))
+    onnx_path = seeded_simplified_onnx(tmp_path / "tiny.onnx", "tiny", 1000, _T_SHAPE)
     info = backend.compile_onnx(onnx_path, get_target("cuda-sm90"), tmp_path / "model.so", precision="fp16",
                                 params_mode="separate", input_shape=_T_SHAPE)
     kernels = {k["kernel"] for k in info["gpu_cost"]["kernels"]}
@@ -291,20 +273,13 @@ def test_convnext_t_gemm_machine_code_holds_tensor_core_and_async_copy_instructi
 
 @pytest.mark.slow
 def test_every_convnext_t_kernel_computes_on_the_cuda_emulator_what_its_cpu_build_does(tmp_path):
-    """The H200 kernels of ConvNeXt-T fp16 batch 1, as the GPU check runs them (simplified
-    ONNX, weights passed separately), each run on this CPU by the CUDA emulator
+    """The H200 kernels of ConvNeXt-T fp16 batch 1, as the GPU bundle compiles them (seeded
+    weights passed separately, simplified ONNX), each run on this CPU by the CUDA emulator
     (pipeline/compiler/cuda_emulator/)."""
-    from pipeline.compiler.cuda_emulator import kernel_check
-    from pipeline.model import create_model
-    from pipeline.stages.export import export_onnx
+    from pipeline.compiler.cuda_emulator import gpu_build, kernel_check
 
-    import onnx
-    import onnxsim
-
-    onnx_path = tmp_path / "tiny.onnx"
-    export_onnx(create_model("tiny", num_classes=1000).eval(), onnx_path, _T_SHAPE, opset=17, dynamic_batch=False)
-    onnx.save(onnxsim.simplify(onnx.load(str(onnx_path)), check_n=0)[0], str(onnx_path))  # as the pipeline does
-    kernels = kernel_check.model_gpu_kernels(onnx_path, get_target("cuda-sm90"), precision="fp16", input_shape=_T_SHAPE)
+    onnx_path = seeded_simplified_onnx(tmp_path / "tiny.onnx", "tiny", 1000, _T_SHAPE)
+    kernels = gpu_build.model_gpu_kernels(onnx_path, get_target("cuda-sm90"), precision="fp16", input_shape=_T_SHAPE)
     results = kernel_check.check_kernels(kernels)
     failed = [f"{r.kernel} ({r.rule}): {r.status}, {r.detail}" for r in results if r.status != "match"]
     assert not failed, "\n".join(failed)

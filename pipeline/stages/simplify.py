@@ -57,15 +57,22 @@ def random_feed(model, seed: int, batch_size: int) -> dict[str, np.ndarray]:
     return feed
 
 
+def simplify(model):
+    """``model`` (an onnx.ModelProto) simplified by onnxsim, as this stage does."""
+    import onnxsim
+
+    simplified, ok = onnxsim.simplify(model, check_n=0)
+    if not ok:
+        raise PipelineError("onnxsim could not simplify the model; pass --onnx with an already simplified model")
+    return simplified
+
+
 def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir: Path) -> dict:
     import onnx
     import onnxruntime as ort
-    import onnxsim
 
     original = load_onnx(inputs["onnx"])
-    simplified, ok = onnxsim.simplify(original, check_n=0)
-    if not ok:
-        raise PipelineError("onnxsim could not simplify the model; pass --onnx with an already simplified model")
+    simplified = simplify(original)
     path = out_dir / "model.sim.onnx"
     onnx.save(simplified, str(path))
     onnx.checker.check_model(str(path))

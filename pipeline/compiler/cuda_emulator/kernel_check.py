@@ -6,40 +6,25 @@ What this covers: everything our schedules and TVM's CUDA lowering decide (tiles
 bindings, shared-memory staging, warp shuffles, WMMA fragments, cp.async pipelines and their
 waits, vector widths and alignment). What it cannot: nvcc's code generation, the hardware's
 timing, and races that only an unlucky interleaving shows (the emulator runs a block's
-threads in a fixed order between their waits).
+threads in one of two fixed orders between their waits).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import tvm
 
-from pipeline.compiler import backend, phases
+from pipeline.compiler.cuda_emulator.gpu_build import GpuKernels, kernel_name, parameter_name
 from pipeline.compiler.cuda_emulator.program import build_program
 from pipeline.compiler.cuda_emulator.source import kernel_signatures
-from pipeline.compiler.onnx_import import bind_weights, import_relax, resolve_input
 from pipeline.compiler.schedules import gpu as gpu_schedules
-from pipeline.onnx_io import load_onnx
-from targets import Target
 
 # Largest error allowed, relative to the reference's largest magnitude (at least 1): float16
 # results differ from the CPU build by their rounding and accumulation order, a wrong
 # schedule by far more (or NaN: shared memory starts as NaN).
 TOLERANCE = {"float16": 2e-2, "float32": 2e-3}
-
-
-@dataclass(frozen=True)
-class GpuKernels:
-    """A model's GPU kernels: before scheduling, as scheduled, and the CUDA source TVM made."""
-
-    unscheduled: dict[str, tvm.tirx.PrimFunc]
-    scheduled: dict[str, tvm.tirx.PrimFunc]
-    rules: dict[str, str]
-    cuda_source: str
 
 
 @dataclass(frozen=True)
@@ -49,35 +34,6 @@ class KernelCheck:
     status: str  # "match", "mismatch", "error" (the emulator stopped) or "skipped"
     error: float  # largest error relative to the reference's scale (NaN where not compared)
     detail: str
-
-
-def model_gpu_kernels(onnx_path: Path, target: Target, *, precision: str = "fp16",
-                      input_shape: tuple[int, ...] | None = None, params_mode: str = "separate") -> GpuKernels:
-    """Compile's phases up to scheduling on ``onnx_path``, then ``gpu_kernels`` of its kernels."""
-    model = load_onnx(onnx_path)
-    name, shape, dtype = resolve_input(model, None, input_shape)
-    mod, _, param_values = import_relax(model, onnx_path, name, shape, dtype)
-    if params_mode == "embedded":
-        mod = bind_weights(mod, param_values)
-    all_phases = [*phases.precision_phases(precision, target), *phases.relax_phases(target)]
-    with tvm.target.Target(target.tvm_target), tvm.transform.PassContext(config=phases.pass_config(target)):
-        for phase, passes in phases.phases_before(all_phases, "schedule"):
-            mod = tvm.transform.Sequential(passes, name=phase)(mod)
-    return gpu_kernels({gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}, target)
-
-
-def gpu_kernels(unscheduled: dict[str, tvm.tirx.PrimFunc], target: Target) -> GpuKernels:
-    """Kernels (by name) given the default GPU schedules of ``target`` and TVM's CUDA code
-    generation (no nvcc)."""
-    tvm_target = tvm.target.Target(target.tvm_target)
-    with tvm_target:
-        scheduled, kernels = gpu_schedules.schedule_module(tvm.IRModule(unscheduled), tvm_target, target.sm_count)
-    scheduled_funcs = {gv.name_hint: f for gv, f in scheduled.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
-    device_module = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in scheduled_funcs.items()})
-    with tvm_target, backend.cuda_source_codegen(target), tvm.transform.PassContext(config=phases.pass_config(target)):
-        built = tvm.tirx.build(device_module, target=tvm_target)
-    source = "\n".join(m.inspect_source("cuda") for m in built.imports if m.kind == "cuda")
-    return GpuKernels(dict(unscheduled), scheduled_funcs, {k: v["rule"] for k, v in kernels.items()}, source)
 
 
 def _random_arguments(func: tvm.tirx.PrimFunc, rng: np.random.Generator) -> list[np.ndarray]:
@@ -90,11 +46,6 @@ def _random_arguments(func: tvm.tirx.PrimFunc, rng: np.random.Generator) -> list
         else:
             arrays.append(rng.integers(-8, 8, shape).astype(dtype))
     return arrays
-
-
-def _parameter_name(buffer_name: str) -> str:
-    """The name TVM's CUDA code generation gives a buffer's pointer parameter."""
-    return re.sub(r"\W", "_", buffer_name) + "_ptr"
 
 
 def _relative_error(result: np.ndarray, reference: np.ndarray) -> float:
@@ -124,17 +75,17 @@ def check_kernels(kernels: GpuKernels, *, seed: int = 0, progress=None) -> list[
         rule = kernels.rules.get(name, "tuning record")
         if progress is not None:
             progress(index, len(names), name)
-        launched = [k for k in source_kernels if re.fullmatch(rf"{re.escape(name)}_kernel(_\d+)?", k)]
-        if len(launched) != 1:
+        launched = kernel_name(source_kernels, name)
+        if launched is None:
             results.append(KernelCheck(name, rule, "skipped", float("nan"),
-                                       f"{len(launched)} CUDA kernels (the emulator runs single-kernel functions)"))
+                                       "several CUDA kernels (the emulator runs single-kernel functions)"))
             continue
         func = kernels.unscheduled[name]
         arguments = _random_arguments(func, rng)
         tensors = [tvm.runtime.tensor(array) for array in arguments]
         reference[name](*tensors)
         expected = [tensor.numpy() for tensor in tensors]
-        status, error, detail = _emulate(program, source_kernels[launched[0]], func, kernels.scheduled[name],
+        status, error, detail = _emulate(program, source_kernels[launched], func, kernels.scheduled[name],
                                          arguments, expected)
         results.append(KernelCheck(name, rule, status, error, detail))
     return results
@@ -143,7 +94,7 @@ def check_kernels(kernels: GpuKernels, *, seed: int = 0, progress=None) -> list[
 def _emulate(program, signature, func: tvm.tirx.PrimFunc, scheduled: tvm.tirx.PrimFunc,
              arguments: list[np.ndarray], expected: list[np.ndarray]) -> tuple[str, float, str]:
     """(status, error, detail) of one kernel run in both thread orders."""
-    by_parameter = {_parameter_name(buffer.name): i for i, buffer in enumerate(func.params)}
+    by_parameter = {parameter_name(buffer.name): i for i, buffer in enumerate(func.params)}
     if set(by_parameter) != {parameter for _, parameter in signature.parameters}:
         return "skipped", float("nan"), "kernel parameters do not name the buffers"
     grid, block = gpu_schedules.launch_dims(scheduled)

@@ -1,0 +1,95 @@
+"""A model's GPU kernels as compile makes them, for the emulator: compile's phases up to
+scheduling (the fused module, with its weights in the layout and dtype the kernels read),
+then the default GPU schedules and TVM's CUDA code generation (no nvcc)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tvm
+
+from pipeline.compiler import backend, phases, weight_params
+from pipeline.compiler.onnx_import import import_relax, resolve_input
+from pipeline.compiler.schedules import gpu as gpu_schedules
+from pipeline.onnx_io import load_onnx
+from targets import Target
+
+
+@dataclass(frozen=True)
+class GpuKernels:
+    """A model's GPU kernels: before scheduling, as scheduled, and the CUDA source TVM made."""
+
+    unscheduled: dict[str, tvm.tirx.PrimFunc]
+    scheduled: dict[str, tvm.tirx.PrimFunc]
+    rules: dict[str, str]
+    cuda_source: str
+
+
+@dataclass(frozen=True)
+class FusedModel:
+    """A model after compile's "fuse" phase: ``module``'s main takes the input, then the
+    weights (``params``, by name, as compile saves them with ``--params separate``)."""
+
+    module: tvm.IRModule
+    params: dict[str, np.ndarray]
+
+
+def fused_model(onnx_path: Path, target: Target, *, precision: str = "fp16",
+                input_shape: tuple[int, ...] | None = None) -> FusedModel:
+    """Compile's phases up to scheduling on ``onnx_path``, weights passed separately (as the
+    GPU bundle compiles)."""
+    model = load_onnx(onnx_path)
+    name, shape, dtype = resolve_input(model, None, input_shape)
+    mod, param_names, param_values = import_relax(model, onnx_path, name, shape, dtype)
+    all_phases = [*phases.precision_phases(precision, target), *phases.relax_phases(target)]
+    with tvm.target.Target(target.tvm_target), tvm.transform.PassContext(config=phases.pass_config(target)):
+        for phase, passes in phases.phases_before(all_phases, "schedule"):
+            mod = tvm.transform.Sequential(passes, name=phase)(mod)
+    main = mod["main"]
+    attrs = main.attrs
+    transforms = json.loads(str(attrs[weight_params.PARAM_TRANSFORMS_ATTR])) if (
+        attrs is not None and weight_params.PARAM_TRANSFORMS_ATTR in attrs) else {}
+    dtypes = [str(var.ty.dtype) for var in main.params[len(main.params) - len(param_names):]]
+    params = {
+        name: weight_params.apply_param_transforms(value.numpy(), transforms.get(name, [])).astype(dtype, copy=False)
+        for name, value, dtype in zip(param_names, param_values, dtypes)
+    }
+    return FusedModel(mod, params)
+
+
+def model_gpu_kernels(onnx_path: Path, target: Target, *, precision: str = "fp16",
+                      input_shape: tuple[int, ...] | None = None) -> GpuKernels:
+    """``gpu_kernels`` of the kernels of ``fused_model(onnx_path, ...)``."""
+    mod = fused_model(onnx_path, target, precision=precision, input_shape=input_shape).module
+    return gpu_kernels({gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}, target)
+
+
+def gpu_kernels(unscheduled: dict[str, tvm.tirx.PrimFunc], target: Target) -> GpuKernels:
+    """Kernels (by name) given the default GPU schedules of ``target`` and TVM's CUDA code
+    generation (no nvcc)."""
+    tvm_target = tvm.target.Target(target.tvm_target)
+    with tvm_target:
+        scheduled, kernels = gpu_schedules.schedule_module(tvm.IRModule(unscheduled), tvm_target, target.sm_count)
+    scheduled_funcs = {gv.name_hint: f for gv, f in scheduled.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    device_module = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in scheduled_funcs.items()})
+    with tvm_target, backend.cuda_source_codegen(target), tvm.transform.PassContext(config=phases.pass_config(target)):
+        built = tvm.tirx.build(device_module, target=tvm_target)
+    source = "\n".join(m.inspect_source("cuda") for m in built.imports if m.kind == "cuda")
+    return GpuKernels(dict(unscheduled), scheduled_funcs, {k: v["rule"] for k, v in kernels.items()}, source)
+
+
+def parameter_name(buffer_name: str) -> str:
+    """The name TVM's CUDA code generation gives a buffer's pointer parameter."""
+    return re.sub(r"\W", "_", buffer_name) + "_ptr"
+
+
+
+def kernel_name(cuda_kernels, func_name: str) -> str | None:
+    """Of the CUDA kernel names ``cuda_kernels``, the one TVM made of PrimFunc ``func_name``;
+    None if it made several (or none)."""
+    names = [k for k in cuda_kernels if re.fullmatch(rf"{re.escape(func_name)}_kernel(_\d+)?", k)]
+    return names[0] if len(names) == 1 else None
