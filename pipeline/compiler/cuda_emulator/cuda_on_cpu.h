@@ -397,6 +397,7 @@ struct alignas(4) __half2 {
   __half x, y;
 };
 using half2 = __half2;
+inline __half2 make_half2(__half x, __half y) { return __half2{x, y}; }
 
 // --- vector types (CUDA's alignment: a misaligned vector access is a fault there) ---------
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 import tvm
-from tvm.s_tir import Schedule
+from tvm.s_tir import Schedule, ScheduleError
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 # Below this many output elements a parallel loop costs more than it saves (waking the
@@ -112,7 +112,7 @@ def injective_schedule(func: tvm.tirx.PrimFunc, vector_lanes: int) -> Schedule |
     for block in blocks[:-1]:
         try:
             sch.compute_inline(block)
-        except tvm.TVMError:
+        except ScheduleError:
             return None
     block = sch.get_child_blocks(sch.get_sblock("root"))
     if len(block) != 1:

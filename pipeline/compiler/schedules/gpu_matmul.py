@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import tvm
 from tvm import s_tir, tirx
+from tvm.s_tir import ScheduleError
 from tvm.s_tir.dlight.analysis import get_root_block
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.s_tir.dlight.gpu.matmul import (
@@ -177,7 +178,9 @@ def tensor_core_matmul_schedule(func: tirx.PrimFunc, sm_count: int) -> s_tir.Sch
     sch.compute_at(a_fragment, k_inner)
     sch.compute_at(b_fragment, k_inner)
     # Static shared memory for the output stage: merged into the same dynamic buffer as the
-    # float16 operand tiles, TVM 0.27 mistypes its float32 accesses on small tiles.
+    # float16 operand tiles (where it could reuse their space after the K loop), TVM 0.27
+    # fails to build the WMMA store ("tvm_access_ptr element type must match the source
+    # buffer", float32 into the float16-typed buffer; seen again on 2026-12-05).
     staged_output = sch.cache_write(tile_block, 0, "shared")
     sch.storage_align(staged_output, 0, axis=-2, factor=16, offset=4)
     accumulator = sch.cache_write(tile_block, 0, "wmma.accumulator")
@@ -208,7 +211,7 @@ def tensor_core_matmul_schedule(func: tirx.PrimFunc, sm_count: int) -> s_tir.Sch
         sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], intrinsics["init"])
         sch.tensorize(sch.get_loops(accumulator)[-2], intrinsics["store"])
         sch.tensorize(sch.get_loops(fragment_block)[-3], intrinsics["compute"])
-    except tvm.TVMError:
+    except ScheduleError:
         return None
 
     # The copies of the next stages - 1 steps (cp.async) are in flight during the math of this one.
