@@ -20,7 +20,6 @@ gpu_depthwise.py.
 
 from __future__ import annotations
 
-import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import ScheduleError
 from tvm.s_tir.dlight.analysis import get_root_block
