@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ HEADER = Path(__file__).with_name("cuda_on_cpu.h")
 # Misaligned vector accesses (float4 and the like) stop the program, as they fault on a GPU.
 _FLAGS = ("-std=c++17", "-O2", "-w", "-fsanitize=alignment", "-fno-sanitize-recover=alignment")
 _LAUNCH_TIMEOUT_S = 600
+_CACHE_ENTRIES = 32
 
 
 def _cache_dir() -> Path:
@@ -82,6 +84,7 @@ def build_program(cuda_source: str) -> EmulatedProgram:
     folder = _cache_dir() / key
     program = folder / "program"
     if program.exists():
+        os.utime(folder)  # recently used: kept by _prune
         return EmulatedProgram(program)
     compiler = toolchain.require_tool("g++", "g++", "build CUDA kernels for the CPU emulator")
     folder.mkdir(parents=True, exist_ok=True)
@@ -101,4 +104,12 @@ def build_program(cuda_source: str) -> EmulatedProgram:
         raise RuntimeError(f"g++ could not build the emulated CUDA source ({folder / 'program.cpp'}):\n"
                            + done.stderr[-4000:])
     os.replace(temporary, program)
+    _prune(folder.parent)
     return EmulatedProgram(program)
+
+
+def _prune(cache: Path) -> None:
+    """Keep the _CACHE_ENTRIES most recently built programs (each is a few MB)."""
+    entries = sorted((p for p in cache.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    for stale in entries[_CACHE_ENTRIES:]:
+        shutil.rmtree(stale, ignore_errors=True)
