@@ -22,6 +22,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from gpu_bundle import parse_configs  # noqa: E402  (the same configurations as the bundle)
 
 from pipeline.compiler.cuda_emulator import gpu_build, kernel_check  # noqa: E402
 
@@ -50,17 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "about 2 minutes at batch 1, 10 at batch 8, on 2 cores)")
     parser.add_argument("--output", type=Path, default=REPO / "reports" / "cuda-emulation")
     return parser.parse_args(argv)
-
-
-def _configs(text: str) -> list[tuple[str, int]]:
-    pairs = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        precision, _, batch = item.partition(":")
-        if precision not in ("fp32", "fp16") or not batch.isdigit() or int(batch) < 1:
-            raise SystemExit(f"error: --configs item '{item}' is not precision:batch with precision fp32 or fp16; "
-                             f"write e.g. fp16:8")
-        pairs.append((precision, int(batch)))
-    return pairs
 
 
 def _gxx_version() -> str:
@@ -115,9 +107,9 @@ def _model_lines(model: dict | None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    configs = _configs(args.configs)
     import onnx
 
+    from pipeline.errors import PipelineError
     from pipeline.model import VARIANTS, create_model
     from pipeline.seeded_weights import seed_model
     from pipeline.stages.export import export_onnx
@@ -125,10 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     from targets import get_target
 
     if args.variant not in VARIANTS:
-        raise SystemExit(f"error: unknown variant '{args.variant}'; use one of: {', '.join(VARIANTS)}")
+        raise PipelineError(f"unknown variant '{args.variant}'; use one of: {', '.join(VARIANTS)}")
     target = get_target(args.target)
     if target.device != "cuda":
-        raise SystemExit(f"error: target '{args.target}' is not a CUDA target; use e.g. cuda-sm90")
+        raise PipelineError(f"target '{args.target}' is not a CUDA target; use e.g. cuda-sm90")
+    configs = parse_configs(args.configs, target)
 
     record = {
         "variant": args.variant, "target": target.name, "input_size": args.input_size,
@@ -196,4 +189,10 @@ def _model_check(onnx_path: Path, target, precision: str, shape: tuple[int, ...]
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.errors import EXIT_USER_ERROR, PipelineError
+
+    try:
+        sys.exit(main())
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)

@@ -219,3 +219,14 @@ def test_the_micro_convnext_compiled_for_an_h200_and_emulated_computes_onnx_runt
     assert np.isfinite(logits).all()
     np.testing.assert_allclose(logits, expected, rtol=0, atol=2e-2 * np.abs(expected).max())
     assert (logits.argmax(1) == expected.argmax(1)).all()
+
+
+def test_the_check_script_refuses_a_cpu_target_in_one_line():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cuda_emulation.py"
+    done = subprocess.run([sys.executable, str(script), "--target", "x86"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: target 'x86' is not a CUDA target; use e.g. cuda-sm90"
