@@ -305,9 +305,8 @@ def compile_onnx(
             if passes:
                 mod = tvm.transform.Sequential(passes, name=phase)(mod)
                 _dump(dump_ir_dir, index, phase, mod)
-                attrs = mod["main"].attrs
-                if attrs is not None and weight_params.PARAM_TRANSFORMS_ATTR in attrs:
-                    param_transforms = json.loads(str(attrs[weight_params.PARAM_TRANSFORMS_ATTR]))
+                if weight_params.PARAM_TRANSFORMS_ATTR in (mod["main"].attrs or {}):
+                    param_transforms = weight_params.param_transforms(mod["main"])
         num_primfuncs = _count_primfuncs(mod)
         # Regions RewriteCUDAGraph lifted out of main to capture as CUDA graphs (GPU targets).
         cuda_graphs = sum(1 for gv in mod.functions if "cuda_graph_capture" in gv.name_hint)
@@ -359,11 +358,7 @@ def compile_onnx(
         if params_mode == "separate":
             with open(temp_weights, "wb") as f:
                 # In the layout and dtype the kernels read them (weight_params.lift_weight_layouts).
-                np.savez(f, **{
-                    name: weight_params.apply_param_transforms(value.numpy(), param_transforms.get(name, []))
-                    .astype(dtype, copy=False)
-                    for name, value, dtype in zip(param_names, param_values, param_dtypes)
-                })
+                np.savez(f, **weight_params.saved_weights(param_names, param_values, param_dtypes, param_transforms))
         runtime_only.write_metadata(temp_metadata, metadata)
         if params_mode == "separate":
             os.replace(temp_weights, weights)

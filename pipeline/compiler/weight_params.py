@@ -125,6 +125,14 @@ def cast_weight_params_once() -> tvm.transform.Pass:
 PARAM_TRANSFORMS_ATTR = "pipeline.param_transforms"
 
 
+def param_transforms(func: relax.Function) -> dict[str, list]:
+    """``func``'s PARAM_TRANSFORMS_ATTR: weight name -> its layout changes ({} if none)."""
+    attrs = func.attrs
+    if attrs is None or PARAM_TRANSFORMS_ATTR not in attrs:
+        return {}
+    return json.loads(str(attrs[PARAM_TRANSFORMS_ATTR]))
+
+
 def _layout_change(expr: relax.Expr, source: relax.Var) -> list | None:
     """[op, argument] when ``expr`` is a layout change or cast of ``source`` alone."""
     if not (isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.args
@@ -156,7 +164,7 @@ def lift_weight_layouts(mod: tvm.IRModule) -> tvm.IRModule:
     if not weights:
         return mod
     readers, values = _readers(func)
-    transforms = json.loads(str(func.attrs[PARAM_TRANSFORMS_ATTR])) if PARAM_TRANSFORMS_ATTR in func.attrs else {}
+    transforms = param_transforms(func)
     new_params: dict[relax.Var, relax.Var] = {}
     chain_end_to_param: dict[relax.Var, relax.Var] = {}
     links: set[relax.Var] = set()
@@ -209,3 +217,12 @@ def apply_param_transforms(value: np.ndarray, steps: list) -> np.ndarray:
         else:
             raise ValueError(f"unknown weight transform {op!r}")
     return np.ascontiguousarray(value)
+
+
+def saved_weights(names: list[str], values: list, dtypes: list[str], transforms: dict[str, list]) -> dict[str, np.ndarray]:
+    """The weights as compile saves them with ``--params separate``: each (a TVM tensor) in
+    the layout its parameter was given (``transforms``) and the dtype the kernels read."""
+    return {
+        name: apply_param_transforms(value.numpy(), transforms.get(name, [])).astype(dtype, copy=False)
+        for name, value, dtype in zip(names, values, dtypes)
+    }

@@ -4,7 +4,6 @@ then the default GPU schedules and TVM's CUDA code generation (no nvcc)."""
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,15 +49,9 @@ def fused_model(onnx_path: Path, target: Target, *, precision: str = "fp16",
         for phase, passes in phases.phases_before(all_phases, "schedule"):
             mod = tvm.transform.Sequential(passes, name=phase)(mod)
     main = mod["main"]
-    attrs = main.attrs
-    transforms = json.loads(str(attrs[weight_params.PARAM_TRANSFORMS_ATTR])) if (
-        attrs is not None and weight_params.PARAM_TRANSFORMS_ATTR in attrs) else {}
     dtypes = [str(var.ty.dtype) for var in main.params[len(main.params) - len(param_names):]]
-    params = {
-        name: weight_params.apply_param_transforms(value.numpy(), transforms.get(name, [])).astype(dtype, copy=False)
-        for name, value, dtype in zip(param_names, param_values, dtypes)
-    }
-    return FusedModel(mod, params)
+    return FusedModel(mod, weight_params.saved_weights(param_names, param_values, dtypes,
+                                                       weight_params.param_transforms(main)))
 
 
 def model_gpu_kernels(onnx_path: Path, target: Target, *, precision: str = "fp16",
@@ -85,7 +78,6 @@ def gpu_kernels(unscheduled: dict[str, tvm.tirx.PrimFunc], target: Target) -> Gp
 def parameter_name(buffer_name: str) -> str:
     """The name TVM's CUDA code generation gives a buffer's pointer parameter."""
     return re.sub(r"\W", "_", buffer_name) + "_ptr"
-
 
 
 def kernel_name(cuda_kernels, func_name: str) -> str | None:
