@@ -55,8 +55,11 @@ class EmulatedProgram:
             lines.append(f"launch {kernel} {' '.join(map(str, (*grid, *block)))} "
                          f"{' '.join(map(str, range(len(arguments))))}")
             env = {**os.environ, "UBSAN_OPTIONS": "print_stacktrace=0:halt_on_error=1"}
-            done = subprocess.run([str(self.path)], input="\n".join(lines) + "\n", capture_output=True,
-                                  text=True, env=env, timeout=_LAUNCH_TIMEOUT_S)
+            try:
+                done = subprocess.run([str(self.path)], input="\n".join(lines) + "\n", capture_output=True,
+                                      text=True, env=env, timeout=_LAUNCH_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                return LaunchResult(False, f"{kernel} did not finish in {_LAUNCH_TIMEOUT_S} s")
             if done.returncode != 0:
                 return LaunchResult(False, _error_line(done.stderr, done.returncode))
             for index, array in enumerate(arguments):
