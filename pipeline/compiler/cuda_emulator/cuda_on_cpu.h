@@ -4,10 +4,10 @@
 //
 // Every CUDA thread of a block is a fiber (ucontext) and runs until it waits: at
 // __syncthreads, at a warp shuffle, or at its end. A block's fibers are resumed in turn
-// until all have ended; blocks run one after another. A wait nobody can end (a barrier some
-// threads never reach) is reported, not hung on. The threads can be resumed first to last or
-// last to first: a result that differs between the two orders has a missing barrier. What
-// is checked beside the results:
+// until all have ended; blocks are spread over the cores, one after another on each. A wait
+// nobody can end (a barrier some threads never reach) is reported, not hung on. The threads
+// can be resumed first to last or last to first: a result that differs between the two
+// orders has a missing barrier. What is checked beside the results:
 // - barriers: every thread of a block must reach each __syncthreads, every lane of a
 //   shuffle's mask each shuffle;
 // - cp.async: copies land only when a cp.async.wait_group lets them (as late as the
@@ -33,7 +33,9 @@
 #include <cstring>
 #include <deque>
 #include <map>
+#include <algorithm>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -50,8 +52,9 @@ struct Index3 {
 };
 }  // namespace emu
 
-// Set by the scheduler before each fiber resumes.
-inline emu::Index3 threadIdx, blockIdx, blockDim, gridDim;
+// Set by the scheduler before each fiber resumes; one set per worker thread (blocks run on
+// several cores, each worker with its own fibers and shared memory).
+inline thread_local emu::Index3 threadIdx, blockIdx, blockDim, gridDim;
 
 namespace emu {
 
@@ -103,13 +106,13 @@ struct Launch {
   std::map<int, size_t> static_shared;
 };
 
-inline Launch* launch_state = nullptr;
+inline thread_local Launch* launch_state = nullptr;
 // Threads resumed last to first: a kernel whose result depends on the order its threads
 // run between barriers (a missing barrier) gives different results in the two orders.
 inline bool reverse_order = false;
 
 // Fiber stacks, mapped once and reused by every launch (pages are touched only when used).
-inline std::vector<void*> stack_pool;
+inline thread_local std::vector<void*> stack_pool;
 
 inline void* stack(int index) {
   while (int(stack_pool.size()) <= index) {
@@ -262,12 +265,13 @@ inline void run_block(Launch& state) {
   }
 }
 
-inline void launch(void (*body)(void**), void** args, Index3 grid, Index3 block) {
+// One worker's share of a launch: blocks worker, worker + workers, ... in order.
+inline void run_blocks(void (*body)(void**), void** args, Index3 grid, Index3 block, unsigned worker,
+                       unsigned workers) {
   Launch state;
   state.body = body;
   state.args = args;
   const int threads = int(block.x * block.y * block.z);
-  if (threads < 1 || threads > 1024) fail("a block of %d threads (CUDA allows 1 to 1024)", threads);
   state.fibers.resize(threads);
   state.warps.resize((threads + kWarp - 1) / kWarp);
   state.shared = static_cast<unsigned char*>(std::aligned_alloc(1024, kSharedBytes));
@@ -279,14 +283,27 @@ inline void launch(void (*body)(void**), void** args, Index3 grid, Index3 block)
   launch_state = &state;
   blockDim = block;
   gridDim = grid;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = {x, y, z};
-        run_block(state);
-      }
+  const unsigned long blocks = (unsigned long)grid.x * grid.y * grid.z;
+  for (unsigned long index = worker; index < blocks; index += workers) {
+    blockIdx = {unsigned(index % grid.x), unsigned(index / grid.x % grid.y), unsigned(index / grid.x / grid.y)};
+    run_block(state);
+  }
   launch_state = nullptr;
   std::free(state.shared);
+}
+
+// Blocks share nothing but global memory, and a correct kernel's blocks do not depend on
+// one another's writes: they run on every core, in no fixed order between workers.
+inline void launch(void (*body)(void**), void** args, Index3 grid, Index3 block) {
+  const int threads = int(block.x * block.y * block.z);
+  if (threads < 1 || threads > 1024) fail("a block of %d threads (CUDA allows 1 to 1024)", threads);
+  const unsigned long blocks = (unsigned long)grid.x * grid.y * grid.z;
+  const unsigned workers = unsigned(std::min<unsigned long>(blocks, std::max(1u, std::thread::hardware_concurrency())));
+  std::vector<std::thread> pool;
+  for (unsigned worker = 1; worker < workers; ++worker)
+    pool.emplace_back(run_blocks, body, args, grid, block, worker, workers);
+  run_blocks(body, args, grid, block, 0, workers);
+  for (std::thread& thread : pool) thread.join();
 }
 
 }  // namespace emu
@@ -586,7 +603,8 @@ struct Kernel {
   std::vfprintf(stderr, format, args);
   std::fprintf(stderr, "\n");
   va_end(args);
-  std::exit(3);
+  std::fflush(stderr);
+  std::_Exit(3);  // other workers may still be running: no exit handlers
 }
 
 struct Buffer {

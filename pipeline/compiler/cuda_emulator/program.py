@@ -19,7 +19,7 @@ from pipeline.compiler.cuda_emulator.source import emulation_source
 
 HEADER = Path(__file__).with_name("cuda_on_cpu.h")
 # Misaligned vector accesses (float4 and the like) stop the program, as they fault on a GPU.
-_FLAGS = ("-std=c++17", "-O2", "-w", "-fsanitize=alignment", "-fno-sanitize-recover=alignment")
+_FLAGS = ("-std=c++17", "-O2", "-w", "-pthread", "-fsanitize=alignment", "-fno-sanitize-recover=alignment")
 _LAUNCH_TIMEOUT_S = 600
 _CACHE_ENTRIES = 32
 
