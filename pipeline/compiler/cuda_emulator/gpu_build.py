@@ -75,9 +75,18 @@ def gpu_kernels(unscheduled: dict[str, tvm.tirx.PrimFunc], target: Target) -> Gp
     return GpuKernels(dict(unscheduled), scheduled_funcs, {k: v["rule"] for k, v in kernels.items()}, source)
 
 
-def parameter_name(buffer_name: str) -> str:
+def _parameter_name(buffer_name: str) -> str:
     """The name TVM's CUDA code generation gives a buffer's pointer parameter."""
     return re.sub(r"\W", "_", buffer_name) + "_ptr"
+
+
+def argument_order(func: tvm.tirx.PrimFunc, kernel_parameters: list[str]) -> list[int] | None:
+    """For each of a CUDA kernel's pointer parameters (names, in order), the index of the
+    PrimFunc parameter it is; None where they do not name ``func``'s buffers one to one."""
+    by_parameter = {_parameter_name(buffer.name): i for i, buffer in enumerate(func.params)}
+    if set(by_parameter) != set(kernel_parameters):
+        return None
+    return [by_parameter[parameter] for parameter in kernel_parameters]
 
 
 def kernel_name(cuda_kernels, func_name: str) -> str | None:

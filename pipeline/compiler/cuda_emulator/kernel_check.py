@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import tvm
 
-from pipeline.compiler.cuda_emulator.gpu_build import GpuKernels, kernel_name, parameter_name
+from pipeline.compiler.cuda_emulator.gpu_build import GpuKernels, argument_order, kernel_name
 from pipeline.compiler.cuda_emulator.program import build_program
 from pipeline.compiler.cuda_emulator.source import kernel_signatures
 from pipeline.compiler.schedules import gpu as gpu_schedules
@@ -94,16 +94,14 @@ def check_kernels(kernels: GpuKernels, *, seed: int = 0, progress=None) -> list[
 def _emulate(program, signature, func: tvm.tirx.PrimFunc, scheduled: tvm.tirx.PrimFunc,
              arguments: list[np.ndarray], expected: list[np.ndarray]) -> tuple[str, float, str]:
     """(status, error, detail) of one kernel run in both thread orders."""
-    by_parameter = {parameter_name(buffer.name): i for i, buffer in enumerate(func.params)}
-    if set(by_parameter) != {parameter for _, parameter in signature.parameters}:
+    order = argument_order(func, [parameter for _, parameter in signature.parameters])
+    if order is None:
         return "skipped", float("nan"), "kernel parameters do not name the buffers"
     grid, block = gpu_schedules.launch_dims(scheduled)
     runs = []
     for reverse in (False, True):
         emulated = [array.copy() for array in arguments]
-        launch = program.launch(signature.name, grid, block,
-                                [emulated[by_parameter[parameter]] for _, parameter in signature.parameters],
-                                reverse=reverse)
+        launch = program.launch(signature.name, grid, block, [emulated[i] for i in order], reverse=reverse)
         if not launch.ok:
             return "error", float("nan"), f"{launch.error} (threads run {'last to first' if reverse else 'first to last'})"
         runs.append(emulated)

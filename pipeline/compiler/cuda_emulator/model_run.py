@@ -16,8 +16,8 @@ from tvm import relax
 from pipeline.compiler.cuda_emulator.gpu_build import (
     fused_model,
     gpu_kernels,
+    argument_order,
     kernel_name,
-    parameter_name,
 )
 from pipeline.compiler.cuda_emulator.program import EmulatedProgram, build_program
 from pipeline.compiler.cuda_emulator.source import KernelSignature, kernel_signatures
@@ -49,8 +49,9 @@ def _launcher(program: EmulatedProgram, signature: KernelSignature, func: tvm.ti
     """The packed function a kernel call becomes: its arguments (inputs, then outputs, as
     the PrimFunc's parameters) go to the emulator in the CUDA kernel's parameter order."""
     cuda_kernel = signature.name
-    by_parameter = {parameter_name(buffer.name): i for i, buffer in enumerate(func.params)}
-    order = [by_parameter[parameter] for _, parameter in signature.parameters]
+    order = argument_order(func, [parameter for _, parameter in signature.parameters])
+    if order is None:
+        raise EmulationError(f"{cuda_kernel}: its parameters do not name its function's buffers")
     grid, block = gpu_schedules.launch_dims(scheduled)
 
     def launch(*tensors):
