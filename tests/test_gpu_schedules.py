@@ -231,7 +231,7 @@ def test_convnext_t_with_separate_weights_reads_them_as_saved(tmp_path):
     assert len(depthwise) == 4 and all(k["kernel"].startswith("fused_cast") for k in depthwise), depthwise
     source = (tmp_path / "model.cu").read_text()
     for kernel in depthwise:  # 16-byte loads of the float32 input, converted on the copy
-        assert "*(float4*)(cast_input_ptr +" in _kernel_source(source, kernel["kernel"]), kernel["kernel"]
+        assert re.search(r"\*\(float4\*\)\(\w+_ptr \+", _kernel_source(source, kernel["kernel"])), kernel["kernel"]
     assert info["gpu_cost"]["launches"] <= 90  # 105 with a cast kernel before each depthwise conv
     assert info["cuda_graph_captures"] == 1
     with np.load(tmp_path / "model.params.npz") as weights:
