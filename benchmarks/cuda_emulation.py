@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--target", default="cuda-sm90", help="a CUDA target (pipeline targets)")
     parser.add_argument("--configs", default="fp32:1,fp16:1,fp16:8",
-                        help="comma-separated precision:batch pairs (the GPU bundle's by default)")
+                        help="comma-separated precision:batch[:no-split-k] (the GPU bundle's, less the "
+                             "no-split-k ones: those are the kernels before split-K)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kernels' random arguments and the input")
     parser.add_argument("--weights-seed", type=int, default=0, help="seed of the weights (pipeline/seeded_weights.py)")
     parser.add_argument("--model-batch-limit", type=int, default=8,
@@ -81,7 +82,8 @@ def _markdown(record: dict) -> str:
         results = config["kernels"]
         matched = sum(r["status"] == "match" for r in results)
         lines += [
-            f"## {config['precision']}, batch {config['batch']}: {matched} of {len(results)} kernels match "
+            f"## {config['precision']}, batch {config['batch']}" + ("" if config.get("gpu_split_k", True) else ", no split-K")
+            + f": {matched} of {len(results)} kernels match "
             f"({config['seconds']:.0f} s)",
             "",
             *_model_lines(config.get("model")),
@@ -134,29 +136,31 @@ def main(argv: list[str] | None = None) -> int:
     # the pipeline's stages do (a fresh model's equal initializers would be merged by onnxsim).
     model = seed_model(create_model(args.variant, num_classes=args.num_classes).eval(), args.weights_seed)
     with tempfile.TemporaryDirectory(prefix="cuda-emulation-") as folder:
-        for precision, batch in configs:
+        for bundled in configs:
+            precision, batch, label = bundled.precision, bundled.batch, bundled.name
             start = time.perf_counter()
             shape = (batch, 3, args.input_size, args.input_size)
             onnx_path = Path(folder) / f"model-b{batch}.onnx"
             if not onnx_path.exists():
                 export_onnx(model, onnx_path, shape, opset=17, dynamic_batch=False)
                 onnx.save(simplify(onnx.load(str(onnx_path))), str(onnx_path))
-            log(f"{precision} batch {batch}: compiling to the scheduled kernels")
-            kernels = gpu_build.model_gpu_kernels(onnx_path, target, precision=precision, input_shape=shape)
+            log(f"{label}: compiling to the scheduled kernels")
+            kernels = gpu_build.model_gpu_kernels(onnx_path, target, precision=precision, input_shape=shape,
+                                                  gpu_split_k=bundled.split_k)
 
             def progress(index: int, total: int, name: str) -> None:
-                log(f"{precision} batch {batch}: kernel {index + 1}/{total} {name}")
+                log(f"{label}: kernel {index + 1}/{total} {name}")
 
             results = kernel_check.check_kernels(kernels, seed=args.seed, progress=progress)
             failed += sum(r.status != "match" for r in results)
             config = {
-                "precision": precision, "batch": batch,
+                "precision": precision, "batch": batch, "gpu_split_k": bundled.split_k,
                 "kernels": [{"kernel": r.kernel, "rule": r.rule, "status": r.status, "error": r.error,
                              "detail": r.detail} for r in results],
             }
             if batch <= args.model_batch_limit:
-                log(f"{precision} batch {batch}: the whole model, every kernel emulated")
-                config["model"] = _model_check(onnx_path, target, precision, shape, args.seed)
+                log(f"{label}: the whole model, every kernel emulated")
+                config["model"] = _model_check(onnx_path, target, precision, shape, args.seed, bundled.split_k)
                 failed += not config["model"]["ok"]
             config["seconds"] = round(time.perf_counter() - start, 1)
             record["configs"].append(config)
@@ -167,14 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _model_check(onnx_path: Path, target, precision: str, shape: tuple[int, ...], seed: int) -> dict:
+def _model_check(onnx_path: Path, target, precision: str, shape: tuple[int, ...], seed: int,
+                 gpu_split_k: bool = True) -> dict:
     """The emulated model's logits against ONNX Runtime float32 on the same ONNX and input."""
     import numpy as np
     import onnxruntime as ort
 
     from pipeline.compiler.cuda_emulator import model_run
 
-    model = model_run.emulated_model(onnx_path, target, precision=precision, input_shape=shape)
+    model = model_run.emulated_model(onnx_path, target, precision=precision, input_shape=shape,
+                                     gpu_split_k=gpu_split_k)
     x = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
     logits = model.run(x)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

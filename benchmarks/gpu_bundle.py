@@ -38,6 +38,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -74,8 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target", default="cuda-sm90",
                         help="a CUDA target (pipeline targets); x86 makes a bundle to try the check on a CPU")
     # No int8: GPU targets do not offer it (targets.GPU_INT8_REASON); int8:1 is for --target x86.
-    parser.add_argument("--configs", default="fp32:1,fp16:1,fp16:8",
-                        help="comma-separated precision:batch pairs to compile")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS,
+                        help="comma-separated precision:batch pairs to compile; precision:batch:no-split-k "
+                             "compiles one without split-K GEMMs too, to compare in the same run")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of the check's inputs")
     parser.add_argument("--calib-data", default="fashion-mnist",
                         help="INT8 calibration images (any source `pipeline quantize --data` takes)")
@@ -88,29 +90,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def parse_configs(text: str, target) -> list[tuple[str, int]]:
-    """'fp32:1,fp16:8' -> [("fp32", 1), ("fp16", 8)], checked against the target."""
+NO_SPLIT_K = "no-split-k"
+# Each GPU configuration at batch 1 and 8 with and without split-K GEMMs
+# (pipeline/compiler/split_k.py), so that one GPU run says what split-K is worth.
+DEFAULT_CONFIGS = f"fp32:1,fp16:1,fp16:8,fp16:1:{NO_SPLIT_K},fp16:8:{NO_SPLIT_K}"
+
+
+class BundleConfig(NamedTuple):
+    """One artifact of the bundle: precision, batch, and whether GPU GEMMs may be split over K."""
+
+    precision: str
+    batch: int
+    split_k: bool = True
+
+    @property
+    def name(self) -> str:
+        return f"{self.precision}-b{self.batch}" + ("" if self.split_k else f"-{NO_SPLIT_K}")
+
+
+def parse_configs(text: str, target) -> list[BundleConfig]:
+    """'fp32:1,fp16:8,fp16:8:no-split-k' -> [("fp32", 1), ("fp16", 8), ("fp16", 8, False)]
+    (BundleConfig), checked against the target."""
     from pipeline.errors import PipelineError
 
     configs = []
     for item in text.split(","):
-        precision, _, batch = item.strip().partition(":")
-        if not batch.isdigit() or int(batch) < 1:
-            raise PipelineError(f"--configs item '{item}' is not precision:batch, e.g. fp16:8")
+        parts = item.strip().split(":")
+        precision, batch, variant = parts[0], (parts[1] if len(parts) > 1 else ""), parts[2:]
+        if not batch.isdigit() or int(batch) < 1 or variant not in ([], [NO_SPLIT_K]):
+            raise PipelineError(f"--configs item '{item}' is not precision:batch[:{NO_SPLIT_K}], e.g. fp16:8")
         if precision not in target.precisions:
             note = target.precision_note(precision)
             raise PipelineError(
                 f"target '{target.name}' does not offer precision '{precision}'; it offers "
                 f"{', '.join(target.precisions)}" + (f": {note}" if note else "")
             )
-        configs.append((precision, int(batch)))
+        if variant and target.device != "cuda":
+            raise PipelineError(f"--configs item '{item}': {NO_SPLIT_K} is for GPU targets; drop it for '{target.name}'")
+        configs.append(BundleConfig(precision, int(batch), not variant))
     if len(set(configs)) != len(configs):
         raise PipelineError(f"--configs '{text}' names a configuration twice")
     return configs
-
-
-def config_name(precision: str, batch: int) -> str:
-    return f"{precision}-b{batch}"
 
 
 # ---------------------------------------------------------------------------
@@ -149,14 +169,14 @@ def compile_configs(args: argparse.Namespace, target, configs, weights: Path) ->
         calib_method="percentile", artifacts=args.artifacts,
     )
     folders = {}
-    for index, (precision, batch) in enumerate(configs, start=1):
-        log(f"compile {index}/{len(configs)}: {args.variant} {precision} batch {batch} for {target.name}")
+    for index, bundled in enumerate(configs, start=1):
+        log(f"compile {index}/{len(configs)}: {args.variant} {bundled.name} for {target.name}")
         # INT8 folds its weights into integer constants at import, so it keeps them embedded.
-        config = base.replace(precision=precision, batch_size=batch,
-                              params_mode="embedded" if precision == "int8" else "separate")
+        config = base.replace(precision=bundled.precision, batch_size=bundled.batch, gpu_split_k=bundled.split_k,
+                              params_mode="embedded" if bundled.precision == "int8" else "separate")
         results = run_pipeline(STAGES, config, target, "compile", {"weights": weights})
         compiled = results["compile"]
-        folders[config_name(precision, batch)] = (Path(compiled.outputs["library"]).parent,
+        folders[bundled.name] = (Path(compiled.outputs["library"]).parent,
                                                   compiled.manifest.get("info", {}).get("gpu_cost", {}).get("kernels", []))
     return folders
 
@@ -407,7 +427,8 @@ def build_bundle(args: argparse.Namespace) -> dict:
             "model": {"variant": args.variant, "num_classes": args.num_classes, "in_chans": 3,
                       "input_size": args.input_size, "seed": args.seed,
                       "weights": "pipeline/seeded_weights.py (coarse grid, exact in float16)"},
-            "configs": [{"name": config_name(p, b), "precision": p, "batch_size": b} for p, b in configs],
+            "configs": [{"name": c.name, "precision": c.precision, "batch_size": c.batch, "gpu_split_k": c.split_k}
+                        for c in configs],
             "artifacts": entries,
             "runtime": runtime,
             "commit": _commit(),

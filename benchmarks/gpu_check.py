@@ -303,12 +303,23 @@ def report_folder(target: str, precision: str, batch: int) -> str:
     return target + ("" if precision == "fp32" else f"-{precision}") + ("" if batch == 1 else f"-b{batch}")
 
 
+def config_variant(config: dict) -> str:
+    """How a bundle configuration differs from the default compile ("" where it does not):
+    "no-split-k" for one compiled with --no-gpu-split-k, to compare with."""
+    return "" if config.get("gpu_split_k", True) else "no-split-k"
+
+
+def row_label(row: dict, batch: str = "b") -> str:
+    """"fp16 b8", "fp16 b8 no-split-k" (``batch="batch "``: "fp16 batch 8 ...")."""
+    return f"{row['precision']} {batch}{row['batch_size']}" + (f" {row['variant']}" if row.get("variant") else "")
+
+
 def failed_criteria(rows: list[dict]) -> list[str]:
     """What keeps the check from passing, one line each (empty: it passes)."""
     failures = []
     for row in rows:
         accuracy = row["accuracy"]
-        name = f"{row['precision']} batch {row['batch_size']}"
+        name = row_label(row, batch="batch ")
         if accuracy["nan_count"]:
             failures.append(f"{name}: {accuracy['nan_count']} NaN outputs")
         if row["precision"] == "fp32" and not accuracy["max_abs_error"] <= FP32_MAX_ABS_ERROR:
@@ -341,6 +352,7 @@ def row_reports(row: dict, results: dict) -> tuple[dict, dict]:
     model = {**manifest["model"], "batch_size": row["batch_size"]}
     latency = {
         "target": manifest["target"], "precision": row["precision"], "batch_size": row["batch_size"],
+        **({"variant": row["variant"]} if row.get("variant") else {}),
         "input_shape": [row["batch_size"], model["in_chans"], model["input_size"], model["input_size"]],
         "warmup": results["settings"]["warmup"], "model": model, "artifact_bytes": row["artifact_bytes"],
         "timing": f"synchronized calls on the {results['settings']['device']}, input already on the device, "
@@ -370,7 +382,7 @@ def row_markdown(latency: dict, accuracy: dict) -> str:
     origin = latency["provenance"]
     lines = [
         f"# ConvNeXt-{latency['model']['variant']} on `{latency['target']}` ({latency['precision'].upper()}, "
-        f"batch {latency['batch_size']})", "",
+        f"batch {latency['batch_size']}" + (f", {latency['variant']}" if latency.get("variant") else "") + ")", "",
         f"- device: {origin['gpu']}", f"- host: {origin['host']['cpu']} ({origin['host']['cores']} cores)",
         f"- date: {origin['date']}", f"- bundle built at commit: {origin['commit']}",
         f"- tools: " + ", ".join(f"{k} {v}" for k, v in origin["tools"].items()),
@@ -423,7 +435,7 @@ def summary_markdown(results: dict) -> str:
         torch_rows = results["pytorch"].get(str(row["batch_size"]), {})
         accuracy = row["accuracy"]
         lines.append(
-            f"| {row['precision']} b{row['batch_size']} | {row['latency']['median_ms']:.3f} | "
+            f"| {row_label(row)} | {row['latency']['median_ms']:.3f} | "
             + " | ".join(_ms(torch_rows.get(mode)) for mode in TORCH_MODES)
             + f" | {accuracy['nan_count']} | {accuracy['max_abs_error']:.3g} | {accuracy['relative_l2']:.3g} | "
             f"{accuracy['top1_agreement']:.2%} |")
@@ -440,6 +452,8 @@ def write_outputs(results: dict, out: Path, pack: bool = False) -> None:
     for row in results["rows"]:
         latency, accuracy = row_reports(row, results)
         folder = reports / report_folder(results["manifest"]["target"], row["precision"], row["batch_size"])
+        if row.get("variant"):  # beside the configuration it varies, where reports/aggregate.py does not look
+            folder = folder / row["variant"]
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "latency.json").write_text(json.dumps(latency, indent=2, sort_keys=True) + "\n")
         (folder / "accuracy.json").write_text(json.dumps(accuracy, indent=2, sort_keys=True) + "\n")
@@ -492,7 +506,7 @@ def run_check(args: argparse.Namespace) -> dict:
                                     args.warmup, args.repeats, args.device, args.profile_calls,
                                     manifest["artifacts"][config["name"]].get("kernels"))
         rows.append({"name": config["name"], "precision": config["precision"],
-                     "batch_size": config["batch_size"], **measured})
+                     "batch_size": config["batch_size"], "variant": config_variant(config), **measured})
     return {
         "manifest": {k: manifest[k] for k in ("target", "model", "configs", "commit", "created")},
         "environment": environment(args.device),

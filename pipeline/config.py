@@ -27,6 +27,7 @@ class PipelineConfig:
     precision: str = "fp32"
     params_mode: str = "embedded"
     tuning_records: bool = True  # False: default schedules only, whatever records exist
+    gpu_split_k: bool = True  # False: no GPU GEMM split over K (pipeline/compiler/split_k.py)
     # Bench
     warmup: int = 5
     repeats: int = 50

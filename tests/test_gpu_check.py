@@ -170,13 +170,50 @@ def test_the_default_bundle_offers_no_int8_on_gpu_targets():
     defaults = gpu_bundle.parse_args([])
     target = get_target(defaults.target)
     assert target.device == "cuda"
-    assert gpu_bundle.parse_configs(defaults.configs, target) == [("fp32", 1), ("fp16", 1), ("fp16", 8)]
+    assert [c.name for c in gpu_bundle.parse_configs(defaults.configs, target)] == [
+        "fp32-b1", "fp16-b1", "fp16-b8", "fp16-b1-no-split-k", "fp16-b8-no-split-k"]
     with pytest.raises(PipelineError) as refused:
         gpu_bundle.parse_configs("fp32:1,int8:1", target)
     message = str(refused.value)
     assert message.startswith("target 'cuda-sm90' does not offer precision 'int8'")
     assert message.endswith(GPU_INT8_REASON) and "\n" not in message
-    assert gpu_bundle.parse_configs("fp32:1,int8:1", get_target("x86")) == [("fp32", 1), ("int8", 1)]
+    assert gpu_bundle.parse_configs("fp32:1,int8:1", get_target("x86")) == [("fp32", 1, True), ("int8", 1, True)]
+
+
+def test_a_bundle_configuration_without_split_k_is_named_for_it_and_only_for_gpu_targets():
+    from pipeline.errors import PipelineError
+    from targets import get_target
+
+    gpu_bundle = _load("gpu_bundle")
+    configs = gpu_bundle.parse_configs("fp16:8,fp16:8:no-split-k", get_target("cuda-sm90"))
+    assert configs == [("fp16", 8, True), ("fp16", 8, False)]
+    assert [c.name for c in configs] == ["fp16-b8", "fp16-b8-no-split-k"]
+    for text, start in (("fp16:8:fast", "--configs item 'fp16:8:fast' is not precision:batch[:no-split-k]"),
+                        ("fp16:8:no-split-k,fp16:8:no-split-k", "--configs 'fp16:8:no-split-k,fp16:8:no-split-k' "
+                                                                "names a configuration twice")):
+        with pytest.raises(PipelineError) as refused:
+            gpu_bundle.parse_configs(text, get_target("cuda-sm90"))
+        assert str(refused.value).startswith(start)
+    with pytest.raises(PipelineError) as refused:
+        gpu_bundle.parse_configs("fp32:1:no-split-k", get_target("x86"))
+    assert "no-split-k is for GPU targets" in str(refused.value)
+
+
+def test_a_variant_row_reports_beside_its_configuration_where_the_aggregate_does_not_look(tmp_path):
+    from reports.aggregate import gather
+
+    reference = np.random.default_rng(1).standard_normal((16, 10))
+    plain, variant = _row("fp16", 1, reference, reference, 1.4), _row("fp16", 1, reference, reference, 1.6)
+    variant.update(name="fp16-b1-no-split-k", variant=gpu_check.config_variant({"gpu_split_k": False}))
+    gpu_check.write_outputs(_results([plain, variant]), tmp_path)
+
+    folder = tmp_path / "reports" / "cuda-sm90-fp16"
+    assert json.loads((folder / "no-split-k" / "latency.json").read_text())["variant"] == "no-split-k"
+    assert "batch 1, no-split-k)" in (folder / "no-split-k" / "report.md").read_text().splitlines()[0]
+    assert "variant" not in json.loads((folder / "latency.json").read_text())
+    assert [r.precision for r in gather(tmp_path / "reports", [])] == ["fp16"]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| fp16 b1 | 1.400 |" in summary and "| fp16 b1 no-split-k | 1.600 |" in summary
 
 
 @pytest.mark.slow

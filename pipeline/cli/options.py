@@ -39,6 +39,7 @@ def _options(
     precision: Annotated[str, typer.Option(help="fp32, fp16 or int8.")] = "fp32",
     params: Annotated[str, typer.Option(help="'embedded' weights in the .so, or 'separate' .params.npz file.")] = "embedded",
     tuning_records: Annotated[bool, typer.Option(help="Compile with tuning records where there are (this model's, else other models' with the same kernels); --no-tuning-records: default schedules only.")] = True,
+    gpu_split_k: Annotated[bool, typer.Option(help="GPU targets: split GEMMs of few rows and deep K into partial GEMMs where the default schedules' model says it pays; --no-gpu-split-k: never (to compare).")] = True,
     warmup: Annotated[int, typer.Option(help="Untimed runs before measuring.")] = 5,
     repeats: Annotated[int, typer.Option(help="Timed runs.")] = 50,
     data: Annotated[Optional[str], typer.Option(help="Evaluation images: ImageFolder, flat folder, .npy/.npz, list file or 'fashion-mnist' or 'sample-photos'. Default: random inputs.")] = None,
@@ -83,7 +84,7 @@ def parse_weights(text: str | Path) -> Path | None:
 def config_from_options(options: dict[str, Any]) -> PipelineConfig:
     """The PipelineConfig of a command's options (the names of `_options`; others are ignored)."""
     direct = ("variant", "num_classes", "in_chans", "seed", "input_size", "batch_size", "opset", "dynamic_batch",
-              "precision", "tuning_records", "warmup", "repeats", "data", "preprocessing", "calib_data", "calib_size",
+              "precision", "tuning_records", "gpu_split_k", "warmup", "repeats", "data", "preprocessing", "calib_data", "calib_size",
               "calib_method", "rpc_tracker", "rpc_key", "artifacts", "reports_dir")
     values = {name: options[name] for name in direct if name in options}
     # The three whose command-line form differs from the config's.

@@ -257,6 +257,7 @@ def compile_onnx(
     tuning_database: Path | None = None,
     precision: str = "fp32",
     rewrites: tuple[tuple[str, list], ...] = (),
+    gpu_split_k: bool = True,
 ) -> dict:
     """Compile an ONNX model into ``library_path`` (+ metadata, + weights if "separate").
 
@@ -270,7 +271,8 @@ def compile_onnx(
 
     ``rewrites`` are extra (phase name, passes) run first, once params are bound (the
     INT8 lowering in pipeline/compiler/int8.py is one); ``precision="fp16"`` adds TVM's mixed
-    precision rewrite for GPU targets.
+    precision rewrite for GPU targets; ``gpu_split_k=False`` keeps every GPU GEMM unsplit
+    (pipeline/compiler/split_k.py).
     """
     start = time.perf_counter()
     onnx_path, library_path = Path(onnx_path), Path(library_path)
@@ -298,7 +300,7 @@ def compile_onnx(
 
     tvm_target = tvm.target.Target(target.tvm_target)
     tuning: dict = {}
-    phases = [*rewrites, *precision_phases(precision, target), *relax_phases(target, tuning_database, tuning)]
+    phases = [*rewrites, *precision_phases(precision, target), *relax_phases(target, tuning_database, tuning, gpu_split_k)]
     with tvm_target, cuda_source_codegen(target), tvm.transform.PassContext(config=pass_config(target)):
         param_transforms: dict = {}
         for index, (phase, passes) in enumerate(phases, start=2):

@@ -8,7 +8,7 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
-from pipeline.compiler import cast_fusion, graph_rewrites, layout, nhwc_gemms, prepack, weight_params
+from pipeline.compiler import cast_fusion, graph_rewrites, layout, nhwc_gemms, prepack, split_k, weight_params
 from pipeline.compiler.cost import kernel_costs
 from pipeline.compiler.schedules import cpu as cpu_schedules
 from pipeline.compiler.schedules import gpu as gpu_schedules
@@ -47,6 +47,7 @@ def schedule_pass(target: Target, tuning_database: Path | None, report: dict) ->
 
 def relax_phases(
     target: Target, tuning_database: Path | None = None, schedule_report: dict | None = None,
+    gpu_split_k: bool = True,
 ) -> list[Phase]:
     """The Relax passes from an imported graph to VM-ready code, in order, per phase.
 
@@ -54,7 +55,8 @@ def relax_phases(
     rather than relax.build's "default", because on CPU that default skips fusion
     (TVM 0.27: vm_build.py keeps the unfused pipeline for CPU because fusion can drop
     side-effecting call_pure_packed calls; ONNX vision graphs have none). The schedule
-    phase applies ``tuning_database``'s records and fills ``schedule_report``.
+    phase applies ``tuning_database``'s records and fills ``schedule_report``. On GPU,
+    ``gpu_split_k=False`` leaves every GEMM unsplit (to compare with; split_k.py).
     """
     transform = relax.transform
     is_gpu = target.device == "cuda"
@@ -93,6 +95,10 @@ def relax_phases(
         # (graph_rewrites.py: GELU's x / sqrt(2) was 22 IEEE divisions per element).
         ("fast_math", [transform.FastMathTransform(),
                        *([graph_rewrites.divide_by_constant_to_multiply_pass()] if is_gpu else [])]),
+        # Split-K (GPU): GEMMs of few rows and deep K become partial GEMMs over slices of K
+        # plus a sum that takes the epilogue, where the schedule's model says the long
+        # serial K loops of a small grid cost more than the extra kernel (split_k.py).
+        ("split_k", [split_k.split_k_pass(target.sm_count)] if is_gpu and gpu_split_k else []),
         # Legalize: every Relax op becomes a call_tir to a TE-generated PrimFunc; constant
         # subgraphs (weight transposes of embedded params) are evaluated now.
         ("legalize", [
@@ -103,10 +109,12 @@ def relax_phases(
         # Fuse: group elementwise/injective ops into their producers and merge each group
         # into one PrimFunc: the kernels (and MetaSchedule's tuning tasks). On GPU the cast
         # of a depthwise convolution's input joins the convolution (cast_fusion.py: FuseOps
-        # leaves it a kernel of its own). Weights marked layout free (CPU): a tuned kernel
+        # leaves it a kernel of its own), and a split GEMM's partial sum joins its epilogue
+        # (split_k.py). Weights marked layout free (CPU): a tuned kernel
         # may read them packed in its tiles' order, packed once after scheduling
         # (pipeline/compiler/prepack.py).
-        ("fuse", [transform.FuseOps(), *([cast_fusion.fuse_casts_into_depthwise_pass()] if is_gpu else []),
+        ("fuse", [transform.FuseOps(),
+                  *([cast_fusion.fuse_casts_into_depthwise_pass(), split_k.fuse_partial_sums_pass()] if is_gpu else []),
                   transform.FuseTIR(), *([] if is_gpu else [prepack.mark_weights()])]),
         # Schedule: every kernel gets its tuning record, else its device kind's default
         # (schedule_pass).

@@ -41,6 +41,7 @@ def settings(config: PipelineConfig, target: Target) -> dict:
         "batch_size": config.batch_size,
         # New tuning records or new default schedules rebuild the artifact.
         **tuning_settings(config, target),
+        **({"gpu_split_k": config.gpu_split_k} if target.device == "cuda" else {}),
     }
 
 
@@ -95,6 +96,8 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
         from pipeline.compiler.int8 import compile_onnx_int8 as compile_onnx
     library = out_dir / "model.so"
     extra = {"precision": config.precision} if config.precision == "fp16" else {}
+    if target.device == "cuda":
+        extra["gpu_split_k"] = config.gpu_split_k
     info = compile_onnx(
         inputs[model_input(config)[0]], target, library, **extra,
         params_mode=config.params_mode,

@@ -38,13 +38,13 @@ class FusedModel:
 
 
 def fused_model(onnx_path: Path, target: Target, *, precision: str = "fp16",
-                input_shape: tuple[int, ...] | None = None) -> FusedModel:
+                input_shape: tuple[int, ...] | None = None, gpu_split_k: bool = True) -> FusedModel:
     """Compile's phases up to scheduling on ``onnx_path``, weights passed separately (as the
-    GPU bundle compiles)."""
+    GPU bundle compiles); ``gpu_split_k`` as compile's."""
     model = load_onnx(onnx_path)
     name, shape, dtype = resolve_input(model, None, input_shape)
     mod, param_names, param_values = import_relax(model, onnx_path, name, shape, dtype)
-    all_phases = [*phases.precision_phases(precision, target), *phases.relax_phases(target)]
+    all_phases = [*phases.precision_phases(precision, target), *phases.relax_phases(target, gpu_split_k=gpu_split_k)]
     with tvm.target.Target(target.tvm_target), tvm.transform.PassContext(config=phases.pass_config(target)):
         for phase, passes in phases.phases_before(all_phases, "schedule"):
             mod = tvm.transform.Sequential(passes, name=phase)(mod)
@@ -55,9 +55,9 @@ def fused_model(onnx_path: Path, target: Target, *, precision: str = "fp16",
 
 
 def model_gpu_kernels(onnx_path: Path, target: Target, *, precision: str = "fp16",
-                      input_shape: tuple[int, ...] | None = None) -> GpuKernels:
+                      input_shape: tuple[int, ...] | None = None, gpu_split_k: bool = True) -> GpuKernels:
     """``gpu_kernels`` of the kernels of ``fused_model(onnx_path, ...)``."""
-    mod = fused_model(onnx_path, target, precision=precision, input_shape=input_shape).module
+    mod = fused_model(onnx_path, target, precision=precision, input_shape=input_shape, gpu_split_k=gpu_split_k).module
     return gpu_kernels({gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}, target)
 
 

@@ -83,9 +83,9 @@ def _kernel_calls_to_packed(mod: tvm.IRModule) -> tvm.IRModule:
 
 
 def emulated_model(onnx_path: Path, target: Target, *, precision: str = "fp16",
-                   input_shape: tuple[int, ...] | None = None) -> EmulatedModel:
+                   input_shape: tuple[int, ...] | None = None, gpu_split_k: bool = True) -> EmulatedModel:
     """``onnx_path`` compiled for ``target`` up to its kernels, ready to run on this CPU."""
-    fused = fused_model(onnx_path, target, precision=precision, input_shape=input_shape)
+    fused = fused_model(onnx_path, target, precision=precision, input_shape=input_shape, gpu_split_k=gpu_split_k)
     prim_funcs = {gv.name_hint: f for gv, f in fused.module.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
     kernels = gpu_kernels(prim_funcs, target)
     program = build_program(kernels.cuda_source)

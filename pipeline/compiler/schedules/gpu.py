@@ -1,6 +1,6 @@
 """Default schedules of GPU kernels: our own rules for ConvNeXt's heavy kernels (the NHWC
-depthwise convolution, gpu_depthwise.py; float16 GEMMs, gpu_matmul.py; channel LayerNorms,
-gpu_row_reduction.py) ahead of dlight's rules, first match wins, in the
+depthwise convolution, gpu_depthwise.py; float16 GEMMs, gpu_matmul.py, and the sums of
+split ones, gpu_partial_sums.py; channel LayerNorms, gpu_row_reduction.py) ahead of dlight's rules, first match wins, in the
 order of ``rules()``; two of dlight's are narrowed where TVM 0.27's versions fail instead
 of declining."""
 
@@ -17,6 +17,7 @@ from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 
 from pipeline.compiler.schedules.gpu_depthwise import depthwise_nhwc_gpu_schedule
 from pipeline.compiler.schedules.gpu_matmul import TensorCoreMatmul
+from pipeline.compiler.schedules.gpu_partial_sums import partial_sums_schedule
 from pipeline.compiler.schedules.gpu_row_reduction import row_reduction_schedule
 
 
@@ -47,6 +48,13 @@ class RowReductionPerWarp(_SizedForSMs):
     warp-shuffle reductions, several rows per block (gpu_row_reduction.py)."""
 
     schedule = staticmethod(row_reduction_schedule)
+
+
+class PartialSums(_SizedForSMs):
+    """The sum of a split-K GEMM's partial sums with its epilogue: a thread per output,
+    the slices added in a register (gpu_partial_sums.py)."""
+
+    schedule = staticmethod(partial_sums_schedule)
 
 
 class FloatMatmul(dlight.gpu.Matmul):
@@ -82,7 +90,7 @@ class DecliningGEMV(dlight.gpu.GEMV):
 def rules(sm_count: int) -> list:
     """The rules for our kernels, most specific first; grids are sized for ``sm_count`` SMs."""
     return [
-        DepthwiseNHWC(sm_count), TensorCoreMatmul(sm_count), FloatMatmul(), DecliningGEMV(),
+        DepthwiseNHWC(sm_count), TensorCoreMatmul(sm_count), PartialSums(sm_count), FloatMatmul(), DecliningGEMV(),
         RowReductionPerWarp(sm_count), dlight.gpu.Reduction(), dlight.gpu.GeneralReduction(), dlight.gpu.Fallback(),
     ]
 

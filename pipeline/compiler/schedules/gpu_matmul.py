@@ -13,9 +13,11 @@ else the smallest; M, N and K are padded to the tile. The A and B tiles of each 
 (16 to 128 deep) are copied global -> shared with cp.async (16 bytes per thread per copy)
 in a two- or three-stage software pipeline (``choose_pipeline``), so the next steps' loads
 overlap this step's math; the epilogue (bias, GELU, layer scale, residual, casts) is
-applied on the way out of the accumulators. Measured on an H200 (reports/cuda-sm90-fp16*):
-ConvNeXt-T fp16 0.58 ms at batch 1, 1.47 ms at batch 8, with the depthwise kernel of
-gpu_depthwise.py.
+applied on the way out of the accumulators. Where M is small and K deep, split_k.py
+first splits the GEMM over K (``split_k_factor``, by ``modeled_steps``); its partial
+GEMMs are a batch here, tiled by the same model. Measured on an H200 before split-K
+(reports/cuda-sm90-fp16*): ConvNeXt-T fp16 0.58 ms at batch 1, 1.47 ms at batch 8, with
+the depthwise kernel of gpu_depthwise.py.
 """
 
 from __future__ import annotations
@@ -85,10 +87,79 @@ def grid_blocks(m: int, n: int, tile: tuple[int, int, int, int]) -> int:
     return _ceil_div(m, rows) * _ceil_div(n, columns)
 
 
-def choose_tile(m: int, n: int, sm_count: int) -> tuple[int, int, int, int]:
-    """The block tile of an M x N output: the largest whose grid has at least ``sm_count``
-    blocks, else the smallest."""
-    return next((tile for tile in TILES if grid_blocks(m, n, tile) >= sm_count), TILES[-1])
+def choose_tile(m: int, n: int, sm_count: int, batch: int = 1, k: int | None = None) -> tuple[int, int, int, int]:
+    """The block tile of an M x N output (``batch`` of them, each K = ``k`` deep): for one,
+    the largest whose grid has at least ``sm_count`` blocks, else the smallest (the tiles
+    measured on an H200); for a batch (a split-K GEMM's partial sums), the one of least
+    ``modeled_steps``, the larger of equals."""
+    if batch == 1 or k is None:
+        return next((tile for tile in TILES if grid_blocks(m, n, tile) >= sm_count), TILES[-1])
+    return min(TILES, key=lambda tile: modeled_steps(m, n, k, batch, tile, sm_count))
+
+
+# What modeled_steps assumes of a GPU (sm_80 and later): the shared memory, warps and
+# blocks an SM holds at once (100 KB is sm_86/sm_89's, the least of them: sm_80 and
+# Jetson Orin have 164 KB, sm_90 228 KB), and how many 16x16x16 MMAs an SM completes in
+# the time one warp takes for one step of its K loop (a fragment's loads and its MMA):
+# two warps per sub-partition hide each other's waits. Assumptions, not measurements;
+# the GPU check's kernel table is where they are judged.
+_SHARED_PER_SM = 100 * 1024
+_WARPS_PER_SM = 48
+_BLOCKS_PER_SM = 16
+_MMAS_PER_STEP_PER_SM = 8
+
+
+def resident_blocks(tile: tuple[int, int, int, int], k: int) -> int:
+    """How many blocks of ``tile`` (K = ``k`` deep) an SM holds at once."""
+    rows, columns = tile_shape(tile)
+    k_fragments, stages = choose_pipeline(rows, columns, k)
+    warps = tile[0] * tile[1]
+    return max(1, min(_SHARED_PER_SM // shared_bytes(rows, columns, k_fragments * _FRAGMENT, stages),
+                      _WARPS_PER_SM // warps, _BLOCKS_PER_SM))
+
+
+def modeled_steps(m: int, n: int, k: int, batch: int, tile: tuple[int, int, int, int], sm_count: int) -> float:
+    """The modeled time of ``batch`` M x N x K GEMMs in ``tile``s, in one warp's K-loop
+    steps: the waves of blocks the SMs hold at once, each as long as a warp's chain of
+    MMAs (its fragments times K / 16), or all the MMAs (of the padded tiles) spread
+    over the SMs' throughput, whichever is longer."""
+    _, _, frags_m, frags_n = tile
+    rows, columns = tile_shape(tile)
+    blocks = batch * grid_blocks(m, n, tile)
+    waves = _ceil_div(blocks, sm_count * resident_blocks(tile, k))
+    chain = frags_m * frags_n * k / _FRAGMENT
+    mmas = blocks * (rows // _FRAGMENT) * (columns // _FRAGMENT) * k / _FRAGMENT
+    return max(waves * chain, mmas / (sm_count * _MMAS_PER_STEP_PER_SM))
+
+
+SPLITS = (2, 4, 8, 16)
+_MIN_SPLIT_DEPTH = 256  # K of each partial sum: at least a few pipelined steps of 64
+# The kernel that adds the partial sums, in K-loop steps: a launch in the CUDA graph and
+# a small memory-bound kernel, about 3-4 us (an H200's ncu profile, ninth session: a
+# stage-2 GEMM of 192 modeled steps took 8 us at batch 1). An assumption, like the above.
+_PARTIAL_SUM_KERNEL_STEPS = 96
+
+
+def split_k_factor(m: int, n: int, k: int, sm_count: int) -> int:
+    """Into how many partial sums over K to split an M x N x K GEMM (1: not split).
+
+    Where M is small, the grid of even the smallest tiles leaves SMs idle or each warp a
+    long serial chain over K (ConvNeXt-T's stage 3 at batch 1: 16x16 tiles, K = 3072).
+    Split S ways, the GEMM is S independent GEMMs over K / S, each writing float32
+    partial sums that one more kernel adds before the epilogue. The split of least
+    ``modeled_steps`` plus that kernel's cost is taken, where it beats the GEMM unsplit.
+    """
+    best_splits = 1
+    best = modeled_steps(m, n, k, 1, choose_tile(m, n, sm_count), sm_count)
+    for splits in SPLITS:
+        depth = k // splits
+        if k % splits or depth % 64 or depth < _MIN_SPLIT_DEPTH:
+            continue
+        tile = choose_tile(m, n, sm_count, splits, depth)
+        steps = modeled_steps(m, n, depth, splits, tile, sm_count) + _PARTIAL_SUM_KERNEL_STEPS
+        if steps < best:
+            best_splits, best = splits, steps
+    return best_splits
 
 
 def _swap_last_two(indices):
@@ -130,8 +201,8 @@ def tensor_core_matmul_schedule(func: tirx.PrimFunc, sm_count: int) -> s_tir.Sch
     extents = [_static_extent(v.dom.extent) for v in sch.get(main_block).iter_vars]
     if any(extent is None for extent in extents):
         return None
-    _, m, n, k = extents
-    tile = choose_tile(m, n, sm_count)
+    batches, m, n, k = extents
+    tile = choose_tile(m, n, sm_count, batches, k)
     warps_m, warps_n, frags_m, frags_n = tile
     rows, columns = tile_shape(tile)
     k_fragments, stages = choose_pipeline(rows, columns, k)
