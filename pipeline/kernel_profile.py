@@ -14,6 +14,7 @@ Standard library only: the GPU machine imports it from the bundle without the co
 from __future__ import annotations
 
 import re
+import statistics
 
 # TVM names a PrimFunc's device function "<name>_kernel" (and "_kernel_1", ... when one
 # PrimFunc launches several); a C++ name in a trace may carry its argument list.
@@ -45,8 +46,9 @@ def kernel_times(trace: dict, calls: int) -> list[dict]:
 
 
 def with_costs(times: list[dict], costs: list[dict] | None) -> list[dict]:
-    """``times`` with compile's record of each kernel: rule, blocks, threads, and its
-    roofline bound per call of the model and the measured time's multiple of it."""
+    """``times`` with compile's record of each kernel: rule, blocks, threads, its roofline
+    bound per call of the model and the measured time's multiple of it, and for tensor-core
+    GEMMs the schedule's modeled steps (schedules/gpu_matmul.modeled_steps)."""
     by_name = {cost["kernel"]: cost for cost in costs or []}
     rows = []
     for row in times:
@@ -56,7 +58,8 @@ def with_costs(times: list[dict], costs: list[dict] | None) -> list[dict]:
             continue
         bound = cost["roofline_us"] * cost["calls"]
         rows.append({**row, "rule": cost.get("rule"), "blocks": cost.get("blocks"), "threads": cost.get("threads"),
-                     "roofline_us": bound, "x_roofline": row["us"] / bound if bound > 0 else None})
+                     "roofline_us": bound, "x_roofline": row["us"] / bound if bound > 0 else None,
+                     **({"modeled_steps": cost["modeled_steps"]} if cost.get("modeled_steps") else {})})
     return rows
 
 
@@ -77,8 +80,8 @@ def markdown(rows: list[dict], totals: dict, calls: int, top: int = 20) -> str:
         f"{totals['kernels']} kernels, {totals['launches']:.0f} launches, {totals['kernel_us']:.1f} us of kernel time"
         + (f" of a {totals['latency_us']:.1f} us median call ({totals['between_kernels_us']:.1f} us between kernels)"
            if "latency_us" in totals else "") + ".", "",
-        "| kernel | rule | grid x block | launches | us | % | roofline us | x roofline |",
-        "|---|---|---|---|---|---|---|---|",
+        "| kernel | rule | grid x block | launches | us | % | roofline us | x roofline | model steps (ns each) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows[:top]:
         grid = f"{row['blocks']} x {row['threads']}" if row.get("blocks") else ""
@@ -86,9 +89,21 @@ def markdown(rows: list[dict], totals: dict, calls: int, top: int = 20) -> str:
         bound = f"{row['roofline_us']:.2f}" if "roofline_us" in row else ""
         share = row["us"] / totals["kernel_us"] if totals["kernel_us"] else 0.0
         lines.append(f"| {row['kernel']} | {row.get('rule', '')} | {grid} | {row['launches']:g} | {row['us']:.1f} | "
-                     f"{share:.0%} | {bound} | {ratio} |")
+                     f"{share:.0%} | {bound} | {ratio} | {_model_cell(row)} |")
     if len(rows) > top:
         rest = rows[top:]
         lines.append(f"| {len(rest)} more | | | {sum(r['launches'] for r in rest):g} | "
-                     f"{sum(r['us'] for r in rest):.1f} | | | |")
+                     f"{sum(r['us'] for r in rest):.1f} | | | | |")
+    step_ns = [row["us_per_launch"] * 1e3 / row["modeled_steps"] for row in rows if row.get("modeled_steps")]
+    if step_ns:
+        lines += ["", f"Tensor-core GEMMs: {statistics.median(step_ns):.0f} ns per modeled step, median of "
+                      f"{len(step_ns)} kernels (the unit of the split-K model's assumptions, "
+                      f"pipeline/compiler/schedules/gpu_matmul.py)."]
     return "\n".join(lines) + "\n"
+
+
+def _model_cell(row: dict) -> str:
+    steps = row.get("modeled_steps")
+    if not steps:
+        return ""
+    return f"{steps:g} ({row['us_per_launch'] * 1e3 / steps:.0f})"

@@ -200,6 +200,12 @@ def test_convnext_t_gemms_run_on_tensor_cores_with_async_copies_and_fill_the_sms
         assert "wmma::mma_sync" in body, name
         assert re.search(r"cp_async\w*_16", body), name  # 16-byte cp.async (a PTX helper TVM emits)
         assert "cp_async_wait_group" in body, name  # ... pipelined: waits for the older stage only
+        # compile's info holds what the GPU check's kernel table sets the measured time beside.
+        assert len(kernel["gemm"]) == 4 and kernel["modeled_steps"] > 0 and len(kernel["tile"]) == 2, kernel
+    # GEMMs of few rows and deep K are split (pipeline/compiler/split_k.py): stage 3's project
+    # GEMM (K 3072) is a batch of partial GEMMs over K.
+    split = [k for name, k in gemms.items() if name.startswith("split_k_matmul") and k["gemm"][3] * k["gemm"][0] == 3072]
+    assert split and all(k["gemm"][0] > 1 for k in split), split
 
 
 @pytest.mark.slow

@@ -21,7 +21,8 @@ TRACE = {"traceEvents": [
 ]}
 COSTS = [
     {"kernel": "fused_matmul1_add", "calls": 1, "roofline_us": 4.0, "rule": "TensorCoreMatmul", "blocks": 196,
-     "threads": 128, "flops": 1e9, "bytes": 1e6, "bound": "compute"},
+     "threads": 128, "flops": 1e9, "bytes": 1e6, "bound": "compute", "gemm": [1, 3136, 384, 96], "tile": [64, 64],
+     "modeled_steps": 160.0},
     {"kernel": "fused_layer_norm_cast1", "calls": 2, "roofline_us": 0.5, "rule": "RowReductionPerWarp",
      "blocks": 392, "threads": 256, "flops": 1e6, "bytes": 2e6, "bound": "memory"},
 ]
@@ -58,5 +59,7 @@ def test_each_kernel_is_set_beside_its_roofline_bound_and_the_rest_is_time_betwe
                       "latency_us": pytest.approx(50.0), "between_kernels_us": pytest.approx(8.0)}
     text = kernel_profile.markdown(rows, totals, calls=2, top=1)
     assert "2 kernels, 3 launches, 42.0 us of kernel time of a 50.0 us median call (8.0 us between kernels)" in text
-    assert "| fused_matmul1_add | TensorCoreMatmul | 196 x 128 | 1 | 32.0 | 76% | 4.00 | 8.0 |" in text
-    assert "| 1 more | | | 2 | 10.0 | | | |" in text
+    # The GEMM's modeled steps, and the time each took on the GPU: what calibrates the model.
+    assert "| fused_matmul1_add | TensorCoreMatmul | 196 x 128 | 1 | 32.0 | 76% | 4.00 | 8.0 | 160 (200) |" in text
+    assert "| 1 more | | | 2 | 10.0 | | | | |" in text
+    assert "Tensor-core GEMMs: 200 ns per modeled step, median of 1 kernels" in text

@@ -16,7 +16,7 @@ from tvm.s_tir import dlight
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 
 from pipeline.compiler.schedules.gpu_depthwise import depthwise_nhwc_gpu_schedule
-from pipeline.compiler.schedules.gpu_matmul import TensorCoreMatmul
+from pipeline.compiler.schedules.gpu_matmul import TensorCoreMatmul, gemm_plan
 from pipeline.compiler.schedules.gpu_partial_sums import partial_sums_schedule
 from pipeline.compiler.schedules.gpu_row_reduction import row_reduction_schedule
 
@@ -118,7 +118,8 @@ def launch_shape(func: tvm.tirx.PrimFunc) -> tuple[int, int]:
 def schedule_module(mod: tvm.IRModule, tvm_target, sm_count: int) -> tuple[tvm.IRModule, dict[str, dict]]:
     """Every GPU kernel not scheduled yet (by a tuning record) gets the first rule that
     applies (what dlight.ApplyDefaultSchedule does), and the rule, grid and block size of
-    each are returned by kernel name: compile's info, and what the tests read."""
+    each are returned by kernel name (for tensor-core GEMMs also ``gemm_plan``'s extents,
+    tile and modeled steps): compile's info, and what the tests read."""
     mod = mod.clone()
     kernels: dict[str, dict] = {}
     for gv, func in list(mod.functions_items()):
@@ -132,5 +133,7 @@ def schedule_module(mod: tvm.IRModule, tvm_target, sm_count: int) -> tuple[tvm.I
             mod.update_func(gv, scheduled.with_attr("tirx.is_scheduled", True))
             blocks, threads = launch_shape(scheduled)
             kernels[gv.name_hint] = {"rule": type(rule).__name__, "blocks": blocks, "threads": threads}
+            if isinstance(rule, TensorCoreMatmul):
+                kernels[gv.name_hint].update(gemm_plan(func, sm_count) or {})
             break
     return mod, kernels

@@ -170,9 +170,10 @@ def _static_extent(extent) -> int | None:
     return int(extent.value) if isinstance(extent, tirx.IntImm) else None
 
 
-def tensor_core_matmul_schedule(func: tirx.PrimFunc, sm_count: int) -> s_tir.Schedule | None:
-    """The tiled WMMA schedule of a float16 GEMM kernel (fp32 or fp16 accumulation), None
-    if ``func`` is not one with static shapes."""
+def _normalized_gemm(func: tirx.PrimFunc):
+    """(schedule, its GEMM block in the form C[S, I, J] += A[S, I, K] * B[S, K, J], the
+    extents (S, M, N, K), the output dtype) of a float16 GEMM kernel with static shapes,
+    else None."""
     sch = s_tir.Schedule(func)
     blocks = sch.get_child_blocks(get_root_block(sch))
     reduction_blocks = get_reduction_blocks(sch, blocks)
@@ -201,7 +202,28 @@ def tensor_core_matmul_schedule(func: tirx.PrimFunc, sm_count: int) -> s_tir.Sch
     extents = [_static_extent(v.dom.extent) for v in sch.get(main_block).iter_vars]
     if any(extent is None for extent in extents):
         return None
-    batches, m, n, k = extents
+    return sch, main_block, tuple(extents), out_dtype
+
+
+def gemm_plan(func: tirx.PrimFunc, sm_count: int) -> dict | None:
+    """What the schedule makes of a GEMM kernel, for compile's info: its extents (S, M, N,
+    K), the block tile and ``modeled_steps``, which a GPU run's kernel times calibrate."""
+    normalized = _normalized_gemm(func)
+    if normalized is None:
+        return None
+    batches, m, n, k = normalized[2]
+    tile = choose_tile(m, n, sm_count, batches, k)
+    return {"gemm": [batches, m, n, k], "tile": list(tile_shape(tile)),
+            "modeled_steps": round(modeled_steps(m, n, k, batches, tile, sm_count), 1)}
+
+
+def tensor_core_matmul_schedule(func: tirx.PrimFunc, sm_count: int) -> s_tir.Schedule | None:
+    """The tiled WMMA schedule of a float16 GEMM kernel (fp32 or fp16 accumulation), None
+    if ``func`` is not one with static shapes."""
+    normalized = _normalized_gemm(func)
+    if normalized is None:
+        return None
+    sch, main_block, (batches, m, n, k), out_dtype = normalized
     tile = choose_tile(m, n, sm_count, batches, k)
     warps_m, warps_n, frags_m, frags_n = tile
     rows, columns = tile_shape(tile)
