@@ -116,6 +116,12 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
         top = ", ".join(f"{k['kernel']} {k['roofline_us'] * k['calls']:.1f} us" for k in cost["kernels"][:3])
         log(f"[compile] roofline bound on an H200: {cost['roofline_ms']:.3f} ms in {cost['launches']} launches "
             f"(largest: {top})")
+        # pipeline/compiler/split_k.py's partial GEMMs (PARTIAL_GEMM_NAME), a batch of slices of K.
+        split = [k for k in cost["kernels"] if k["kernel"].startswith("split_k_matmul") and k.get("gemm")]
+        if split:
+            shapes = ", ".join(f"{m}x{n}x{slices * depth} in {slices}" for slices, m, n, depth in (k["gemm"] for k in split))
+            log(f"[compile] split-K (MxNxK in slices of K): {shapes}; {sum(k['calls'] for k in split)} calls; "
+                f"--no-gpu-split-k compiles without")
     # Paths inside the scratch directory mean nothing once it is renamed into place.
     info = {k: v for k, v in info.items() if k not in ("library", "metadata_file")}
     if info.get("params_file"):
