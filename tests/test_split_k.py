@@ -36,9 +36,12 @@ def test_small_m_deep_k_gemms_are_split_into_slices_of_at_least_256(batch, m, n,
     (8 * 3136, 384, 96),  # stage 0 expand, batch 8: K too shallow to slice
     (8 * 3136, 96, 384),  # many waves of blocks already
     (3136, 384, 96),
+    (1, 1000, 768),  # the classifier at batch 1: a GEMV, not a tensor-core GEMM
 ])
 def test_gemms_with_enough_blocks_or_shallow_k_are_not_split(m, n, k):
     assert gpu_matmul.split_k_factor(m, n, k, H200_SMS) == 1
+    if m == 1:
+        assert gpu_matmul.split_k_factor(m, n, k, SM_COUNTS["sm_87"]) == 1  # Orin's 16 SMs too
 
 
 def test_a_split_is_modeled_faster_than_the_gemm_unsplit():
@@ -94,6 +97,9 @@ def test_the_split_model_computes_what_the_unsplit_one_does():
 def test_a_model_without_such_gemms_is_returned_as_it_is():
     mod = _model()
     assert split_k.split_k(mod, 1) is mod  # one SM: every grid fills it, nothing to gain
+    # Before sm_80 GEMMs get dlight's schedules, which the split-K model is not about.
+    assert split_k.PARTIAL_GEMM_NAME not in split_k.split_k_pass(get_target("cuda-sm75"))(mod).script()
+    assert split_k.PARTIAL_GEMM_NAME in split_k.split_k_pass(get_target("cuda-sm90"))(mod).script()
 
 
 def _fused_gpu_kernels() -> dict[str, tvm.tirx.PrimFunc]:

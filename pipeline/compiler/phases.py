@@ -98,7 +98,7 @@ def relax_phases(
         # Split-K (GPU): GEMMs of few rows and deep K become partial GEMMs over slices of K
         # plus a sum that takes the epilogue, where the schedule's model says the long
         # serial K loops of a small grid cost more than the extra kernel (split_k.py).
-        ("split_k", [split_k.split_k_pass(target.sm_count)] if is_gpu and gpu_split_k else []),
+        ("split_k", [split_k.split_k_pass(target)] if is_gpu and gpu_split_k else []),
         # Legalize: every Relax op becomes a call_tir to a TE-generated PrimFunc; constant
         # subgraphs (weight transposes of embedded params) are evaluated now.
         ("legalize", [

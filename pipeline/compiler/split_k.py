@@ -22,7 +22,7 @@ import tvm
 from tvm import relax, te
 
 from pipeline.compiler.producer_fusion import fuse_producers
-from pipeline.compiler.schedules.gpu_matmul import split_k_factor
+from pipeline.compiler.schedules.gpu_matmul import split_k_factor, takes_arch
 
 PARTIAL_GEMM_NAME = "split_k_matmul"
 PARTIAL_SUM_NAME = "split_k_sum"
@@ -123,11 +123,14 @@ def fuse_partial_sums_pass() -> tvm.transform.Pass:
     return _pass
 
 
-def split_k_pass(sm_count: int) -> tvm.transform.Pass:
-    """``split_k`` as a module pass."""
+def split_k_pass(target) -> tvm.transform.Pass:
+    """``split_k`` for a GPU target (targets.Target) as a module pass; a no-op where the
+    tensor-core schedule, which split_k_factor models, does not run (before sm_80)."""
 
     @tvm.transform.module_pass(opt_level=0, name="SplitK")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return split_k(mod, sm_count)
+        if not takes_arch(target.cuda_arch or ""):
+            return mod
+        return split_k(mod, target.sm_count)
 
     return _pass

@@ -148,7 +148,11 @@ def split_k_factor(m: int, n: int, k: int, sm_count: int) -> int:
     Split S ways, the GEMM is S independent GEMMs over K / S, each writing float32
     partial sums that one more kernel adds before the epilogue. The split of least
     ``modeled_steps`` plus that kernel's cost is taken, where it beats the GEMM unsplit.
+    Fewer rows than a fragment (the classifier at batch 1) is a GEMV, which the tensor-core
+    rule leaves to dlight's: the model is not about it, and it stays whole.
     """
+    if m < _FRAGMENT:
+        return 1
     best_splits = 1
     best = modeled_steps(m, n, k, 1, choose_tile(m, n, sm_count), sm_count)
     for splits in SPLITS:
@@ -321,6 +325,11 @@ def tensor_core_matmul_schedule(func: tirx.PrimFunc, sm_count: int) -> s_tir.Sch
     return sch
 
 
+def takes_arch(arch: str) -> bool:
+    """Whether this schedule runs on CUDA architecture ``arch`` ("sm_90"): cp.async needs sm_80."""
+    return arch.startswith("sm_") and arch[3:].isdigit() and int(arch[3:]) >= 80
+
+
 class TensorCoreMatmul(GPUScheduleRule):
     """float16 GEMMs on tensor cores with tiles sized for ``sm_count`` SMs (this module)."""
 
@@ -330,7 +339,6 @@ class TensorCoreMatmul(GPUScheduleRule):
     def apply(self, func, target, tunable):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
-        arch = str(target.attrs.get("arch", ""))
-        if not arch.startswith("sm_") or int(arch[3:]) < 80:  # cp.async needs sm_80
+        if not takes_arch(str(target.attrs.get("arch", ""))):
             return None
         return tensor_core_matmul_schedule(func, self.sm_count)
