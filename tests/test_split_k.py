@@ -57,9 +57,10 @@ def test_a_split_is_modeled_faster_than_the_gemm_unsplit():
 _X, _K, _N = (1, 7, 7, 3072), 3072, 768
 
 
-def _model() -> tvm.IRModule:
+def _model(out_dtype: str = "float32") -> tvm.IRModule:
     """ConvNeXt-T's stage-3 project GEMM with its epilogue: x @ w + bias, times the layer
-    scale, plus the residual (float16 operands, float32 accumulation)."""
+    scale, plus the residual (float16 operands, float32 accumulation; ``out_dtype`` "" is
+    the matmul's default, a float16 result)."""
     builder = relax.BlockBuilder()
     x = relax.Var("x", R.Tensor(_X, "float16"))
     w = relax.Var("w", R.Tensor((_K, _N), "float16"))
@@ -67,7 +68,7 @@ def _model() -> tvm.IRModule:
     residual = relax.Var("residual", R.Tensor((*_X[:3], _N), "float32"))
     with builder.function("main", [x, w, bias, residual]):
         with builder.dataflow():
-            gemm = builder.emit(relax.op.matmul(x, w, out_dtype="float32"))
+            gemm = builder.emit(relax.op.astype(relax.op.matmul(x, w, out_dtype=out_dtype or None), "float32"))
             scaled = builder.emit(relax.op.multiply(relax.op.add(gemm, bias), relax.const(0.5, "float32")))
             result = builder.emit_output(relax.op.add(scaled, residual))
         builder.emit_func_output(result)
@@ -85,13 +86,22 @@ def _run_on_cpu(mod: tvm.IRModule, arguments: list[np.ndarray]) -> np.ndarray:
     return vm["main"](*(tvm.runtime.tensor(a) for a in arguments)).numpy()
 
 
-def test_the_split_model_computes_what_the_unsplit_one_does():
-    split = split_k.split_k(_model(), H200_SMS)
+@pytest.mark.parametrize("out_dtype", ["float32", ""])
+def test_the_split_model_computes_what_the_unsplit_one_does(out_dtype):
+    split = split_k.split_k(_model(out_dtype), H200_SMS)
     calls = split["main"].script()
     assert split_k.PARTIAL_GEMM_NAME in calls and split_k.PARTIAL_SUM_NAME in calls and "R.matmul" not in calls
     arguments = _arguments()
-    expected, result = _run_on_cpu(_model(), arguments), _run_on_cpu(split, arguments)
-    np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-4)  # the same sums in another order
+    expected, result = _run_on_cpu(_model(out_dtype), arguments), _run_on_cpu(split, arguments)
+    if out_dtype:  # float32 sums either way, in another order
+        np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-4)
+        return
+    # A float16 result: the unsplit CPU kernel also adds in float16, the split one adds in
+    # float32 and rounds once, so it is the nearer to the exact result.
+    x, w, bias, residual = (a.astype(np.float64) for a in arguments)
+    exact = (np.float64(np.float16(x @ w)) + bias) * 0.5 + residual
+    assert np.abs(result - exact).max() <= 2e-3 * np.abs(exact).max()
+    assert np.abs(result - exact).max() <= np.abs(expected - exact).max()
 
 
 def test_a_model_without_such_gemms_is_returned_as_it_is():

@@ -75,7 +75,10 @@ class _SplitK(relax.PyExprMutator):
         if (a_shape is None or w_shape is None or len(w_shape) != 2 or len(a_shape) < 2
                 or str(a.ty.dtype) != "float16" or str(w.ty.dtype) != "float16"):
             return call
-        out_dtype = str(call.attrs.out_dtype) or "float16"
+        # TVM 0.27: an unset out_dtype is None (the operands' dtype).
+        out_dtype = str(call.attrs.out_dtype or a.ty.dtype)
+        if out_dtype == "void":
+            out_dtype = str(a.ty.dtype)
         m, k, n = math.prod(a_shape[:-1]), a_shape[-1], w_shape[1]
         splits = split_k_factor(m, n, k, self.sm_count)
         if splits == 1:
@@ -84,7 +87,7 @@ class _SplitK(relax.PyExprMutator):
             self.builder_.call_te(partial_products, a, w, splits, primfunc_name_hint=PARTIAL_GEMM_NAME), "partial_sums")
         total = self.builder_.call_te(partial_sum, partial, primfunc_name_hint=PARTIAL_SUM_NAME)
         self.sums.append(total.args[0])
-        if out_dtype in ("float32", "void", ""):
+        if out_dtype == "float32":
             return total
         return relax.op.astype(self.builder_.emit(total, "split_k_sum"), out_dtype)
 
