@@ -78,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--configs", default=DEFAULT_CONFIGS,
                         help="comma-separated precision:batch pairs to compile; precision:batch:no-split-k "
                              "compiles one without split-K GEMMs too, to compare in the same run")
+    parser.add_argument("--gemm-sweep", action=argparse.BooleanOptionalAction, default=True,
+                        help="add the GEMM sweep (benchmarks/gemm_sweep.py: every fp16 GEMM in every tile and "
+                             "split, timed by the check); CUDA targets only")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of the check's inputs")
     parser.add_argument("--calib-data", default="fashion-mnist",
                         help="INT8 calibration images (any source `pipeline quantize --data` takes)")
@@ -156,9 +159,18 @@ def seeded_checkpoint(variant: str, num_classes: int, seed: int, directory: Path
     return path
 
 
-def compile_configs(args: argparse.Namespace, target, configs, weights: Path) -> dict[str, tuple[Path, list]]:
-    """Config name -> the compile stage's output folder (model.so and what travels with it)
-    and compile's record of each GPU kernel (rule, grid, roofline bound; empty on CPU)."""
+class Compiled(NamedTuple):
+    """One configuration compiled: the compile stage's output folder (model.so and what
+    travels with it), compile's record of each GPU kernel (rule, grid, roofline bound;
+    empty on CPU) and the ONNX model it compiled."""
+
+    folder: Path
+    kernels: list
+    onnx: Path
+
+
+def compile_configs(args: argparse.Namespace, target, configs, weights: Path) -> dict[str, Compiled]:
+    """Config name -> what compiling it gave (Compiled)."""
     from pipeline.config import PipelineConfig
     from pipeline.engine import run_pipeline
     from pipeline.stages import STAGES
@@ -176,8 +188,11 @@ def compile_configs(args: argparse.Namespace, target, configs, weights: Path) ->
                               params_mode="embedded" if bundled.precision == "int8" else "separate")
         results = run_pipeline(STAGES, config, target, "compile", {"weights": weights})
         compiled = results["compile"]
-        folders[bundled.name] = (Path(compiled.outputs["library"]).parent,
-                                                  compiled.manifest.get("info", {}).get("gpu_cost", {}).get("kernels", []))
+        onnx = results["quantize" if bundled.precision == "int8" else "simplify"].outputs[
+            "onnx_quantized" if bundled.precision == "int8" else "onnx_simplified"]
+        folders[bundled.name] = Compiled(Path(compiled.outputs["library"]).parent,
+                                         compiled.manifest.get("info", {}).get("gpu_cost", {}).get("kernels", []),
+                                         Path(onnx))
     return folders
 
 
@@ -348,6 +363,13 @@ def readme(manifest: dict) -> str:
         f"| {name} | {entry['input']['shape']} | {entry['params_mode']} | "
         f"{'derived from ' + entry['derived_params']['from'] if 'derived_params' in entry else 'stored'} |"
         for name, entry in manifest["artifacts"].items())
+    sweep = manifest.get("gemm_sweep")
+    sweep_text = (f"""
+It also times the {len(sweep['kernels'])} kernels of the GEMM sweep (`artifacts/gemm-sweep/`,
+benchmarks/gemm_sweep.py): every fp16 GEMM in every block tile and split over K, each alone
+on random arguments (`--sweep-ms`: GPU time per repeat, 0: none), into `OUT/gemm_sweep.md`
+and `gpu_check.json`.
+""" if sweep else "")
     return f"""# GPU check bundle: ConvNeXt-{model['variant']} for {manifest['target']}
 
 Built {manifest['created']} from commit {manifest['commit']} by `{manifest['command']}`.
@@ -373,7 +395,7 @@ table of each kernel's GPU time beside its roofline bound (`--profile-calls 0`: 
 the repository's `reports/`), `OUT/gpu_check.json` and `OUT/summary.md`, and
 exits 0 when the criteria hold (no NaN, fp32 max abs error <= 1e-4, fp16 top-1 agreement
 >= 99%), 1 when one fails, 2 when it cannot run (no GPU, a damaged bundle).
-
+{sweep_text}
 | configuration | input | weights | weights file |
 |---|---|---|---|
 {rows}
@@ -393,7 +415,7 @@ def build_bundle(args: argparse.Namespace) -> dict:
 
     weights = seeded_checkpoint(args.variant, args.num_classes, args.seed, args.artifacts / "gpu-bundle")
     compiled = compile_configs(args, target, configs, weights)
-    folders = {name: folder for name, (folder, _) in compiled.items()}
+    folders = {name: c.folder for name, c in compiled.items()}
 
     output = args.output.resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -415,8 +437,15 @@ def build_bundle(args: argparse.Namespace) -> dict:
         runtime = {**tvm_runtime_archive(bundle / "runtime"), **ffi_wheel(bundle / "runtime", args.ffi_wheel)}
 
         entries = stage_artifacts(folders, work / "artifacts")
-        for name, (_, kernels) in compiled.items():
-            entries[name]["kernels"] = kernels  # what the check's kernel profile is set beside
+        for name, c in compiled.items():
+            entries[name]["kernels"] = c.kernels  # what the check's kernel profile is set beside
+        sweep = None
+        sweep_models = {c.batch: compiled[c.name].onnx for c in configs if c.precision == "fp16" and c.split_k}
+        if args.gemm_sweep and target.device == "cuda" and sweep_models:
+            from gemm_sweep import build_sweep
+
+            sweep = build_sweep([(onnx, batch) for batch, onnx in sorted(sweep_models.items())], target,
+                                work / "artifacts" / "gemm-sweep", log=log)
         log("compressing the artifacts (xz)")
         _xz_tar(work / "artifacts", bundle / "artifacts.tar.xz")
 
@@ -430,6 +459,7 @@ def build_bundle(args: argparse.Namespace) -> dict:
             "configs": [{"name": c.name, "precision": c.precision, "batch_size": c.batch, "gpu_split_k": c.split_k}
                         for c in configs],
             "artifacts": entries,
+            **({"gemm_sweep": sweep} if sweep else {}),
             "runtime": runtime,
             "commit": _commit(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile rows")
     parser.add_argument("--profile-calls", type=int, default=20,
                         help="calls of each artifact recorded for its kernel table (0: none; needs a CUDA GPU)")
+    parser.add_argument("--sweep-ms", type=int, default=20,
+                        help="GPU time each kernel of the bundle's GEMM sweep is run for, per repeat (0: no sweep)")
     parser.add_argument("--pack", action="store_true",
                         help="write the report folders as OUT/reports.tar.gz (three files in all: for a "
                              "machine that hands back only a few files)")
@@ -259,6 +261,55 @@ def measure_artifact(folder: Path, x_all: np.ndarray, reference: np.ndarray, bat
             artifact.device_call(x_all[:batch]), profile_calls, kernel_costs or [],
             measured["latency"]["median_ms"], folder / "trace.json")
     return measured
+
+
+def measure_gemm_sweep(folder: Path, listing: dict, device: str, min_ms: int) -> dict:
+    """Each kernel of the bundle's GEMM sweep (benchmarks/gemm_sweep.py) timed on its own on
+    random arguments: the median of 5 repeats, each at least ``min_ms`` of calls. A failure
+    is reported, not fatal: the sweep is for the next schedules, not this check."""
+    import tvm
+
+    from pipeline.runtime.runtime_only import load_cuda_runtime
+
+    rows = []
+    try:
+        if device == "cuda":
+            load_cuda_runtime()
+        module = tvm.runtime.load_module(str(folder / listing["library"]))
+        dev = tvm.device(device, 0)
+        rng = np.random.default_rng(0)
+        for entry in listing["kernels"]:
+            args = [tvm.runtime.tensor((rng.standard_normal(a["shape"]) * 0.1).astype(a["dtype"]), dev)
+                    for a in entry["args"]]
+            timer = module.time_evaluator(entry["kernel"], dev, number=1, repeat=5, min_repeat_ms=min_ms)
+            seconds = sorted(timer(*args).results)
+            rows.append({**{k: v for k, v in entry.items() if k != "args"}, "us": seconds[len(seconds) // 2] * 1e6})
+    except Exception as exc:  # noqa: BLE001 -- reported beside what was measured
+        return {"rows": rows, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    return {"rows": rows}
+
+
+def gemm_sweep_markdown(sweep: dict) -> str:
+    """Per GEMM: its time in each tile and split, the defaults' choice marked."""
+    lines = ["# GEMM sweep", "",
+             "Each tensor-core GEMM of the bundled fp16 models timed alone in every block tile, and its split-K "
+             "partial GEMMs (without the kernel that adds them: see the kernel tables). * marks what the default "
+             "schedules choose; steps are schedules/gpu_matmul.modeled_steps.", ""]
+    if sweep.get("error"):
+        lines += [f"Stopped: {sweep['error']}.", ""]
+    groups: dict[tuple, list[dict]] = {}
+    for row in sweep["rows"]:
+        groups.setdefault((row["batch"], row["gemm"], row["m"], row["n"], row["k"]), []).append(row)
+    lines += ["| batch | GEMM (M x N x K) | variant | us | modeled steps |", "|---|---|---|---|---|"]
+    for (batch, gemm, m, n, k), rows in groups.items():
+        best = min(r["us"] for r in rows)
+        for row in sorted(rows, key=lambda r: r["us"]):
+            variant = (f"{row['tile'][0]}x{row['tile'][1]}" + (f", {row['splits']} slices" if row["splits"] > 1 else "")
+                       + (" *" if row["default"] else ""))
+            mark = " (best)" if row["us"] == best else ""
+            lines.append(f"| {batch} | {gemm} ({m} x {n} x {k}) | {variant} | {row['us']:.1f}{mark} | "
+                         f"{row['modeled_steps']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def environment(device: str) -> dict:
@@ -465,6 +516,8 @@ def write_outputs(results: dict, out: Path, pack: bool = False) -> None:
         with tarfile.open(out / "reports.tar.gz", "w:gz") as archive:
             archive.add(reports, arcname="reports")
         shutil.rmtree(reports)
+    if results.get("gemm_sweep") is not None:
+        (out / "gemm_sweep.md").write_text(gemm_sweep_markdown(results["gemm_sweep"]))
     (out / "gpu_check.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     (out / "summary.md").write_text(summary_markdown(results))
 
@@ -507,6 +560,10 @@ def run_check(args: argparse.Namespace) -> dict:
                                     manifest["artifacts"][config["name"]].get("kernels"))
         rows.append({"name": config["name"], "precision": config["precision"],
                      "batch_size": config["batch_size"], "variant": config_variant(config), **measured})
+    sweep = None
+    if manifest.get("gemm_sweep") and args.device == "cuda" and args.sweep_ms > 0:
+        print(f"[gpu_check] GEMM sweep: {len(manifest['gemm_sweep']['kernels'])} kernels", file=sys.stderr, flush=True)
+        sweep = measure_gemm_sweep(folder / "gemm-sweep", manifest["gemm_sweep"], args.device, args.sweep_ms)
     return {
         "manifest": {k: manifest[k] for k in ("target", "model", "configs", "commit", "created")},
         "environment": environment(args.device),
@@ -516,6 +573,7 @@ def run_check(args: argparse.Namespace) -> dict:
         "command": "gpu_check.py " + " ".join(sys.argv[1:]),
         "pytorch": pytorch,
         "rows": rows,
+        **({"gemm_sweep": sweep} if sweep is not None else {}),
         "failures": failed_criteria(rows),
     }
 

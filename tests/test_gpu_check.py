@@ -146,6 +146,33 @@ def test_a_kernel_profile_becomes_kernels_json_and_a_table_in_the_report(tmp_pat
     assert "No kernel table: RuntimeError: CUPTI unavailable." in b8
 
 
+def test_the_gemm_sweep_times_each_kernel_of_its_library_and_tables_them_per_gemm(tmp_path):
+    """measure_gemm_sweep on a CPU library (the GPU check times CUDA kernels the same way)."""
+    import tvm
+    from tvm import te
+
+    a = te.placeholder((64, 64), "float32", name="a")
+    names = ("t64", "t16")
+    module = tvm.IRModule({
+        name: te.create_prim_func([a, te.compute((64, 64), lambda i, j: a[i, j] * 2, name="b")])
+        .with_attr("global_symbol", name) for name in names})
+    tvm.tirx.build(module, target="llvm").export_library(str(tmp_path / "sweep.so"))
+    entry = {"gemm": "fused_matmul1", "batch": 1, "m": 64, "n": 64, "k": 64, "splits": 1, "modeled_steps": 16.0,
+             "args": [{"shape": [64, 64], "dtype": "float32"}] * 2}
+    listing = {"library": "sweep.so", "kernels": [
+        {**entry, "kernel": "t64", "tile": [64, 64], "default": True},
+        {**entry, "kernel": "t16", "tile": [16, 16], "default": False, "splits": 2}]}
+    sweep = gpu_check.measure_gemm_sweep(tmp_path, listing, "cpu", 1)
+    assert "error" not in sweep and [r["kernel"] for r in sweep["rows"]] == ["t64", "t16"]
+    assert all(r["us"] > 0 and "args" not in r for r in sweep["rows"])
+    text = gpu_check.gemm_sweep_markdown(sweep)
+    assert "| 1 | fused_matmul1 (64 x 64 x 64) | 64x64 * |" in text and "| 16x16, 2 slices |" in text
+    assert text.count("(best)") == 1
+
+    missing = gpu_check.measure_gemm_sweep(tmp_path, {**listing, "library": "absent.so"}, "cpu", 1)
+    assert missing["rows"] == [] and missing["error"]  # reported, not raised
+
+
 def test_a_negative_profile_count_is_a_one_line_error(capsys):
     assert gpu_check.main(["--profile-calls", "-1", "--device", "cpu", "--bundle", "/nonexistent"]) == 2
     error = capsys.readouterr().err.strip()

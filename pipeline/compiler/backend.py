@@ -221,6 +221,12 @@ def _fatbin_import_packer(target: Target, sources: list[str]):
     return pack
 
 
+def export_kernel_library(module, path: Path, target: Target) -> None:
+    """A module of built GPU kernels (tvm.tirx.build) linked into ``path`` as compile links
+    an artifact: its CUDA source through nvcc into a fatbin (the GPU check's GEMM sweep)."""
+    module.export_library(str(path), fcompile=_link_function(target), fpack_imports=_fatbin_import_packer(target, []))
+
+
 def _export_library(executable, path: Path, target: Target) -> tuple[list[str], str]:
     """Link the executable into ``path``; returns the GPU code it carries and the CUDA
     source that code was compiled from (([], "") for CPU)."""

@@ -68,11 +68,19 @@ def gpu_kernels(unscheduled: dict[str, tvm.tirx.PrimFunc], target: Target) -> Gp
     with tvm_target:
         scheduled, kernels = gpu_schedules.schedule_module(tvm.IRModule(unscheduled), tvm_target, target.sm_count)
     scheduled_funcs = {gv.name_hint: f for gv, f in scheduled.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
-    device_module = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in scheduled_funcs.items()})
+    return scheduled_gpu_kernels(unscheduled, scheduled_funcs, {k: v["rule"] for k, v in kernels.items()}, target)
+
+
+def scheduled_gpu_kernels(unscheduled: dict[str, tvm.tirx.PrimFunc], scheduled: dict[str, tvm.tirx.PrimFunc],
+                          rules: dict[str, str], target: Target) -> GpuKernels:
+    """Kernels scheduled elsewhere (by name, with the rule that did it) and TVM's CUDA code
+    generation of them."""
+    tvm_target = tvm.target.Target(target.tvm_target)
+    device_module = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in scheduled.items()})
     with tvm_target, backend.cuda_source_codegen(target), tvm.transform.PassContext(config=phases.pass_config(target)):
         built = tvm.tirx.build(device_module, target=tvm_target)
     source = "\n".join(m.inspect_source("cuda") for m in built.imports if m.kind == "cuda")
-    return GpuKernels(dict(unscheduled), scheduled_funcs, {k: v["rule"] for k, v in kernels.items()}, source)
+    return GpuKernels(dict(unscheduled), dict(scheduled), dict(rules), source)
 
 
 def _parameter_name(buffer_name: str) -> str:

@@ -221,14 +221,16 @@ def gemm_plan(func: tirx.PrimFunc, sm_count: int) -> dict | None:
             "modeled_steps": round(modeled_steps(m, n, k, batches, tile, sm_count), 1)}
 
 
-def tensor_core_matmul_schedule(func: tirx.PrimFunc, sm_count: int) -> s_tir.Schedule | None:
+def tensor_core_matmul_schedule(func: tirx.PrimFunc, sm_count: int,
+                                tile: tuple[int, int, int, int] | None = None) -> s_tir.Schedule | None:
     """The tiled WMMA schedule of a float16 GEMM kernel (fp32 or fp16 accumulation), None
-    if ``func`` is not one with static shapes."""
+    if ``func`` is not one with static shapes. ``tile`` (one of TILES) instead of
+    ``choose_tile``'s: what the GPU check's GEMM sweep times (benchmarks/gemm_sweep.py)."""
     normalized = _normalized_gemm(func)
     if normalized is None:
         return None
     sch, main_block, (batches, m, n, k), out_dtype = normalized
-    tile = choose_tile(m, n, sm_count, batches, k)
+    tile = tile or choose_tile(m, n, sm_count, batches, k)
     warps_m, warps_n, frags_m, frags_n = tile
     rows, columns = tile_shape(tile)
     k_fragments, stages = choose_pipeline(rows, columns, k)

@@ -1,0 +1,51 @@
+"""benchmarks/gemm_sweep.py: the GPU bundle's GEMM sweep, every tensor-core GEMM of a model in
+every block tile and split over K. Each variant is a kernel the GPU check times; here each
+is run on the CUDA emulator against its CPU build, so that a GPU session times only
+kernels that compute the right thing."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_models import micro_onnx
+from pipeline.compiler.schedules import gpu_matmul
+from targets import get_target
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_every_gemm_in_every_tile_and_split_computes_on_the_cuda_emulator(tmp_path_factory):
+    from pipeline.compiler.cuda_emulator import gpu_build, kernel_check
+
+    target = get_target("cuda-sm90")
+    kernels, entries = _load("gemm_sweep").sweep_kernels(micro_onnx(tmp_path_factory), target, 1)
+    by_gemm: dict[str, list[dict]] = {}
+    for entry in entries:
+        by_gemm.setdefault(entry["gemm"], []).append(entry)
+    assert len(by_gemm) >= 8  # the micro model's expand, project and patch GEMMs
+    for gemm, variants in by_gemm.items():
+        whole = [v for v in variants if v["splits"] == 1]
+        assert sorted(tuple(v["tile"]) for v in whole) == sorted(gpu_matmul.tile_shape(t) for t in gpu_matmul.TILES)
+        assert sum(v["default"] for v in whole) == 1, gemm  # the tile the default schedule takes
+        assert all(v["args"] and v["modeled_steps"] > 0 for v in variants)
+    split = [e for e in entries if e["splits"] > 1]
+    assert split and all(e["k"] // e["splits"] >= 256 for e in split)  # stage 4's project GEMM, K = 512
+
+    built = gpu_build.scheduled_gpu_kernels({n: u for n, (u, _) in kernels.items()},
+                                            {n: s for n, (_, s) in kernels.items()},
+                                            {n: "TensorCoreMatmul" for n in kernels}, target)
+    failed = [f"{r.kernel}: {r.status}, {r.detail}" for r in kernel_check.check_kernels(built) if r.status != "match"]
+    assert not failed, "\n".join(failed)
