@@ -3,6 +3,7 @@ emulator (pipeline/compiler/cuda_emulator/) and compared with the same kernel un
 built by TVM for the CPU: what the GPU check will compute, known before a GPU runs it.
 
     make check-cuda-kernels                 # ConvNeXt-T, cuda-sm90: fp32 b1, fp16 b1, fp16 b8
+    make check-cuda-kernels ARGS=--gemm-sweep   # ... and every variant of the bundle's GEMM sweep
     .venv/bin/python benchmarks/cuda_emulation.py --variant micro --input-size 64 --configs fp16:2
 
 Writes reports/cuda-emulation/<target>.md and .json (a folder `pipeline reports` does not
@@ -52,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-batch-limit", type=int, default=8,
                         help="run the whole model too for configurations up to this batch (ConvNeXt-T fp16: "
                              "about 2 minutes at batch 1, 10 at batch 8, on 2 cores)")
+    parser.add_argument("--gemm-sweep", action="store_true",
+                        help="also every variant of the GPU bundle's GEMM sweep (benchmarks/gemm_sweep.py) at the "
+                             "fp16 batches (ConvNeXt-T: about 4 minutes at batch 1, 20 at batch 8)")
     parser.add_argument("--output", type=Path, default=REPO / "reports" / "cuda-emulation")
     return parser.parse_args(argv)
 
@@ -93,6 +97,15 @@ def _markdown(record: dict) -> str:
         for r in results:
             error = "" if r["error"] != r["error"] else f"{r['error']:.2e}"
             lines.append(f"| `{r['kernel']}` | {r['rule']} | {r['status']} | {error} | {r['detail']} |")
+        lines.append("")
+    for sweep in record.get("gemm_sweep", []):
+        results = sweep["kernels"]
+        matched = sum(r["status"] == "match" for r in results)
+        lines += [f"## GEMM sweep, batch {sweep['batch']}: {matched} of {len(results)} variants match "
+                  f"({sweep['seconds']:.0f} s)", "",
+                  "Every fp16 GEMM in each block tile and split over K, as the GPU bundle carries them "
+                  "(benchmarks/gemm_sweep.py)" + ("." if matched == len(results) else "; the others:"), ""]
+        lines += [f"- `{r['kernel']}`: {r['status']}, {r['detail']}" for r in results if r["status"] != "match"]
         lines.append("")
     return "\n".join(lines)
 
@@ -164,11 +177,32 @@ def main(argv: list[str] | None = None) -> int:
                 failed += not config["model"]["ok"]
             config["seconds"] = round(time.perf_counter() - start, 1)
             record["configs"].append(config)
+        if args.gemm_sweep:
+            record["gemm_sweep"] = []
+            for batch in sorted({c.batch for c in configs if c.precision == "fp16"}):
+                start = time.perf_counter()
+                log(f"GEMM sweep, batch {batch}: every GEMM in every tile and split")
+                sweep = _sweep_check(Path(folder) / f"model-b{batch}.onnx", target, batch, args.seed)
+                failed += sum(r["status"] != "match" for r in sweep)
+                record["gemm_sweep"].append({"batch": batch, "kernels": sweep,
+                                             "seconds": round(time.perf_counter() - start, 1)})
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / f"{target.name}.json").write_text(json.dumps(record, indent=1, allow_nan=True) + "\n")
     (args.output / f"{target.name}.md").write_text(_markdown(record))
     log(f"wrote {args.output / (target.name + '.md')}: {failed} failure(s)")
     return 1 if failed else 0
+
+
+def _sweep_check(onnx_path: Path, target, batch: int, seed: int) -> list[dict]:
+    """Every variant of the GPU bundle's GEMM sweep of ``onnx_path`` against its CPU build."""
+    from gemm_sweep import sweep_kernels
+
+    kernels, _ = sweep_kernels(onnx_path, target, batch)
+    built = gpu_build.scheduled_gpu_kernels({n: u for n, (u, _) in kernels.items()},
+                                            {n: s for n, (_, s) in kernels.items()},
+                                            {n: "TensorCoreMatmul" for n in kernels}, target)
+    return [{"kernel": r.kernel, "status": r.status, "error": r.error, "detail": r.detail}
+            for r in kernel_check.check_kernels(built, seed=seed)]
 
 
 def _model_check(onnx_path: Path, target, precision: str, shape: tuple[int, ...], seed: int,

@@ -28,10 +28,9 @@ def _load(name: str):
 
 @pytest.mark.slow
 def test_every_gemm_in_every_tile_and_split_computes_on_the_cuda_emulator(tmp_path_factory):
-    from pipeline.compiler.cuda_emulator import gpu_build, kernel_check
-
     target = get_target("cuda-sm90")
-    kernels, entries = _load("gemm_sweep").sweep_kernels(micro_onnx(tmp_path_factory), target, 1)
+    onnx_path = micro_onnx(tmp_path_factory)
+    _, entries = _load("gemm_sweep").sweep_kernels(onnx_path, target, 1)
     by_gemm: dict[str, list[dict]] = {}
     for entry in entries:
         by_gemm.setdefault(entry["gemm"], []).append(entry)
@@ -44,8 +43,8 @@ def test_every_gemm_in_every_tile_and_split_computes_on_the_cuda_emulator(tmp_pa
     split = [e for e in entries if e["splits"] > 1]
     assert split and all(e["k"] // e["splits"] >= 256 for e in split)  # stage 4's project GEMM, K = 512
 
-    built = gpu_build.scheduled_gpu_kernels({n: u for n, (u, _) in kernels.items()},
-                                            {n: s for n, (_, s) in kernels.items()},
-                                            {n: "TensorCoreMatmul" for n in kernels}, target)
-    failed = [f"{r.kernel}: {r.status}, {r.detail}" for r in kernel_check.check_kernels(built) if r.status != "match"]
+    # `make check-cuda-kernels ARGS=--gemm-sweep` runs the same check on ConvNeXt-T's sweep.
+    checked = _load("cuda_emulation")._sweep_check(onnx_path, target, 1, seed=0)
+    assert len(checked) == len(entries)
+    failed = [f"{r['kernel']}: {r['status']}, {r['detail']}" for r in checked if r["status"] != "match"]
     assert not failed, "\n".join(failed)
