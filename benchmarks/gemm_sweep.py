@@ -63,15 +63,15 @@ def sweep_kernels(onnx_path: Path, target, batch: int) -> tuple[dict, list[dict]
                 continue
             _, m, n, k = plan["gemm"]
             default_tile = gpu_matmul.choose_tile(m, n, sm_count)
+            chosen_splits = gpu_matmul.split_k_factor(m, n, k, sm_count)
             for tile in gpu_matmul.TILES:
                 rows, columns = gpu_matmul.tile_shape(tile)
                 name = _kernel_name("b", batch, gvar.name_hint, "t", rows, columns)
                 _add(kernels, entries, name, func, gpu_matmul.tensor_core_matmul_schedule(func, sm_count, tile), {
                     "gemm": gvar.name_hint, "batch": batch, "m": m, "n": n, "k": k, "splits": 1, "tile": [rows, columns],
-                    "default": tile == default_tile,
+                    "default": chosen_splits == 1 and tile == default_tile,
                     "modeled_steps": gpu_matmul.modeled_steps(m, n, k, 1, tile, sm_count),
                 })
-            chosen_splits = gpu_matmul.split_k_factor(m, n, k, sm_count)
             for splits in gpu_matmul.SPLITS:
                 depth = k // splits
                 if k % splits or depth % 64 or depth < 256:
