@@ -72,10 +72,8 @@ def sweep_kernels(onnx_path: Path, target, batch: int) -> tuple[dict, list[dict]
                     "default": chosen_splits == 1 and tile == default_tile,
                     "modeled_steps": gpu_matmul.modeled_steps(m, n, k, 1, tile, sm_count),
                 })
-            for splits in gpu_matmul.SPLITS:
+            for splits in gpu_matmul.allowed_splits(k):
                 depth = k // splits
-                if k % splits or depth % 64 or depth < 256:
-                    continue
                 partial = _partial_gemm(m, n, k, splits)
                 tile = gpu_matmul.choose_tile(m, n, sm_count, splits, depth)
                 rows, columns = gpu_matmul.tile_shape(tile)

@@ -21,6 +21,7 @@ import math
 import tvm
 from tvm import relax, te
 
+from pipeline.compiler.layout import static_shape
 from pipeline.compiler.producer_fusion import fuse_producers
 from pipeline.compiler.schedules.gpu_matmul import split_k_factor, takes_arch
 
@@ -28,13 +29,6 @@ PARTIAL_GEMM_NAME = "split_k_matmul"
 PARTIAL_SUM_NAME = "split_k_sum"
 # Marks the sums' PrimFuncs, so that the fuse phase finds them whatever they are named.
 PARTIAL_SUM_ATTR = "convnext_edge.split_k_sum"
-
-
-def _static_shape(expr: relax.Expr) -> list[int] | None:
-    shape = getattr(expr.ty, "shape", None)
-    if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
-        return None
-    return [int(d) for d in shape.values]
 
 
 def partial_products(a: te.Tensor, w: te.Tensor, splits: int) -> te.Tensor:
@@ -71,7 +65,7 @@ class _SplitK(relax.PyExprMutator):
         if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul" and len(call.args) == 2):
             return call
         a, w = call.args
-        a_shape, w_shape = _static_shape(a), _static_shape(w)
+        a_shape, w_shape = static_shape(a), static_shape(w)
         if (a_shape is None or w_shape is None or len(w_shape) != 2 or len(a_shape) < 2
                 or str(a.ty.dtype) != "float16" or str(w.ty.dtype) != "float16"):
             return call

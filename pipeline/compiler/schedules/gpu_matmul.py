@@ -140,6 +140,12 @@ _MIN_SPLIT_DEPTH = 256  # K of each partial sum: at least a few pipelined steps 
 _PARTIAL_SUM_KERNEL_STEPS = 96
 
 
+def allowed_splits(k: int) -> list[int]:
+    """The splits of SPLITS that leave each partial sum at least _MIN_SPLIT_DEPTH deep, in
+    whole 64-deep steps."""
+    return [s for s in SPLITS if k % s == 0 and (k // s) % 64 == 0 and k // s >= _MIN_SPLIT_DEPTH]
+
+
 def split_k_factor(m: int, n: int, k: int, sm_count: int) -> int:
     """Into how many partial sums over K to split an M x N x K GEMM (1: not split).
 
@@ -155,10 +161,8 @@ def split_k_factor(m: int, n: int, k: int, sm_count: int) -> int:
         return 1
     best_splits = 1
     best = modeled_steps(m, n, k, 1, choose_tile(m, n, sm_count), sm_count)
-    for splits in SPLITS:
+    for splits in allowed_splits(k):
         depth = k // splits
-        if k % splits or depth % 64 or depth < _MIN_SPLIT_DEPTH:
-            continue
         tile = choose_tile(m, n, sm_count, splits, depth)
         steps = modeled_steps(m, n, depth, splits, tile, sm_count) + _PARTIAL_SUM_KERNEL_STEPS
         if steps < best:
