@@ -9,9 +9,10 @@ float16 matmul with a 2-D weight becomes
     result = sum(partial, axis=0)
 
 The partial GEMM is a batched GEMM whose batch is the slice, scheduled on tensor cores
-like any other (TensorCoreMatmul); the sum is a reduction that FuseOps fuses with the
-GEMM's epilogue (bias, GELU, layer scale, residual), scheduled by
-schedules/gpu_partial_sums.py. Runs before legalization, on GPU targets only.
+like any other (TensorCoreMatmul). The sum is a reduction, into which FuseOps fuses no
+consumer: ``fuse_partial_sums`` (after FuseOps) moves it into the fused function of the
+GEMM's epilogue (bias, GELU, layer scale, residual), and schedules/gpu_partial_sums.py
+schedules the two as one kernel. The rewrite runs before legalization, on GPU targets only.
 """
 
 from __future__ import annotations

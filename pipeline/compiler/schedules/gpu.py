@@ -1,8 +1,8 @@
 """Default schedules of GPU kernels: our own rules for ConvNeXt's heavy kernels (the NHWC
 depthwise convolution, gpu_depthwise.py; float16 GEMMs, gpu_matmul.py, and the sums of
-split ones, gpu_partial_sums.py; channel LayerNorms, gpu_row_reduction.py) ahead of dlight's rules, first match wins, in the
-order of ``rules()``; two of dlight's are narrowed where TVM 0.27's versions fail instead
-of declining."""
+split ones, gpu_partial_sums.py; channel LayerNorms, gpu_row_reduction.py) ahead of
+dlight's rules, first match wins, in the order of ``rules()``; two of dlight's are
+narrowed where TVM 0.27's versions fail instead of declining."""
 
 from __future__ import annotations
 
