@@ -290,7 +290,9 @@ def measure_gemm_sweep(folder: Path, listing: dict, device: str, min_ms: int) ->
 
 
 def gemm_sweep_markdown(sweep: dict) -> str:
-    """Per GEMM: its time in each tile and split, the defaults' choice marked."""
+    """Per GEMM: its time in each tile and split, the defaults' choice marked, and the
+    fastest tile of the whole GEMM (a split's partial GEMM lacks its sum kernel's time, so
+    it is not a rival here)."""
     lines = ["# GEMM sweep", "",
              "Each tensor-core GEMM of the bundled fp16 models timed alone in every block tile, and its split-K "
              "partial GEMMs (without the kernel that adds them: see the kernel tables). * marks what the default "
@@ -302,11 +304,11 @@ def gemm_sweep_markdown(sweep: dict) -> str:
         groups.setdefault((row["batch"], row["gemm"], row["m"], row["n"], row["k"]), []).append(row)
     lines += ["| batch | GEMM (M x N x K) | variant | us | modeled steps |", "|---|---|---|---|---|"]
     for (batch, gemm, m, n, k), rows in groups.items():
-        best = min(r["us"] for r in rows)
+        best = min((r["us"] for r in rows if r["splits"] == 1), default=None)
         for row in sorted(rows, key=lambda r: r["us"]):
             variant = (f"{row['tile'][0]}x{row['tile'][1]}" + (f", {row['splits']} slices" if row["splits"] > 1 else "")
                        + (" *" if row["default"] else ""))
-            mark = " (best)" if row["us"] == best else ""
+            mark = " (best)" if row["splits"] == 1 and row["us"] == best else ""
             lines.append(f"| {batch} | {gemm} ({m} x {n} x {k}) | {variant} | {row['us']:.1f}{mark} | "
                          f"{row['modeled_steps']:.0f} |")
     return "\n".join(lines) + "\n"

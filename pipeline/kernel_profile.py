@@ -48,7 +48,8 @@ def kernel_times(trace: dict, calls: int) -> list[dict]:
 def with_costs(times: list[dict], costs: list[dict] | None) -> list[dict]:
     """``times`` with compile's record of each kernel: rule, blocks, threads, its roofline
     bound per call of the model and the measured time's multiple of it, and for tensor-core
-    GEMMs the schedule's modeled steps (schedules/gpu_matmul.modeled_steps)."""
+    GEMMs the schedule's modeled steps (schedules/gpu_matmul.modeled_steps) and the ns
+    each took."""
     by_name = {cost["kernel"]: cost for cost in costs or []}
     rows = []
     for row in times:
@@ -59,7 +60,9 @@ def with_costs(times: list[dict], costs: list[dict] | None) -> list[dict]:
         bound = cost["roofline_us"] * cost["calls"]
         rows.append({**row, "rule": cost.get("rule"), "blocks": cost.get("blocks"), "threads": cost.get("threads"),
                      "roofline_us": bound, "x_roofline": row["us"] / bound if bound > 0 else None,
-                     **({"modeled_steps": cost["modeled_steps"]} if cost.get("modeled_steps") else {})})
+                     **({"modeled_steps": cost["modeled_steps"],
+                         "ns_per_step": row["us_per_launch"] * 1e3 / cost["modeled_steps"]}
+                        if cost.get("modeled_steps") else {})})
     return rows
 
 
@@ -94,7 +97,7 @@ def markdown(rows: list[dict], totals: dict, calls: int, top: int = 20) -> str:
         rest = rows[top:]
         lines.append(f"| {len(rest)} more | | | {sum(r['launches'] for r in rest):g} | "
                      f"{sum(r['us'] for r in rest):.1f} | | | | |")
-    step_ns = [row["us_per_launch"] * 1e3 / row["modeled_steps"] for row in rows if row.get("modeled_steps")]
+    step_ns = [row["ns_per_step"] for row in rows if "ns_per_step" in row]
     if step_ns:
         lines += ["", f"Tensor-core GEMMs: {statistics.median(step_ns):.0f} ns per modeled step, median of "
                       f"{len(step_ns)} kernels (the unit of the split-K model's assumptions, "
@@ -103,7 +106,4 @@ def markdown(rows: list[dict], totals: dict, calls: int, top: int = 20) -> str:
 
 
 def _model_cell(row: dict) -> str:
-    steps = row.get("modeled_steps")
-    if not steps:
-        return ""
-    return f"{steps:g} ({row['us_per_launch'] * 1e3 / steps:.0f})"
+    return f"{row['modeled_steps']:g} ({row['ns_per_step']:.0f})" if "ns_per_step" in row else ""

@@ -168,6 +168,8 @@ def test_the_gemm_sweep_times_each_kernel_of_its_library_and_tables_them_per_gem
     text = gpu_check.gemm_sweep_markdown(sweep)
     assert "| 1 | fused_matmul1 (64 x 64 x 64) | 64x64 * |" in text and "| 16x16, 2 slices |" in text
     assert text.count("(best)") == 1
+    # A split's partial GEMM lacks its sum kernel's time: never the best, however fast.
+    assert "(best)" not in next(line for line in text.splitlines() if "2 slices" in line)
 
     missing = gpu_check.measure_gemm_sweep(tmp_path, {**listing, "library": "absent.so"}, "cpu", 1)
     assert missing["rows"] == [] and missing["error"]  # reported, not raised
