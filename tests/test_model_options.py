@@ -84,6 +84,37 @@ def test_input_size_message_states_the_rule(size):
         validate_config(PipelineConfig(input_size=size), None)
 
 
+def test_an_input_size_that_cannot_fit_in_memory_is_refused_with_the_size_that_fits(monkeypatch):
+    import pipeline.memory as memory
+    from pipeline.model import VARIANTS, create_model
+
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 24 * 2**30)
+    config = PipelineConfig(variant="micro", in_chans=1, input_size=100000)
+    with pytest.raises(PipelineError, match=r"^--input-size 100000 at --batch-size 1 needs about \d+\.\d GB of memory "
+                                            r"to build micro, more than the 24\.0 GB available here; "
+                                            r"use --input-size (\d+) or less$") as raised:
+        validate_config(config, None)
+    largest = int(raised.value.args[0].split("use --input-size ")[1].split()[0])
+    assert largest % 32 == 0
+    validate_config(config.replace(input_size=largest), None)
+    with pytest.raises(PipelineError):
+        validate_config(config.replace(input_size=largest + 32), None)
+    # Weights alone past the limit: no input size fits.
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 2**20)
+    with pytest.raises(PipelineError, match="use a smaller --variant or --batch-size$"):
+        validate_config(config.replace(input_size=32), None)
+    model = create_model("micro", in_chans=1)
+    assert memory.parameter_count(VARIANTS["micro"], 1, 1000) == sum(p.numel() for p in model.parameters())
+
+
+def test_a_huge_input_size_fails_before_any_work(tmp_path):
+    result = run_cli("compile", "--variant", "micro", "--in-chans", "1", "--input-size", "1000000", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: --input-size 1000000 at --batch-size 1 needs about "), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+    assert not (tmp_path / "artifacts").exists()
+
+
 def test_data_and_onnx_problems_fail_before_the_settings_are_printed(tmp_path):
     missing = run_cli("compile", *TINY_ARGS, "--data", "nowhere", cwd=tmp_path)
     assert missing.returncode == 2

@@ -109,6 +109,26 @@ def _check_image_source(option: str, source: str | None) -> None:
         raise PipelineError(f"{option}: {exc}") from None
 
 
+def _check_memory(config: PipelineConfig) -> None:
+    """An input size whose build cannot fit in this machine's memory fails now, not by the OOM killer."""
+    from pipeline.memory import available_memory_bytes, build_memory_bytes, gigabytes, largest_input_size
+    from pipeline.model import VARIANTS
+
+    available = available_memory_bytes()
+    if available is None:
+        return
+    spec = VARIANTS[config.variant]
+    needed = build_memory_bytes(spec, config.in_chans, config.num_classes, config.input_size, config.batch_size)
+    if needed <= available:
+        return
+    largest = largest_input_size(spec, config.in_chans, config.num_classes, config.batch_size, available)
+    fix = (f"use --input-size {largest} or less" if largest else "use a smaller --variant or --batch-size")
+    raise PipelineError(
+        f"--input-size {config.input_size} at --batch-size {config.batch_size} needs about {gigabytes(needed)} of "
+        f"memory to build {config.variant}, more than the {gigabytes(available)} available here; {fix}"
+    )
+
+
 def validate_config(config: PipelineConfig, onnx: Optional[Path]) -> None:
     """Checks that are cheap and should fail before any work starts (and before the settings are printed)."""
     from pipeline.model import VARIANTS
@@ -131,6 +151,7 @@ def validate_config(config: PipelineConfig, onnx: Optional[Path]) -> None:
     for name in ("batch_size", "repeats", "num_classes", "in_chans"):
         if getattr(config, name) < 1:
             raise PipelineError(f"--{name.replace('_', '-')} must be at least 1")
+    _check_memory(config)
     _check_image_source("--data", config.data)
     _check_image_source("--calib-data", config.calib_data)
     if onnx is not None:
