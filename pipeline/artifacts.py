@@ -8,16 +8,25 @@ already done with the same inputs (tinygrad-style content keys).
 
 Outputs are written into a temporary sibling directory and renamed into place
 only when the stage finishes, so an interrupted or failed stage leaves nothing
-that could later be mistaken for a result.
+that could later be mistaken for a result. A killed stage does leave its
+scratch directory; the next run removes it once its owner is provably gone
+(``remove_stale_temp_dirs``).
+
+A cache hit writes nothing, so a read-only artifacts tree (``chmod -R a-w``, a
+read-only mount) still serves every stage it holds.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,26 +86,110 @@ class StageDir:
         return manifest
 
 
-def ensure_writable_root(root: Path) -> Path:
-    """Create the artifacts root, or explain why it cannot be used."""
+def open_root(root: Path) -> Path:
+    """The artifacts root, created if missing. Nothing is written to one that exists, so a
+    read-only cache still serves its hits; a stage that must run finds out in new_temp_dir."""
     root = Path(root)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=root, prefix=".write-probe-", delete=True)
-        probe.close()
-    except OSError as exc:
-        raise PipelineError(
-            f"artifacts directory '{root}' is not writable ({exc.strerror or exc}); "
-            "pass --artifacts DIR pointing to a writable directory"
-        ) from None
+    if not root.is_dir():
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PipelineError(
+                f"artifacts directory '{root}' cannot be created ({exc.strerror or exc}); "
+                "pass --artifacts DIR pointing to a writable directory"
+            ) from None
     return root.resolve()
 
 
+# Who made a scratch directory is in its name, written atomically with it by mkdtemp:
+# ".<key>.tmp-<machine>.<pid>.<start>-<random>". Two builds may run at once (a second
+# identical compile commits the same result), so a scratch directory is removed only when
+# its owner is provably dead: made on this machine (same host, boot and PID namespace),
+# and the PID now names no process, or one started at another time (a reused PID). A
+# name without that (an owner on another host sharing the cache, another container, an
+# older pipeline's random name) says nothing /proc can check; it is removed only once
+# untouched for longer than any stage runs (a day; the longest, evaluating 10,000 images
+# on a board over RPC, takes well under an hour). No lock is needed: a live owner is
+# never touched, and two runs removing the same dead one both ignore what is gone.
+STALE_AFTER_SECONDS = 24 * 3600
+_SCRATCH = re.compile(r"^\.[0-9a-f]{16}\.tmp-")
+_OWNER = re.compile(r"\.tmp-(?P<machine>[0-9a-f]{12})\.(?P<pid>\d+)\.(?P<start>\d+)-")
+
+
+def _process_start(pid: int) -> str | None:
+    """When a process started (clock ticks since boot, /proc/PID/stat field 22), or None
+    when no such process runs (or /proc cannot say)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: count from its end.
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _this_machine() -> str:
+    """Host, boot and PID namespace: where a PID names the same process as here."""
+    parts = [socket.gethostname()]
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:
+        parts.append("unknown")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
+
+
+def _owner_tag() -> str:
+    pid = os.getpid()
+    # Start 0: /proc cannot say, so no other run can prove this one dead (age decides).
+    return f"{_this_machine()}.{pid}.{_process_start(pid) or 0}"
+
+
+def is_stale_temp_dir(path: Path, now: float | None = None) -> bool:
+    """Whether a scratch directory's owner is provably gone (see _OWNER above)."""
+    owner = _OWNER.search(Path(path).name)
+    if (owner and owner["start"] != "0" and owner["machine"] == _this_machine()
+            and _process_start(os.getpid()) is not None):
+        return _process_start(int(owner["pid"])) != owner["start"]
+    try:
+        age = (time.time() if now is None else now) - Path(path).stat().st_mtime
+    except OSError:
+        return False
+    return age > STALE_AFTER_SECONDS
+
+
+def remove_stale_temp_dirs(root: Path) -> list[Path]:
+    """Remove the scratch directories of stages killed mid-run (kill -9, power loss) from
+    ``<root>/<stage>/``; returns what was removed. Reads only, unless one is stale."""
+    removed = []
+    try:
+        stage_dirs = [path for path in Path(root).iterdir() if path.is_dir()]
+        candidates = [path for stage in stage_dirs for path in stage.iterdir()
+                      if _SCRATCH.match(path.name) and path.is_dir()]
+    except OSError:
+        return removed
+    for path in candidates:
+        if is_stale_temp_dir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            if not path.exists():
+                removed.append(path)
+    return removed
+
+
 def new_temp_dir(stage_dir: StageDir) -> Path:
-    """A fresh scratch directory beside the final one (same filesystem, so rename is atomic)."""
+    """A fresh scratch directory beside the final one (same filesystem, so rename is atomic),
+    named after the process that owns it."""
     parent = stage_dir.path.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{stage_dir.key}.tmp-", dir=parent))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{stage_dir.key}.tmp-{_owner_tag()}-", dir=parent))
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        raise PipelineError(
+            f"artifacts directory '{stage_dir.root}' is not writable ({exc.strerror}) and holds no "
+            f"'{stage_dir.stage}' result for these settings; pass --artifacts DIR pointing to a "
+            "writable directory"
+        ) from None
 
 
 def commit_temp_dir(temp_dir: Path, stage_dir: StageDir, manifest: dict[str, Any]) -> Path:

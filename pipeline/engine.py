@@ -168,7 +168,9 @@ def run_pipeline(
     unavailable: frozenset[str] = frozenset(),
 ) -> dict[str, StageResult]:
     """Run every stage `until` depends on, in order, reusing cached results."""
-    root = artifacts.ensure_writable_root(config.artifacts)
+    root = artifacts.open_root(config.artifacts)
+    for leftover in artifacts.remove_stale_temp_dirs(root):
+        log(f"[cache] removed {leftover}, left by a stage that was killed")
     available: dict[str, Path] = dict(provided or {})
     results: dict[str, StageResult] = {}
     for stage in stages_needed(stages, until, available, config, unavailable):
