@@ -29,6 +29,8 @@ from PIL import Image
 from calibration import fashion_mnist, sample_photos
 from calibration.preprocess import (
     Preprocessing,
+    array_conversions,
+    channel_adaptation,
     preprocess_array,
     preprocess_image,
     resolve_preprocessing,
@@ -138,6 +140,11 @@ def load_dataset(
         raise PipelineError(f"image limit {limit} is not positive; pass a count >= 1 or no limit")
     source = str(source)
     kind = check_source(source)
+    if kind != "array file":
+        # Array files say this in their own line, with the rest of what was converted.
+        adaptation = channel_adaptation(spec, in_chans)
+        if adaptation:
+            print(f"note: '{source}': {adaptation}", file=sys.stderr)
     if kind == "fashion-mnist":
         _, _, suffix = source.partition(":")
         dataset = _load_fashion_mnist(suffix or split, input_size, spec, in_chans, limit, seed)
@@ -412,17 +419,32 @@ def _load_array_file(
             )
     chosen = np.sort(sample_order(len(images), limit, seed)[: limit or len(images)])
     subset = images[chosen]
-    preprocessed = subset.dtype.kind == "f" and subset.shape[1:] == (in_chans, input_size, input_size)
+    model_shape = (in_chans, input_size, input_size)
+    preprocessed = subset.dtype.kind == "f" and subset.shape[1:] == model_shape
+    conversions: list[str] = []
     if preprocessed:
         if not np.isfinite(subset).all():
             raise PipelineError(f"'{path}' holds NaN or infinite values; save finite preprocessed images")
         result = subset.astype(np.float32, copy=False)
     else:
+        if subset.dtype.kind == "f" and np.isfinite(subset).all() and (subset.min() < 0 or subset.max() > 1):
+            # Normalized already, for some other model: the table converts raw pixels only.
+            raise PipelineError(
+                f"'{path}' holds normalized float images of shape {tuple(subset.shape[1:])}, not the model's "
+                f"{model_shape}; preprocessed images are not converted: save them at {model_shape}, "
+                f"or save raw uint8 pixels to preprocess with '{spec.name}'"
+            )
         try:
+            reading, conversions = array_conversions(subset.shape, input_size, spec, in_chans)
             result = preprocess_array(subset, input_size, spec, in_chans)
         except PipelineError as exc:
             raise PipelineError(f"'{path}': {exc}") from None
+        if conversions:
+            print(f"note: '{path}': {reading}, converted to the model's {'x'.join(map(str, model_shape))}: "
+                  f"{'; '.join(conversions)}", file=sys.stderr)
     how = "already preprocessed" if preprocessed else f"preprocessed with '{spec.name}'"
+    if conversions:
+        how += ": " + "; ".join(conversions)
     return Dataset(
         images=np.ascontiguousarray(result),
         labels=None if labels is None else labels[chosen].astype(np.int64),

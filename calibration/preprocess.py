@@ -239,34 +239,83 @@ def preprocess_image(
     return np.ascontiguousarray(pixels, dtype=np.float32)
 
 
-def _channels_first(array: np.ndarray, layout: str) -> np.ndarray:
-    """Any supported batch layout -> (N, C, H, W)."""
+def _resolve_layout(shape: tuple[int, ...], layout: str) -> str:
+    """The layout ("NHW", "NHWC" or "NCHW") of a batch of this shape; "auto" reads it from the shape."""
     if layout == "auto":
-        if array.ndim == 3:
+        if len(shape) == 3:
             layout = "NHW"
-        elif array.ndim == 4:
+        elif len(shape) == 4:
             # Channel counts that decode: gray, RGB, RGBA. A trailing one wins only
             # when dim 1 does not also look like channels.
             channel_like = (1, 3, 4)
-            if array.shape[1] in channel_like:
+            if shape[1] in channel_like:
                 layout = "NCHW"
-            elif array.shape[3] in channel_like:
+            elif shape[3] in channel_like:
                 layout = "NHWC"
             else:
                 raise PipelineError(
-                    f"array of shape {array.shape} has no 1, 3 or 4 channel axis; "
+                    f"array of shape {shape} has no 1, 3 or 4 channel axis; "
                     "save images as (N,H,W), (N,H,W,C) or (N,C,H,W) with C in 1, 3, 4"
                 )
         else:
             raise PipelineError(
-                f"array of shape {array.shape} is not a batch of images; "
+                f"array of shape {shape} is not a batch of images; "
                 "save images as (N,H,W), (N,H,W,C) or (N,C,H,W)"
             )
     expected_ndim = {"NHW": 3, "NHWC": 4, "NCHW": 4}
     if layout not in expected_ndim:
         raise PipelineError(f"unknown array layout '{layout}'; use auto, NHW, NHWC or NCHW")
-    if array.ndim != expected_ndim[layout]:
-        raise PipelineError(f"array of shape {array.shape} does not match layout {layout}; fix the layout")
+    if len(shape) != expected_ndim[layout]:
+        raise PipelineError(f"array of shape {shape} does not match layout {layout}; fix the layout")
+    return layout
+
+
+def channel_adaptation(spec: Preprocessing, in_chans: int) -> str | None:
+    """In words, how images normalized by `spec` are adapted to a model of `in_chans`
+    channels (None when they already match)."""
+    plan = _plan(spec, in_chans)
+    if plan.repeat > 1:
+        return f"gray replicated to {in_chans} channels for the {in_chans}-channel model"
+    if plan.channels != spec.channels:
+        return (f"gray (luminance) for the {in_chans}-channel model, normalized with the luminance-weighted "
+                f"mean and std of preprocessing '{spec.name}'")
+    return None
+
+
+def array_conversions(shape: tuple[int, ...], input_size: int, spec: Preprocessing, in_chans: int,
+                      layout: str = "auto") -> tuple[str, list[str]]:
+    """In words, how `preprocess_array` reads a batch of this shape ("3 images of 1x5x7, read as
+    (N,H,W)") and what it changes besides scaling and normalizing: the channels and the size
+    (no steps when it changes neither)."""
+    layout = _resolve_layout(tuple(shape), layout)
+    if layout == "NHW":
+        channels, (height, width) = 1, shape[1:]
+    elif layout == "NHWC":
+        (height, width, channels) = shape[1:]
+    else:
+        (channels, height, width) = shape[1:]
+    reading = f"{shape[0]} images of {channels}x{height}x{width}, read as ({','.join(layout)})"
+    steps = []
+    if channels == 4:
+        steps.append("alpha channel dropped")
+    if min(channels, 3) != spec.channels and channels in (1, 3, 4):
+        converted = "RGB to gray (luminance)" if spec.channels == 1 else "gray to RGB"
+        steps.append(f"{converted}, as preprocessing '{spec.name}' reads images")
+    adaptation = channel_adaptation(spec, in_chans)
+    if adaptation:
+        steps.append(adaptation)
+    if height and width:
+        new_h, new_w, _, _ = resize_geometry(height, width, input_size, spec.crop_pct)
+        if (new_h, new_w) != (height, width):
+            steps.append(f"resized from {height}x{width} to {new_h}x{new_w} ({spec.interpolation})")
+        if (new_h, new_w) != (input_size, input_size):
+            steps.append(f"center-cropped to {input_size}x{input_size}")
+    return reading, steps
+
+
+def _channels_first(array: np.ndarray, layout: str) -> np.ndarray:
+    """Any supported batch layout -> (N, C, H, W)."""
+    layout = _resolve_layout(array.shape, layout)
     if layout == "NHW":
         return array[:, None]
     if layout == "NHWC":

@@ -228,6 +228,50 @@ def test_npy_wrong_channel_count(tmp_path):
     assert "two.npy" in one_line_error(excinfo)
 
 
+def test_array_conversions_are_said_in_one_line_on_stderr(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "odd.npz", images=rng.integers(0, 256, (3, 5, 7), dtype=np.uint8))
+    data = load_dataset(str(tmp_path / "odd.npz"), 32, "imagenet", in_chans=3)
+    assert data.images.shape == (3, 3, 32, 32)
+    assert capsys.readouterr().err == (
+        f"note: '{tmp_path / 'odd.npz'}': 3 images of 1x5x7, read as (N,H,W), converted to the model's 3x32x32: "
+        "gray to RGB, as preprocessing 'imagenet' reads images; resized from 5x7 to 36x50 (bilinear); "
+        "center-cropped to 32x32\n"
+    )
+    assert "resized from 5x7" in data.description
+    np.save(tmp_path / "rgb.npy", rng.integers(0, 256, (4, 3, 28, 28), dtype=np.uint8))
+    gray = load_dataset(str(tmp_path / "rgb.npy"), 28, "fashion-mnist", in_chans=1)
+    assert gray.images.shape == (4, 1, 28, 28)
+    assert capsys.readouterr().err == (
+        f"note: '{tmp_path / 'rgb.npy'}': 4 images of 3x28x28, read as (N,C,H,W), converted to the model's 1x28x28: "
+        "RGB to gray (luminance), as preprocessing 'fashion-mnist' reads images\n"
+    )
+    # No line when nothing but scaling and normalizing happens.
+    np.save(tmp_path / "gray.npy", rng.integers(0, 256, (4, 1, 28, 28), dtype=np.uint8))
+    load_dataset(str(tmp_path / "gray.npy"), 28, "fashion-mnist", in_chans=1)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_three_channel_preprocessing_for_a_one_channel_model_is_said(numbered_folder, capsys):
+    load_dataset(str(numbered_folder), 16, "imagenet", in_chans=1, limit=2)
+    assert capsys.readouterr().err == (
+        f"note: '{numbered_folder}': gray (luminance) for the 1-channel model, normalized with the "
+        "luminance-weighted mean and std of preprocessing 'imagenet'\n"
+    )
+
+
+def test_normalized_floats_of_another_shape_are_refused_not_converted(tmp_path):
+    normalized = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "ready.npy", normalized)
+    with pytest.raises(PipelineError) as excinfo:
+        load_dataset(str(tmp_path / "ready.npy"), 32, "fashion-mnist", in_chans=1)
+    assert one_line_error(excinfo) == (
+        f"'{tmp_path / 'ready.npy'}' holds normalized float images of shape (3, 32, 32), not the model's "
+        "(1, 32, 32); preprocessed images are not converted: save them at (1, 32, 32), or save raw uint8 "
+        "pixels to preprocess with 'fashion-mnist'"
+    )
+
+
 def test_npz_with_labels_and_sampling(tmp_path):
     raw = np.arange(30, dtype=np.uint8).repeat(64).reshape(30, 8, 8)
     labels = np.arange(30) % 4
