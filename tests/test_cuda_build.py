@@ -331,12 +331,10 @@ def test_int8_gpu_build_matches_the_int8_cpu_build(tmp_path_factory):
     still does, and this keeps that path right for when integer tensor-core kernels land."""
     from test_tvm_int8 import quantized
 
-    from pipeline.compiler.int8 import compile_onnx_int8
-
     out = tmp_path_factory.mktemp("int8-gpu")
     qdq = quantized(out)
-    compile_onnx_int8(qdq, get_target("cuda"), out / "gpu.so")
-    compile_onnx_int8(qdq, get_target("x86"), out / "cpu.so")
+    backend.compile_onnx(qdq, get_target("cuda"), out / "gpu.so", precision="int8")
+    backend.compile_onnx(qdq, get_target("x86"), out / "cpu.so", precision="int8")
     gpu = load_artifact(out / "gpu.so", device="cuda")
     cpu = load_artifact(out / "cpu.so")
     x = np.random.default_rng(0).standard_normal(cpu.input_shape, dtype=np.float32)

@@ -93,14 +93,14 @@ def test_excluded_layers_keep_computing_in_float(tmp_path):
 
 
 def test_int8_compile_refuses_separate_params_and_float_models(tmp_path):
-    from pipeline.compiler.int8 import compile_onnx_int8
+    from pipeline.compiler.backend import compile_onnx
     from targets import get_target
 
     with pytest.raises(PipelineError, match="--params embedded"):
-        compile_onnx_int8(tmp_path / "x.onnx", get_target("x86"), tmp_path / "m.so", params_mode="separate")
+        compile_onnx(tmp_path / "x.onnx", get_target("x86"), tmp_path / "m.so", params_mode="separate", precision="int8")
     float_model = make_float_onnx(tmp_path / "float.onnx")
     with pytest.raises(PipelineError, match="is a float model.*pipeline quantize"):
-        compile_onnx_int8(float_model, get_target("x86"), tmp_path / "m.so")
+        compile_onnx(float_model, get_target("x86"), tmp_path / "m.so", precision="int8")
 
 
 # --- the compiled artifact against ONNX Runtime --------------------------------------------
@@ -126,10 +126,10 @@ def _cross_check(onnx_path: Path, library: Path) -> dict:
 
 @pytest.mark.slow
 def test_requantizing_artifact_matches_onnxruntime(qdq_requantized, tmp_path):
-    from pipeline.compiler.int8 import compile_onnx_int8
+    from pipeline.compiler.backend import compile_onnx
     from targets import get_target
 
-    info = compile_onnx_int8(qdq_requantized, get_target("x86"), tmp_path / "model.so")
+    info = compile_onnx(qdq_requantized, get_target("x86"), tmp_path / "model.so", precision="int8")
     assert info["int8"]["integer_ops"] == {"conv2d": 9, "matmul": 11}
     metrics = _cross_check(qdq_requantized, tmp_path / "model.so")
     # Both sides round the same int32 accumulators; they differ where ORT's fixed-point

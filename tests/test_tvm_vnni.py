@@ -144,11 +144,11 @@ def _objdump_has(library: Path, mnemonic: str) -> bool:
 
 
 @pytest.mark.slow  # two TVM builds of the micro model
-def test_tiny_convnext_int8_with_vnni_equals_the_generic_int8_path(qdq_requantized, tmp_path):
+def test_tiny_convnext_int8_with_vnni_equals_the_generic_int8_path(qdq_requantized, tmp_path, monkeypatch):
     import dataclasses
 
     from pipeline.compiler import backend
-    from pipeline.compiler.int8 import Int8Report, compile_onnx_int8, int8_lowering_pass
+    from pipeline.compiler import fused
     from targets import get_target
 
     # Built for this CPU where it has VNNI (and run), else for Zen 4 (built and read only):
@@ -156,7 +156,7 @@ def test_tiny_convnext_int8_with_vnni_equals_the_generic_int8_path(qdq_requantiz
     # such as Rocket Lake lacks (SIGILL).
     host = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2}
     target = dataclasses.replace(get_target("x86"), tvm_target=host if _host_has_vnni() else ZNVER4)
-    info = compile_onnx_int8(qdq_requantized, target, tmp_path / "vnni.so")
+    info = backend.compile_onnx(qdq_requantized, target, tmp_path / "vnni.so", precision="int8")
     # Every matmul but the classifier head (10 classes: no multiple of 16) takes VNNI, and
     # so do the stem and the 3 downsampling convolutions (kernel = stride: patch matmuls);
     # the depthwise 7x7 convolutions keep the generic kernel.
@@ -165,11 +165,10 @@ def test_tiny_convnext_int8_with_vnni_equals_the_generic_int8_path(qdq_requantiz
     assert info["tuning"]["default_vnni"] >= 1
     assert _objdump_has(tmp_path / "vnni.so", "vpdpbusd")
 
-    generic = Int8Report()
-    backend.compile_onnx(
-        qdq_requantized, target, tmp_path / "generic.so", rewrites=(("int8", [int8_lowering_pass(generic)]),),
-    )
-    assert not generic.vnni
+    # The same target with the VNNI kernel turned off: the generic integer kernels.
+    monkeypatch.setattr(fused.vnni, "has_vnni", lambda _target: False)
+    generic = backend.compile_onnx(qdq_requantized, target, tmp_path / "generic.so", precision="int8")
+    assert generic["int8"]["integer_ops"] == {"conv2d": 9, "matmul": 11} and not generic["int8"]["vnni_ops"]
     assert not _objdump_has(tmp_path / "generic.so", "vpdpbusd")
     if not _host_has_vnni():
         return  # both builds and their instructions are checked; running them needs VNNI

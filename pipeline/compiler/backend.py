@@ -30,11 +30,9 @@ import tvm
 
 from pipeline import toolchain
 from pipeline.compiler import cuda_code, nvcc, weight_params
-from pipeline.compiler.onnx_import import bind_weights, import_relax, output_spec, resolve_input
-from pipeline.compiler.phases import pass_config, precision_phases, relax_phases
-from pipeline.config import PARAMS_MODES
+from pipeline.compiler.fused import CompileOptions, compile_phases, fuse_model
+from pipeline.compiler.phases import pass_config, phases_before
 from pipeline.errors import PipelineError
-from pipeline.onnx_io import load_onnx
 from pipeline.runtime import runtime_only
 from pipeline.runtime.runtime_only import metadata_path
 from targets import Target
@@ -262,7 +260,6 @@ def compile_onnx(
     dump_ir_dir: Path | None = None,
     tuning_database: Path | None = None,
     precision: str = "fp32",
-    rewrites: tuple[tuple[str, list], ...] = (),
     gpu_split_k: bool = True,
 ) -> dict:
     """Compile an ONNX model into ``library_path`` (+ metadata, + weights if "separate").
@@ -275,41 +272,38 @@ def compile_onnx(
     and the rule, grid ("blocks") and block size ("threads") its schedule has,
     and ``cuda_graph_captures``: how many kernel sequences run as captured CUDA graphs.
 
-    ``rewrites`` are extra (phase name, passes) run first, once params are bound (the
-    INT8 lowering in pipeline/compiler/int8.py is one); ``precision="fp16"`` adds TVM's mixed
-    precision rewrite for GPU targets; ``gpu_split_k=False`` keeps every GPU GEMM unsplit
-    (pipeline/compiler/split_k.py).
+    The settings that decide the kernels make a ``fused.CompileOptions``, and the phases up
+    to scheduling run in ``fused.fuse_model``, as tuning and the CUDA emulator run them:
+    ``precision="int8"`` compiles a QDQ model with its convolutions and matmuls lowered to
+    integers (pipeline/compiler/int8.py; the summary's "int8" says what was lowered);
+    ``precision="fp16"`` adds TVM's mixed precision rewrite for GPU targets;
+    ``gpu_split_k=False`` keeps every GPU GEMM unsplit (pipeline/compiler/split_k.py).
     """
     start = time.perf_counter()
     onnx_path, library_path = Path(onnx_path), Path(library_path)
     dump_ir_dir = Path(dump_ir_dir) if dump_ir_dir is not None else None
-    if params_mode not in PARAMS_MODES:
-        raise PipelineError(
-            f"unknown params_mode '{params_mode}'; use one of: {', '.join(PARAMS_MODES)}"
-        )
+    options = CompileOptions(precision=precision, params_mode=params_mode, gpu_split_k=gpu_split_k,
+                             input_name=input_name, input_shape=input_shape)
+    options.check()
 
     _check_build_tools(target)
-    model = load_onnx(onnx_path)
-    name, shape, dtype = resolve_input(model, input_name, input_shape)
     log.info(
-        "compile %s -> %s: target %s %s, input %s %s %s, params %s, TVM %s",
-        onnx_path, library_path, target.name, target.target_json(), name, shape, dtype,
-        params_mode, tvm.__version__,
+        "compile %s -> %s: target %s %s, %s, TVM %s",
+        onnx_path, library_path, target.name, target.target_json(), options, tvm.__version__,
     )
+    fused = fuse_model(onnx_path, target, options, dump_ir=lambda *args: _dump(dump_ir_dir, *args))
+    name, shape, dtype = fused.input
+    param_names, param_values = fused.param_names, fused.param_values
+    output = fused.output
 
-    mod, param_names, param_values = import_relax(model, onnx_path, name, shape, dtype)
-    output = output_spec(mod)
-    _dump(dump_ir_dir, 0, "imported", mod)
-    if params_mode == "embedded":
-        mod = bind_weights(mod, param_values)
-        _dump(dump_ir_dir, 1, "params_bound", mod)
-
-    tvm_target = tvm.target.Target(target.tvm_target)
+    tvm_target = fused.tvm_target
     tuning: dict = {}
-    phases = [*rewrites, *precision_phases(precision, target), *relax_phases(target, tuning_database, tuning, gpu_split_k)]
+    phases = compile_phases(target, options, tuning_database=tuning_database, schedule_report=tuning)
+    first = len(phases_before(phases, "schedule"))
+    mod = fused.module
     with tvm_target, cuda_source_codegen(target), tvm.transform.PassContext(config=pass_config(target)):
-        param_transforms: dict = {}
-        for index, (phase, passes) in enumerate(phases, start=2):
+        param_transforms = fused.param_transforms
+        for index, (phase, passes) in enumerate(phases[first:], start=2 + first):
             if passes:
                 mod = tvm.transform.Sequential(passes, name=phase)(mod)
                 _dump(dump_ir_dir, index, phase, mod)
@@ -394,6 +388,7 @@ def compile_onnx(
         "num_primfuncs": num_primfuncs,
         "tuning": tuning,
         **({"gpu_cost": gpu_cost, "cuda_graph_captures": cuda_graphs} if gpu_cost else {}),
+        **({"int8": fused.int8_report.to_dict()} if fused.int8_report is not None else {}),
         "compile_s": round(time.perf_counter() - start, 3),
         "tvm_version": tvm.__version__,
         "target": target.name,

@@ -28,8 +28,8 @@ float in the QDQ model (excluded, or LayerNorm/GELU) have no such pattern and ar
 alone, as are patterns this pass cannot prove exact (non-constant scales, weight zero
 points, layouts other than NCHW/OIHW): those keep computing in float and are counted.
 
-On x86 CPUs with AVX-512 VNNI (`vnni=True`, which compile_onnx_int8 decides from the
-target) a matmul whose weight fits the instruction computes instead
+On x86 CPUs with AVX-512 VNNI (`vnni=True`, which compile decides from the
+target: fused.compile_phases) a matmul whose weight fits the instruction computes instead
 
     xu8 = cast<uint8>(xq + 128)                   elementwise: fuses into xq's producer
     acc = vnni_matmul(xu8, pack(wq))              R.call_tir, pipeline/compiler/vnni.py
@@ -38,7 +38,8 @@ target) a matmul whose weight fits the instruction computes instead
 the same integers (the shift is one more zero point), at 64 multiply-adds per instruction.
 
 Everything constant is computed here in NumPy, so the weights must be bound as constants
-(params "embedded"). Use `compile_onnx_int8`, or `lower_qdq_to_integer` on an IRModule.
+(params "embedded"). Compile with precision "int8" (backend.compile_onnx), or use
+`lower_qdq_to_integer` on an IRModule.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -513,13 +513,6 @@ def int8_lowering_pass(report: Int8Report, vnni: bool = False) -> tvm.transform.
     return _pass
 
 
-def int8_rewrites(target, report: Int8Report) -> tuple[tuple[str, list], ...]:
-    """The rewrites phase that compile (and tuning, to see the same kernels) runs on a QDQ
-    model for a pipeline target: the lowering, with VNNI where the target has it."""
-    use_vnni = vnni_kernel.has_vnni(tvm.target.Target(target.tvm_target))
-    return (("int8", [int8_lowering_pass(report, use_vnni)]),)
-
-
 # ---------------------------------------------------------------------------
 # Inspection (what the tests and the compile manifest check)
 
@@ -562,42 +555,3 @@ def primfunc_compute_dtypes(mod: tvm.IRModule) -> list[dict[str, Any]]:
         })
     return found
 
-
-# ---------------------------------------------------------------------------
-# Compiling
-
-
-def compile_onnx_int8(onnx_path: Path, target, library_path: Path, **kwargs) -> dict:
-    """`backend.compile_onnx` for a QDQ model, with its convolutions and matmuls in integers.
-
-    Returns compile_onnx's summary plus "int8": what was lowered and what stayed float.
-    """
-    from pipeline.compiler import backend
-
-    if kwargs.get("params_mode", "embedded") != "embedded":
-        raise PipelineError(
-            "precision int8 folds weights and scales into integer constants at compile time; "
-            "use --params embedded"
-        )
-    import onnx
-
-    onnx_path = Path(onnx_path)
-    if onnx_path.is_file():
-        ops = {node.op_type for node in onnx.load(str(onnx_path), load_external_data=False).graph.node}
-        if "DequantizeLinear" not in ops:
-            raise PipelineError(
-                f"{onnx_path} is a float model; precision int8 compiles the QDQ model that "
-                "`pipeline quantize` writes"
-            )
-    report = Int8Report()
-    # Params are bound by the time rewrites run, which the lowering needs.
-    info = backend.compile_onnx(
-        onnx_path, target, library_path, rewrites=int8_rewrites(target, report), **kwargs
-    )
-    if not report.lowered:
-        raise PipelineError(
-            f"{onnx_path} has no quantized convolution or matmul to compile in int8; "
-            "pass the model `pipeline quantize` writes (QDQ format)"
-        )
-    info["int8"] = report.to_dict()
-    return info

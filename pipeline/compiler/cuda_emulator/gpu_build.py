@@ -12,9 +12,8 @@ import numpy as np
 import tvm
 
 from pipeline.compiler import backend, phases, weight_params
-from pipeline.compiler.onnx_import import import_relax, resolve_input
+from pipeline.compiler.fused import CompileOptions, fuse_model
 from pipeline.compiler.schedules import gpu as gpu_schedules
-from pipeline.onnx_io import load_onnx
 from targets import Target
 
 
@@ -39,19 +38,15 @@ class FusedModel:
 
 def fused_model(onnx_path: Path, target: Target, *, precision: str = "fp16",
                 input_shape: tuple[int, ...] | None = None, gpu_split_k: bool = True) -> FusedModel:
-    """Compile's phases up to scheduling on ``onnx_path``, weights passed separately (as the
-    GPU bundle compiles); ``gpu_split_k`` as compile's."""
-    model = load_onnx(onnx_path)
-    name, shape, dtype = resolve_input(model, None, input_shape)
-    mod, param_names, param_values = import_relax(model, onnx_path, name, shape, dtype)
-    all_phases = [*phases.precision_phases(precision, target), *phases.relax_phases(target, gpu_split_k=gpu_split_k)]
-    with tvm.target.Target(target.tvm_target), tvm.transform.PassContext(config=phases.pass_config(target)):
-        for phase, passes in phases.phases_before(all_phases, "schedule"):
-            mod = tvm.transform.Sequential(passes, name=phase)(mod)
-    main = mod["main"]
-    dtypes = [str(var.ty.dtype) for var in main.params[len(main.params) - len(param_names):]]
-    return FusedModel(mod, weight_params.saved_weights(param_names, param_values, dtypes,
-                                                       weight_params.param_transforms(main)))
+    """Compile's phases up to scheduling on ``onnx_path`` (fused.fuse_model), weights passed
+    separately (as the GPU bundle compiles); ``gpu_split_k`` as compile's."""
+    options = CompileOptions(precision=precision, params_mode="separate", gpu_split_k=gpu_split_k,
+                             input_shape=input_shape)
+    fused = fuse_model(onnx_path, target, options)
+    main = fused.module["main"]
+    dtypes = [str(var.ty.dtype) for var in main.params[len(main.params) - len(fused.param_names):]]
+    return FusedModel(fused.module, weight_params.saved_weights(fused.param_names, fused.param_values, dtypes,
+                                                                fused.param_transforms))
 
 
 def model_gpu_kernels(onnx_path: Path, target: Target, *, precision: str = "fp16",

@@ -11,11 +11,8 @@ import tvm_ffi
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.analysis import estimate_tir_flops
 
-from pipeline.compiler.onnx_import import bind_weights, import_relax, resolve_input
-from pipeline.compiler.phases import phases_before, relax_phases
-from pipeline.onnx_io import load_onnx
+from pipeline.compiler.fused import CompileOptions, fuse_model
 from targets import Target
-
 
 
 @dataclass
@@ -41,25 +38,14 @@ class Task:
 
 
 def fused_module(
-    onnx_path: Path, target: Target, input_shape: tuple[int, ...] | None = None,
-    rewrites: tuple[tuple[str, list], ...] = (),
+    onnx_path: Path, target: Target, input_shape: tuple[int, ...] | None = None, precision: str = "fp32",
 ) -> tuple[tvm.IRModule, tvm.target.Target]:
-    """The model after compile's phases up to scheduling: the PrimFuncs that compile schedules.
-
-    Uses compile's own import and pass list (pipeline/compiler/phases.py, after ``rewrites``
-    as compile_onnx runs them: the INT8 lowering), so the tasks tuned here are exactly the
-    functions compile looks up (with embedded weights, the default)."""
-    onnx_path = Path(onnx_path)
-    model = load_onnx(onnx_path)
-    name, shape, dtype = resolve_input(model, None, input_shape)
-    mod, _, param_values = import_relax(model, onnx_path, name, shape, dtype)
-    mod = bind_weights(mod, param_values)
-    tvm_target = tvm.target.Target(target.tvm_target)
-    with tvm_target:
-        for phase, passes in [*rewrites, *phases_before(relax_phases(target), "schedule")]:
-            if passes:
-                mod = tvm.transform.Sequential(passes, name=phase)(mod)
-    return mod, tvm_target
+    """The model after compile's phases up to scheduling (fused.fuse_model, with embedded
+    weights as compile's default): the PrimFuncs that compile schedules, so the tasks tuned
+    here are exactly the functions compile looks up. ``precision`` "int8" takes the QDQ
+    model and runs its integer lowering, as compile does."""
+    fused = fuse_model(onnx_path, target, CompileOptions(precision=precision, input_shape=input_shape))
+    return fused.module, fused.tvm_target
 
 
 def extract_tasks(mod: tvm.IRModule, tvm_target: tvm.target.Target) -> list[Task]:
