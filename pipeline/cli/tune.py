@@ -100,16 +100,12 @@ def tune_command(**options) -> None:
     log(settings.describe())
 
     provided = {"weights": config.weights} if config.weights is not None else {}
-    rewrites: tuple = ()
     if precision == "int8":
         # The tasks compile will look up: the QDQ model with its integer lowering. Their
         # zero points are part of the kernels, so records fit this calibration's model;
         # kernels of another calibration that differ fall back to default schedules.
-        from pipeline.compiler.int8 import Int8Report, int8_rewrites
-
         results = run_pipeline(STAGES, config, resolved, "quantize", provided)
         onnx_path = results["quantize"].outputs["onnx_quantized"]
-        rewrites = int8_rewrites(resolved, Int8Report())
     else:
         results = run_pipeline(STAGES, config, resolved, "simplify", provided)
         onnx_path = results["simplify"].outputs["onnx_simplified"]
@@ -118,7 +114,7 @@ def tune_command(**options) -> None:
         # timed on another CPU model); tasks a resumed run already seeded are not redone.
         seed_dir = database.seed_database(config.artifacts, resolved, key, exclude=db_dir)
         summary = tuner.tune(
-            onnx_path, resolved, db_dir, key, settings, rewrites=rewrites, seed_dir=seed_dir,
+            onnx_path, resolved, db_dir, key, settings, precision=precision, seed_dir=seed_dir,
             input_shape=(config.batch_size, config.in_chans, config.input_size, config.input_size),
             command="pipeline " + shlex.join(sys.argv[1:]),
         )

@@ -90,16 +90,12 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
 
     # One line: the reason where the target has one (int8 on a GPU target), else what it offers.
     target.check_precision(config.precision)
-    if config.precision == "int8":
-        # The QDQ model from the quantize stage, with its convolutions and matmuls lowered
-        # to int8 x int8 -> int32 (pipeline/compiler/int8.py).
-        from pipeline.compiler.int8 import compile_onnx_int8 as compile_onnx
     library = out_dir / "model.so"
-    extra = {"precision": config.precision} if config.precision == "fp16" else {}
-    if target.device == "cuda":
-        extra["gpu_split_k"] = config.gpu_split_k
+    # int8: the QDQ model from the quantize stage (model_input), its convolutions and
+    # matmuls lowered to int8 x int8 -> int32 (pipeline/compiler/int8.py).
     info = compile_onnx(
-        inputs[model_input(config)[0]], target, library, **extra,
+        inputs[model_input(config)[0]], target, library, precision=config.precision,
+        gpu_split_k=config.gpu_split_k if target.device == "cuda" else True,
         params_mode=config.params_mode,
         input_shape=(config.batch_size, config.in_chans, config.input_size, config.input_size),
         tuning_database=tuning_database(config, target),

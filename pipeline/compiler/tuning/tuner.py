@@ -325,7 +325,7 @@ def tune(
     settings: TuneSettings,
     *,
     input_shape: tuple[int, ...] | None = None,
-    rewrites: tuple[tuple[str, list], ...] = (),
+    precision: str = "fp32",
     seed_dir: Path | None = None,
     command: str = "",
     say: Callable[[str], None] = log,
@@ -378,7 +378,7 @@ def tune(
         if seed_database is not None:
             say(f"[tune] starting from the records of {seed_dir} ({cpu_tag(read_meta(seed_dir)['target_json'])})")
 
-    mod, tvm_target = fused_module(onnx_path, target, input_shape, rewrites)
+    mod, tvm_target = fused_module(onnx_path, target, input_shape, precision)
     all_tasks = [_in_stored_names(task, database, seed_database) for task in extract_tasks(mod, tvm_target)]
     state = _load_state(db_dir) if settings.resume else {}
     chosen = all_tasks[: settings.max_tasks] if settings.max_tasks else all_tasks
