@@ -51,6 +51,9 @@ class PipelineConfig:
     # Where things go
     artifacts: Path = Path("artifacts")
     reports_dir: Path = Path("reports")
+    # The report replaces the committed one in reports_dir even where that one measured other
+    # settings (else it is written beside it: reports/committed.py).
+    replace_report: bool = False
 
     def describe(self) -> str:
         """The resolved settings, one per line, for the start of a run."""

@@ -22,7 +22,7 @@ from pipeline.config import PARAMS_MODES, PRECISIONS, PipelineConfig
 from pipeline.errors import PipelineError
 
 # Options that only matter when the artifact is measured (bench, evaluate, report, run).
-MEASUREMENT_OPTIONS = ("warmup", "repeats", "eval_limit", "rpc_tracker", "rpc_key", "reports_dir")
+MEASUREMENT_OPTIONS = ("warmup", "repeats", "eval_limit", "rpc_tracker", "rpc_key", "reports_dir", "replace_report")
 
 
 def _options(
@@ -53,6 +53,7 @@ def _options(
     rpc_key: Annotated[Optional[str], typer.Option(help="The board's key at the tracker (default: the target's).")] = None,
     artifacts: Annotated[Path, typer.Option(help="Artifacts directory (content-keyed cache).")] = Path("artifacts"),
     reports_dir: Annotated[Path, typer.Option(help="Where `report` writes <target>/report.md.")] = Path("reports"),
+    replace_report: Annotated[bool, typer.Option(help="Replace the report in --reports-dir even where it measured other settings (model, data, images, repeats, calibration); without it such a run is written beside it, in <target>/<what differs>/.")] = False,
     force: Annotated[bool, typer.Option(help="Re-run this stage even if a cached result exists.")] = False,
 ) -> None:
     """Signature holder: the options, their types, defaults and help."""
@@ -85,7 +86,7 @@ def config_from_options(options: dict[str, Any]) -> PipelineConfig:
     """The PipelineConfig of a command's options (the names of `_options`; others are ignored)."""
     direct = ("variant", "num_classes", "in_chans", "seed", "input_size", "batch_size", "opset", "dynamic_batch",
               "precision", "tuning_records", "gpu_split_k", "warmup", "repeats", "data", "preprocessing", "calib_data", "calib_size",
-              "calib_method", "rpc_tracker", "rpc_key", "artifacts", "reports_dir")
+              "calib_method", "rpc_tracker", "rpc_key", "artifacts", "reports_dir", "replace_report")
     values = {name: options[name] for name in direct if name in options}
     # The three whose command-line form differs from the config's.
     if "weights" in options:

@@ -67,6 +67,8 @@ def load_inputs(config: PipelineConfig, in_chans: int, input_size: int):
     description = {
         "source": dataset.source,
         "description": dataset.description,
+        # What a committed report is compared by before a new one replaces it (stages/report.py).
+        "preprocessing": config.preprocessing,
         "count": len(dataset),
         "skipped": len(dataset.skipped),
         "skipped_examples": [f"{path}: {reason}" for path, reason in dataset.skipped[:5]],
@@ -156,6 +158,7 @@ STAGE = Stage(
     outputs=("accuracy",),
     settings=settings,
     run=run,
-    # 2: the record names the model's outputs, the largest label and the skipped files.
-    version=2,
+    # 2: the record names the model's outputs, the largest label and the skipped files;
+    # 3: and the data's preprocessing.
+    version=3,
 )

@@ -56,7 +56,9 @@ def model_summary(inputs: dict[str, Path]) -> dict:
     simplify = artifacts.manifest_beside(inputs["onnx_simplified"])
     compiled = artifacts.manifest_beside(inputs["library"])
     tuning = compiled.get("info", {}).get("tuning", "untuned")
-    return {
+    # A user's ONNX file has no build behind it: its hash is what names the model.
+    onnx = {} if "checkpoint" in inputs else {"onnx_sha256": artifacts.file_sha256(Path(inputs["onnx_simplified"]))}
+    return onnx | {
         "variant": build.get("settings", {}).get("variant", "user-supplied ONNX"),
         "num_classes": build.get("settings", {}).get("num_classes"),
         "parameters": build.get("info", {}).get("parameters"),
@@ -77,7 +79,53 @@ def model_summary(inputs: dict[str, Path]) -> dict:
     }
 
 
+def measured(latency: dict, accuracy: dict, quantization: dict | None = None) -> dict:
+    """What a report measures, read from its records (committed ones too, whatever wrote
+    them): the model, the input, the data and how many images, how latency was timed and, for
+    INT8, how the model was calibrated. Not the machine, tools or tuning records: re-measuring
+    the same thing elsewhere or after tuning is what replaces a report."""
+    model = latency.get("model") or accuracy.get("model") or {}
+    tvm = latency.get("backends", {}).get("tvm", {})
+    data = accuracy.get("data", {})
+    shape = latency.get("input_shape")
+    settings = {
+        "variant": model.get("variant"),
+        "classes": model.get("num_classes"),
+        # The file's hash names trained weights; random ones are named by their seed.
+        "weights": (model.get("weights_sha256") or "")[:12] or model.get("weights"),
+        "onnx": (model.get("onnx_sha256") or "")[:12] or None,
+        "input": "x".join(str(n) for n in shape) if shape else None,
+        "warmup": latency.get("warmup"),
+        "repeats": tvm.get("repeats"),
+        "data": data.get("source"),
+        "images": data.get("count"),
+        "preprocessing": data.get("preprocessing"),
+    }
+    if quantization:
+        method, calibration = quantization.get("settings", {}), quantization.get("calibration", {})
+        percentile = method.get("percentile") if method.get("method") == "percentile" else None
+        settings |= {
+            "calib-method": f"{method.get('method')}-{percentile}" if percentile else method.get("method"),
+            "calib-per-channel": method.get("per_channel"),
+            "calib-exclude": ",".join(method.get("exclude") or []) or "none",
+            "calib-data": calibration.get("source"),
+            "calib-images": calibration.get("count"),
+        }
+    return settings
+
+
+def committed_measured(folder: Path) -> dict | None:
+    """What the report committed in `folder` measures; None when it holds none."""
+    from reports.committed import read_record
+
+    latency, accuracy = read_record(folder / "latency.json"), read_record(folder / "accuracy.json")
+    if latency is None and accuracy is None:
+        return None
+    return measured(latency or {}, accuracy or {}, read_record(folder / "quantization.json"))
+
+
 def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir: Path) -> dict:
+    from reports.committed import place
     from reports.target_report import render_report
 
     latency = json.loads(Path(inputs["latency"]).read_text())
@@ -99,9 +147,15 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
         )
     (out_dir / "report.md").write_text(markdown)
 
-    # The committed copy: one folder per target, or per target and precision beyond FP32.
-    folder = target.name if config.precision == "fp32" else f"{target.name}-{config.precision}"
-    destination = Path(config.reports_dir) / folder
+    # The committed copy: one folder per target, or per target and precision beyond FP32;
+    # beside it where that one measured something else (reports/committed.py).
+    folder = Path(config.reports_dir) / (target.name if config.precision == "fp32" else f"{target.name}-{config.precision}")
+    quantization = (portable(json.loads(Path(inputs["quantization_report"]).read_text()))
+                    if "quantization_report" in inputs else None)
+    committed = None if config.replace_report else committed_measured(folder)
+    destination, note = place(folder, committed, measured(latency, accuracy, quantization))
+    if note:
+        log(f"[report] {note}")
     artifacts.atomic_write_json(destination / "latency.json", latency)
     artifacts.atomic_write_json(destination / "accuracy.json", accuracy)
     artifacts.atomic_write_text(destination / "report.md", markdown)
