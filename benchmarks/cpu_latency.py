@@ -85,7 +85,7 @@ def tvm_artifacts(config, target, schedules: tuple[str, ...], kernels) -> tuple[
     return results, artifacts
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", "--variant", default="tiny", help="comma-separated ConvNeXt variants")
     parser.add_argument("--input-size", type=int, default=224)
@@ -96,8 +96,67 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--artifacts", type=Path, default=REPO / "artifacts")
-    parser.add_argument("--json", type=Path, help="also write the rows here")
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, help="also write the rows here (and the table beside it, .txt); a file "
+                        "of other settings is kept, and this run written to <its folder>/<what differs>/")
+    parser.add_argument("--replace-report", action="store_true",
+                        help="replace the --json file even where it measured other settings")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """What a run measures: the record of one is replaced only by a run of the same
+    (reports/committed.py)."""
+    from reports.committed import listed
+
+    return {
+        "variants": listed(args.variants), "input-size": args.input_size, "classes": args.num_classes,
+        "batches": listed(args.batches), "schedules": listed(args.schedules), "warmup": args.warmup,
+        "repeats": args.repeats,
+    }
+
+
+def recorded_settings(record: dict) -> dict:
+    """settings() of a written record; of a record from before it kept them, its command line's."""
+    import contextlib
+    import io
+    import shlex
+
+    from pipeline.errors import PipelineError
+
+    if isinstance(record.get("settings"), dict):
+        return record["settings"]
+    command = record.get("provenance", {}).get("command", "")
+    try:
+        # argparse prints its usage before it gives up: the one line below says it instead.
+        with contextlib.redirect_stderr(io.StringIO()):
+            return settings(build_parser().parse_known_args(shlex.split(command)[1:])[0])
+    except (SystemExit, ValueError):
+        raise PipelineError(f"the record's command line '{command}' does not say what it measured; pass "
+                            f"--replace-report to replace it") from None
+
+
+def destination(args: argparse.Namespace) -> Path | None:
+    """Where --json goes: there, or beside a record of other settings (printing so)."""
+    from reports.committed import place, read_record
+
+    if args.json is None:
+        return None
+    committed = None if args.replace_report else read_record(args.json)
+    folder, note = place(args.json.parent, None if committed is None else recorded_settings(committed),
+                         settings(args), args.json.name)
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    return folder / args.json.name
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    # Before any measuring: the line saying where the record goes is the first one printed.
+    json_path = destination(args)
 
     from pipeline.runtime.runtime_only import configure_cpu_threads
 
@@ -173,13 +232,24 @@ def main() -> None:
                 f"{cost['seconds_to_within'] / 60:.1f} min"
             )
     print("\n" + "\n".join(lines))
-    if args.json:
+    if json_path:
         from pipeline.provenance import provenance, write_measurement
 
         record = {"models": [f"convnext-{v} {args.input_size}x{args.input_size}" for v in args.variants.split(",")],
-                  "target": target.tvm_target, "sgemm_gflops": sgemm, "rows": rows, "provenance": provenance()}
-        write_measurement(args.json, record, lines)
+                  "settings": settings(args), "target": target.tvm_target, "sgemm_gflops": sgemm, "rows": rows,
+                  "provenance": provenance()}
+        write_measurement(json_path, record, lines)
+        print(f"json: {json_path}")
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.errors import EXIT_USER_ERROR, PipelineError
+
+    try:
+        main()
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted; finished stages are kept in the artifacts cache", file=sys.stderr)
+        sys.exit(130)

@@ -61,8 +61,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--artifacts", type=Path, default=REPO / "artifacts")
-    parser.add_argument("--json", type=Path, help="also write the results here, and the table beside it (.txt)")
+    parser.add_argument("--json", type=Path, help="also write the results here, and the table beside it (.txt); a "
+                        "file of other settings is kept, and this run written to <its folder>/<what differs>/")
+    parser.add_argument("--replace-report", action="store_true",
+                        help="replace the --json file even where it measured other settings")
     return parser.parse_args(argv)
+
+
+def model_record(args: argparse.Namespace) -> dict:
+    """The record's "model": what was built, quantized and compared."""
+    return {
+        "variant": args.variant, "input_size": args.input_size, "num_classes": args.num_classes,
+        "weights": str(args.weights) if args.weights else f"random init (seed {args.seed})",
+        "data": args.data, "preprocessing": args.preprocessing,
+        "calib_size": args.calib_size, "calib_method": args.calib_method,
+    }
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """What a run measures: the record of one is replaced only by a run of the same
+    (reports/committed.py)."""
+    from pipeline.provenance import portable
+    from reports.committed import listed
+
+    model = portable(model_record(args))
+    return {**{key.replace("_", "-"): value for key, value in model.items()}, "warmup": args.warmup,
+            "repeats": args.repeats, "eval-images": args.eval_images, "batches": listed(args.batches)}
+
+
+def recorded_settings(record: dict) -> dict:
+    """settings() of a written record; of a record from before it kept them, read from its fields."""
+    if isinstance(record.get("settings"), dict):
+        return record["settings"]
+    model = record.get("model", {})
+    return {**{key.replace("_", "-"): value for key, value in model.items()}, "warmup": record.get("warmup"),
+            "repeats": record.get("repeats"), "eval-images": record.get("evaluation", {}).get("count"),
+            "batches": ",".join(str(result.get("batch")) for result in record.get("batches", []))}
+
+
+def destination(args: argparse.Namespace) -> Path | None:
+    """Where --json goes: there, or beside a record of other settings (printing so)."""
+    from reports.committed import place, read_record
+
+    if args.json is None:
+        return None
+    committed = None if args.replace_report else read_record(args.json)
+    folder, note = place(args.json.parent, None if committed is None else recorded_settings(committed),
+                         settings(args), args.json.name)
+    if note:
+        log(note)
+    return folder / args.json.name
 
 
 def image_key(image: np.ndarray) -> str:
@@ -272,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         validate_config(base.replace(batch_size=batch_size, precision="int8"), None)
     check_calibration(base)
     target.check_available()
+    json_path = destination(args)
 
     log(f"held-out images from {args.data} for the accuracy comparison")
     images, evaluation = held_out_images(base, args.eval_images)
@@ -280,12 +329,8 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.provenance import provenance, write_measurement
 
     record = {
-        "model": {
-            "variant": args.variant, "input_size": args.input_size, "num_classes": args.num_classes,
-            "weights": str(args.weights) if args.weights else f"random init (seed {args.seed})",
-            "data": args.data, "preprocessing": args.preprocessing,
-            "calib_size": args.calib_size, "calib_method": args.calib_method,
-        },
+        "model": model_record(args),
+        "settings": settings(args),
         "target": target.tvm_target,
         "target_json": target.target_json(),
         "warmup": args.warmup,
@@ -297,8 +342,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     lines = table(record)
     print("\n" + "\n".join(lines))
-    if args.json:
-        write_measurement(args.json, record, lines)
+    if json_path:
+        write_measurement(json_path, record, lines)
+        print(f"json: {json_path}")
 
 
 if __name__ == "__main__":

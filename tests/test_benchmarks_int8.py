@@ -95,3 +95,37 @@ def test_held_out_images_skip_the_calibration_images_of_the_same_source(tmp_path
     assert not {image.tobytes() for image in held_out} & {image.tobytes() for image in calibration}
     with pytest.raises(PipelineError, match="no images left"):
         _script_module().held_out_images(config.replace(calib_size=20), 4)
+
+
+# --- the committed record is replaced only by a run of the same settings -----------------------
+
+COMMITTED = REPO / "reports" / "benchmarks" / "int8_speed.json"
+
+
+def test_a_narrowed_run_goes_beside_the_committed_record(tmp_path, capsys):
+    script = _script_module()
+    committed = tmp_path / "int8_speed.json"
+    committed.write_bytes(COMMITTED.read_bytes())
+    # The Makefile's defaults, then BENCH_ARGS narrowing them (the last of an option wins).
+    makefile = ["--variant", "tiny", "--batches", "1", "--repeats", "20", "--json", str(committed)]
+    assert script.destination(script.parse_args(makefile)) == committed
+    narrowed = script.parse_args([*makefile, "--variant", "micro", "--input-size", "32"])
+    assert script.destination(narrowed) == tmp_path / "variant-micro_input-size-32" / "int8_speed.json"
+    assert (f"{committed} holds a measurement of other settings (variant tiny there, micro here; input-size 224 "
+            f"there, 32 here)") in capsys.readouterr().err
+    narrowed.replace_report = True
+    assert script.destination(narrowed) == committed
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not fashion_mnist.available(), reason="needs Debian's dataset-fashion-mnist package")
+def test_int8_speed_keeps_a_record_of_other_settings(tmp_path):
+    out = tmp_path / "int8_speed.json"
+    out.write_bytes(COMMITTED.read_bytes())
+    result = run_script(*TINY, "--artifacts", str(tmp_path / "artifacts"), "--json", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == COMMITTED.read_bytes()
+    assert result.stderr.splitlines()[0].startswith(f"[int8_speed] {out} holds a measurement of other settings")
+    beside = Path(result.stdout.strip().splitlines()[-1].removeprefix("json: "))
+    assert beside.parent.parent == tmp_path and json.loads(beside.read_text())["settings"]["variant"] == "micro"
+    assert beside.with_suffix(".txt").is_file()
