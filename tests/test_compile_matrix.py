@@ -228,3 +228,67 @@ def test_bad_arguments_are_one_line_errors_before_any_work(tmp_path, args, fragm
     result = run_matrix_cli(*MODEL_ARGS, *args, "--output", "out", cwd=tmp_path)
     assert_user_error(result, *fragments)
     assert not (tmp_path / "out").exists() and not (tmp_path / "artifacts").exists()
+
+
+# --- a matrix replaces the committed one only when it compiles the same thing -----------------
+
+COMMITTED = REPO / "reports" / "compile-matrix"
+
+
+def invoke_without_compiling(monkeypatch, *args: str):
+    """`pipeline compile-matrix ARGS` with every planned cell 'compiled' at once: what is
+    written where, not the builds, is under test."""
+    from pipeline.cli import compile_matrix
+
+    def run_matrix(config, plan):
+        return [compile_matrix.Cell(target.name, precision, compile_matrix.COMPILED, target_json=target.target_json(),
+                                    compile_s=1.0, library_bytes=1000, kernels=3) for target, precision in plan]
+
+    monkeypatch.setattr(compile_matrix, "run_matrix", run_matrix)
+    app = typer.Typer()
+    register(app)
+    app.command(name="unused")(lambda: None)  # typer runs a lone command without its name
+    return CliRunner().invoke(app, ["compile-matrix", *args])
+
+
+def test_a_narrowed_matrix_goes_beside_the_nightly_one(monkeypatch, tmp_path):
+    output = tmp_path / "compile-matrix"
+    shutil.copytree(COMMITTED, output)
+    result = invoke_without_compiling(monkeypatch, "--variant", "tiny", "--input-size", "224",
+                                      "--targets", "x86,arm-a53,arm-a72", "--precisions", "fp32", "--output", str(output))
+    assert result.exit_code == 0, result.output
+    for name in ("matrix.json", "README.md"):
+        assert (output / name).read_bytes() == (COMMITTED / name).read_bytes(), name
+    beside = output / "targets-x86,arm-a53,arm-a72_precisions-fp32"
+    matrix = json.loads((beside / "matrix.json").read_text())
+    assert [cell["target"] for cell in matrix["cells"]] == ["x86", "arm-a53", "arm-a72"]
+    assert (f"{output}/ holds a measurement of other settings (targets all there, x86,arm-a53,arm-a72 here; "
+            f"precisions all there, fp32 here)") in result.stderr
+    assert "pass --replace-report to replace it instead" in result.stderr
+
+
+def test_the_same_matrix_or_replace_report_replaces_it(monkeypatch, tmp_path):
+    output = tmp_path / "matrix"
+    narrow = ("--variant", "micro", "--input-size", "32", "--targets", "x86", "--precisions", "fp32", "--output", str(output))
+    assert invoke_without_compiling(monkeypatch, *narrow).exit_code == 0
+    (output / "matrix.json").write_text((output / "matrix.json").read_text().replace('"seconds"', '"old_seconds"'))
+    assert invoke_without_compiling(monkeypatch, *narrow).exit_code == 0
+    assert "seconds" in json.loads((output / "matrix.json").read_text())
+    assert [p for p in output.iterdir() if p.is_dir()] == []
+    wider = [arg if arg != "x86" else "x86,arm-a53" for arg in narrow]
+    assert invoke_without_compiling(monkeypatch, *wider, "--replace-report").exit_code == 0
+    assert [c["target"] for c in json.loads((output / "matrix.json").read_text())["cells"]] == ["x86", "arm-a53"]
+    assert [p for p in output.iterdir() if p.is_dir()] == []
+
+
+def test_the_nightly_settings_match_the_committed_matrix():
+    """The committed matrix.json predates its "settings": read from its model and command line,
+    it is what `make compile-matrix` compiles, so the nightly still replaces it."""
+    from pipeline.cli.compile_matrix import MODEL_DEFAULTS, matrix_settings, recorded_settings
+    from pipeline.config import PipelineConfig
+    from reports.committed import differences
+
+    committed = recorded_settings(json.loads((COMMITTED / "matrix.json").read_text()))
+    nightly = PipelineConfig(**MODEL_DEFAULTS, input_size=224)
+    assert differences(committed, matrix_settings(nightly, "", "all")) == {}
+    assert differences(committed, matrix_settings(nightly, "x86", "all")) == {"targets": ("all", "x86")}

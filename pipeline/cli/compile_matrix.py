@@ -243,14 +243,58 @@ def model_description(config) -> dict[str, Any]:
     }
 
 
-def matrix_record(cells: list[Cell], config, seconds: float) -> dict[str, Any]:
-    """Everything matrix.json holds: the model, where and when, and every cell."""
+def _asked(targets: str, precisions: str) -> dict[str, str]:
+    """--targets and --precisions as compared: 'all' for every one, so that a target added
+    later still makes the same matrix."""
+    asked = resolve_precisions(precisions)
+    return {"targets": ",".join(split_list(targets)) or "all",
+            "precisions": ",".join(asked) if asked is not None else "all"}
+
+
+def _flat(model: dict[str, Any]) -> dict[str, Any]:
+    return {key.replace("_", "-"): value for key, value in model.items()}
+
+
+def matrix_settings(config, targets: str, precisions: str) -> dict[str, Any]:
+    """What a matrix compiles: the model, and the targets and precisions asked for. A matrix
+    replaces one of the same only (reports/committed.py)."""
+    from pipeline.provenance import portable
+
+    return _flat(portable(model_description(config))) | _asked(targets, precisions)
+
+
+def _last_value(command: str, option: str) -> str | None:
+    """The value of the last `option` on a recorded command line (the last one wins)."""
+    import shlex
+
+    tokens, value = shlex.split(command), None
+    for index, token in enumerate(tokens):
+        if token == option and index + 1 < len(tokens):
+            value = tokens[index + 1]
+        elif token.startswith(option + "="):
+            value = token.split("=", 1)[1]
+    return value
+
+
+def recorded_settings(record: dict[str, Any]) -> dict[str, Any]:
+    """matrix_settings() of a written matrix.json; of one from before it kept them, read from
+    its model and its command line."""
+    if isinstance(record.get("settings"), dict):
+        return record["settings"]
+    command = record.get("provenance", {}).get("command", "")
+    return _flat(record.get("model", {})) | _asked(_last_value(command, "--targets") or "",
+                                                   _last_value(command, "--precisions") or "all")
+
+
+def matrix_record(cells: list[Cell], config, seconds: float, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything matrix.json holds: the model, what was asked, where and when, and every cell."""
     from pipeline.provenance import provenance
 
     offered = [cell for cell in cells if cell.status in (COMPILED, FAILED)]
     return {
         "format": 1,
         "model": model_description(config),
+        "settings": settings,
         "provenance": provenance(),
         "seconds": round(seconds, 1),
         "counts": {status: sum(cell.status == status for cell in cells)
@@ -353,7 +397,8 @@ MODEL_DEFAULTS = {"variant": "tiny", "data": "fashion-mnist"}
 def _matrix_options(
     targets: Annotated[str, typer.Option(help="Comma-separated target names (default: every target `pipeline targets` lists).")] = "",
     precisions: Annotated[str, typer.Option(help="Comma-separated precisions, or 'all': every precision each target offers, plus fp32 and int8 (shown as 'not offered' where missing).")] = "all",
-    output: Annotated[Path, typer.Option(help="Folder for matrix.json and README.md.")] = Path("reports/compile-matrix"),
+    output: Annotated[Path, typer.Option(help="Folder for matrix.json and README.md; a matrix of other settings there is kept, and this one written to OUTPUT/<what differs>/.")] = Path("reports/compile-matrix"),
+    replace_report: Annotated[bool, typer.Option(help="Replace the matrix in --output even where it compiled other settings (model, targets, precisions).")] = False,
 ) -> None:
     """Signature holder: the matrix's own options, appended to the model options."""
 
@@ -362,18 +407,24 @@ def compile_matrix(**options) -> None:
     """Compile the model for every target and precision; write OUTPUT/matrix.json and README.md. Exits 1 if an offered cell failed."""
     from pipeline.cli.options import config_from_options, validate_config
     from pipeline.engine import log
+    from reports.committed import place, read_record
 
     config = config_from_options(options)
-    targets, precisions, output = options["targets"], options["precisions"], options["output"]
+    targets, precisions, output = options["targets"], options["precisions"], Path(options["output"])
     # Every bad argument is reported before the first (long) build starts.
     validate_config(config, None)
     plan = plan_cells(resolve_targets(targets), resolve_precisions(precisions))
     if any(precision == "int8" and precision in target.precisions for target, precision in plan):
         check_calibration(config)
+    settings = matrix_settings(config, targets, precisions)
+    committed = None if options["replace_report"] else read_record(output / MATRIX_FILE)
+    output, note = place(output, None if committed is None else recorded_settings(committed), settings)
+    if note:
+        log(f"[matrix] {note}")
 
     started = time.perf_counter()
     cells = run_matrix(config, plan)
-    record = matrix_record(cells, config, time.perf_counter() - started)
+    record = matrix_record(cells, config, time.perf_counter() - started, settings)
     matrix, readme = write_report(output, record)
     print(f"matrix: {matrix}")
     print(f"readme: {readme}")
