@@ -8,9 +8,17 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
+import json
 import os
+import pickle
+import pickletools
 import re
+import shlex
+import sys
 import tempfile
+import warnings
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -84,15 +92,22 @@ def torchvision_key_to_official(key: str) -> str:
 
 def unwrap_state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
     """The state_dict inside a checkpoint ({"model": sd}, {"state_dict": sd}, {"model_ema": sd} or bare),
-    with a DataParallel/DDP "module." prefix removed."""
+    with a DataParallel/DDP "module." prefix removed. A whole pickled model (torch.save(model), bare or
+    under one of those keys) gives its state_dict: only a weights_only=False load yields one, and the
+    re-save recipe of `_load_file` relies on this."""
+    if isinstance(checkpoint, nn.Module):
+        checkpoint = checkpoint.state_dict()
     if not isinstance(checkpoint, Mapping):
         raise PipelineError(
             f"checkpoint holds a {type(checkpoint).__name__}, not a dict of tensors; "
             "save it with torch.save(model.state_dict(), path)"
         )
     for wrapper in _WRAPPER_KEYS:
-        if isinstance(checkpoint.get(wrapper), Mapping):
-            checkpoint = checkpoint[wrapper]
+        inner = checkpoint.get(wrapper)
+        if isinstance(inner, nn.Module):
+            inner = inner.state_dict()
+        if isinstance(inner, Mapping):
+            checkpoint = inner
             break
     sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in checkpoint.items()}
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
@@ -202,21 +217,128 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+# Standard-library callables a pickle can call to run commands or code on load. A checkpoint that
+# names one is not weights with an odd wrapper: no re-save recipe is offered for it.
+_CODE_MODULES = frozenset({
+    "os", "posix", "nt", "sys", "subprocess", "importlib", "runpy", "pty", "socket", "shutil", "ctypes",
+    "code", "codeop", "pickle", "marshal", "webbrowser", "multiprocessing", "operator", "functools", "types",
+})
+_CODE_BUILTINS = frozenset({"eval", "exec", "compile", "__import__", "getattr", "setattr", "open", "breakpoint"})
+_STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING",
+                         "BINSTRING", "STRING"})
+
+
+def pickle_globals(path: Path) -> list[str] | None:
+    """The globals ("module.name") the pickles of a checkpoint would import, read without running
+    anything; None when the file holds no pickle. torch.save's zip keeps its pickle in `*/data.pkl`;
+    the legacy torch.save format and a plain pickle.dump file are pickles back to back (raw storage
+    bytes after them end the scan)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                streams = [archive.read(name) for name in archive.namelist() if name.endswith(".pkl")]
+        else:
+            streams = [path.read_bytes()]
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        return None
+    # Protocol 2 and later (torch.save's and pickle.dump's) start with PROTO; random bytes rarely do.
+    streams = [data for data in streams if data[:1] == pickle.PROTO]
+    found: list[str] = []
+    complete = False
+    for data in streams:
+        stream = io.BytesIO(data)
+        while stream.tell() < len(data):
+            pushed: list[Any] = []  # strings and memo reads, for STACK_GLOBAL's two operands
+            memo: dict[Any, Any] = {}
+            try:
+                for opcode, arg, _ in pickletools.genops(stream):
+                    name = opcode.name
+                    if name == "GLOBAL":
+                        found.append(arg.replace(" ", "."))
+                    elif name == "STACK_GLOBAL" and len(pushed) >= 2:
+                        found.append(f"{pushed[-2]}.{pushed[-1]}")
+                    elif name in _STRING_OPS:
+                        pushed.append(arg.decode("latin-1") if isinstance(arg, bytes) else arg)
+                    elif name == "MEMOIZE" and pushed:
+                        memo[len(memo)] = pushed[-1]
+                    elif name in ("PUT", "BINPUT", "LONG_BINPUT") and pushed:
+                        memo[arg] = pushed[-1]
+                    elif name in ("GET", "BINGET", "LONG_BINGET"):
+                        pushed.append(memo.get(arg))
+            except (ValueError, EOFError, UnicodeDecodeError, pickle.UnpicklingError):
+                break
+            complete = True
+    # Protocol 2 spells Python 3's builtins as Python 2's __builtin__.
+    found = [f"builtins.{name[len('__builtin__.'):]}" if name.startswith("__builtin__.") else name for name in found]
+    return list(dict.fromkeys(found)) if complete else None
+
+
+def _refused_globals(path: Path, message: str) -> list[str]:
+    """The globals of `path` that weights-only loading refuses (those it names in `message` first)."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+        allowed = set(_get_allowed_globals()) | {"argparse.Namespace"}
+    except (ImportError, AttributeError):  # a private helper: without it, name every global
+        allowed = set()
+    # torch's message drops the "builtins." of the names it quotes.
+    named = [name if "." in name else f"builtins.{name}" for name in re.findall(r"GLOBAL (\S+)", message)]
+    return list(dict.fromkeys(named + [g for g in pickle_globals(path) or [] if g not in allowed]))
+
+
+def _runs_code(name: str) -> bool:
+    module, _, attribute = name.rpartition(".")
+    return module.split(".")[0] in _CODE_MODULES or (module == "builtins" and attribute in _CODE_BUILTINS)
+
+
+def resave_recipe(path: Path) -> tuple[str, Path]:
+    """(shell command, file it writes): re-save a trusted checkpoint's weights as a plain state_dict,
+    whatever its layout (official {"model": sd}, timm or torchvision bare state_dicts, a training
+    checkpoint, a whole pickled model); `unwrap_state_dict` does the unwrapping."""
+    out = path.with_name(f"{path.stem}.weights.pth")
+    # JSON strings are Python string literals, and their double quotes sit well inside shell single quotes.
+    load = f'torch.load({json.dumps(str(path))}, map_location="cpu", weights_only=False)'
+    code = (f"import torch; from pipeline.checkpoints import unwrap_state_dict; "
+            f"torch.save(unwrap_state_dict({load}), {json.dumps(str(out))})")
+    return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}", out
+
+
 def _load_file(path: Path) -> Any:
     try:
         # Official training checkpoints carry their argparse.Namespace under "args"; it is plain data,
         # so allow it rather than make users re-save. Anything else unusual is refused below.
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # A plain pickle.dump file makes torch warn about its protocol before refusing it: the
+            # refusal below says what matters, in one line.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load raises many types (UnpicklingError, RuntimeError, KeyError...)
-        message = str(exc)
-        m = re.search(r"Unsupported global: GLOBAL (\S+)", message)
-        if m:
+    except pickle.UnpicklingError as exc:
+        # The weights-only unpickler refused something: say what, from the file itself (nothing ran).
+        reason = str(exc)
+        refused = _refused_globals(path, reason)
+        code = [name for name in refused if _runs_code(name)]
+        if code:
             raise PipelineError(
-                f"checkpoint {path} holds Python objects besides tensors ({m[1]}) that weights-only loading "
-                "refuses; if you trust the file, re-save its weights with "
-                "torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth')"
+                f"checkpoint {path} holds code that would run when it is loaded ({', '.join(code)}); it was not "
+                "loaded and should not be: take the weights from the model's publisher, or re-save them where "
+                "the model was trained with torch.save(model.state_dict(), path)"
             ) from exc
+        if not refused and pickle_globals(path) is None:
+            raise PipelineError(
+                f"{path} is not a PyTorch checkpoint ({type(exc).__name__}); pass a .pth/.pt file written by torch.save"
+            ) from exc
+        recipe, out = resave_recipe(path)
+        if refused:
+            what = (f"holds Python objects outside weights-only loading's allowed list ({', '.join(refused)}), "
+                    "whose code would run when it is loaded")
+        else:
+            detail = next((line.strip() for line in reason.splitlines()[1:] if line.strip()
+                           and not line.startswith(("Please file", "Check the documentation"))), reason)
+            what = f"is a pickle that weights-only loading cannot read ({detail})"
+        raise PipelineError(
+            f"checkpoint {path} {what}; if you trust the file, re-save its weights with: {recipe} "
+            f"-- then use {out}"
+        ) from exc
+    except Exception as exc:  # torch.load raises many types for a file that is no checkpoint (RuntimeError, KeyError...)
         raise PipelineError(
             f"{path} is not a PyTorch checkpoint ({type(exc).__name__}); pass a .pth/.pt file written by torch.save"
         ) from exc

@@ -240,7 +240,92 @@ def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "obj.pth"
     torch.save({"model": create_model("micro").state_dict(), "thing": _Opaque()}, path)
     message = _error(create_model("micro"), path, "micro")
-    assert "_Opaque" in message and "weights_only=False" in message
+    assert message.startswith(f"checkpoint {path} holds Python objects outside weights-only loading's allowed list "
+                              f"({_Opaque.__module__}._Opaque), whose code would run when it is loaded; if you trust "
+                              "the file, re-save its weights with: ")
+    assert "weights_only=False" in message
+
+
+class _RunsCommand:
+    """Unpickling this runs a shell command: what a malicious checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class _Evaluates:
+    def __reduce__(self):
+        return eval, ("1 + 1",)
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "legacy torch.save", "pickle.dump"])
+def test_a_checkpoint_that_holds_code_says_so_and_runs_nothing(tmp_path, writer):
+    import pickle
+
+    path, marker = tmp_path / "payload.pth", tmp_path / "ran"
+    payload = {"model": create_model("micro").state_dict(), "x": _RunsCommand(marker)}
+    if writer == "pickle.dump":
+        path.write_bytes(pickle.dumps(payload, protocol=4))
+    else:
+        torch.save(payload, path, _use_new_zipfile_serialization=writer == "torch.save")
+    message = _error(create_model("micro"), path, "micro")
+    assert message == (
+        f"checkpoint {path} holds code that would run when it is loaded ({os.system.__module__}.system); it was not "
+        "loaded and should not be: take the weights from the model's publisher, or re-save them where the model "
+        "was trained with torch.save(model.state_dict(), path)"
+    )
+    assert not marker.exists()
+    torch.save({"model": {}, "x": _Evaluates()}, path)
+    assert "holds code that would run when it is loaded (builtins.eval)" in _error(create_model("micro"), path, "micro")
+
+
+def _as_module(state_dict) -> torch.nn.Module:
+    """A whole model object (what torch.save(model) pickles) with these keys, built of plain nn.Modules."""
+    root = torch.nn.Module()
+    for key, value in state_dict.items():
+        *parents, name = key.split(".")
+        module = root
+        for part in parents:
+            if part not in module._modules:
+                module.add_module(part, torch.nn.Module())
+            module = module._modules[part]
+        module.register_parameter(name, torch.nn.Parameter(value))
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["official", "timm", "torchvision"])
+@pytest.mark.parametrize("form", ["training checkpoint", "whole model"])
+def test_the_resave_recipe_works_for_every_layout(tmp_path, layout, form):
+    """Run the recipe the message prints, as printed: it must give a file that loads, whatever the layout."""
+    import shlex
+    import subprocess
+
+    import numpy as np
+
+    from conftest import REPO
+
+    source = create_model("micro", num_classes=10, seed=2)
+    weights = {"official": dict, "timm": as_timm, "torchvision": as_torchvision}[layout](source.state_dict())
+    if form == "whole model":
+        payload = _as_module(weights)
+    else:
+        # timm's training script saves its metric as a numpy scalar, which weights-only loading refuses.
+        wrapper = "model" if layout == "official" else "state_dict"
+        payload = {wrapper: weights, "epoch": 3, "metric": np.float64(81.5)}
+    torch.save(payload, tmp_path / "trained.pth")
+    message = _error(create_model("micro", num_classes=10), tmp_path / "trained.pth", "micro")
+    recipe = message.split("re-save its weights with: ")[1]
+    command, _, out = recipe.partition(" -- then use ")
+    result = subprocess.run(shlex.split(command), cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    loaded = create_model("micro", num_classes=10)
+    info = load_weights(loaded, tmp_path / out, "micro")
+    assert info["layout"] == layout and _outputs_equal(source, loaded)
 
 
 def test_wrong_variant_by_keys(tmp_path):
