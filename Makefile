@@ -40,10 +40,13 @@ test: install
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q $(ARGS)
 
-# MetaSchedule tuning; records land in artifacts/tune/<target>/<model>/ and compile reuses them.
-TUNE_ARGS ?= --variant micro --input-size 64 --num-classes 10 --time-budget 30
+# MetaSchedule tuning of the MODEL_ARGS model, the one `make compile` and `make demo` build: its
+# records land in artifacts/tune/<target>/<model>/ and compile applies them (it says how many
+# kernels came from records). Another model: override MODEL_ARGS here and for compile alike.
+# TUNE_ARGS are tune's own options; a run stops at its --time-budget (minutes) and --resume continues.
+TUNE_ARGS ?= --time-budget 30
 tune: install
-	$(PIPELINE) tune --target $(TARGET) $(TUNE_ARGS) $(ARGS)
+	$(PIPELINE) tune --target $(TARGET) $(MODEL_ARGS) $(TUNE_ARGS) $(ARGS)
 
 compile: install
 	$(PIPELINE) compile --target $(TARGET) $(MODEL_ARGS) $(ARGS)

@@ -12,6 +12,7 @@ import inspect
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -33,7 +34,7 @@ MODEL_OPTIONS = (
 def _tune_options(
     trials: Annotated[Optional[int], typer.Option(help="Trials in all for this run (default: trials-per-task for every task tuned).")] = None,
     trials_per_task: Annotated[int, typer.Option(help="At most this many trials per task; a task stops earlier once it stops improving.")] = 64,
-    time_budget: Annotated[Optional[float], typer.Option(help="Stop starting new rounds after this many minutes.")] = None,
+    time_budget: Annotated[Optional[float], typer.Option(help="Stop after this many minutes from the start: no baseline or search round starts later; what was measured is kept and --resume continues.")] = None,
     max_tasks: Annotated[Optional[int], typer.Option(help="Tune only the N tasks with the most FLOPs x occurrences.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an earlier (interrupted) run into the same database.")] = False,
     rpc_timeout: Annotated[float, typer.Option(help="Seconds to wait for the tracker to answer.")] = 30.0,
@@ -49,6 +50,8 @@ def tune_command(**options) -> None:
     from pipeline.stages import STAGES
     from targets import get_target
 
+    # The time budget counts from here: building the model is part of the run.
+    started = time.monotonic()
     trials, trials_per_task, round_trials = options["trials"], options["trials_per_task"], options["round_trials"]
     time_budget, max_tasks = options["time_budget"], options["max_tasks"]
     rpc_tracker, rpc_key, precision = options["rpc_tracker"], options["rpc_key"], options["precision"]
@@ -116,7 +119,7 @@ def tune_command(**options) -> None:
         summary = tuner.tune(
             onnx_path, resolved, db_dir, key, settings, precision=precision, seed_dir=seed_dir,
             input_shape=(config.batch_size, config.in_chans, config.input_size, config.input_size),
-            command="pipeline " + shlex.join(sys.argv[1:]),
+            command="pipeline " + shlex.join(sys.argv[1:]), started=started,
         )
     except KeyboardInterrupt:
         # tune() has said where the records are; exit like any interrupted command.

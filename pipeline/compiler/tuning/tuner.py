@@ -229,6 +229,10 @@ def _fmt_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _budget_spent(settings: TuneSettings, started: float) -> bool:
+    return settings.time_budget_s is not None and time.monotonic() - started >= settings.time_budget_s
+
+
 def _fmt_latency(seconds: float | None, flops: float) -> str:
     if seconds is None:
         return "none yet"
@@ -329,6 +333,7 @@ def tune(
     seed_dir: Path | None = None,
     command: str = "",
     say: Callable[[str], None] = log,
+    started: float | None = None,
 ) -> dict[str, Any]:
     """Tune the model's tasks for target into the database at db_dir.
 
@@ -340,9 +345,13 @@ def tune(
     With `seed_dir` (another database of this model, e.g. the one shipped for another CPU
     model), each task's best record there is timed here and added first: the search starts
     from it (MetaSchedule seeds its population with the best measured records) and the
-    task can only get faster than it."""
+    task can only get faster than it.
+
+    The time budget (`settings.time_budget_s`) counts from `started` (a time.monotonic(),
+    default now) and is checked before each task's baselines and before each round: a run
+    that spends it stops there, its records kept, and says why in the summary's "stopped"."""
     db_dir = Path(db_dir)
-    started = time.monotonic()
+    started = time.monotonic() if started is None else started
     # LocalBuilder ships work to its workers with cloudpickle; the cost model is XGBoost.
     missing = [name for name in ("cloudpickle", "xgboost") if importlib.util.find_spec(name) is None]
     if missing:
@@ -389,7 +398,8 @@ def tune(
             and state[t.key].trials < settings.trials_per_task]
     budget_trials = settings.trials if settings.trials is not None else settings.trials_per_task * len(todo)
     say(f"[tune] {len(all_tasks)} tasks for {target.name}; tuning {len(todo)} "
-        f"({len(chosen) - len(todo)} already done) with up to {budget_trials} trials -> {db_dir}")
+        f"({len(chosen) - len(todo)} already done) with up to {budget_trials} trials -> {db_dir}; "
+        f"first the baselines (each task's default schedule, timed), then the search")
 
     tuner = _Tuner(target, tvm_target, settings, database, db_dir, command, say)
     stop_reason = None
@@ -397,11 +407,16 @@ def tune(
         try:
             # First the default schedule of every chosen task (and its seed record), timed
             # as records: the baselines each task's tuning must beat.
-            for task in chosen:
+            for index, task in enumerate(chosen, start=1):
                 if ctrl_c.requested:
                     stop_reason = "interrupted"
                     break
-                tuner.measure_baselines(task, state[task.key], seed_database)
+                if _budget_spent(settings, started):
+                    measured = sum(1 for t in chosen if state[t.key].default_s is not None)
+                    stop_reason = (f"the time budget ran out while measuring the baselines "
+                                   f"({measured} of {len(chosen)} tasks measured, none searched yet)")
+                    break
+                tuner.measure_baselines(task, state[task.key], seed_database, index, len(chosen), started)
                 _save_state(db_dir, state, command)
             todo = [t for t in todo if state[t.key].status not in FINISHED]  # measure_baselines may keep one
             for index, task in enumerate(todo if stop_reason is None else [], start=1):
@@ -539,10 +554,11 @@ class _Tuner:
             self.say(f"[tune] {task.name}: the seed record does not replay ({str(exc).strip().splitlines()[-1][:160]})")
             return None
 
-    def measure_baselines(self, task: Task, progress: TaskProgress, seed_database) -> None:
+    def measure_baselines(self, task: Task, progress: TaskProgress, seed_database, index: int, count: int,
+                          started: float) -> None:
         """Time the task's default schedule and (with a seed database) its best record
         there, and commit each as a record: the baselines tuning must beat, and what
-        compile uses where tuning does not."""
+        compile uses where tuning does not. Says one line, task `index` of `count`."""
         wanted: list[tuple[str, Schedule, str]] = []
         kind = None
         if progress.default_s is None:
@@ -554,10 +570,14 @@ class _Tuner:
                 wanted.append(("seed_s", sch, "seed record"))
         if not wanted:
             return
+        timed = []
         for (field, sch, what), run_secs in zip(wanted, self._measure(task, [(sch, what) for _, sch, what in wanted])):
             if run_secs is not None:
                 setattr(progress, field, self._commit(task, sch, run_secs, progress))
-                self.say(f"[tune] {task.name}: {what} {_fmt_latency(getattr(progress, field), task.flops)}")
+                timed.append(f"{what} {_fmt_latency(getattr(progress, field), task.flops)}")
+        left = (f"; {_fmt_duration(self.settings.time_budget_s - (time.monotonic() - started))} left of the budget"
+                if self.settings.time_budget_s is not None else "")
+        self.say(f"[tune] baseline {index}/{count} {task.name}: {'; '.join(timed) or 'nothing timed'}{left}")
         if kind == "vnni":
             # MetaSchedule's x86 rules tensorize with TVM's own dot_16x4_vnni, which this
             # LLVM rejects (pipeline/compiler/vnni.py): every candidate would fail to build.
@@ -574,13 +594,12 @@ class _Tuner:
         progress.best_s = _best_record_seconds(self.database, task) or progress.best_s
         stale = failed_rounds = rounds = 0
         while progress.trials < settings.trials_per_task:
-            elapsed = time.monotonic() - started
             if ctrl_c.requested:
                 progress.status = "pending"
                 return "interrupted"
-            if settings.time_budget_s is not None and elapsed >= settings.time_budget_s:
+            if _budget_spent(settings, started):
                 progress.status = "pending"
-                return "time budget spent"
+                return f"the time budget ran out in the search (at task {index} of {count})"
             if self.spent >= budget_trials:
                 progress.status = "pending"
                 return "trial budget spent"
