@@ -114,6 +114,12 @@ class Target:
         return self.tvm_target.get("arch") if self.tvm_target.get("kind") == "cuda" else None
 
     @property
+    def gpu_peaks(self) -> GpuPeaks | None:
+        """The peak rates of the chip this GPU target's figures are for (GPU_PEAKS, by
+        architecture); None for a CPU target or an architecture without figures."""
+        return GPU_PEAKS.get(self.cuda_arch) if self.cuda_arch else None
+
+    @property
     def host_target(self) -> dict[str, Any]:
         """The TVM target of the CPU code: the host of a GPU target, else the target itself."""
         return self.tvm_target.get("host", self.tvm_target)
@@ -185,6 +191,34 @@ def _arm_cpu_target(name: str, board: str, mcpu: str, mattr: tuple[str, ...]) ->
 # SMs of the largest GPU each architecture's target names (RTX 2080 Ti, A100, RTX 3090,
 # RTX 4090, H100/H200 SXM, AGX Orin, AGX Thor): a grid of at least this many blocks fills it.
 SM_COUNTS = {"sm_75": 68, "sm_80": 108, "sm_86": 82, "sm_89": 128, "sm_90": 132, "sm_87": 16, "sm_110": 20}
+
+
+@dataclass(frozen=True)
+class GpuPeaks:
+    """The rates a GPU kernel's roofline bound is computed at (pipeline/compiler/cost.py): those of
+    one chip, named so that a bound always says whose it is."""
+
+    chip: str
+    fp16_tensor_flops: float  # dense, FP32 accumulate (what mixed-precision GEMMs use)
+    fp32_flops: float  # CUDA cores
+    memory_bytes: float  # DRAM bandwidth per second
+    source: str
+
+
+# The same chips as SM_COUNTS, one per architecture.
+GPU_PEAKS = {
+    "sm_75": GpuPeaks("RTX 2080 Ti", 53.8e12, 13.4e12, 616e9, "Turing whitepaper (reference clocks)"),
+    "sm_80": GpuPeaks("A100 SXM 80GB", 312e12, 19.5e12, 2039e9, "A100 data sheet"),
+    "sm_86": GpuPeaks("RTX 3090", 71e12, 35.6e12, 936e9, "GA102 whitepaper"),
+    "sm_89": GpuPeaks("RTX 4090", 165.2e12, 82.6e12, 1008e9, "Ada whitepaper"),
+    # Measured on the lent H200 (issue #16): fp16 tensor-core rate and HBM3e bandwidth; FP32 from its data sheet.
+    "sm_90": GpuPeaks("H200", 790e12, 67e12, 4.3e12, "measured on an H200 (issue #16), FP32 from the data sheet"),
+    # 170 sparse INT8 TOPS -> 42.5 dense FP16 TFLOPS; 5.3 FP32 TFLOPS; 204.8 GB/s LPDDR5.
+    "sm_87": GpuPeaks("Jetson AGX Orin 64GB", 42.5e12, 5.3e12, 204.8e9, "Jetson AGX Orin technical brief"),
+    # 2070 sparse FP4 TFLOPS -> 259 dense FP16 (Blackwell: FP16 is a quarter of FP4); 2560 cores at
+    # 1.575 GHz; 273 GB/s LPDDR5X.
+    "sm_110": GpuPeaks("Jetson AGX Thor", 259e12, 8.06e12, 273e9, "Jetson AGX Thor data sheet, derived"),
+}
 
 
 def _cuda_sm_target(arch: str, gpus: str) -> Target:

@@ -113,6 +113,17 @@ def test_gpu_rows(name, arch, mcpu):
     assert target.precisions == ("fp32", "fp16")
     assert target.precision_note("int8") == targets.GPU_INT8_REASON
     assert target.precision_note("fp16") is None
+    # The roofline bound's figures are the chip's whose SMs the default schedules fill.
+    assert target.gpu_peaks is targets.GPU_PEAKS[arch]
+
+
+def test_every_gpu_architecture_has_the_peaks_of_a_named_chip():
+    assert set(targets.GPU_PEAKS) == set(targets.SM_COUNTS)
+    for peaks in targets.GPU_PEAKS.values():
+        assert peaks.chip and peaks.source
+        # Tensor cores outrun CUDA cores, and every rate is a plausible GPU's.
+        assert 1e12 < peaks.fp32_flops < peaks.fp16_tensor_flops < 1e16 and 1e10 < peaks.memory_bytes < 1e13
+    assert all(get_target(name).gpu_peaks is None for name in FIXED if get_target(name).device == "cpu")
 
 
 def test_cpu_rows_keep_int8_and_have_no_gpu_reason():

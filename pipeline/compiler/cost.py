@@ -1,8 +1,9 @@
 """What each GPU kernel must cost at least, known before a GPU sees it: its FLOPs and the
-bytes of its arguments, and the time those take at the rates of the GPU the check runs on
-(an H200), whichever is longer: a roofline bound per call, times how often the model calls
-the kernel. A schedule is measured against it (compile's info, `cost`), so that the kernels
-furthest from their bound are known before a GPU session starts.
+bytes of its arguments, and the time those take at the peak rates of the target's chip
+(targets.GPU_PEAKS: the chip each architecture's figures are for), whichever is longer: a
+roofline bound per call, times how often the model calls the kernel. A schedule is measured
+against it (compile's info, `cost`), so that the kernels furthest from their bound are known
+before a GPU session starts.
 """
 
 from __future__ import annotations
@@ -14,9 +15,20 @@ import tvm
 from tvm import relax
 from tvm.s_tir.analysis import estimate_tir_flops
 
-# NVIDIA H200 (sm_90): fp16 tensor-core rate and HBM3e bandwidth as measured on the lent
-# machine (issue #16), and the FP32 CUDA-core peak of its data sheet.
-RATES = {"fp16_tensor_flops": 790e12, "fp32_flops": 67e12, "memory_bytes": 4.3e12}
+from targets import GPU_PEAKS, GpuPeaks
+
+# An architecture without figures of its own (a detected GPU newer than the table) is bounded
+# at the H200's, and says so.
+FALLBACK_ARCH = "sm_90"
+
+
+def peaks_for(arch: str | None) -> tuple[GpuPeaks, str]:
+    """(the peaks a kernel of `arch` is bounded at, where they come from, in words)."""
+    if arch in GPU_PEAKS:
+        peaks = GPU_PEAKS[arch]
+        return peaks, f"{arch}: {peaks.source}"
+    peaks = GPU_PEAKS[FALLBACK_ARCH]
+    return peaks, f"no figures for {arch or 'this GPU'}: {FALLBACK_ARCH}'s, {peaks.source}"
 
 
 def _calls(main: relax.Function) -> Counter:
@@ -52,8 +64,16 @@ def _reads_half(func: tvm.tirx.PrimFunc) -> bool:
     return any(str(getattr(param, "dtype", "")) == "float16" for param in func.params)
 
 
-def kernel_costs(mod: tvm.IRModule) -> dict:
-    """The roofline bound of every kernel ``main`` calls, most expensive first, and the sum."""
+def kernel_costs(mod: tvm.IRModule, arch: str | None = None) -> dict:
+    """The roofline bound of every kernel ``main`` calls on a GPU of ``arch`` (default: the
+    current TVM target's, as compile's schedule pass runs inside it), most expensive first,
+    and the sum."""
+    if arch is None:
+        current = tvm.target.Target.current(allow_none=True)
+        arch = str(current.attrs["arch"]) if current is not None and "arch" in current.attrs else None
+    peaks, figures = peaks_for(arch)
+    rates = {"fp16_tensor_flops": peaks.fp16_tensor_flops, "fp32_flops": peaks.fp32_flops,
+             "memory_bytes": peaks.memory_bytes}
     calls = _calls(mod["main"])
     kernels = []
     for gvar, func in mod.functions.items():
@@ -65,17 +85,26 @@ def kernel_costs(mod: tvm.IRModule) -> dict:
         except Exception:  # noqa: BLE001 -- data movement without arithmetic
             flops = 0.0
         moved = _argument_bytes(func)
-        rate = RATES["fp16_tensor_flops"] if _reads_half(func) else RATES["fp32_flops"]
-        bound_s = max(flops / rate, moved / RATES["memory_bytes"])
+        rate = rates["fp16_tensor_flops"] if _reads_half(func) else rates["fp32_flops"]
+        bound_s = max(flops / rate, moved / rates["memory_bytes"])
         kernels.append({
             "kernel": name, "calls": calls[name], "flops": flops, "bytes": moved,
-            "bound": "compute" if flops / rate >= moved / RATES["memory_bytes"] else "memory",
+            "bound": "compute" if flops / rate >= moved / rates["memory_bytes"] else "memory",
             "roofline_us": round(bound_s * 1e6, 6),
         })
     kernels.sort(key=lambda k: -k["roofline_us"] * k["calls"])
     return {
-        "rates": RATES,
+        "chip": peaks.chip,
+        "figures": figures,
+        "rates": rates,
         "kernels": kernels,
         "launches": sum(k["calls"] for k in kernels),
         "roofline_ms": round(sum(k["roofline_us"] * k["calls"] for k in kernels) / 1e3, 6),
     }
+
+
+def roofline_line(cost: dict) -> str:
+    """Compile's one line about the bound: whose peaks, the total, the largest kernels."""
+    top = ", ".join(f"{k['kernel']} {k['roofline_us'] * k['calls']:.1f} us" for k in cost["kernels"][:3])
+    return (f"roofline bound at the {cost['chip']}'s peak rates ({cost['figures']}): {cost['roofline_ms']:.3f} ms "
+            f"in {cost['launches']} launches (largest: {top})")

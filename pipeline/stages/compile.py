@@ -109,9 +109,9 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
             f"{counts['tasks_default']} with default schedules")
     cost = info.get("gpu_cost")
     if cost:
-        top = ", ".join(f"{k['kernel']} {k['roofline_us'] * k['calls']:.1f} us" for k in cost["kernels"][:3])
-        log(f"[compile] roofline bound on an H200: {cost['roofline_ms']:.3f} ms in {cost['launches']} launches "
-            f"(largest: {top})")
+        from pipeline.compiler.cost import roofline_line
+
+        log(f"[compile] {roofline_line(cost)}")
         # pipeline/compiler/split_k.py's partial GEMMs (PARTIAL_GEMM_NAME), a batch of slices of K.
         split = [k for k in cost["kernels"] if k["kernel"].startswith("split_k_matmul") and k.get("gemm")]
         if split:
