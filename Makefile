@@ -9,11 +9,16 @@ TARGET ?= x86
 ARGS ?=
 # The demo's model: the committed ConvNeXt-micro trained on Fashion-MNIST (models/*.json has its
 # record), evaluated on all 10 000 test images; small enough that an untuned CPU build stays quick.
-# MODEL_ARGS go to every model command; MEASURE_ARGS only to those that measure (bench,
-# report, run, reports), since the others take no measuring options.
+# MODEL_ARGS go to every model command; the measuring options only to those that measure (bench,
+# report, run, reports), since the others take no measuring options. MEASURE_ARGS come after
+# MEASURE_DEFAULTS and the last of a repeated option wins: MEASURE_ARGS="--repeats 20" keeps the
+# whole test set (a report of other settings than the committed one goes beside it:
+# reports/committed.py; --replace-report replaces it).
 MODEL_ARGS ?= --variant micro --weights models/convnext-micro-fmnist.pth --num-classes 10 --in-chans 1 \
 	--input-size 32 --data fashion-mnist --preprocessing fashion-mnist
-MEASURE_ARGS ?= --eval-limit 0 --repeats 100
+MEASURE_DEFAULTS := --eval-limit 0 --repeats 100
+MEASURE_ARGS ?=
+MEASURE := $(MEASURE_DEFAULTS) $(MEASURE_ARGS)
 
 .PHONY: install system-deps demo test tune compile compile-matrix bench report reports run package gpu-bundle check-cuda-kernels arm-runtime verify-arm clean
 
@@ -53,28 +58,36 @@ compile: install
 
 # The nightly check (.github/workflows/nightly.yml): ConvNeXt-Tiny compiled for every target in FP32,
 # INT8 and each target's other precisions, into reports/compile-matrix/ (matrix.json, README.md);
-# exits 1 if a cell a target offers failed. E.g. MATRIX_ARGS="--variant tiny --targets x86,arm-a72".
-MATRIX_ARGS ?= --variant tiny --input-size 224
+# exits 1 if a cell a target offers failed. E.g. MATRIX_ARGS="--targets x86,arm-a72" (after the
+# defaults, which it overrides one by one): a matrix of other settings than the committed one is
+# written beside it, in reports/compile-matrix/<what differs>/ (--replace-report replaces it).
+MATRIX_DEFAULTS := --variant tiny --input-size 224
+MATRIX_ARGS ?=
 compile-matrix: install
-	$(PIPELINE) compile-matrix $(MATRIX_ARGS) $(ARGS)
+	$(PIPELINE) compile-matrix $(MATRIX_DEFAULTS) $(MATRIX_ARGS) $(ARGS)
 
 # The target's bench stage, then (on x86) the speed-goal benchmarks: PyTorch vs ONNX Runtime vs
 # TVM on ConvNeXt-T, -S and -B at batch 1 and 8, with the default schedules and (where any match)
 # with the committed tuning records (tuning/x86/); and the
 # INT8 artifact against the FP32 one (speed, size, agreement) on ConvNeXt-T at batch 1.
-BENCH_ARGS ?= --variants tiny,small,base --batches 1,8 --repeats 10
-INT8_BENCH_ARGS ?= --variant tiny --batches 1 --repeats 20
+# BENCH_ARGS and INT8_BENCH_ARGS override the defaults one option at a time; a run of other
+# settings than the committed reports/benchmarks/*.json is written beside them, in
+# reports/benchmarks/<what differs>/ (--replace-report replaces them).
+BENCH_DEFAULTS := --variants tiny,small,base --batches 1,8 --repeats 10
+BENCH_ARGS ?=
+INT8_BENCH_DEFAULTS := --variant tiny --batches 1 --repeats 20
+INT8_BENCH_ARGS ?=
 bench: install
-	$(PIPELINE) bench --target $(TARGET) $(MODEL_ARGS) $(MEASURE_ARGS) $(ARGS)
+	$(PIPELINE) bench --target $(TARGET) $(MODEL_ARGS) $(MEASURE) $(ARGS)
 	if [ "$(TARGET)" = x86 ]; then \
-		$(PY) benchmarks/cpu_latency.py $(BENCH_ARGS) --json reports/benchmarks/cpu_latency.json && \
-		$(PY) benchmarks/int8_speed.py $(INT8_BENCH_ARGS) --json reports/benchmarks/int8_speed.json; fi
+		$(PY) benchmarks/cpu_latency.py $(BENCH_DEFAULTS) $(BENCH_ARGS) --json reports/benchmarks/cpu_latency.json && \
+		$(PY) benchmarks/int8_speed.py $(INT8_BENCH_DEFAULTS) $(INT8_BENCH_ARGS) --json reports/benchmarks/int8_speed.json; fi
 
 report: install
-	$(PIPELINE) report --target $(TARGET) $(MODEL_ARGS) $(MEASURE_ARGS) $(ARGS)
+	$(PIPELINE) report --target $(TARGET) $(MODEL_ARGS) $(MEASURE) $(ARGS)
 
 run: install
-	$(PIPELINE) run --target $(TARGET) $(MODEL_ARGS) $(MEASURE_ARGS) $(ARGS)
+	$(PIPELINE) run --target $(TARGET) $(MODEL_ARGS) $(MEASURE) $(ARGS)
 
 # A device bundle in dist/: artifact, metadata, weights, README, manifest and run.py (TVM runtime +
 # NumPy only).
@@ -106,8 +119,8 @@ verify-arm: install
 # Re-measure the CPU rows (FP32 and INT8 on x86), then rebuild reports/README.md (one table per
 # model, plots, history.jsonl, regression flags) from every reports/*/ folder, measured here or not.
 reports: install
-	$(PIPELINE) run --target x86 $(MODEL_ARGS) $(MEASURE_ARGS) $(ARGS)
-	$(PIPELINE) run --target x86 --precision int8 --calib-method percentile $(MODEL_ARGS) $(MEASURE_ARGS) $(ARGS)
+	$(PIPELINE) run --target x86 $(MODEL_ARGS) $(MEASURE) $(ARGS)
+	$(PIPELINE) run --target x86 --precision int8 --calib-method percentile $(MODEL_ARGS) $(MEASURE) $(ARGS)
 	$(PIPELINE) reports --reports-dir reports
 
 clean:
