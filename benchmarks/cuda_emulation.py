@@ -1,5 +1,5 @@
 """Every GPU kernel of a model as compiled for a CUDA target, run on this CPU by the CUDA
-emulator (pipeline/compiler/cuda_emulator/) and compared with the same kernel unscheduled,
+emulator (pipeline/verify/cuda_emulator/) and compared with the same kernel unscheduled,
 built by TVM for the CPU: what the GPU check will compute, known before a GPU runs it.
 
     make check-cuda-kernels                 # ConvNeXt-T, cuda-sm90: fp32 b1, fp16 b1, fp16 b8
@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from gpu_bundle import parse_configs  # noqa: E402  (the same configurations as the bundle)
 
-from pipeline.compiler.cuda_emulator import gpu_build, kernel_check  # noqa: E402
+from pipeline.verify.cuda_emulator import gpu_build, kernel_check  # noqa: E402
 
 # The emulated model's largest logit error allowed, relative to the reference's largest logit
 # (float16 weights and activations against ONNX Runtime float32).
@@ -69,7 +69,7 @@ def _markdown(record: dict) -> str:
     lines = [
         f"# CUDA kernels of ConvNeXt-{record['variant']} for `{record['target']}`, run by the CUDA emulator",
         "",
-        "Each kernel as compile schedules it, run on the CPU by `pipeline/compiler/cuda_emulator/` (twice: "
+        "Each kernel as compile schedules it, run on the CPU by `pipeline/verify/cuda_emulator/` (twice: "
         "each block's threads first to last, then last to first) and compared with the same kernel "
         "unscheduled, built by TVM for the CPU, on random arguments; then the whole model, compile's GPU "
         "graph with every kernel emulated, against ONNX Runtime float32. Not a GPU run: nvcc's code and "
@@ -211,7 +211,7 @@ def _model_check(onnx_path: Path, target, precision: str, shape: tuple[int, ...]
     import numpy as np
     import onnxruntime as ort
 
-    from pipeline.compiler.cuda_emulator import model_run
+    from pipeline.verify.cuda_emulator import model_run
 
     model = model_run.emulated_model(onnx_path, target, precision=precision, input_shape=shape,
                                      gpu_split_k=gpu_split_k)

@@ -47,7 +47,7 @@ def sweep_kernels(onnx_path: Path, target, batch: int) -> tuple[dict, list[dict]
     in the tile the model chooses for the split."""
     import tvm
 
-    from pipeline.compiler.cuda_emulator.gpu_build import fused_model
+    from pipeline.verify.cuda_emulator.gpu_build import fused_model
     from pipeline.compiler.schedules import gpu_matmul
 
     sm_count = target.sm_count

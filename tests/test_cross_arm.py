@@ -17,6 +17,7 @@ import pytest
 from edge_models import compiled, elf_machine, sample
 from pipeline.cli import cross as cross_cli
 from pipeline.runtime import cross
+from pipeline.verify import qemu
 from pipeline.errors import PipelineError
 from pipeline.compiler.backend import compile_onnx
 from pipeline.runtime.runners import load_artifact
@@ -68,7 +69,7 @@ def test_aarch64_artifact_under_qemu_matches_x86(tmp_path_factory, reference, na
     meta = json.loads(library.with_name("model.so.json").read_text())
     assert meta["target"] == name and meta["host_triple"] == "aarch64-linux-gnu"
 
-    result = cross.verify_under_qemu(library, sample(), reference, atol=ATOL)
+    result = qemu.verify_under_qemu(library, sample(), reference, atol=ATOL)
     assert result["max_abs_error"] <= ATOL
     assert result["top1_agreement"] == 1.0
 

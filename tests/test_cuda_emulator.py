@@ -1,4 +1,4 @@
-"""pipeline/compiler/cuda_emulator: CUDA kernels run on this CPU. Hand-written kernels in
+"""pipeline/verify/cuda_emulator: CUDA kernels run on this CPU. Hand-written kernels in
 TVM's style show what the emulator computes and which faults it reports; then every kernel
 of the micro ConvNeXt, as compile schedules it for an H200, matches its CPU build, and the
 whole model with every kernel emulated computes ONNX Runtime's logits."""
@@ -10,9 +10,9 @@ import pytest
 
 from edge_models import seeded_simplified_onnx
 
-from pipeline.compiler.cuda_emulator import gpu_build, kernel_check, model_run
-from pipeline.compiler.cuda_emulator.program import build_program
-from pipeline.compiler.cuda_emulator.source import UnsupportedCuda, emulation_source, kernel_signatures
+from pipeline.verify.cuda_emulator import gpu_build, kernel_check, model_run
+from pipeline.verify.cuda_emulator.program import build_program
+from pipeline.verify.cuda_emulator.source import UnsupportedCuda, emulation_source, kernel_signatures
 from targets import get_target
 
 # The cp.async helpers as TVM 0.27 writes them into its CUDA source.

@@ -284,8 +284,8 @@ def test_convnext_t_gemm_machine_code_holds_tensor_core_and_async_copy_instructi
 def test_every_convnext_t_kernel_computes_on_the_cuda_emulator_what_its_cpu_build_does(tmp_path):
     """The H200 kernels of ConvNeXt-T fp16 batch 1, as the GPU bundle compiles them (seeded
     weights passed separately, simplified ONNX), each run on this CPU by the CUDA emulator
-    (pipeline/compiler/cuda_emulator/)."""
-    from pipeline.compiler.cuda_emulator import gpu_build, kernel_check
+    (pipeline/verify/cuda_emulator/)."""
+    from pipeline.verify.cuda_emulator import gpu_build, kernel_check
 
     onnx_path = seeded_simplified_onnx(tmp_path / "tiny.onnx", "tiny", 1000, _T_SHAPE)
     kernels = gpu_build.model_gpu_kernels(onnx_path, get_target("cuda-sm90"), precision="fp16", input_shape=_T_SHAPE)

@@ -12,7 +12,7 @@ from tvm import relax
 from tvm.script import relax as R
 
 from pipeline.compiler import phases, split_k
-from pipeline.compiler.cuda_emulator import gpu_build, kernel_check
+from pipeline.verify.cuda_emulator import gpu_build, kernel_check
 from pipeline.compiler.schedules import gpu as gpu_schedules
 from pipeline.compiler.schedules import gpu_matmul
 from targets import SM_COUNTS, get_target

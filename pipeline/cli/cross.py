@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.runtime.cross import aarch64_runtime, check_close, check_qemu_target, run_under_qemu, verify_under_qemu
+from pipeline.runtime.cross import aarch64_runtime, check_qemu_target, run_under_qemu
+from pipeline.verify.qemu import check_close, verify_under_qemu
 
 
 def verify_inputs(config, shape: list[int]) -> tuple[np.ndarray, str]:

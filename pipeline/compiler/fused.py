@@ -2,7 +2,7 @@
 not), run the precision phase and compile's Relax phases up to "schedule".
 
 Compile (backend.compile_onnx), tuning (tuning/tasks.py) and the CUDA emulator
-(cuda_emulator/gpu_build.py) all start here, so the kernels MetaSchedule tunes and the
+(pipeline/verify/cuda_emulator/gpu_build.py) all start here, so the kernels MetaSchedule tunes and the
 emulator checks are the kernels compile builds: a setting that changes the kernels is a
 field of CompileOptions, not an argument one caller remembers and another forgets.
 """

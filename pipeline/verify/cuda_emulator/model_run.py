@@ -13,14 +13,14 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from pipeline.compiler.cuda_emulator.gpu_build import (
+from pipeline.verify.cuda_emulator.gpu_build import (
     fused_model,
     gpu_kernels,
     argument_order,
     kernel_name,
 )
-from pipeline.compiler.cuda_emulator.program import EmulatedProgram, build_program
-from pipeline.compiler.cuda_emulator.source import KernelSignature, kernel_signatures
+from pipeline.verify.cuda_emulator.program import EmulatedProgram, build_program
+from pipeline.verify.cuda_emulator.source import KernelSignature, kernel_signatures
 from pipeline.compiler.schedules import gpu as gpu_schedules
 from targets import Target
 

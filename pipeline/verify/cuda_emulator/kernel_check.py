@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import tvm
 
-from pipeline.compiler.cuda_emulator.gpu_build import GpuKernels, argument_order, kernel_name
-from pipeline.compiler.cuda_emulator.program import build_program
-from pipeline.compiler.cuda_emulator.source import kernel_signatures
+from pipeline.verify.cuda_emulator.gpu_build import GpuKernels, argument_order, kernel_name
+from pipeline.verify.cuda_emulator.program import build_program
+from pipeline.verify.cuda_emulator.source import kernel_signatures
 from pipeline.compiler.schedules import gpu as gpu_schedules
 
 # Largest error allowed, relative to the reference's largest magnitude (at least 1): float16

@@ -113,7 +113,7 @@ def emulation_source(cuda_source: str) -> str:
     return "\n".join([
         source,
         "",
-        "// --- appended by pipeline/compiler/cuda_emulator/source.py",
+        "// --- appended by pipeline/verify/cuda_emulator/source.py",
         *(_launcher(kernel) for kernel in kernels),
         f"static const emu::Kernel emu_kernels[] = {{\n  {table}\n}};",
         "int main() { return emu::main(emu_kernels, sizeof(emu_kernels) / sizeof(emu_kernels[0])); }",

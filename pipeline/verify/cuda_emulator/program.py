@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import toolchain
-from pipeline.compiler.cuda_emulator.source import emulation_source
+from pipeline.verify.cuda_emulator.source import emulation_source
 
 HEADER = Path(__file__).with_name("cuda_on_cpu.h")
 # Misaligned vector accesses (float4 and the like) stop the program, as they fault on a GPU.
