@@ -101,7 +101,7 @@ def test_an_input_size_that_cannot_fit_in_memory_is_refused_with_the_size_that_f
         validate_config(config.replace(input_size=largest + 32), None)
     # Weights alone past the limit: no input size fits.
     monkeypatch.setattr(memory, "available_memory_bytes", lambda: 2**20)
-    with pytest.raises(PipelineError, match="use a smaller --variant or --batch-size$"):
+    with pytest.raises(PipelineError, match="no input size fits: use a smaller --variant, --num-classes or --batch-size$"):
         validate_config(config.replace(input_size=32), None)
     model = create_model("micro", in_chans=1)
     assert memory.parameter_count(VARIANTS["micro"], 1, 1000) == sum(p.numel() for p in model.parameters())

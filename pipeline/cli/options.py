@@ -123,7 +123,8 @@ def _check_memory(config: PipelineConfig) -> None:
     if needed <= available:
         return
     largest = largest_input_size(spec, config.in_chans, config.num_classes, config.batch_size, available)
-    fix = (f"use --input-size {largest} or less" if largest else "use a smaller --variant or --batch-size")
+    fix = (f"use --input-size {largest} or less" if largest
+           else "no input size fits: use a smaller --variant, --num-classes or --batch-size")
     raise PipelineError(
         f"--input-size {config.input_size} at --batch-size {config.batch_size} needs about {gigabytes(needed)} of "
         f"memory to build {config.variant}, more than the {gigabytes(available)} available here; {fix}"
