@@ -282,6 +282,16 @@ def test_a_checkpoint_that_holds_code_says_so_and_runs_nothing(tmp_path, writer)
     assert "holds code that would run when it is loaded (builtins.eval)" in _error(create_model("micro"), path, "micro")
 
 
+def test_a_plain_pickle_without_code_is_named_as_a_pickle(tmp_path):
+    import pickle
+
+    path = tmp_path / "plain.pth"
+    path.write_bytes(pickle.dumps({"model": {"a": [1, 2]}}, protocol=4))
+    assert _error(create_model("micro"), path, "micro").startswith(
+        f"checkpoint {path} is a pickle that weights-only loading cannot read (Unsupported operand 149); if you "
+        "trust the file, re-save its weights with: ")
+
+
 def _as_module(state_dict) -> torch.nn.Module:
     """A whole model object (what torch.save(model) pickles) with these keys, built of plain nn.Modules."""
     root = torch.nn.Module()
