@@ -11,6 +11,9 @@ import sys
 import tarfile
 from pathlib import Path
 
+import ctypes.util
+import shutil
+
 import numpy as np
 import pytest
 import typer
@@ -183,9 +186,73 @@ def test_readme_says_what_the_board_needs_and_when_classes_are_unknown():
     assert "aarch64 Linux code (`aarch64-linux-gnu`) with CUDA kernels (sass:sm_87)" in gpu
     assert "tvm.cuda(0).exist" in gpu and "-DUSE_CUDA=ON" in gpu
     assert "python3 run.py model.so --device cuda" in gpu
+    assert "each image's top class." in gpu and "refuses a file it loads that differs" in gpu
     assert "not recorded in this bundle" in gpu  # no --preprocessing known for a given --library
     assert "ImageNet-1k checkpoint" in gpu  # 1000 outputs, no names
     cpu = bundle_readme("b", get_target("arm-a72"), METADATA,
                         {"class_names_mismatch": "data/ has 2 classes", "preprocessing": "imagenet"}, [], "python run.py")
     assert "tvm.cuda" not in cpu and "armv7l" in cpu
     assert "Not known: data/ has 2 classes, the model has 1000 outputs" in cpu
+
+
+def _bundle_with_labels(tmp_path_factory, tmp_path, params_mode: str = "embedded") -> Path:
+    names = [f"class {i}" for i in range(10)]
+    write_bundle(compiled(tmp_path_factory, "x86", params_mode), get_target("x86"), tmp_path / "b.tar.gz",
+                 {"class_names": names, "class_names_from": "data/"})
+    bundle = _unpack(tmp_path / "b.tar.gz", tmp_path / "device")
+    np.save(bundle / "x.npy", sample())
+    return bundle
+
+
+@pytest.mark.slow
+def test_run_py_prints_each_images_top_class_named_from_labels_txt(tmp_path_factory, tmp_path):
+    bundle = _bundle_with_labels(tmp_path_factory, tmp_path)
+    logits = load_artifact(bundle / "model.so").infer(sample())[0]
+    top = int(np.argmax(logits))
+    ran = _run_py(bundle, "model.so", "--input", "x.npy")
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.splitlines()[-1] == f"top class: {top} class {top} (logit {logits[top]:.3f})"
+    # Without labels.txt (a library outside a bundle), the class number alone.
+    (bundle / "labels.txt").unlink()
+    ran = _run_py(bundle, "model.so", "--input", "x.npy")
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.splitlines()[-1] == f"top class: {top} (logit {logits[top]:.3f})"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("params_mode", ["separate"])
+def test_run_py_refuses_a_file_that_differs_from_the_manifest(tmp_path_factory, tmp_path, params_mode):
+    bundle = _bundle_with_labels(tmp_path_factory, tmp_path, params_mode)
+    assert _run_py(bundle, "model.so", "--input", "x.npy").returncode == 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for name in ("model.so", "model.so.json", "model.params.npz", "labels.txt"):
+        original = (bundle / name).read_bytes()
+        (bundle / name).write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        changed = hashlib.sha256((bundle / name).read_bytes()).hexdigest()
+        ran = _run_py(bundle, "model.so", "--input", "x.npy")
+        assert ran.returncode == 2
+        assert ran.stderr == (
+            f"error: {name} does not match manifest.json (sha256 {changed[:12]}, listed "
+            f"{manifest['files'][name]['sha256'][:12]}): it was damaged or changed since packaging; "
+            "copy and unpack the bundle again\n"), name
+        (bundle / name).write_bytes(original)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not installed")
+def test_a_cuda_bundles_run_py_needs_no_device_flag(tmp_path_factory, tmp_path):
+    """It ran the CUDA library on the CPU and printed TVM's "a loader of that name is not registered"."""
+    write_bundle(compiled(tmp_path_factory, "cuda-sm80"), get_target("cuda-sm80"), tmp_path / "gpu.tar.gz")
+    bundle = _unpack(tmp_path / "gpu.tar.gz", tmp_path / "device")
+    np.save(bundle / "x.npy", sample())
+    ran = _run_py(bundle, "model.so", "--input", "x.npy")
+    if ctypes.util.find_library("cuda") is None:
+        assert ran.returncode == 2 and ran.stderr == (
+            "error: the NVIDIA driver library libcuda.so.1 is not installed on this machine, so CUDA artifacts "
+            "cannot run here; install the NVIDIA driver (JetPack on a Jetson)\n")
+    else:
+        assert ran.returncode == 0 and "model.so on cuda" in ran.stdout, ran.stderr
+    on_cpu = _run_py(bundle, "model.so", "--input", "x.npy", "--device", "cpu")
+    assert on_cpu.returncode == 2 and on_cpu.stderr == (
+        "error: model.so holds CUDA kernels (target 'cuda-sm80'), so it cannot run on device 'cpu'; "
+        "pass --device cuda, or leave --device out\n")

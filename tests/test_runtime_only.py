@@ -27,7 +27,7 @@ MODES = ("embedded", "separate")
 RUNTIME_ONLY = Path(runtime_only.__file__)
 # What run.py may import: the standard library it needs, NumPy and TVM's runtime.
 ALLOWED_IMPORTS = {
-    "__future__", "argparse", "ctypes", "glob", "json", "os", "platform", "re", "sys", "time", "pathlib",
+    "__future__", "argparse", "ctypes", "glob", "hashlib", "json", "os", "platform", "re", "sys", "time", "pathlib",
     "numpy", "tvm", "tvm_ffi",
 }
 
@@ -279,3 +279,39 @@ def test_an_artifact_for_another_architecture_is_refused_before_loading(artifact
         f"error: model.so was built for {other}-linux-gnu (target 'arm-a72'), but this machine is "
         f"{runtime_only.machine_arch()}; run it on a {other} machine, or compile it for a target of this one"
     )
+
+
+def test_a_tvm_without_its_cuda_runtime_is_named(monkeypatch):
+    import tvm_ffi
+
+    real_get = tvm_ffi.get_global_func
+    monkeypatch.setattr(tvm_ffi, "get_global_func", lambda name, allow_missing=False: None
+                        if name == "device_api.cuda" else real_get(name, allow_missing=allow_missing))
+    real_isfile = os.path.isfile
+    monkeypatch.setattr(os.path, "isfile", lambda path: False if path.endswith("libtvm_runtime_cuda.so")
+                        else real_isfile(path))
+    with pytest.raises(ArtifactError, match=r"^this TVM .* has no CUDA runtime \(.*libtvm_runtime_cuda\.so is missing\)"):
+        runtime_only.load_cuda_runtime()
+
+
+@pytest.mark.slow
+def test_an_artifact_runs_on_the_device_it_was_compiled_for_unless_told_otherwise(artifact, tiny, tmp_path):
+    """A CUDA library on the CPU would fail inside TVM ("a loader of that name is not registered")."""
+    bundle = _bundle(artifact, tmp_path / "bundle")
+    np.save(bundle / "in.npy", tiny["sample"])
+
+    def run_py(*args):
+        return subprocess.run([sys.executable, "run.py", "model.so", "--input", "in.npy", *args], cwd=bundle,
+                              env=_bare_env(), capture_output=True, text=True, timeout=120)
+
+    assert "model.so on cpu" in run_py().stdout
+    refused = run_py("--device", "cuda")
+    assert refused.returncode == 2 and refused.stderr == (
+        "error: model.so holds CPU code (target 'x86'), so it cannot run on device 'cuda'; "
+        "pass --device cpu, or leave --device out\n")
+    metadata = json.loads((bundle / "model.so.json").read_text())
+    (bundle / "model.so.json").write_text(json.dumps({**metadata, "device": "cuda", "target": "cuda-sm80"}))
+    refused = run_py("--device", "cpu")
+    assert refused.returncode == 2 and refused.stderr == (
+        "error: model.so holds CUDA kernels (target 'cuda-sm80'), so it cannot run on device 'cpu'; "
+        "pass --device cuda, or leave --device out\n")

@@ -11,7 +11,8 @@ with only the TVM runtime and NumPy installed there.
     <bundle>/manifest.json        target, versions, sha256 of every file, the run command
 
 On the device: ``tar xzf bundle.tar.gz && cd <bundle> && python run.py model.so
---input x.npy --output y.npy`` (``--device cuda`` for a GPU target).
+--input x.npy --output y.npy`` (``--device cuda`` for a GPU target, which run.py also
+picks by itself from model.so.json).
 """
 
 from __future__ import annotations
@@ -293,7 +294,10 @@ def bundle_readme(top: str, target: Target, metadata: dict, model: dict, require
         "```",
         "",
         "`run.py` needs nothing but the TVM runtime and NumPy; it saves the output to `y.npy` and prints the "
-        "latency (`--repeat 20` times 20 runs). `manifest.json` lists every file with its sha256.",
+        "latency (`--repeat 20` times 20 runs) and each image's top class"
+        + (" with its name from `labels.txt`" if "class_names" in model else "") + ". It runs the model on "
+        "the device it was compiled for (`--device` picks another GPU: `cuda:1`). `manifest.json` lists every "
+        "file with its sha256: `run.py` refuses a file it loads that differs (a damaged copy).",
         "",
         "## Input",
         "",

@@ -10,6 +10,11 @@ side by side, written by ``pipeline.compiler.backend.compile_onnx``:
 
     python run.py model.so --input x.npy --output y.npy [--repeat 20] [--device cuda]
 
+It runs the artifact on the device it was compiled for unless ``--device`` says otherwise,
+and prints the latency and each image's top class (named from ``labels.txt`` beside the
+library, when there is one). In a bundle, ``manifest.json`` beside the library lists every
+file's sha256: a file it loads that differs is refused.
+
 CUDA artifacts (x86-64 GPUs and Jetson) need the NVIDIA driver (libcuda.so.1) and the
 CUDA runtime (libcudart.so.13: from a CUDA toolkit, or ``pip install nvidia-cuda-runtime``
 as PyTorch's CUDA wheels bring it); the loader finds both where those install them.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import glob
+import hashlib
 import json
 import os
 import platform
@@ -171,7 +177,7 @@ class LoadedArtifact:
     # The exception type for every problem; the pipeline swaps in a PipelineError subclass.
     error_type: type[Exception] = ArtifactError
 
-    def __init__(self, library_path: Path | str, device: str = "cpu"):
+    def __init__(self, library_path: Path | str, device: str | None = None):
         self.library_path = Path(library_path)
         fail = self.error_type
         if not self.library_path.is_file():
@@ -195,9 +201,19 @@ class LoadedArtifact:
                 f"'{meta.get('target', '?')}'), but this machine is {machine_arch()}; run it on "
                 f"a {host_arch} machine, or compile it for a target of this one"
             )
-        if meta.get("device", "cpu") == "cpu":
-            configure_cpu_threads()
         self.target = meta["target"]
+        # The compiled code fixes the device: a CUDA library's kernels need TVM's CUDA module
+        # loader, which a CPU run never registers ("a loader of that name is not registered").
+        compiled_for = meta.get("device", "cpu")
+        device = device or compiled_for
+        if device.split(":")[0] != compiled_for:
+            code = {"cuda": "CUDA kernels", "cpu": "CPU code"}.get(compiled_for, f"{compiled_for} code")
+            raise fail(
+                f"{self.library_path.name} holds {code} (target '{self.target}'), so it cannot run on "
+                f"device '{device}'; pass --device {compiled_for}, or leave --device out"
+            )
+        if compiled_for == "cpu":
+            configure_cpu_threads()
         self.input_name = meta["input"]["name"]
         self.input_shape = tuple(meta["input"]["shape"])
         self.input_dtype = np.dtype(meta["input"]["dtype"])
@@ -293,14 +309,97 @@ class LoadedArtifact:
         return lambda: self._main(x_device, *self._params)
 
 
+BUNDLE_MANIFEST = "manifest.json"
+LABELS = "labels.txt"
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_bundle_files(library: Path) -> None:
+    """Refuse a file this command loads (the library, its metadata and weights, labels.txt)
+    whose sha256 differs from the bundle's manifest.json beside it: a truncated copy or an
+    edited file must not run as the model the manifest describes. A library outside a
+    bundle has no such manifest (the pipeline's own manifest.json lists no "files")."""
+    library = Path(library)
+    manifest_path = library.with_name(BUNDLE_MANIFEST)
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"cannot read {manifest_path}: {_first_line(exc)}; unpack the bundle again") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        return
+
+    def check(path: Path) -> None:
+        if not path.is_file():
+            return  # loading it says what is missing
+        entry = files.get(path.name)
+        listed = entry.get("sha256") if isinstance(entry, dict) else None
+        if listed is None:
+            raise ArtifactError(f"{path} is not listed in {manifest_path}; unpack the bundle again")
+        actual = _file_sha256(path)
+        if actual != listed:
+            raise ArtifactError(
+                f"{path} does not match {manifest_path} (sha256 {actual[:12]}, listed {listed[:12]}): it was "
+                f"damaged or changed since packaging; copy and unpack the bundle again"
+            )
+
+    meta_file = metadata_path(library)
+    check(meta_file)  # before reading the weights' name from it
+    check(library)
+    try:
+        params_file = json.loads(meta_file.read_text()).get("params_file")
+    except (OSError, ValueError, AttributeError):
+        params_file = None  # loading the library reports it
+    if params_file:
+        check(library.with_name(params_file))
+    check(library.with_name(LABELS))
+
+
+def read_labels(library: Path, classes: int) -> list[str] | None:
+    """The class names of labels.txt beside the library (line i names output i), or None
+    when there is none or it does not name every output."""
+    path = Path(library).with_name(LABELS)
+    try:
+        names = path.read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"cannot read {path}: {_first_line(exc)}") from None
+    if len(names) != classes:
+        print(f"warning: {path} names {len(names)} classes, but the model has {classes} outputs; "
+              f"printing class numbers only", file=sys.stderr)
+        return None
+    return names
+
+
+def top_classes(logits: np.ndarray, labels: list[str] | None) -> str:
+    """The largest output of each image, as "index name (logit x)"."""
+    logits = logits.reshape(logits.shape[0], -1) if logits.ndim > 1 else logits[None]
+    tops = []
+    for row in logits:
+        index = int(np.argmax(row))
+        name = f" {labels[index]}" if labels is not None else ""
+        tops.append(f"{index}{name} (logit {row[index]:.3f})")
+    return ("top class: " if len(tops) == 1 else "top class per image: ") + ", ".join(tops)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command line: run an artifact on a .npy input, save the output, print latency."""
+    """Command line: run an artifact on a .npy input, save the output, print latency and top class."""
     parser = argparse.ArgumentParser(description="Run a compiled TVM artifact on a .npy input.")
     parser.add_argument("library", type=Path, help="the compiled .so (its .json must sit beside it)")
     parser.add_argument("--input", type=Path, required=True, help=".npy input of the compiled shape")
     parser.add_argument("--output", type=Path, help="where to save the output as .npy")
     parser.add_argument("--repeat", type=int, default=1, help="timed runs after one warm-up run")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the one it was compiled for)")
     parser.add_argument("--target", help="fail unless the artifact was built for this target")
     args = parser.parse_args(argv)
 
@@ -311,9 +410,11 @@ def main(argv: list[str] | None = None) -> int:
             x = np.load(args.input)
         except (OSError, ValueError, EOFError) as exc:
             raise ArtifactError(f"cannot read input {args.input}: {_first_line(exc)}") from None
+        check_bundle_files(args.library)
         artifact = LoadedArtifact(args.library, device=args.device)
         if args.target:
             artifact.check_target(args.target)
+        labels = read_labels(args.library, int(np.prod(artifact.output_shape[1:])))
         y = artifact.infer(x)  # warm-up: first-call allocations are not latency
         times_ms = []
         for _ in range(args.repeat):
@@ -331,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         f"latency median {times_ms[len(times_ms) // 2]:.3f} ms, min {times_ms[0]:.3f} ms "
         f"over {len(times_ms)} runs (host copies included)"
     )
+    print(top_classes(y, labels))
     return 0
 
 
