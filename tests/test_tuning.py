@@ -179,6 +179,34 @@ def test_records_tvm_cannot_load_back_are_skipped_or_removed(tuned, tmp_path):
     assert _records(copy) == records
 
 
+def test_compile_and_resume_keep_every_good_record_beside_a_garbage_line(tuned, tmp_path, capsys):
+    """Issue 26: compile dropped all records for one bad line, and --resume refused the
+    database and said to delete it."""
+    from pipeline.compiler.backend import compile_onnx
+    from pipeline.compiler.tuning import tuner
+    from targets import get_target
+
+    target = get_target("x86")
+    copy = shutil.copytree(tuned / DB, tmp_path / "db")
+    records = _records(copy)
+    (copy / "database_tuning_record.json").write_text("\n".join([records[0], "}garbage{", *records[1:]]) + "\n")
+    onnx_path = next((tuned / "artifacts" / "simplify").glob("*/model.sim.onnx"))
+    info = compile_onnx(onnx_path, target, tmp_path / "lib" / "model.so", input_shape=(1, 3, 32, 32),
+                        tuning_database=copy)
+    assert info["tuning"]["database"] == str(copy) and info["tuning"]["tasks_from_records"] >= 1
+    err = capsys.readouterr().err
+    assert f"{copy / 'database_tuning_record.json'}: line 2 not a record" in err
+    assert "ignoring tuning records" not in err
+
+    # A resumed run (its tasks done already: nothing to time) keeps them all.
+    state = json.loads((copy / "tune_state.json").read_text())["tasks"]
+    done = max(task["trials"] for task in state.values())
+    tuner.tune(onnx_path, target, copy, DB.name, tuner.TuneSettings(trials_per_task=done, max_tasks=1, resume=True),
+               input_shape=(1, 3, 32, 32), say=lambda line: None)
+    assert _records(copy) == records
+    assert "line 2 not a record" in capsys.readouterr().err
+
+
 def test_merge_dedupes_and_refuses_other_targets(tuned, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(tuned / DB, copy)
@@ -217,20 +245,47 @@ def test_ship_copies_the_best_record_of_each_kernel_under_its_cpu(tuned, tmp_pat
     assert result.returncode == 2 and "not a directory" in result.stderr
 
 
+def test_ship_writes_into_the_checkout_the_user_stands_in_and_compile_looks_there(tuned, tmp_path, monkeypatch):
+    """Not into the checkout the code was installed from (issue 26)."""
+    from pipeline.compiler.tuning import database
+
+    checkout = tmp_path / "checkout"
+    (checkout / "sub").mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text('[project]\nname = "convnext-edge"\n')
+    meta = json.loads((tuned / DB / "meta.json").read_text())
+    expected = checkout.resolve() / "tuning" / "x86" / DB.name / database.cpu_tag(meta["target_json"])
+    installed = REPO / "tuning" / "x86" / DB.name
+    assert not installed.exists()
+    result = run_tune("tune-db", "ship", str(tuned / DB), cwd=checkout / "sub")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Path(json.loads(result.stdout)["output"]) == expected and len(_records(expected)) >= 1
+    assert not installed.exists()
+    monkeypatch.chdir(checkout / "sub")
+    assert database.shipped_databases("x86", DB.name) == [expected]
+
+    # Outside any checkout there is no tuning/ to write to.
+    result = run_tune("tune-db", "ship", str(tuned / DB), cwd=tmp_path)
+    assert result.returncode == 2 and "not inside a convnext-edge checkout" in result.stderr
+    assert "-o DIR" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_remeasure_times_each_record_against_todays_default_and_rewrites_the_database(tuned, tmp_path):
     from pipeline.compiler.tuning import database
 
     copy = tmp_path / DB  # where compile, run in tmp_path, looks for the model's records
     shutil.copytree(tuned / DB, copy)
     kernels = len(database.merged_workloads(copy))
-    # Records timed against older defaults: compile applies them and says how to check them.
+    # Records timed against older defaults are not applied until re-measured (they can be
+    # slower than today's defaults); compile says so in one line, with the command.
     meta = json.loads((copy / "meta.json").read_text())
     assert meta["default_schedule_version"] == DEFAULT_SCHEDULE_VERSION  # tune wrote today's
     (copy / "meta.json").write_text(json.dumps({**meta, "default_schedule_version": 1}))
     result = run_cli("compile", *MODEL, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "timed against older default schedules (version 1" in result.stderr
-    assert f"pipeline tune-db remeasure {copy}" in result.stderr
+    (said,) = [line for line in result.stderr.splitlines() if "older default schedules" in line]
+    assert f"not applying the tuning records in {copy}" in said and "(version 1;" in said
+    assert f"`pipeline tune-db remeasure {copy}`" in said
+    assert f"kernels from tuning records ({copy})" not in result.stderr
     result = run_tune("tune-db", "remeasure", str(copy), cwd=tuned)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| kernel | record ms | default ms |" in result.stdout
@@ -313,6 +368,60 @@ def test_corrupt_or_foreign_databases_warn_and_build_with_defaults(tuned, tmp_pa
     (foreign / "meta.json").write_text(json.dumps(meta))
     assert database.find_database(tmp_path / "artifacts", target, "micro-32-b1-c10-in3-fp32") is None
     assert "tuned with TVM 0.19.0" in capsys.readouterr().err
+
+
+def test_a_garbage_line_costs_that_line_only_and_is_named(tmp_path, capsys):
+    """Issue 26: one line that was not a record made compile drop every record. The demo
+    model's shipped records, opened as compile and merge do (target None: any CPU)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.compiler.tuning.database import open_database
+
+    copy = shutil.copytree(REPO / "tuning" / "x86" / "micro-32-b1-c10-in1-fp32" / "znver4", tmp_path / "db")
+    workloads_file, records_file = copy / "database_workload.json", copy / "database_tuning_record.json"
+    workloads, records = workloads_file.read_text().splitlines(), _records(copy)
+    # A garbage line, and a last line cut short (a run killed while writing).
+    records_file.write_text("\n".join([records[0], "not a record", *records[1:], records[-1][:40]]))
+    assert len(open_database(copy, None, strict=True)) == len(records)
+    err = capsys.readouterr().err
+    assert f"{records_file}: lines 2, {len(records) + 2} not a record" in err
+    assert f"skipped, {len(records)} of {len(records) + 2} records kept" in err
+    # A workload line overwritten costs its records; the records after it are renumbered.
+    lost = sum(json.loads(line)[0] == 3 for line in records)
+    workloads_file.write_text("\n".join([*workloads[:3], '["1234", "cut sho', *workloads[4:]]) + "\n")
+    assert len(open_database(copy, None, strict=True)) == len(records) - lost
+    assert f"{workloads_file}: line 4 not a workload TVM can read; skipped" in capsys.readouterr().err
+
+    # The database being tuned (a resumed run) loses those lines from its files, nothing else.
+    assert len(open_database(copy, None, strict=True, repair=True)) == len(records) - lost
+    assert "removed" in capsys.readouterr().err
+    reread = ms.database.JSONDatabase(str(workloads_file), str(records_file), allow_missing=False)
+    assert len(reread) == len(records) - lost
+    assert len(_records(copy)) == len(records) - lost
+
+
+def test_a_database_with_a_broken_meta_json_is_skipped_with_a_warning_that_says_what_to_do(
+        tmp_path, monkeypatch, capsys):
+    """Issue 26: compile skipped another model's database with a corrupt meta.json silently,
+    and one whose target_json was not an object raised a traceback."""
+    from pipeline.compiler.tuning import database
+    from targets import get_target
+
+    monkeypatch.setattr(database, "SHIPPED_ROOT", tmp_path / "nothing-shipped")
+    target = get_target("x86")
+    shipped = REPO / "tuning" / "x86" / "micro-32-b1-c10-in1-fp32" / "znver4"
+    tune_root = tmp_path / "artifacts" / "tune" / "x86"
+    other = shutil.copytree(shipped, tune_root / "micro-32-b1-c11-in1-fp32")
+    (other / "meta.json").write_text('{"format": 1, "targ')
+    assert database.find_database(tmp_path / "artifacts", target, "micro-32-b1-c10-in1-fp32") is None
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "meta.json" in line]
+    assert line.startswith(f"warning: ignoring tuning records: {other / 'meta.json'} is unreadable")
+    assert f"restore it (`git checkout {other / 'meta.json'}` for shipped records) or delete {other}" in line
+
+    own = shutil.copytree(shipped, tune_root / "micro-32-b1-c10-in1-fp32")
+    (own / "meta.json").write_text(json.dumps({"target_json": "x86", "tvm_version": "0.27.0.post1"}))
+    assert database.find_database(tmp_path / "artifacts", target, "micro-32-b1-c10-in1-fp32") is None
+    assert f"{own / 'meta.json'} is unreadable" in capsys.readouterr().err
 
 
 def test_records_of_another_cpu_model_fit_but_not_another_kind_or_triple():

@@ -149,9 +149,10 @@ def merge_command(
 @db_app.command("ship")
 def ship_command(
     source: Annotated[Path, typer.Argument(help="A tuning database directory (artifacts/tune/<target>/<model>).")],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Where to write it (default: tuning/<target>/<model>/<cpu>/).")] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Where to write it (default: tuning/<target>/<model>/<cpu>/ of the checkout you are in).")] = None,
 ) -> None:
-    """Copy a tuning database into the repository's tuning/ tree, best record per kernel."""
+    """Copy a tuning database into the tuning/ tree of the checkout you are in (the nearest
+    directory up whose pyproject.toml names convnext-edge), best record per kernel."""
     from pipeline.compiler.tuning import database
 
     if not source.is_dir():

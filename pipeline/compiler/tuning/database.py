@@ -8,7 +8,8 @@ target when it looks records up, so there is one database per target and model):
     artifacts/tune/<target>/<model-key>/   written by `pipeline tune`, read by compile
     tuning/<target>/<model-key>/<cpu>/     committed to the repository, one per CPU model
                                            (mcpu) or GPU architecture, read when the
-                                           artifacts tree has none (shipped records)
+                                           artifacts tree has none (shipped records), in
+                                           the checkout the user stands in (project_root)
 
         database_workload.json         MetaSchedule's workload table (one PrimFunc a line)
         database_tuning_record.json    MetaSchedule's records (schedule trace, run seconds)
@@ -25,6 +26,7 @@ import json
 import os
 import shutil
 import tempfile
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +43,10 @@ from pipeline.compiler.tensor_intrinsics import load_tensor_intrinsics
 from targets import Target
 
 
-REPO = Path(__file__).resolve().parents[3]
-SHIPPED_ROOT = REPO / "tuning"
+PROJECT_NAME = "convnext-edge"
+INSTALLED_CHECKOUT = Path(__file__).resolve().parents[3]
+# Tests point it at a folder of their own; None: shipped_root() decides.
+SHIPPED_ROOT: Path | None = None
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 META_FILE = "meta.json"
@@ -95,15 +99,40 @@ def cpu_tag(tvm_target: dict[str, Any]) -> str:
     return str(tvm_target.get("arch") or tvm_target.get("mcpu") or "generic")
 
 
-def shipped_database_dir(target_name: str, key: str, tvm_target: dict[str, Any]) -> Path:
-    """Records committed to the repository: tuning/<target>/<model-key>/<cpu>/. A target
-    such as x86 means whatever CPU the machine has, so one model keeps one database per CPU."""
-    return SHIPPED_ROOT / target_name / key / cpu_tag(tvm_target)
+def project_root(start: Path | None = None) -> Path | None:
+    """The convnext-edge checkout the user stands in: the nearest directory from `start`
+    (the working directory) up whose pyproject.toml names the project; None outside one."""
+    start = (Path.cwd() if start is None else Path(start)).resolve()
+    for directory in (start, *start.parents):
+        try:
+            project = tomllib.loads((directory / "pyproject.toml").read_text()).get("project", {})
+        except (OSError, ValueError):
+            continue
+        if isinstance(project, dict) and project.get("name") == PROJECT_NAME:
+            return directory
+    return None
+
+
+def shipped_root() -> Path:
+    """The tuning/ tree of the checkout the user stands in, so that compile reads the
+    records `tune-db ship` writes there; outside a checkout, the one this code runs from
+    (its records are part of what was installed; ship refuses to write there)."""
+    if SHIPPED_ROOT is not None:
+        return SHIPPED_ROOT
+    return (project_root() or INSTALLED_CHECKOUT) / "tuning"
+
+
+def shipped_database_dir(target_name: str, key: str, tvm_target: dict[str, Any],
+                         root: Path | None = None) -> Path:
+    """Records committed to the repository: tuning/<target>/<model-key>/<cpu>/ under `root`
+    (default: shipped_root()). A target such as x86 means whatever CPU the machine has, so
+    one model keeps one database per CPU."""
+    return (shipped_root() if root is None else root) / target_name / key / cpu_tag(tvm_target)
 
 
 def shipped_databases(target_name: str, key: str) -> list[Path]:
     """Every committed database of a target and model, one per CPU it was tuned on."""
-    root = SHIPPED_ROOT / target_name / key
+    root = shipped_root() / target_name / key
     return sorted(d for d in root.glob("*") if (d / WORKLOAD_FILE).is_file()) if root.is_dir() else []
 
 
@@ -130,6 +159,22 @@ def read_meta(db_dir: Path) -> dict[str, Any]:
     return json.loads((Path(db_dir) / META_FILE).read_text())
 
 
+def meta_problem(db_dir: Path) -> str | None:
+    """Why the database's meta.json cannot say what its records were made for (None: it
+    can), with what to do: without it the records cannot be checked against the target."""
+    path = Path(db_dir) / META_FILE
+    try:
+        meta = read_meta(db_dir)
+        if not (isinstance(meta, dict) and isinstance(meta.get("target_json"), dict)
+                and isinstance(meta.get("tvm_version"), str)):
+            raise ValueError("no target_json and tvm_version")
+    except (OSError, ValueError) as exc:
+        why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        return (f"{path} is unreadable ({why}), so its records cannot be checked against the target; "
+                f"restore it (`git checkout {path}` for shipped records) or delete {Path(db_dir)}")
+    return None
+
+
 def database_problem(db_dir: Path, target: Target | None, *, similar_ok: bool = False) -> str | None:
     """Why the database in db_dir cannot be used for target (None: it can).
 
@@ -141,11 +186,11 @@ def database_problem(db_dir: Path, target: Target | None, *, similar_ok: bool = 
     missing = [name for name in (WORKLOAD_FILE, RECORD_FILE, META_FILE) if not (db_dir / name).is_file()]
     if missing:
         return f"{db_dir} is not a tuning database (no {', '.join(missing)})"
-    try:
-        meta = read_meta(db_dir)
-        made_for, made_with = meta["target_json"], meta["tvm_version"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"{db_dir / META_FILE} is unreadable or incomplete"
+    unreadable = meta_problem(db_dir)
+    if unreadable is not None:
+        return unreadable
+    meta = read_meta(db_dir)
+    made_for, made_with = meta["target_json"], meta["tvm_version"]
     if made_with != tvm.__version__:
         return f"{db_dir} was tuned with TVM {made_with}, this is TVM {tvm.__version__}"
     fit = target_fit(made_for, target) if target is not None else "same"
@@ -155,12 +200,27 @@ def database_problem(db_dir: Path, target: Target | None, *, similar_ok: bool = 
     return None
 
 
-def _usable_database(artifacts_root: Path, target: Target, key: str,
-                     exclude: Path | None = None) -> tuple[Path, dict[str, Any]] | None:
+def timed_against(db_dir: Path) -> int:
+    """The version of the default schedules (schedules/cpu.py) a database's records were
+    timed against and beat; 0 for records made before versions were recorded."""
+    version = read_meta(db_dir).get("default_schedule_version", 0)
+    return version if isinstance(version, int) else 0
+
+
+def _is_stale(db_dir: Path) -> bool:
+    # Imported here: schedules/cpu.py imports this module.
+    from pipeline.compiler.schedules.cpu import DEFAULT_SCHEDULE_VERSION
+
+    return timed_against(db_dir) < DEFAULT_SCHEDULE_VERSION
+
+
+def _usable_database(artifacts_root: Path, target: Target, key: str, exclude: Path | None = None,
+                     stale: list[Path] | None = None) -> tuple[Path, dict[str, Any]] | None:
     """The first usable database of a target and model, and the target it was made for:
     the artifacts tree's, then the repository's, those made for this exact target before
     those of another CPU model. One that exists but cannot be used is skipped with a
-    warning."""
+    warning. With `stale`, this exact target's databases timed against older default
+    schedules are skipped too, and added to it."""
     usable = []
     for db_dir in (local_database_dir(artifacts_root, target.name, key), *shipped_databases(target.name, key)):
         if not (db_dir / WORKLOAD_FILE).is_file():
@@ -173,24 +233,40 @@ def _usable_database(artifacts_root: Path, target: Target, key: str,
             continue
         made_for = read_meta(db_dir)["target_json"]
         if target_fit(made_for, target) == "same":
+            if stale is not None and _is_stale(db_dir):
+                stale.append(db_dir)
+                continue
             return db_dir, made_for
         usable.append((db_dir, made_for))
     return usable[0] if usable else None
 
 
-def _other_models_databases(artifacts_root: Path, target: Target, key: str) -> list[tuple[Path, dict[str, Any]]]:
+def _other_models_databases(artifacts_root: Path, target: Target, key: str,
+                            stale: list[Path] | None = None) -> list[tuple[Path, dict[str, Any]]]:
     """Usable databases of the target made for other models (any model key), the
     artifacts tree's first: those tuned for this exact target if there are any, else
-    those of one other CPU model (records of two CPUs are never mixed)."""
+    those of one other CPU model (records of two CPUs are never mixed). `stale`: as for
+    _usable_database."""
     candidates = sorted(d for d in (Path(artifacts_root) / "tune" / target.name).glob("*")
                         if d.name != key and not d.name.startswith("_"))
-    shipped_root = SHIPPED_ROOT / target.name
-    if shipped_root.is_dir():
-        candidates += sorted(d for model in shipped_root.glob("*") if model.name != key for d in model.glob("*"))
+    shipped = shipped_root() / target.name
+    if shipped.is_dir():
+        candidates += sorted(d for model in shipped.glob("*") if model.name != key for d in model.glob("*"))
     usable = []
     for db_dir in candidates:
-        if (db_dir / WORKLOAD_FILE).is_file() and database_problem(db_dir, target, similar_ok=True) is None:
-            usable.append((db_dir, read_meta(db_dir)["target_json"]))
+        if not (db_dir / WORKLOAD_FILE).is_file():
+            continue
+        # Other models' databases of another TVM version or target are passed over quietly
+        # (there can be many); a broken meta.json is said, since nothing else would show it.
+        unreadable = meta_problem(db_dir)
+        if unreadable is not None:
+            warn_once(f"ignoring tuning records: {unreadable}")
+        elif database_problem(db_dir, target, similar_ok=True) is None:
+            made_for = read_meta(db_dir)["target_json"]
+            if stale is not None and target_fit(made_for, target) == "same" and _is_stale(db_dir):
+                stale.append(db_dir)
+            else:
+                usable.append((db_dir, made_for))
     same = [(d, m) for d, m in usable if target_fit(m, target) == "same"]
     if same or not usable:
         return same
@@ -223,17 +299,28 @@ def _kernel_database(artifacts_root: Path, target: Target, key: str,
 def find_database(artifacts_root: Path, target: Target, key: str) -> Path | None:
     """The database compile uses for a target and model: its own (``_usable_database``),
     else the records of the target's other models for the kernels they share
-    (``_kernel_database``), in either case only records tuned on this CPU model.
+    (``_kernel_database``), in either case only records tuned on this CPU model and timed
+    against today's default schedules.
 
     Records of another CPU model are not applied, with a note (``pipeline tune`` starts from
     them): since the default schedules are chosen for the CPU they run on
     (pipeline/compiler/schedules/cpu.py), they ran faster than another CPU's records. On a
     rocketlake Xeon (2 cores), ConvNeXt-T 224 took 43.7 ms at batch 1 and 297 ms at batch 8
-    with the defaults, 58.4 and 429 ms with the znver4 records."""
-    own = _usable_database(artifacts_root, target, key)
+    with the defaults, 58.4 and 429 ms with the znver4 records.
+
+    Records timed against older defaults are not applied until `pipeline tune-db remeasure`
+    has timed them against today's, with a note that says so: a record only beat the
+    default of its day, and on a znver4 the shipped ConvNeXt-T batch 8 records (timed
+    against version 0) ran 538.2 ms where today's defaults ran 421.8 ms."""
+    stale: list[Path] = []
+    own = _usable_database(artifacts_root, target, key, stale=stale)
     if own is not None and target_fit(own[1], target) == "same":
+        if stale:  # a newer one of this CPU came first, e.g. shipped after a stale local run
+            _note_stale(stale)
         return own[0]
-    others = _other_models_databases(artifacts_root, target, key)
+    others = _other_models_databases(artifacts_root, target, key, stale=stale)
+    if stale:
+        _note_stale(stale)
     if others and target_fit(others[0][1], target) == "same":
         db_dir, _ = _kernel_database(artifacts_root, target, key, others)
         # Not a warning: compile then says how many kernels were found (often none: the demo
@@ -242,11 +329,24 @@ def find_database(artifacts_root: Path, target: Target, key: str) -> Path | None
                   f"'{target.name}''s other models made on this CPU: {db_dir}")
         return db_dir
     elsewhere = own or (others[0] if others else None)
-    if elsewhere is not None:
+    if elsewhere is not None and not stale:
         warn_once(f"not applying tuning records made on another CPU ({cpu_tag(elsewhere[1])}, this is "
                   f"{cpu_tag(target.tvm_target)}): {elsewhere[0]}; the default schedules, chosen for this CPU, "
                   f"ran faster than another CPU's records; `pipeline tune` starts from them")
     return None
+
+
+def _note_stale(stale: list[Path]) -> None:
+    """One line for the databases of this CPU that find_database passed over as timed
+    against older default schedules: the first (this model's own, if it has one) by name."""
+    from pipeline.compiler.schedules.cpu import DEFAULT_SCHEDULE_VERSION
+
+    first, version = stale[0], timed_against(stale[0])
+    made = f"version {version}" if version else "a version before versions were recorded"
+    more = f" (and {len(stale) - 1} more of this CPU's databases)" if len(stale) > 1 else ""
+    note_once(f"not applying the tuning records in {first}{more}: they were timed against older default "
+              f"schedules ({made}; today's are version {DEFAULT_SCHEDULE_VERSION}) and can be slower; "
+              f"`pipeline tune-db remeasure {first}` re-measures them")
 
 
 def seed_database(artifacts_root: Path, target: Target, key: str, exclude: Path) -> Path | None:
@@ -289,29 +389,86 @@ def _unreplayable(workloads: str, records: list[str], indices: list[int]) -> lis
     return _unreplayable(workloads, records, indices[:middle]) + _unreplayable(workloads, records, indices[middle:])
 
 
-def _open_without_unreplayable(db_dir: Path, *, repair: bool) -> "ms.database.JSONDatabase | None":
-    """A database without the records MetaSchedule cannot load back, or None.
+def _table(path: Path, is_row) -> tuple[list[tuple[int, str, Any]], list[int]]:
+    """The lines of one of MetaSchedule's JSON tables that are rows of the shape TVM writes
+    (`is_row`), as (line number, text, value), and the numbers of the other, non-blank lines."""
+    rows, bad = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError:
+            value = None
+        if is_row(value):
+            rows.append((number, line, value))
+        else:
+            bad.append(number)
+    return rows, bad
 
-    TVM 0.27 writes records that its own reader then rejects, failing the whole database
-    (seen: rfactor traces of ConvNeXt-T's last LayerNorm, on 1 x 768). Those records are
-    dropped with a warning: from the files themselves when `repair` (the database being
-    tuned), else from a copy read once (compile, merge), leaving the files as they are."""
-    workloads = (db_dir / WORKLOAD_FILE).read_text()
-    records = [line for line in (db_dir / RECORD_FILE).read_text().splitlines(keepends=True) if line.strip()]
-    try:
-        for line in records:
-            json.loads(line)
-    except ValueError:  # not records TVM wrote: a corrupt file, not a TVM quirk
+
+def _is_workload(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)
+
+
+def _is_record(value: Any) -> bool:
+    return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], int)
+            and not isinstance(value[0], bool) and isinstance(value[1], list))
+
+
+def _line_numbers(numbers: list[int]) -> str:
+    shown = ", ".join(str(n) for n in numbers[:10])
+    more = f", ... ({len(numbers)} in all)" if len(numbers) > 10 else ""
+    return f"line{'s' if len(numbers) > 1 else ''} {shown}{more}"
+
+
+def _open_without_bad_records(db_dir: Path, *, repair: bool) -> "ms.database.JSONDatabase | None":
+    """A database without the lines TVM cannot read, or None when no record is left.
+
+    A line that is not JSON (a garbage line, a line cut short when a run was killed) costs
+    that line only, and so does a record TVM 0.27 wrote but its own reader rejects (seen:
+    rfactor traces of ConvNeXt-T's last LayerNorm, on 1 x 768), rather than failing the
+    whole database. Each file's bad lines are named in a warning. They are dropped from the
+    files themselves when `repair` (the database being tuned), else from a copy read once
+    (compile, merge), leaving the files as they are."""
+    workload_rows, bad_workloads = _table(db_dir / WORKLOAD_FILE, _is_workload)
+    record_rows, bad_records = _table(db_dir / RECORD_FILE, _is_record)
+    # A record names its workload by line (0-based, as TVM counts them); with lines left
+    # out, the records after them are renumbered, and a record of a bad line has none.
+    renumbered = {number - 1: index for index, (number, _, _) in enumerate(workload_rows)}
+    records: list[tuple[int, str]] = []
+    for number, line, (workload, body) in record_rows:
+        if workload not in renumbered:
+            bad_records.append(number)
+        elif renumbered[workload] == workload:
+            records.append((number, line + "\n"))
+        else:
+            records.append((number, json.dumps([renumbered[workload], body], separators=(",", ":")) + "\n"))
+    workloads = "".join(line + "\n" for _, line, _ in workload_rows)
+    if not _loads(workloads, []):
+        return None  # a workload that parses but TVM rejects: not a matter of lines
+    lines = [line for _, line in records]
+    dropped = set(_unreplayable(workloads, lines, list(range(len(lines)))))
+    kept = [line for i, line in enumerate(lines) if i not in dropped]
+    bad_records = sorted(bad_records + [records[i][0] for i in dropped])
+    if not bad_records and not bad_workloads:
+        return None  # every line reads alone: what fails is not one record
+    done = "removed" if repair else "skipped"
+    if bad_workloads:
+        warn(f"{db_dir / WORKLOAD_FILE}: {_line_numbers(bad_workloads)} not a workload TVM can read; {done}")
+    if bad_records:
+        warn(f"{db_dir / RECORD_FILE}: {_line_numbers(bad_records)} not a record TVM {tvm.__version__} can load "
+             f"(or of an unreadable workload); {done}, {len(kept)} of {len(kept) + len(bad_records)} records kept")
+    if not kept or not _loads(workloads, kept):
         return None
-    dropped = set(_unreplayable(workloads, records, list(range(len(records)))))
-    kept = [line for i, line in enumerate(records) if i not in dropped]
-    if not dropped or not kept or not _loads(workloads, kept):
-        return None
-    warn(f"{db_dir}: {len(dropped)} of {len(records)} records cannot be loaded back by TVM "
-          f"{tvm.__version__} and are {'removed' if repair else 'skipped'}")
     if repair:
+        # Records first: they are renumbered only with workload lines left out, and then a
+        # kill between the two renames leaves records numbered for a table not yet written.
         artifacts.atomic_write_text(db_dir / RECORD_FILE, "".join(kept))
-        (db_dir / RECORD_FILE).chmod(0o644)
+        if bad_workloads:
+            artifacts.atomic_write_text(db_dir / WORKLOAD_FILE, workloads)
+        for name in (WORKLOAD_FILE, RECORD_FILE):
+            (db_dir / name).chmod(0o644)
         return ms.database.JSONDatabase(str(db_dir / WORKLOAD_FILE), str(db_dir / RECORD_FILE), allow_missing=False)
     with tempfile.TemporaryDirectory(prefix="tvm-db-") as scratch:
         (Path(scratch) / WORKLOAD_FILE).write_text(workloads)
@@ -340,7 +497,7 @@ def open_database(db_dir: Path, target: Target | None, *, strict: bool,
         except Exception as exc:  # TVMError/ValueError from the JSON reader or the IR parser
             first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             problem = f"{db_dir} is corrupt ({first[:200]})"
-            database = _open_without_unreplayable(db_dir, repair=repair)
+            database = _open_without_bad_records(db_dir, repair=repair)
             if database is not None:
                 return database
     if strict:
@@ -427,16 +584,25 @@ def merge_databases(sources: list[Path], output: Path) -> dict[str, Any]:
 
 
 def ship_database(source: Path, output: Path | None = None) -> dict[str, Any]:
-    """Copy a tuning database into the repository's tuning/<target>/<model-key>/<cpu>/ (or
-    `output`), pruned to the best record of each kernel, with its meta, state and curve. An
-    earlier database there is replaced only once the new one is complete."""
+    """Copy a tuning database into tuning/<target>/<model-key>/<cpu>/ of the checkout the
+    user stands in (``project_root``; or `output`), pruned to the best record of each
+    kernel, with its meta, state and curve. An earlier database there is replaced only once
+    the new one is complete."""
     source = Path(source)
     problem = database_problem(source, None)
     if problem is not None:
         raise PipelineError(f"cannot ship: {problem}")
     meta = read_meta(source)
-    output = Path(output) if output is not None else shipped_database_dir(
-        meta["target"], meta["model_key"], meta["target_json"])
+    if output is None:
+        # Into the checkout the user stands in, never into whichever one is installed.
+        project = project_root()
+        if project is None:
+            raise PipelineError(
+                f"{Path.cwd()} is not inside a {PROJECT_NAME} checkout (no pyproject.toml naming it here or above); "
+                f"run tune-db ship from the checkout whose tuning/ should hold the records, or pass -o DIR"
+            )
+        output = shipped_database_dir(meta["target"], meta["model_key"], meta["target_json"], project / "tuning")
+    output = Path(output)
     database = open_database(source, None, strict=True)
     output.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))

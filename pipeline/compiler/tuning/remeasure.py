@@ -2,10 +2,11 @@
 on the CPU the records were made for; records that the defaults now beat are dropped.
 
 A record is the best schedule its tuning run found, and that run's baseline was the default
-schedule of its day. When the defaults improve (pipeline/compiler/schedules/), compile still
-applies the record wherever a database has one, so an old record can cost time: ConvNeXt-T's
-head kept a 0.10 ms record after its default became 0.05 ms. Timings only mean something on
-the CPU they name, so this refuses a database made for another one.
+schedule of its day. When the defaults improve (pipeline/compiler/schedules/), an old record
+can cost time (ConvNeXt-T's head kept a 0.10 ms record after its default became 0.05 ms), so
+compile does not apply a database timed against older defaults (meta.json's
+default_schedule_version) until this has re-measured it. Timings only mean something on the
+CPU they name, so this refuses a database made for another one.
 
 A record is dropped only where the default is faster by a margin, not where the two tie:
 kernels are timed alone here, and records that tied their defaults alone were still faster
