@@ -321,6 +321,17 @@ def test_quantize_command_writes_the_model_the_report_and_the_manifest(tmp_path)
     markdown = (tmp_path / "reports" / "x86-int8" / "quantization.md").read_text()
     assert "## Sensitivity" in markdown and "| `/head/Gemm` | --exclude" in markdown
 
+    # Another calibration does not replace that report: it goes beside it (issue 26).
+    committed = (tmp_path / "reports" / "x86-int8" / "quantization.json").read_bytes()
+    again = [arg for arg in result.args[3:] if arg != "--analyze"]  # after: python -m pipeline.cli
+    again[again.index("99.9")] = "99.0"
+    result = run_module_cli("pipeline.cli", *again, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "reports" / "x86-int8" / "quantization.json").read_bytes() == committed
+    beside = tmp_path / "reports" / "x86-int8" / "calib-method-percentile-99.0"
+    assert "holds a measurement of other settings" in result.stderr and "x86-int8/calib-method-percentile-99.0/" in result.stderr
+    assert json.loads((beside / "quantization.json").read_text())["settings"]["percentile"] == 99.0
+
 
 @pytest.mark.slow
 def test_quantize_command_user_errors_exit_2_with_one_line(tmp_path):

@@ -9,7 +9,9 @@ The run also writes the quantization report to <reports-dir>/<target>-int8/.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,7 +22,7 @@ from pipeline.errors import PipelineError
 # The stage commands' options that matter to quantization (bench/evaluate ones do not).
 MODEL_OPTIONS = (
     "target", "variant", "weights", "num_classes", "in_chans", "seed", "input_size", "batch_size",
-    "opset", "dynamic_batch", "data", "preprocessing", "onnx", "artifacts", "reports_dir", "force",
+    "opset", "dynamic_batch", "data", "preprocessing", "onnx", "artifacts", "reports_dir", "replace_report", "force",
 )
 
 
@@ -50,6 +52,31 @@ def _config_from_options(options: dict):
     )
 
 
+def _calibration(record: dict) -> dict:
+    """What a quantization report describes: how the model was calibrated and which layers
+    were quantized (the layer names tell one model from another)."""
+    from pipeline.stages.report import measured
+
+    layers = record.get("quantized_layers") or []
+    return {**{key: value for key, value in measured({}, {}, record).items() if key.startswith("calib-")},
+            "quantized-layers": f"{len(layers)}-{hashlib.sha256(json.dumps(layers).encode()).hexdigest()[:8]}"}
+
+
+def _report_folder(folder: Path, new_report: Path, replace: bool) -> Path:
+    """Where the quantization report goes: `folder`, unless it holds the report of another
+    calibration or model (whose numbers its latency and accuracy reports are), then beside it
+    (reports/committed.py, the rule every committed report follows)."""
+    from pipeline.engine import log
+    from reports.committed import place, read_record
+
+    committed = None if replace else read_record(folder / "quantization.json")
+    destination, note = place(folder, _calibration(committed) if committed is not None else None,
+                              _calibration(json.loads(new_report.read_text())))
+    if note:
+        log(f"[quantize] {note}")
+    return destination
+
+
 def quantize_command(**options) -> None:
     """Calibrate and quantize the model to INT8 (QDQ ONNX); --analyze ranks layers by sensitivity."""
     from pipeline import artifacts
@@ -67,7 +94,8 @@ def quantize_command(**options) -> None:
     target = get_target(options["target"])
     results = run_stages("quantize", config, target, onnx, bool(options.get("force")))
     result = results["quantize"]
-    destination = Path(config.reports_dir) / f"{target.name}-int8"
+    destination = _report_folder(Path(config.reports_dir) / f"{target.name}-int8", result.path / "quantization.json",
+                                 config.replace_report)
     destination.mkdir(parents=True, exist_ok=True)
     for name in ("quantization.json", "quantization.md"):
         artifacts.atomic_write_text(destination / name, (result.path / name).read_text())
