@@ -20,7 +20,7 @@ MEASURE_DEFAULTS := --eval-limit 0 --repeats 100
 MEASURE_ARGS ?=
 MEASURE := $(MEASURE_DEFAULTS) $(MEASURE_ARGS)
 
-.PHONY: install system-deps demo test tune compile compile-matrix bench report reports run package gpu-bundle check-cuda-kernels arm-runtime verify-arm clean
+.PHONY: install system-deps demo test tune compile compile-matrix bench report reports run package gpu-bundle check-cuda-kernels arm-runtime verify-arm reports-emulated clean
 
 install: $(STAMP)
 
@@ -121,6 +121,18 @@ verify-arm: install
 reports: install
 	$(PIPELINE) run --target x86 $(MODEL_ARGS) $(MEASURE) $(ARGS)
 	$(PIPELINE) run --target x86 --precision int8 --calib-method percentile $(MODEL_ARGS) $(MEASURE) $(ARGS)
+	$(PIPELINE) reports --reports-dir reports
+
+# Accuracy of every aarch64 CPU target (arm-*, jetson-*-cpu), FP32 and INT8, with the board's own
+# binary run under qemu-aarch64 here over the whole evaluation set (pipeline report --emulate): its
+# outputs are the board's; its latency is not measured (that needs the board, over RPC). Then
+# reports/README.md is rebuilt. Slow: about 15 ms per image under qemu, so some 3 minutes per cell.
+reports-emulated: install
+	for target in $$($(PY) -c 'from pipeline.runtime.cross import emulated_targets; print(*emulated_targets())'); do \
+		$(PIPELINE) report --emulate --target $$target $(MODEL_ARGS) $(MEASURE) $(ARGS) && \
+		$(PIPELINE) report --emulate --target $$target --precision int8 --calib-method percentile \
+			$(MODEL_ARGS) $(MEASURE) $(ARGS) || exit 1; \
+	done
 	$(PIPELINE) reports --reports-dir reports
 
 clean:

@@ -39,6 +39,9 @@ class PipelineConfig:
     preprocessing: str = "imagenet"
     eval_limit: int | None = 256
     eval_random_count: int = 16
+    # Evaluate an aarch64 artifact under qemu-user here: the board's binary, so its outputs and
+    # accuracy, but no latency (pipeline/runtime/cross.py).
+    emulate: bool = False
     # Quantize (precision int8; see pipeline/quantize.py)
     calib_data: str | None = None  # None: the evaluation `data` (Fashion-MNIST: its train split)
     calib_size: int = 256

@@ -25,7 +25,7 @@ from pipeline import artifacts
 from pipeline.config import PRECISIONS
 from pipeline.errors import PipelineError
 from reports import history
-from reports.target_report import pct
+from reports.target_report import BOARD_LATENCY, emulated_by, pct, stands_on
 from reports.tuning_curve import curve_database
 from reports.warn import warn
 
@@ -49,9 +49,11 @@ DEVICE_BY_KIND = {
 }
 COLUMNS = (
     "target", "precision", "median ms", "p99 ms", "throughput img/s",
-    "speed-up vs PyTorch", "speed-up vs ONNX Runtime", "top-1", "top-5",
-    "top-1 agreement with FP32 ref", "artifact MB", "tuning", "device", "date", "commit", "flag",
+    "speed-up vs fastest PyTorch", "speed-up vs ONNX Runtime", "top-1", "top-5",
+    "top-1 agreement with FP32 ref", "evaluated on", "artifact MB", "tuning", "measured on", "date", "commit", "flag",
 )
+# The data loaders' descriptions say how many images the whole set holds ("... has 10000 images: using 256").
+SET_SIZE = re.compile(r"has (\d+) images")
 
 TargetLookup = Callable[[str], Any]
 
@@ -140,6 +142,14 @@ class Row:
 
     def speedup(self, backend: str) -> float | None:
         return _num(_dict(_dict(self.latency).get("tvm_speedup")).get(f"vs_{backend}"))
+
+    def fastest_pytorch(self) -> tuple[str, float] | None:
+        """(backend name, median ms) of the fastest PyTorch configuration measured beside TVM
+        (eager, channels_last, torch.compile, CUDA graphs...), or None."""
+        timed = [(median, name == "pytorch", name) for name, stats in _dict(_dict(self.latency).get("backends")).items()
+                 if name.startswith(("pytorch", "torch_")) and (median := _num(_dict(stats).get("median_ms")))]
+        # "pytorch" can alias a named configuration of the same time: the named one says more.
+        return (min(timed)[2], min(timed)[0]) if timed else None
 
     @property
     def top1(self) -> float | None:
@@ -381,6 +391,46 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     return lines
 
 
+def pytorch_config(name: str) -> str:
+    """A PyTorch backend's name in a latency record, as words: 'torch_compile_cudagraphs_fp16' ->
+    'torch.compile reduce-overhead (CUDA graphs) fp16'."""
+    words = name.split("_")
+    if words[:2] == ["torch", "compile"]:
+        head, rest = "torch.compile", words[2:]
+        if rest[:1] == ["cudagraphs"]:
+            head, rest = "torch.compile reduce-overhead (CUDA graphs)", rest[1:]
+    elif words[0] == "pytorch":
+        head, rest = "PyTorch eager", words[1:]
+    else:
+        return name
+    return f"{head} {' '.join(rest).replace('channels last', 'channels_last')}".strip()
+
+
+def speedup_vs_fastest_pytorch(row: Row) -> str:
+    """TVM's speed-up over the fastest PyTorch configuration measured in the same run, named."""
+    fastest, tvm = row.fastest_pytorch(), row.median_ms
+    if fastest is None or tvm is None or tvm <= 0:
+        return "n/a"
+    name, median = fastest
+    return f"{_times(median / tvm)} vs {pytorch_config(name)}"
+
+
+def evaluated_on(accuracy: dict | None) -> str:
+    """The evaluation set and how much of it: 'fashion-mnist:test, all 10000 images', or
+    '256 of 10000 images' for a sample."""
+    data = _dict(_dict(accuracy).get("data"))
+    count, source = data.get("count"), data.get("source") or "unknown data"
+    if not isinstance(count, int):
+        return "n/a"
+    if source == "random normal inputs":
+        return f"{count} random inputs (no labels)"
+    size = SET_SIZE.search(str(data.get("description") or ""))
+    total = int(size.group(1)) if size else None
+    if total is not None and count < total:
+        return f"{source}, {count} of {total} images"
+    return f"{source}, {'all ' if total == count else ''}{count} images"
+
+
 def row_cells(row: Row, reports_dir: Path | None = None) -> list[str]:
     """The main table's cells for one measured row."""
     target = row.target
@@ -388,13 +438,16 @@ def row_cells(row: Row, reports_dir: Path | None = None) -> list[str]:
         target = f"[{row.target}]({row.folder}/report.md)"
     if row.latency is None:
         latency = ["no latency.json"] + ["n/a"] * 4
+    elif emulated_by(row.accuracy):
+        # An emulator's timings are not the board's: no time at all, whatever the record holds.
+        latency = [BOARD_LATENCY] + ["n/a"] * 4
     else:
         tvm = row.tvm
         throughput = _num(tvm.get("throughput_ips"))
         latency = [
             _ms(row.median_ms), _ms(_num(tvm.get("p99_ms"))),
             "n/a" if throughput is None else f"{throughput:.1f}",
-            _times(row.speedup("pytorch")), _times(row.speedup("onnxruntime")),
+            speedup_vs_fastest_pytorch(row), _times(row.speedup("onnxruntime")),
         ]
     if row.accuracy is None:
         accuracy = ["n/a", "n/a", "no accuracy.json"]
@@ -403,10 +456,10 @@ def row_cells(row: Row, reports_dir: Path | None = None) -> list[str]:
     size = _num(_dict(row.latency).get("artifact_bytes"))
     origin = row.provenance
     return [
-        target, row.precision, *latency, *accuracy,
+        target, row.precision, *latency, *accuracy, evaluated_on(row.accuracy),
         "n/a" if size is None else f"{size / 1e6:.2f}",
         row.tuning,
-        origin.get("device", "n/a"), str(origin.get("date", "n/a"))[:10], origin.get("commit", "n/a"),
+        stands_on(origin, row.accuracy), str(origin.get("date", "n/a"))[:10], origin.get("commit", "n/a"),
         ("⚠ " + "; ".join(row.flags)) if row.flags else "",
     ]
 

@@ -5,6 +5,26 @@ from __future__ import annotations
 from typing import Any
 
 BACKEND_ORDER = ("tvm", "onnxruntime", "onnxruntime-int8", "pytorch")
+# The latency of an artifact evaluated under an emulator: its timings are not the board's.
+BOARD_LATENCY = "needs the board (RPC)"
+
+
+def emulated_by(accuracy: dict | None) -> str | None:
+    """'measured under qemu-aarch64 7.2.22 (same binary as the board)' for an evaluation
+    under an emulator, else None."""
+    emulator = (accuracy or {}).get("emulator")
+    if not isinstance(emulator, dict):
+        return None
+    return f"measured under {emulator.get('name', 'an emulator')} ({emulator.get('binary', 'emulated')})"
+
+
+def stands_on(provenance: dict, accuracy: dict | None) -> str:
+    """What a report's numbers were measured on: the device, or the emulator, its kind and host."""
+    device = provenance.get("device", "n/a")
+    emulator = (accuracy or {}).get("emulator")
+    if isinstance(emulator, dict):
+        return f"{emulator.get('name')} ({emulator.get('kind')}, {emulator.get('binary')}) on {device}"
+    return device
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -103,10 +123,25 @@ def _training_lines(training: dict | None) -> list[str]:
 def render_report(latency: dict, accuracy: dict, model: dict, provenance: dict) -> str:
     """Markdown for one target x precision."""
     data = accuracy["data"]
+    emulated = emulated_by(accuracy)
+    tvm = latency["backends"]["tvm"]
+    if "median_ms" in tvm:
+        timing = [
+            f"## Latency (batch {latency['batch_size']}, {latency['warmup']} warm-up runs, "
+            f"{tvm['repeats']} timed runs, same input for every backend, each timed alone in a process of its own)",
+            "",
+            *latency_table(latency),
+        ]
+    else:
+        why = tvm.get("not_measured", "unknown")
+        if emulated:
+            why += ": an emulator runs the board's binary, so its outputs are the board's, but not its speed"
+        timing = [f"## Latency (batch {latency['batch_size']})", "", f"Not measured: {why}."]
     lines = [
         f"# {model.get('variant', '?')} on `{latency['target']}` ({latency['precision'].upper()})",
         "",
-        f"- device: {provenance['device']}",
+        *([f"Accuracy {emulated}; latency {BOARD_LATENCY}.", ""] if emulated else []),
+        f"- device: {stands_on(provenance, accuracy)}",
         f"- date: {provenance['date']}",
         f"- commit: {provenance['commit']}",
         f"- command: `{provenance['command']}`",
@@ -123,11 +158,7 @@ def render_report(latency: dict, accuracy: dict, model: dict, provenance: dict) 
         f"- artifact: {latency['artifact_bytes'] / 1e6:.2f} MB, compiled in {_fmt(model.get('compile_seconds'), 1)} s, "
         f"{describe_tuning(model.get('tuning'))}",
         "",
-        f"## Latency (batch {latency['batch_size']}, {latency['warmup']} warm-up runs, "
-        f"{latency['backends']['tvm']['repeats']} timed runs, same input for every backend, "
-        "each timed alone in a process of its own)",
-        "",
-        *latency_table(latency),
+        *timing,
         "",
         f"## Accuracy ({data['count']} images: {data.get('description') or data['source']})",
         "",

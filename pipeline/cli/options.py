@@ -22,7 +22,8 @@ from pipeline.config import PARAMS_MODES, PRECISIONS, PipelineConfig
 from pipeline.errors import PipelineError
 
 # Options that only matter when the artifact is measured (bench, evaluate, report, run).
-MEASUREMENT_OPTIONS = ("warmup", "repeats", "eval_limit", "rpc_tracker", "rpc_key", "reports_dir", "replace_report")
+MEASUREMENT_OPTIONS = ("warmup", "repeats", "eval_limit", "rpc_tracker", "rpc_key", "emulate", "reports_dir",
+                       "replace_report")
 
 
 def _options(
@@ -51,6 +52,7 @@ def _options(
     onnx: Annotated[Optional[Path], typer.Option(help="Use this ONNX file instead of exporting one.")] = None,
     rpc_tracker: Annotated[Optional[str], typer.Option(help="Measure on a board registered with this TVM RPC tracker (HOST:PORT).")] = None,
     rpc_key: Annotated[Optional[str], typer.Option(help="The board's key at the tracker (default: the target's).")] = None,
+    emulate: Annotated[bool, typer.Option(help="aarch64 CPU targets (arm-*, jetson-*-cpu): evaluate the board's binary under qemu-aarch64 here; accuracy only, the latency needs the board (RPC).")] = False,
     artifacts: Annotated[Path, typer.Option(help="Artifacts directory (content-keyed cache).")] = Path("artifacts"),
     reports_dir: Annotated[Path, typer.Option(help="Where `report` writes <target>/report.md.")] = Path("reports"),
     replace_report: Annotated[bool, typer.Option(help="Replace the report in --reports-dir even where it measured other settings (model, data, images, repeats, calibration); without it such a run is written beside it, in <target>/<what differs>/.")] = False,
@@ -86,7 +88,7 @@ def config_from_options(options: dict[str, Any]) -> PipelineConfig:
     """The PipelineConfig of a command's options (the names of `_options`; others are ignored)."""
     direct = ("variant", "num_classes", "in_chans", "seed", "input_size", "batch_size", "opset", "dynamic_batch",
               "precision", "tuning_records", "gpu_split_k", "warmup", "repeats", "data", "preprocessing", "calib_data", "calib_size",
-              "calib_method", "rpc_tracker", "rpc_key", "artifacts", "reports_dir", "replace_report")
+              "calib_method", "rpc_tracker", "rpc_key", "emulate", "artifacts", "reports_dir", "replace_report")
     values = {name: options[name] for name in direct if name in options}
     # The three whose command-line form differs from the config's.
     if "weights" in options:
@@ -165,6 +167,25 @@ def validate_config(config: PipelineConfig, onnx: Optional[Path]) -> None:
 MEASURING_STAGES = ("bench", "evaluate", "report")
 
 
+def _check_emulation(until: str, config: PipelineConfig, target) -> None:
+    """--emulate: an aarch64 CPU target, evaluated (not timed) here, not on a board."""
+    from pipeline.runtime.cross import emulated_targets
+
+    choices = emulated_targets()
+    if target.name not in choices:
+        raise PipelineError(
+            f"--emulate runs aarch64 CPU artifacts under qemu; '{target.name}' is not one "
+            f"(use one of: {', '.join(choices)}), or drop --emulate"
+        )
+    if config.rpc_tracker:
+        raise PipelineError("--emulate and --rpc-tracker both say where to run; pass one of them")
+    if until == "bench":
+        raise PipelineError(
+            "--emulate measures accuracy only (qemu's timings are not the board's); time it on the board: "
+            f"pipeline bench --target {target.name} --rpc-tracker HOST:PORT"
+        )
+
+
 def run_stages(until: str, config: PipelineConfig, target, onnx: Optional[Path] = None,
                force: bool = False) -> dict:
     """Validate the settings, then run every stage `until` needs (cached); every command goes through here."""
@@ -177,7 +198,9 @@ def run_stages(until: str, config: PipelineConfig, target, onnx: Optional[Path] 
     if names.index(until) >= names.index("compile"):
         # Before export and quantize run: the compile stage would refuse the precision anyway.
         target.check_precision(config.precision)
-    if until in MEASURING_STAGES and target.runner == "rpc" and not config.rpc_tracker:
+    if config.emulate:
+        _check_emulation(until, config, target)
+    elif until in MEASURING_STAGES and target.runner == "rpc" and not config.rpc_tracker:
         # Fail before compiling: the artifact could not be measured anyway.
         raise PipelineError(
             f"target '{target.name}' is measured on its board; pass --rpc-tracker HOST:PORT "

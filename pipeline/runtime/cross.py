@@ -4,6 +4,8 @@
   ``libtvm_runtime.so`` and ``libtvm_ffi.so`` of the aarch64 wheels of the TVM version
   we compile with) plus a small C++ runner (``cross_runner.cc``) cross-compiled against
   them; qemu-user runs it on an input and the output is compared with the x86 result.
+* ``run_images_under_qemu``: the same binary over a whole data set in one qemu process,
+  for the evaluate stage's ``--emulate`` (the board's outputs, so its accuracy).
 
     python -m pipeline.cli.cross runtime                       # build the cache, print its path
     python -m pipeline.cli.cross run model.so --input x.npy --output y.npy [--reference r.npy]
@@ -114,11 +116,19 @@ def aarch64_runtime(rebuild: bool = False) -> Path:
         work = Path(temp)
         lib = work / "out" / "lib"
         lib.mkdir(parents=True)
-        downloads = work / "wheels"
-        downloads.mkdir()
-        wheels = _download_wheels(versions, downloads)
-        _extract(wheels, "tvm/lib/libtvm_runtime.so", lib)
-        _extract(wheels, "tvm_ffi/lib/libtvm_ffi.so", lib)
+        # The libraries depend on the TVM versions only: a runner change reuses those of
+        # another entry of the same versions rather than downloading the wheels again.
+        sibling = next((entry / "lib" for entry in sorted(final.parent.glob(f"{key.split('-runner-')[0]}-runner-*"))
+                        if (entry / "tvm_runner").is_file() and (entry / "lib" / "libtvm_ffi.so").is_file()), None)
+        if sibling is not None:
+            for library in ("libtvm_runtime.so", "libtvm_ffi.so"):
+                shutil.copy2(sibling / library, lib / library)
+        else:
+            downloads = work / "wheels"
+            downloads.mkdir()
+            wheels = _download_wheels(versions, downloads)
+            _extract(wheels, "tvm/lib/libtvm_runtime.so", lib)
+            _extract(wheels, "tvm_ffi/lib/libtvm_ffi.so", lib)
 
         import tvm_ffi.libinfo
 
@@ -152,13 +162,8 @@ def _qemu() -> str:
     )
 
 
-def run_under_qemu(library: Path, x: np.ndarray, repeat: int = 1) -> tuple[np.ndarray, dict]:
-    """Run an aarch64 artifact on `x` under qemu-user: (output, runner's timing JSON).
-
-    Weights of a params_mode="separate" artifact are passed after the input, in the
-    order its metadata lists them.
-    """
-    library = Path(library).resolve()
+def _aarch64_artifact(library: Path) -> dict:
+    """The metadata of an aarch64 CPU artifact; anything qemu cannot run is refused."""
     meta_file = library.with_name(library.name + ".json")
     if not meta_file.is_file():
         raise PipelineError(f"{meta_file} is missing; it must sit beside {library.name}")
@@ -170,17 +175,40 @@ def run_under_qemu(library: Path, x: np.ndarray, repeat: int = 1) -> tuple[np.nd
         )
     if meta.get("target_json", {}).get("kind") != "llvm":
         raise PipelineError(f"{library} runs on a GPU; qemu can only check CPU artifacts")
+    return meta
+
+
+def _weight_files(library: Path, meta: dict, work: Path) -> list[Path]:
+    """The weights of a params_mode="separate" artifact as .npy files, in the order its
+    metadata lists them (none for embedded weights)."""
+    files = []
+    if meta.get("params_file"):
+        with np.load(library.with_name(meta["params_file"])) as weights:
+            for index, name in enumerate(meta["params_order"]):
+                files.append(work / f"param{index}.npy")
+                np.save(files[-1], np.ascontiguousarray(weights[name]))
+    return files
+
+
+def _failure(library: Path, stderr: str, stdout: str = "") -> PipelineError:
+    return PipelineError(f"{library.name} failed under qemu: {(stderr.strip() or stdout.strip())[-500:]}")
+
+
+def run_under_qemu(library: Path, x: np.ndarray, repeat: int = 1) -> tuple[np.ndarray, dict]:
+    """Run an aarch64 artifact on `x` under qemu-user: (output, runner's timing JSON).
+
+    Weights of a params_mode="separate" artifact are passed after the input, in the
+    order its metadata lists them.
+    """
+    library = Path(library).resolve()
+    meta = _aarch64_artifact(library)
     qemu = _qemu()
     runtime = aarch64_runtime()
     with tempfile.TemporaryDirectory(prefix="qemu-run-") as temp:
         work = Path(temp)
         inputs = [work / "input.npy"]
         np.save(inputs[0], np.ascontiguousarray(x))
-        if meta.get("params_file"):
-            with np.load(library.with_name(meta["params_file"])) as weights:
-                for index, name in enumerate(meta["params_order"]):
-                    inputs.append(work / f"param{index}.npy")
-                    np.save(inputs[-1], np.ascontiguousarray(weights[name]))
+        inputs += _weight_files(library, meta, work)
         output = work / "output.npy"
         command = [
             qemu, "-L", str(AARCH64_SYSROOT), str(runtime / "tvm_runner"),
@@ -191,27 +219,76 @@ def run_under_qemu(library: Path, x: np.ndarray, repeat: int = 1) -> tuple[np.nd
         except subprocess.TimeoutExpired:
             raise PipelineError(f"{library.name} did not finish under qemu in {QEMU_TIMEOUT_S} s") from None
         if result.returncode != 0:
-            raise PipelineError(
-                f"{library.name} failed under qemu: {(result.stderr.strip() or result.stdout.strip())[-500:]}"
-            )
+            raise _failure(library, result.stderr, result.stdout)
         timing = json.loads(result.stdout.strip().splitlines()[-1])
         return np.load(output), timing
+
+
+def run_images_under_qemu(library: Path, images: np.ndarray, progress=None) -> np.ndarray:
+    """An aarch64 artifact's outputs for every image, all in one qemu process (starting the
+    runtime under qemu costs far more than a small image): `images` is cut into batches of
+    the compiled batch size, the last one padded with copies of its last image.
+    `progress(done)` is called with the images done so far as the runner reports them."""
+    library = Path(library).resolve()
+    meta = _aarch64_artifact(library)
+    batch = int(meta["input"]["shape"][0])
+    total = int(images.shape[0])
+    padded = -total % batch
+    if padded:
+        images = np.concatenate([images, np.repeat(images[-1:], padded, axis=0)])
+    qemu = _qemu()
+    runtime = aarch64_runtime()
+    with tempfile.TemporaryDirectory(prefix="qemu-run-") as temp:
+        work = Path(temp)
+        inputs = [work / "images.npy"]
+        np.save(inputs[0], np.ascontiguousarray(images, dtype=np.float32))
+        inputs += _weight_files(library, meta, work)
+        output = work / "output.npy"
+        command = [
+            qemu, "-L", str(AARCH64_SYSROOT), str(runtime / "tvm_runner"),
+            str(library), str(output), *map(str, inputs), "--batch", str(batch),
+        ]
+        with open(work / "stderr.txt", "w+") as stderr:
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+            lines = []
+            for line in process.stdout:
+                lines.append(line)
+                if line.startswith("progress ") and progress is not None:
+                    progress(min(total, int(line.split()[1])))
+            process.wait()
+            if process.returncode != 0:
+                stderr.seek(0)
+                raise _failure(library, stderr.read(), "".join(lines))
+        return np.load(output)[:total]
 
 
 def _runs_under_qemu(target) -> bool:
     return target.host_triple.startswith("aarch64") and target.cuda_arch is None
 
 
+def emulated_targets() -> list[str]:
+    """The targets whose artifacts qemu runs here: aarch64 CPU code (ARM boards, a Jetson's CPU)."""
+    from targets import get_target, known_targets
+
+    return [name for name in known_targets() if name != "cuda" and _runs_under_qemu(get_target(name))]
+
+
+def qemu_version() -> str:
+    """'qemu-aarch64 8.2.2': which emulator ran an evaluation, for its record."""
+    result = subprocess.run([_qemu(), "--version"], capture_output=True, text=True)
+    words = (result.stdout.splitlines() or [""])[0].split()
+    version = words[words.index("version") + 1] if "version" in words[:-1] else "unknown version"
+    return f"qemu-aarch64 {version}"
+
+
 def check_qemu_target(target) -> None:
     """Refuse, before any work, a target whose artifact qemu cannot run: qemu checks aarch64
     CPU code (ARM boards, the CPU of a Jetson), not x86 or GPU code."""
-    from targets import get_target, known_targets
-
     if _runs_under_qemu(target):
         return
     if target.host_triple.startswith("aarch64"):
         hint = f"try '{target.name}-cpu'"
     else:
-        choices = [name for name in known_targets() if name != "cuda" and _runs_under_qemu(get_target(name))]
+        choices = emulated_targets()
         hint = f"use one of: {', '.join(choices)}; e.g. make verify-arm TARGET=arm-a72"
     raise PipelineError(f"qemu checks aarch64 CPU targets; '{target.name}' is not one ({hint})")

@@ -5,10 +5,17 @@
 // artifact built for another CPU without the board:
 //
 //     tvm_runner model.so output.npy input.npy [param0.npy ...] [--repeat N]
+//     tvm_runner model.so output.npy images.npy [param0.npy ...] --batch B
 //
 // It loads the library, starts the Relax VM on the CPU, calls "main" with the input
 // (and, for params_mode="separate", the weights in the order the metadata lists them),
 // writes the output as .npy and prints one JSON line with the latencies.
+//
+// With --batch B, images.npy holds many batches of the compiled batch size B stacked
+// along the first axis: each is run once, in order, and the outputs are written stacked
+// the same way. One process for a whole data set: under qemu, starting the runtime and
+// loading the library costs far more than one small image. Every 64 batches it prints
+// "progress N" (images done) on stdout.
 //
 // Only little-endian, C-ordered .npy files of plain numeric dtypes are read or written.
 
@@ -152,30 +159,88 @@ Tensor ToDevice(const NpyArray& array, DLDevice device) {
   return tensor;
 }
 
+// Batch `index` of `images` (batches of `batch` images along the first axis) as a tensor.
+Tensor BatchOf(const NpyArray& images, int64_t batch, int64_t index, DLDevice device) {
+  std::vector<int64_t> shape = images.shape;
+  shape[0] = batch;
+  Tensor tensor = Tensor::FromNDAlloc(HostAlloc(), tvm::ffi::Shape(shape), DTypeOf(images.descr), device);
+  size_t bytes = images.data.size() / static_cast<size_t>(images.shape[0]) * static_cast<size_t>(batch);
+  std::memcpy(tensor.data_ptr(), images.data.data() + bytes * static_cast<size_t>(index), bytes);
+  return tensor;
+}
+
+// The batched mode: every batch of `images` through `main_fn`, outputs stacked into one .npy.
+int RunBatches(tvm::ffi::Function main_fn, const NpyArray& images, std::vector<Tensor> weights,
+               int64_t batch, const std::string& output_path) {
+  if (images.shape.empty() || batch < 1 || images.shape[0] % batch != 0) {
+    throw std::runtime_error("--batch " + std::to_string(batch) + " does not divide the input's " +
+                             (images.shape.empty() ? std::string("shape") : std::to_string(images.shape[0]) + " images"));
+  }
+  DLDevice cpu{kDLCPU, 0};
+  int64_t batches = images.shape[0] / batch;
+  std::vector<char> stacked;
+  std::vector<int64_t> out_shape;
+  DLDataType out_dtype{};
+  for (int64_t index = 0; index < batches; ++index) {
+    std::vector<Tensor> args{BatchOf(images, batch, index, cpu)};
+    args.insert(args.end(), weights.begin(), weights.end());
+    std::vector<tvm::ffi::AnyView> packed(args.begin(), args.end());
+    tvm::ffi::Any result;
+    main_fn.CallPacked(packed.data(), static_cast<int>(packed.size()), &result);
+    Tensor out = result.cast<Tensor>();
+    if (!out.IsContiguous()) throw std::runtime_error("the output is not a contiguous CPU tensor");
+    size_t nbytes = static_cast<size_t>(out.numel()) * out.dtype().bits / 8;
+    if (index == 0) {
+      out_shape.assign(out.shape().begin(), out.shape().end());
+      out_dtype = out.dtype();
+      stacked.reserve(nbytes * static_cast<size_t>(batches));
+    }
+    const char* data = static_cast<const char*>(out.data_ptr()) + out.byte_offset();
+    stacked.insert(stacked.end(), data, data + nbytes);
+    if ((index + 1) % 64 == 0 || index + 1 == batches) {
+      std::printf("progress %lld\n", static_cast<long long>((index + 1) * batch));
+      std::fflush(stdout);
+    }
+  }
+  out_shape[0] *= batches;
+  Tensor all = Tensor::FromNDAlloc(HostAlloc(), tvm::ffi::Shape(out_shape), out_dtype, cpu);
+  std::memcpy(all.data_ptr(), stacked.data(), stacked.size());
+  WriteNpy(output_path, all);
+  std::printf("{\"images\": %lld}\n", static_cast<long long>(images.shape[0]));
+  return 0;
+}
+
 int Run(int argc, char** argv) {
   std::vector<std::string> positional;
   int repeat = 1;
+  int64_t batch = 0;
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     if (arg == "--repeat" && i + 1 < argc) {
       repeat = std::max(1, std::atoi(argv[++i]));
+    } else if (arg == "--batch" && i + 1 < argc) {
+      batch = std::atoll(argv[++i]);
     } else {
       positional.push_back(arg);
     }
   }
   if (positional.size() < 3) {
-    std::cerr << "usage: tvm_runner model.so output.npy input.npy [param.npy ...] [--repeat N]\n";
+    std::cerr << "usage: tvm_runner model.so output.npy input.npy [param.npy ...] [--repeat N | --batch B]\n";
     return 2;
   }
   DLDevice cpu{kDLCPU, 0};
   std::vector<Tensor> args;
-  for (size_t i = 2; i < positional.size(); ++i) args.push_back(ToDevice(ReadNpy(positional[i]), cpu));
+  // In the batched mode the images are sliced per batch; only the weights go to the device whole.
+  NpyArray images;
+  if (batch > 0) images = ReadNpy(positional[2]);
+  for (size_t i = batch > 0 ? 3 : 2; i < positional.size(); ++i) args.push_back(ToDevice(ReadNpy(positional[i]), cpu));
 
   tvm::ffi::Module library = tvm::ffi::Module::LoadFromFile(positional[0]);
   tvm::ffi::Module vm = library->GetFunction("vm_load_executable").value()().cast<tvm::ffi::Module>();
   // (device type, device id, allocator): 2 is the pooled allocator, as the Python VM uses.
   vm->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, 2);
   tvm::ffi::Function main_fn = vm->GetFunction("main").value();
+  if (batch > 0) return RunBatches(main_fn, images, args, batch, positional[1]);
 
   std::vector<tvm::ffi::AnyView> packed(args.begin(), args.end());
   tvm::ffi::Any result;

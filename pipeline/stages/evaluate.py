@@ -34,6 +34,8 @@ def settings(config: PipelineConfig, target: Target) -> dict:
         "seed": config.seed,
         # Where the artifact ran does not change its outputs, but a different board might.
         "rpc_key": config.rpc_key or (target.rpc_key if config.rpc_tracker else None),
+        # Only where set, so that the keys of evaluations run on a device stay what they were.
+        **({"emulator": "qemu-aarch64"} if config.emulate else {}),
     }
 
 
@@ -50,6 +52,16 @@ def run_batched(runner, images: np.ndarray, batch_size: int, label: str) -> np.n
         outputs.append(runner.infer(chunk)[:real])
         progress.update(start + real)
     return np.concatenate(outputs)
+
+
+def run_emulated(library: Path, images: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The aarch64 artifact's logits for every image under qemu-user, all in one process, and
+    what ran them: the board's binary on an emulated CPU gives the board's outputs."""
+    from pipeline.runtime.cross import qemu_version, run_images_under_qemu
+
+    progress = Progress("[evaluate] tvm under qemu-aarch64", images.shape[0])
+    logits = run_images_under_qemu(library, images, progress=progress.update)
+    return logits, {"name": qemu_version(), "kind": "user-mode CPU emulator", "binary": "same binary as the board"}
 
 
 def load_inputs(config: PipelineConfig, in_chans: int, input_size: int):
@@ -95,8 +107,11 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
         # The ONNX file has the artifact's static batch size.
         reference, reference_batch = OnnxRuntimeRunner(inputs["onnx_simplified"]), batch_size
     reference_logits = run_batched(reference, images, reference_batch, reference.name)
-    artifact = artifact_runner(inputs["library"], target, config.rpc_tracker, config.rpc_key)
-    artifact_logits = run_batched(artifact, images, batch_size, "tvm")
+    if config.emulate:
+        artifact_logits, emulator = run_emulated(inputs["library"], images)
+    else:
+        artifact = artifact_runner(inputs["library"], target, config.rpc_tracker, config.rpc_key)
+        artifact_logits, emulator = run_batched(artifact, images, batch_size, "tvm"), None
     accuracy = {
         "target": target.name,
         "precision": config.precision,
@@ -105,6 +120,8 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
         "data": data,
         "metrics": compare_logits(reference_logits, artifact_logits, labels),
     }
+    if emulator:
+        accuracy["emulator"] = emulator
     (out_dir / "accuracy.json").write_text(json.dumps(accuracy, indent=2) + "\n")
     return {"outputs": {"accuracy": "accuracy.json"}, "info": accuracy["metrics"]}
 
@@ -140,8 +157,10 @@ def data_warnings(accuracy: dict) -> list[str]:
 def summary_lines(accuracy: dict) -> list[str]:
     """The accuracy record in a few lines for the terminal."""
     data, metrics, reference = accuracy["data"], accuracy["metrics"], accuracy["reference"]
+    emulator = accuracy.get("emulator")
     lines = [f"evaluated: {data['count']} images from {data['source']}"
-             + ("" if data.get("labeled") else " (no labels: agreement and error only)")]
+             + ("" if data.get("labeled") else " (no labels: agreement and error only)")
+             + (f", measured under {emulator['name']} ({emulator['binary']})" if emulator else "")]
     for name in ("top1", "top5"):
         if name in metrics:
             lines.append(f"{name[:3]}-{name[3:]}: {100 * metrics[name]:.2f}% "

@@ -124,11 +124,33 @@ def committed_measured(folder: Path) -> dict | None:
     return measured(latency or {}, accuracy or {}, read_record(folder / "quantization.json"))
 
 
+def emulated_latency(config: PipelineConfig, target: Target, inputs: dict[str, Path]) -> dict:
+    """The latency record of an evaluation under qemu: what was built, and no time, since an
+    emulator's timings say nothing of the board's."""
+    from reports.target_report import BOARD_LATENCY
+
+    library = Path(inputs["library"])
+    meta = json.loads(library.with_name(library.name + ".json").read_text())
+    shape = [int(n) for n in meta["input"]["shape"]]
+    params = library.with_name(meta["params_file"]) if meta.get("params_file") else None
+    return {
+        "target": target.name,
+        "precision": config.precision,
+        "batch_size": shape[0],
+        "input_shape": shape,
+        "warmup": None,
+        "backends": {"tvm": {"not_measured": BOARD_LATENCY}},
+        "tvm_speedup": {},
+        "artifact_bytes": library.stat().st_size + (params.stat().st_size if params else 0),
+    }
+
+
 def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir: Path) -> dict:
     from reports.committed import place
     from reports.target_report import render_report
 
-    latency = json.loads(Path(inputs["latency"]).read_text())
+    latency = (emulated_latency(config, target, inputs) if config.emulate
+               else json.loads(Path(inputs["latency"]).read_text()))
     accuracy = json.loads(Path(inputs["accuracy"]).read_text())
     model = model_summary(inputs)
     curve = curve_with_runs(model.get("tuning"))
@@ -175,7 +197,8 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
 
 
 def report_inputs(config: PipelineConfig) -> tuple[str, ...]:
-    common = ("latency", "accuracy", "library", "onnx_simplified", "checkpoint")
+    # Under emulation nothing is timed: no bench stage, no latency.json of it.
+    common = (() if config.emulate else ("latency",)) + ("accuracy", "library", "onnx_simplified", "checkpoint")
     return common + (("quantization_report",) if config.precision == "int8" else ())
 
 
