@@ -16,7 +16,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
-from pipeline.compiler.layout import static_shape
+from pipeline.compiler.relax_graph import static_shape
 
 # Exponents written out as multiplications; a larger one would be a longer chain than pow.
 _MAX_EXPONENT = 4

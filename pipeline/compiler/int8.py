@@ -55,6 +55,7 @@ import tvm
 from tvm import relax
 
 from pipeline.compiler import layout
+from pipeline.compiler.relax_graph import Bindings, static_shape
 from pipeline.compiler import vnni as vnni_kernel
 from pipeline.errors import PipelineError
 
@@ -119,47 +120,7 @@ def _is_constant(expr: relax.Expr) -> bool:
     return isinstance(expr, tvm.ir.expr.GenericConst) and hasattr(expr.value, "numpy")
 
 
-class _Graph:
-    """The bindings of a function: value of each var, and who uses each var."""
-
-    def __init__(self, func: relax.Function):
-        self.value: dict[relax.Var, relax.Expr] = {}
-        self.users: dict[relax.Var, list[relax.Var]] = {}
-        self.order: list[relax.Var] = []
-        for block in func.body.blocks:
-            for binding in block.bindings:
-                if not isinstance(binding, relax.VarBinding):
-                    continue
-                self.value[binding.var] = binding.value
-                self.order.append(binding.var)
-                for used in _vars_in(binding.value):
-                    self.users.setdefault(used, []).append(binding.var)
-        for used in _vars_in(func.body.body):
-            self.users.setdefault(used, []).append(None)  # the function's result
-
-    def resolve(self, expr: relax.Expr) -> relax.Expr:
-        while isinstance(expr, relax.Var) and expr in self.value:
-            expr = self.value[expr]
-        return expr
-
-    def only_user(self, var: relax.Var) -> relax.Var | None:
-        users = self.users.get(var, [])
-        return users[0] if len(users) == 1 else None
-
-
-def _vars_in(expr: relax.Expr) -> list[relax.Var]:
-    if isinstance(expr, relax.Var):
-        return [expr]
-    if isinstance(expr, relax.Call):
-        return [v for arg in expr.args for v in _vars_in(arg)]
-    if isinstance(expr, relax.Tuple):
-        return [v for field_ in expr.fields for v in _vars_in(field_)]
-    if isinstance(expr, relax.TupleGetItem):
-        return _vars_in(expr.tuple_value)
-    return []
-
-
-def _constant(graph: _Graph, expr: relax.Expr) -> np.ndarray | None:
+def _constant(graph: Bindings, expr: relax.Expr) -> np.ndarray | None:
     """The value of a constant subexpression (dequantize/reshape/permute of constants), or None."""
     expr = graph.resolve(expr)
     if _is_constant(expr):
@@ -190,12 +151,12 @@ def _dequantize_np(data: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: 
     return (data.astype(np.int64) - zero).astype(np.float32) * scale
 
 
-def _scalar(graph: _Graph, expr: relax.Expr) -> float | None:
+def _scalar(graph: Bindings, expr: relax.Expr) -> float | None:
     value = _constant(graph, expr)
     return None if value is None or value.size != 1 else value.reshape(()).item()
 
 
-def _weight(graph: _Graph, expr: relax.Expr, op: str) -> tuple[np.ndarray, np.ndarray] | str:
+def _weight(graph: Bindings, expr: relax.Expr, op: str) -> tuple[np.ndarray, np.ndarray] | str:
     """(int8 weight in the layout the op uses, float32 scale per output channel), or why not."""
     expr = graph.resolve(expr)
     transposed = False
@@ -228,7 +189,7 @@ def _weight(graph: _Graph, expr: relax.Expr, op: str) -> tuple[np.ndarray, np.nd
 
 
 def _find_matches(func: relax.Function, report: Int8Report) -> dict[relax.Var, _Match]:
-    graph = _Graph(func)
+    graph = Bindings(func)
     matches: dict[relax.Var, _Match] = {}
     for var in graph.order:
         call = graph.value[var]
@@ -243,7 +204,7 @@ def _find_matches(func: relax.Function, report: Int8Report) -> dict[relax.Var, _
     return matches
 
 
-def _match_one(graph: _Graph, var: relax.Var, call: relax.Call, op: str) -> _Match | str:
+def _match_one(graph: Bindings, var: relax.Var, call: relax.Call, op: str) -> _Match | str:
     weight = _weight(graph, call.args[1], op)
     if isinstance(weight, str):
         return weight
@@ -268,7 +229,7 @@ def _match_one(graph: _Graph, var: relax.Var, call: relax.Call, op: str) -> _Mat
         return "matmul is not (..., K) x (K, N)"
 
     end, bias_float, bias_int = var, None, None
-    user = graph.only_user(end)
+    user = graph.only_reader(end)
     if user is not None and _is_op(graph.value[user], "relax.add"):
         add = graph.value[user]
         other = add.args[1] if add.args[0].same_as(end) else add.args[0]
@@ -280,7 +241,7 @@ def _match_one(graph: _Graph, var: relax.Var, call: relax.Call, op: str) -> _Mat
                 bias_float = bias
             end = user
     sy = zy = None
-    user = graph.only_user(end)
+    user = graph.only_reader(end)
     if user is not None and _is_op(graph.value[user], "relax.quantize"):
         quantize = graph.value[user]
         scale, zero = _scalar(graph, quantize.args[1]), _scalar(graph, quantize.args[2])
@@ -295,7 +256,7 @@ def _bias_broadcasts(shape: tuple[int, ...], op: str) -> bool:
     return len(shape) == 1 or (len(shape) == 4 and shape[0] == shape[2] == shape[3] == 1)
 
 
-def _as_int32_bias(graph: _Graph, expr: relax.Expr, scale: np.ndarray) -> np.ndarray | None:
+def _as_int32_bias(graph: Bindings, expr: relax.Expr, scale: np.ndarray) -> np.ndarray | None:
     """The bias as int32 in the accumulator's scale sx*sw, when it was quantized that way
     (ORT quantizes biases with exactly that scale); None otherwise."""
     expr = graph.resolve(expr)
@@ -333,7 +294,7 @@ class _VnniPlan:
 def _vnni_plan(m: _Match, xq: relax.Expr) -> _VnniPlan | None:
     """The VNNI plan of a chain, None for the generic path: a convolution that overlaps,
     pads, dilates or groups, a symbolic shape, or a weight that does not fit the kernel."""
-    dims = layout.static_shape(xq)
+    dims = static_shape(xq)
     if dims is None:
         return None
     if m.op == "relax.matmul":

@@ -20,6 +20,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from pipeline.compiler.relax_graph import TwinRewriter, op_name, rewrite_functions, static_shape
+
 NCHW_TO_NHWC = (0, 2, 3, 1)
 NHWC_TO_NCHW = (0, 3, 1, 2)
 # Where an NCHW axis sits in NHWC.
@@ -38,16 +40,6 @@ _BINARY = {
 _REDUCE = {"relax.mean", "relax.sum", "relax.max", "relax.min", "relax.variance"}
 
 
-def static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
-    """The shape of a tensor expression whose every dimension is a constant, else None."""
-    ty = getattr(expr, "ty", None)
-    shape = ty.shape if isinstance(ty, relax.TensorType) else None
-    if not isinstance(shape, relax.ShapeExpr):
-        return None
-    dims = list(shape.values)
-    return tuple(int(d) for d in dims) if all(isinstance(d, tvm.tirx.IntImm) for d in dims) else None
-
-
 def patch_kernel(attrs, input_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> tuple[int, int] | None:
     """(kh, kw) of an NCHW/OIHW conv2d over non-overlapping patches that tile its input
     (kernel == stride, no padding, dilation or groups: ConvNeXt's stem and downsampling
@@ -62,64 +54,19 @@ def patch_kernel(attrs, input_shape: tuple[int, ...], weight_shape: tuple[int, .
     return kernel
 
 
-def op_name(call: relax.Expr) -> str | None:
-    """The Relax operator a call applies ("relax.add"), None for any other expression."""
-    if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op):
-        return call.op.name
-    return None
-
-
 @relax.expr_functor.mutator
-class _ChannelsLast(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule):
-        super().__init__(mod)
-        # Original 4-D NCHW var -> new var holding the same tensor as NHWC.
-        self.twin: dict[relax.Var, relax.Var] = {}
-        self.converted = 0
+class _ChannelsLast(TwinRewriter):
+    """A 4-D NCHW dataflow value's twin is the same tensor in NHWC."""
 
-    # -- uses of a twin-only value by an op this pass does not convert ----------------
-
-    def _materialize(self, var: relax.Var) -> relax.Var:
-        nchw = self.builder_.emit(relax.op.permute_dims(self.twin[var], NHWC_TO_NCHW), "to_nchw")
-        self.set_var_remap(var, nchw)
-        del self.twin[var]
-        return nchw
-
-    def visit_dataflow_var_(self, var: relax.DataflowVar) -> relax.Expr:
-        if var in self.twin:
-            return self._materialize(var)
-        return super().visit_dataflow_var_(var)
-
-    def visit_var_(self, var: relax.Var) -> relax.Expr:
-        if var in self.twin:
-            return self._materialize(var)
-        return super().visit_var_(var)
-
-    # -- bindings ---------------------------------------------------------------------
-
-    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        # Values leaving the dataflow block keep their layout: only dataflow vars get twins.
-        if isinstance(binding.var, relax.DataflowVar):
-            result = self._convert(binding.value)
-            if result is not None:
-                kind, new = result
-                if kind == "twin":
-                    self.twin[binding.var] = new
-                else:
-                    self.set_var_remap(binding.var, new)
-                self.converted += 1
-                return
-        super().visit_var_binding_(binding)
+    def materialize(self, var: relax.Var, twin: relax.Var) -> relax.Expr:
+        return self.builder_.emit(relax.op.permute_dims(twin, NHWC_TO_NCHW), "to_nchw")
 
     def _emit(self, expr: relax.Expr, name: str = "nhwc") -> relax.Var:
         return self.builder_.emit(expr, name)
 
-    def _twin_of(self, expr: relax.Expr) -> relax.Var | None:
-        return self.twin.get(expr) if isinstance(expr, relax.Var) else None
-
     def _as_nhwc(self, expr: relax.Expr) -> relax.Expr | None:
         """An operand of an op on NCHW values, as the matching NHWC operand."""
-        twin = self._twin_of(expr)
+        twin = self.twin_of(expr)
         if twin is not None:
             return twin
         shape = static_shape(expr)
@@ -132,14 +79,14 @@ class _ChannelsLast(relax.PyExprMutator):
             new = self._emit(relax.op.reshape(new, (1,) * (4 - len(shape)) + shape))
         return self._emit(relax.op.permute_dims(new, NCHW_TO_NHWC))
 
-    def _convert(self, value: relax.Expr) -> tuple[str, relax.Expr] | None:
+    def convert(self, value: relax.Expr) -> tuple[str, relax.Expr] | None:
         """("twin", NHWC var) or ("direct", var) for a value computed channels-last, or None."""
         name = op_name(value)
         if name is None:
             return None
         args = list(value.args)
         source = args[0] if args else None
-        twin = self._twin_of(source)
+        twin = self.twin_of(source)
 
         if name == "relax.permute_dims":
             return self._permute(value, source, twin)
@@ -230,7 +177,7 @@ class _ChannelsLast(relax.PyExprMutator):
 
     def _binary(self, value, args):
         out_shape = static_shape(value)
-        if out_shape is None or len(out_shape) != 4 or not any(self._twin_of(a) is not None for a in args):
+        if out_shape is None or len(out_shape) != 4 or not any(self.twin_of(a) is not None for a in args):
             return None
         operands = [self._as_nhwc(a) for a in args]
         if any(o is None for o in operands):
@@ -272,10 +219,7 @@ class _ChannelsLast(relax.PyExprMutator):
 
 def to_channels_last(mod: tvm.IRModule) -> tvm.IRModule:
     """Every Relax function of `mod` computing channels-last where it can (module docstring)."""
-    result = mod.clone()  # a pass must not change the module it is given
-    for gvar, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            result.update_func(gvar, _ChannelsLast(mod).visit_expr(func))
+    result = rewrite_functions(mod, _ChannelsLast)  # a new module: a pass must not change its input
     return relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(result))
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from pipeline.compiler.layout import op_name, static_shape
+from pipeline.compiler.relax_graph import TwinRewriter, op_name, rewrite_functions, static_shape
 
 _ELEMENTWISE = {
     "relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.astype", "relax.erf",
@@ -31,56 +31,30 @@ _ELEMENTWISE = {
 
 
 @relax.expr_functor.mutator
-class _GemmsOnMaps(relax.PyExprMutator):
+class _GemmsOnMaps(TwinRewriter):
+    """A 2-D (rows, channels) dataflow value's twin is the same tensor as (N, H, W, channels)."""
+
     def __init__(self, mod: tvm.IRModule):
         super().__init__(mod)
-        # 2-D (rows, channels) var -> a var of the same tensor as (N, H, W, channels).
-        self.twin: dict[relax.Var, relax.Var] = {}
         self.flat_shape: dict[relax.Var, tuple[int, ...]] = {}
 
-    def _materialize(self, var: relax.Var) -> relax.Var:
-        flat = self.builder_.emit(relax.op.reshape(self.twin[var], self.flat_shape[var]), "flat")
-        self.set_var_remap(var, flat)
-        del self.twin[var]
-        return flat
+    def materialize(self, var: relax.Var, twin: relax.Var) -> relax.Expr:
+        return self.builder_.emit(relax.op.reshape(twin, self.flat_shape[var]), "flat")
 
-    def visit_dataflow_var_(self, var: relax.DataflowVar) -> relax.Expr:
-        if var in self.twin:
-            return self._materialize(var)
-        return super().visit_dataflow_var_(var)
+    def twin_bound(self, var: relax.Var, value: relax.Expr) -> None:
+        self.flat_shape[var] = static_shape(value)
 
-    def visit_var_(self, var: relax.Var) -> relax.Expr:
-        if var in self.twin:
-            return self._materialize(var)
-        return super().visit_var_(var)
-
-    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        if isinstance(binding.var, relax.DataflowVar):
-            result = self._convert(binding.value)
-            if result is not None:
-                kind, new = result
-                if kind == "twin":
-                    self.twin[binding.var] = new
-                    self.flat_shape[binding.var] = static_shape(binding.value)
-                else:
-                    self.set_var_remap(binding.var, new)
-                return
-        super().visit_var_binding_(binding)
-
-    def _twin_of(self, expr: relax.Expr) -> relax.Var | None:
-        return self.twin.get(expr) if isinstance(expr, relax.Var) else None
-
-    def _convert(self, value: relax.Expr) -> tuple[str, relax.Expr] | None:
+    def convert(self, value: relax.Expr) -> tuple[str, relax.Expr] | None:
         name = op_name(value)
         if name is None or not value.args:
             return None
         source = value.args[0]
-        twin = self._twin_of(source)
+        twin = self.twin_of(source)
         if name == "relax.reshape":
             return self._reshape(value, source, twin)
         if name == "relax.matmul" and twin is not None:
             weight_shape = static_shape(value.args[1])
-            if weight_shape is None or len(weight_shape) != 2 or self._twin_of(value.args[1]) is not None:
+            if weight_shape is None or len(weight_shape) != 2 or self.twin_of(value.args[1]) is not None:
                 return None
             return "twin", self.builder_.emit(
                 relax.Call(value.op, [twin, self.visit_expr(value.args[1])], value.attrs, value.ty_args), "map_gemm")
@@ -108,7 +82,7 @@ class _GemmsOnMaps(relax.PyExprMutator):
         if out_shape is None or len(out_shape) != 2:
             return None
         for arg in value.args:
-            twin = self._twin_of(arg)
+            twin = self.twin_of(arg)
             if twin is not None:
                 operands.append(twin)
                 any_twin = True
@@ -125,11 +99,8 @@ class _GemmsOnMaps(relax.PyExprMutator):
 
 def gemms_on_maps(mod: tvm.IRModule) -> tvm.IRModule:
     """Every Relax function of ``mod`` with its flattened GEMM chains on the NHWC maps."""
-    result = mod.clone()
-    for gvar, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            result.update_func(gvar, _GemmsOnMaps(mod).visit_expr(func))
-    return relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(result))
+    return relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(
+        rewrite_functions(mod, _GemmsOnMaps)))
 
 
 def gemms_on_maps_pass() -> tvm.transform.Pass:

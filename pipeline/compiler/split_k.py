@@ -22,7 +22,7 @@ import math
 import tvm
 from tvm import relax, te
 
-from pipeline.compiler.layout import static_shape
+from pipeline.compiler.relax_graph import static_shape
 from pipeline.compiler.producer_fusion import fuse_producers
 from pipeline.compiler.schedules.gpu_matmul import split_k_factor, takes_arch
 

@@ -12,38 +12,14 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from pipeline.compiler.relax_graph import Bindings
+
 
 def _weight_params(func: relax.Function) -> list[relax.Var]:
     # The ONNX importer marks how many leading parameters are real inputs; the rest are
     # weights (keep_params_in_input=True).
     num_input = func.attrs.get("num_input") if func.attrs is not None else None
     return list(func.params[int(num_input):]) if num_input is not None else []
-
-
-def _readers(func: relax.Function) -> tuple[dict[relax.Var, list], dict[relax.Var, relax.Expr]]:
-    """Each variable -> the binding variables whose value reads it (None: the function's
-    result), and each binding variable -> its value."""
-    readers: dict[relax.Var, list] = {}
-    values: dict[relax.Var, relax.Expr] = {}
-
-    def note(reader: relax.Var | None, expr: relax.Expr) -> None:
-        if isinstance(expr, relax.Var):
-            readers.setdefault(expr, []).append(reader)
-        elif isinstance(expr, relax.Call):
-            for arg in expr.args:
-                note(reader, arg)
-        elif isinstance(expr, relax.Tuple):
-            for item in expr.fields:
-                note(reader, item)
-        elif isinstance(expr, relax.TupleGetItem):
-            note(reader, expr.tuple_value)
-
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            values[binding.var] = binding.value
-            note(binding.var, binding.value)
-    note(None, func.body.body)
-    return readers, values
 
 
 def _cast_dtype(expr: relax.Expr) -> str | None:
@@ -84,7 +60,8 @@ def cast_weights_once(mod: tvm.IRModule) -> tvm.IRModule:
     weights = _weight_params(func)
     if not weights:
         return mod
-    readers, values = _readers(func)
+    bindings = Bindings(func)
+    readers, values = bindings.readers, bindings.value
     new_params = {}
     cast_to_param = {}
     for param in weights:
@@ -163,7 +140,8 @@ def lift_weight_layouts(mod: tvm.IRModule) -> tvm.IRModule:
     weights = _weight_params(func)
     if not weights:
         return mod
-    readers, values = _readers(func)
+    bindings = Bindings(func)
+    readers, values = bindings.readers, bindings.value
     transforms = param_transforms(func)
     new_params: dict[relax.Var, relax.Var] = {}
     chain_end_to_param: dict[relax.Var, relax.Var] = {}
