@@ -13,6 +13,7 @@ The table (``_TARGETS``) is in display order:
     cuda-sm75 ... sm90   a fixed GPU architecture, x86-64 host code
     jetson-orin(-cpu)    Orin: sm_87 GPU + Cortex-A78AE host (or the CPU alone)
     jetson-thor(-cpu)    Thor: sm_110 GPU + Neoverse-V3AE host (or the CPU alone)
+    (alias) jetson       jetson-orin, the current module family (ALIASES)
     arm-*                64-bit ARM CPUs, cross-compiled, measured over RPC
 
 CPU features are written out per core (``mattr``) from the Arm TRMs; the tests check
@@ -26,6 +27,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable
@@ -391,18 +393,41 @@ _TARGETS: dict[str, Callable[[], Target]] = {
 }
 
 
+# Names a user types for a target of the table: alias -> (target, what it picks and how to pick
+# another). A board family's name means its current module.
+ALIASES: dict[str, tuple[str, str]] = {
+    "jetson": ("jetson-orin", "Jetson Orin (sm_87 GPU), the current Jetson module family; for Jetson AGX Thor "
+                              "pass --target jetson-thor"),
+}
+
+
 def known_targets() -> list[str]:
     """Names of all targets, in display order."""
     return list(_TARGETS)
 
 
+def resolve_name(name: str) -> str:
+    """The table's name for `name`: itself, or the target an alias stands for."""
+    return ALIASES[name][0] if name in ALIASES else name
+
+
+@lru_cache(maxsize=None)
+def _say_alias(name: str) -> None:
+    # Once per process: commands look their target up more than once.
+    print(f"note: target '{name}' means '{ALIASES[name][0]}': {ALIASES[name][1]}", file=sys.stderr, flush=True)
+
+
 def get_target(name: str) -> Target:
-    """Look a target up by name; unknown names get an error listing the known ones."""
-    factory = _TARGETS.get(name)
+    """Look a target up by name or alias (saying once what an alias picked); unknown names get
+    an error listing the known ones."""
+    factory = _TARGETS.get(resolve_name(name))
     if factory is None:
         raise PipelineError(
-            f"unknown target '{name}'; known targets: {', '.join(known_targets())}"
+            f"unknown target '{name}'; known targets: {', '.join(known_targets())} "
+            f"(aliases: {', '.join(f'{alias} = {to}' for alias, (to, _) in ALIASES.items())})"
         )
+    if name in ALIASES:
+        _say_alias(name)
     return factory()
 
 

@@ -84,8 +84,8 @@ register_compile_matrix(app)
 
 @app.command()
 def targets() -> None:
-    """List the targets and what each needs."""
-    from targets import get_target, known_targets
+    """List the targets and what each needs, then the aliases a target may be named by."""
+    from targets import ALIASES, get_target, known_targets
 
     for name in known_targets():
         target = get_target(name)
@@ -95,6 +95,9 @@ def targets() -> None:
               f"measured {target.runner}{needs}")
         if target.device == "cuda":
             print(f"{'':<18} {target.precision_note('int8')}")
+    print("aliases:")
+    for alias, (name, means) in ALIASES.items():
+        print(f"{alias:<18} = {name}: {means}")
 
 
 @app.command()

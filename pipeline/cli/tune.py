@@ -65,10 +65,12 @@ def tune_command(**options) -> None:
         raise PipelineError(f"--time-budget is in minutes and must be positive, got {time_budget:g}")
     if rpc_key is not None and rpc_tracker is None:
         raise PipelineError("--rpc-key needs --rpc-tracker HOST:PORT")
-    from pipeline.stages.compile import TUNABLE_PRECISIONS
+    from pipeline.stages.compile import TUNABLE_PRECISIONS, tunable
 
-    if precision not in TUNABLE_PRECISIONS:
-        raise PipelineError(f"--precision {precision} cannot be tuned; use one of: {', '.join(TUNABLE_PRECISIONS)}")
+    resolved = get_target(options["target"])
+    if not tunable(resolved, precision):
+        raise PipelineError(f"--precision {precision} cannot be tuned for target '{resolved.name}'; use one of: "
+                            f"{', '.join(TUNABLE_PRECISIONS[resolved.device])}")
     if precision == "int8" and options["data"] is None:
         raise PipelineError(
             "--precision int8 tunes the quantized model, which needs calibration images; "
@@ -76,12 +78,6 @@ def tune_command(**options) -> None:
         )
     config = config_from_options(options)
     validate_config(config, None)
-    resolved = get_target(options["target"])
-    if resolved.cuda_arch is not None:
-        raise PipelineError(
-            f"tuning is implemented for CPU targets; '{resolved.name}' builds its GPU kernels with "
-            f"dlight's default schedules, which need no tuning records"
-        )
 
     # Imported after the cheap checks: MetaSchedule pulls in all of TVM's compiler.
     from pipeline.compiler.tuning import database

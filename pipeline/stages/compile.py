@@ -11,8 +11,13 @@ from pipeline.engine import Stage, log
 from targets import Target
 
 
-# What `pipeline tune` can make records for (fp16 is for GPU targets, which tuning skips).
-TUNABLE_PRECISIONS = ("fp32", "int8")
+# What `pipeline tune` can make records for, by the target's device kind (Target.device): the
+# precisions each kind offers (targets/__init__.py).
+TUNABLE_PRECISIONS = {"cpu": ("fp32", "int8"), "cuda": ("fp32", "fp16")}
+
+
+def tunable(target: Target, precision: str) -> bool:
+    return precision in TUNABLE_PRECISIONS.get(target.device, ())
 
 
 COMPILER_DIR = Path(__file__).resolve().parents[1] / "compiler"
@@ -46,9 +51,10 @@ def settings(config: PipelineConfig, target: Target) -> dict:
 
 
 def tuning_database(config: PipelineConfig, target: Target) -> Path | None:
-    """The tuning records compile applies to CPU builds (fp32, int8): artifacts/tune/<target>/<model>/,
-    else the repository's tuning/<target>/<model>/<cpu>/, for this CPU or another (pipeline/compiler/tuning/database.py)."""
-    if config.precision not in TUNABLE_PRECISIONS or not config.tuning_records:
+    """The tuning records compile applies to CPU (fp32, int8) and GPU builds (fp32, fp16): artifacts/tune/<target>/<model>/,
+    else the checkout's tuning/<target>/<model>/<cpu>/, made on this CPU and timed against today's
+    default schedules (pipeline/compiler/tuning/database.py says why others are not applied)."""
+    if not tunable(target, config.precision) or not config.tuning_records:
         return None
     from pipeline.compiler.tuning import database
 
@@ -58,15 +64,14 @@ def tuning_database(config: PipelineConfig, target: Target) -> Path | None:
 
 
 def tuning_settings(config: PipelineConfig, target: Target) -> dict:
-    if config.precision not in TUNABLE_PRECISIONS:
+    if not tunable(target, config.precision):
         return {}
-    from pipeline.compiler.schedules import cpu as cpu_schedules
     from pipeline.compiler.tuning import database
 
     records = tuning_database(config, target)
     return {
         "tuning_database_sha256": database.database_digest(records) if records else None,
-        "default_schedules": cpu_schedules.DEFAULT_SCHEDULE_VERSION,
+        "default_schedules": database.defaults_version(target.tvm_target),
     }
 
 

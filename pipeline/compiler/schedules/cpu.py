@@ -24,7 +24,9 @@ from tvm.s_tir import Schedule
 from pipeline.compiler.schedules import cpu_rows, depthwise
 from pipeline.compiler import prepack
 from pipeline.compiler.tensor_intrinsics import load_tensor_intrinsics
-from pipeline.compiler.tuning.database import open_database, read_curve, read_meta, tuning_cost, warn_once
+from pipeline.compiler.tuning.database import (
+    defaults_version, open_database, read_curve, read_meta, tuning_cost, warn_once,
+)
 from targets import Target
 
 
@@ -67,7 +69,7 @@ def schedule_module(
         # reductions over channels (LayerNorms, means), elementwise and data movement kernels,
         # and kept as lowered (see below).
         **{f"default_{kind}": count for kind, count in defaults.items()},
-        "default_schedule_version": DEFAULT_SCHEDULE_VERSION,
+        "default_schedule_version": defaults_version(target.tvm_target),
         "cost": tuning_cost(read_curve(database_dir)) if opened else None,
         "kernel_schedules": dict(sorted(origins.items())),
     }
@@ -100,12 +102,13 @@ def _note_records_older_than_defaults(database_dir: Path) -> None:
     """A record beat the default of its day; once the defaults improve, some records are
     slower than today's (the rocketlake ConvNeXt-T head: 0.092 ms, its new default 0.052 ms)
     and compile would still apply them."""
-    version = read_meta(database_dir).get("default_schedule_version", 0)
-    if version >= DEFAULT_SCHEDULE_VERSION:
+    meta = read_meta(database_dir)
+    version, today = meta.get("default_schedule_version", 0), defaults_version(meta["target_json"])
+    if version >= today:
         return
     made = f"version {version}" if version else "a version before versions were recorded"
     warn_once(f"the tuning records in {database_dir} were timed against older default schedules ({made}; "
-              f"today's are version {DEFAULT_SCHEDULE_VERSION}); `pipeline tune-db remeasure {database_dir}` "
+              f"today's are version {today}); `pipeline tune-db remeasure {database_dir}` "
               f"on the CPU they were made for drops the records today's defaults beat")
 
 

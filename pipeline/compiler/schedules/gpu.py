@@ -95,6 +95,23 @@ def rules(sm_count: int) -> list:
     ]
 
 
+# Bump when the default GPU schedules change: tuning records were timed against the version of
+# their day (pipeline/compiler/tuning/database.py), and a record only beat that one.
+DEFAULT_SCHEDULE_VERSION = 1
+
+
+def default_schedule(task_mod: tvm.IRModule, tvm_target, sm_count: int):
+    """The default schedule of one kernel ({"main": PrimFunc}) as ``schedule_module`` gives it,
+    and its rule's name: the baseline a tuning task starts from, its trace a tuning record."""
+    func = task_mod["main"]
+    with tvm_target:
+        for rule in rules(sm_count):
+            schedule = rule.apply(func, tvm_target, False)
+            if schedule is not None:
+                return (schedule[0] if isinstance(schedule, list) else schedule), type(rule).__name__
+    raise ValueError(f"no default GPU schedule applies to {func.attrs.get('global_symbol', 'main')}")
+
+
 _THREAD_BINDING = re.compile(r'T\.thread_binding\((?:T\.int(?:32|64)\()?(\d+)\)?, thread="(\w+)\.(\w)"\)')
 
 

@@ -147,11 +147,12 @@ def target_fit(made_for: dict[str, Any], target: Target) -> str:
     """How records made for the TVM target `made_for` fit `target`: "same"; "similar"
     (another CPU model or core count of the same kind and triple: a trace replays there
     and gives correct code, compiled for this CPU, but was timed on another one); else
-    "foreign"."""
+    "foreign". A GPU target's records time its GPU kernels, so another host CPU of the same
+    GPU architecture is "same"."""
     if made_for == target.tvm_target:
         return "same"
     if _without_cpu_model(made_for) == _without_cpu_model(target.tvm_target):
-        return "similar"
+        return "same" if made_for.get("kind") == "cuda" else "similar"
     return "foreign"
 
 
@@ -207,11 +208,19 @@ def timed_against(db_dir: Path) -> int:
     return version if isinstance(version, int) else 0
 
 
-def _is_stale(db_dir: Path) -> bool:
+def defaults_version(tvm_target: dict[str, Any]) -> int:
+    """Today's version of the default schedules that records for `tvm_target` are timed
+    against: schedules/gpu.py's for a GPU target, schedules/cpu.py's for a CPU one."""
     # Imported here: schedules/cpu.py imports this module.
-    from pipeline.compiler.schedules.cpu import DEFAULT_SCHEDULE_VERSION
+    if tvm_target.get("kind") == "cuda":
+        from pipeline.compiler.schedules.gpu import DEFAULT_SCHEDULE_VERSION
+    else:
+        from pipeline.compiler.schedules.cpu import DEFAULT_SCHEDULE_VERSION
+    return DEFAULT_SCHEDULE_VERSION
 
-    return timed_against(db_dir) < DEFAULT_SCHEDULE_VERSION
+
+def _is_stale(db_dir: Path) -> bool:
+    return timed_against(db_dir) < defaults_version(read_meta(db_dir)["target_json"])
 
 
 def _usable_database(artifacts_root: Path, target: Target, key: str, exclude: Path | None = None,
@@ -339,13 +348,12 @@ def find_database(artifacts_root: Path, target: Target, key: str) -> Path | None
 def _note_stale(stale: list[Path]) -> None:
     """One line for the databases of this CPU that find_database passed over as timed
     against older default schedules: the first (this model's own, if it has one) by name."""
-    from pipeline.compiler.schedules.cpu import DEFAULT_SCHEDULE_VERSION
-
     first, version = stale[0], timed_against(stale[0])
+    today = defaults_version(read_meta(first)["target_json"])
     made = f"version {version}" if version else "a version before versions were recorded"
     more = f" (and {len(stale) - 1} more of this CPU's databases)" if len(stale) > 1 else ""
     note_once(f"not applying the tuning records in {first}{more}: they were timed against older default "
-              f"schedules ({made}; today's are version {DEFAULT_SCHEDULE_VERSION}) and can be slower; "
+              f"schedules ({made}; today's are version {today}) and can be slower; "
               f"`pipeline tune-db remeasure {first}` re-measures them")
 
 

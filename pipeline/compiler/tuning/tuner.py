@@ -32,12 +32,13 @@ from pipeline import artifacts
 from pipeline.compiler import prepack
 from pipeline.engine import log
 from pipeline.errors import PipelineError
-from pipeline.compiler.schedules.cpu import DEFAULT_SCHEDULE_VERSION, default_schedule
+from pipeline.compiler.schedules import cpu as cpu_schedules
+from pipeline.compiler.schedules import gpu as gpu_schedules
 from pipeline.compiler.tensor_intrinsics import load_tensor_intrinsics
 from pipeline.compiler.tuning.tasks import Task, extract_tasks, fused_module
 from pipeline.compiler.tuning.database import (
-    CURVE_FILE, META_FILE, RECORD_FILE, STATE_FILE, WORKLOAD_FILE, cpu_tag, database_problem, open_database,
-    read_meta, warn, write_json, write_meta,
+    CURVE_FILE, META_FILE, RECORD_FILE, STATE_FILE, WORKLOAD_FILE, cpu_tag, database_problem, defaults_version,
+    open_database, read_meta, warn, write_json, write_meta,
 )
 from targets import Target
 
@@ -78,14 +79,126 @@ class TuneSettings:
         return "\n".join(f"  {f.name:<{width}}  {getattr(self, f.name)}" for f in dataclasses.fields(self))
 
 
-def _export_library(cross_compiler: str | None, mod) -> str:
-    """LocalBuilder export: a shared library linked for the target (cross compiler or cc)."""
+# ---------------------------------------------------------------------------
+# What differs between device kinds: how a candidate is built, its default schedule, the
+# search space, and where it can be measured. The loop below is the same for both.
+
+
+def _build_candidate(target: Target, mod, tvm_target, params):
+    """LocalBuilder build: MetaSchedule's default build, and for a GPU target under compile's
+    PassContext with the kernels kept as CUDA source, which _export_library compiles with the
+    project's nvcc flags (pipeline/compiler/nvcc.py: never --use_fast_math, which TVM's own
+    nvcc wrapper adds and which made every ConvNeXt output NaN)."""
+    import tvm
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build
+
+    if target.cuda_arch is None:
+        return default_build(mod, tvm_target, params)
+    from pipeline.compiler import backend, phases
+
+    with backend.cuda_source_codegen(target), tvm.transform.PassContext(config=phases.pass_config(target)):
+        return default_build(mod, tvm_target, params)
+
+
+def _export_library(target: Target, mod) -> str:
+    """LocalBuilder export: a shared library linked for the target (cross compiler or cc); a GPU
+    target's kernels go in as an nvcc fatbin for its sm_XX, as compile links them."""
     from tvm.support import cc
 
     directory = tempfile.mkdtemp(prefix="tvm-tune-build-")
     path = os.path.join(directory, "candidate.so")
-    mod.export_library(path, fcompile=cc.cross_compiler(cross_compiler) if cross_compiler else None)
+    if target.cuda_arch is not None:
+        from pathlib import Path as _Path
+
+        from pipeline.compiler import backend
+
+        backend.export_kernel_library(mod, _Path(path), target)
+        return path
+    mod.export_library(path, fcompile=cc.cross_compiler(target.cross_compiler) if target.cross_compiler else None)
     return path
+
+
+def default_schedule(target: Target, task_mod, tvm_target) -> tuple[Schedule, str]:
+    """A task's default schedule, what compile gives the kernel without a record, and its kind:
+    schedules/cpu.py's for a CPU target, schedules/gpu.py's rules for a GPU target."""
+    if target.device == "cuda":
+        return gpu_schedules.default_schedule(task_mod, tvm_target, target.sm_count)
+    return cpu_schedules.default_schedule(task_mod, tvm_target)
+
+
+# The default GPU rules that put a kernel on tensor cores (float16 GEMMs): with fp16 their
+# tasks are searched with MetaSchedule's tensor-core rules (WMMA/MMA intrinsics).
+TENSOR_CORE_DEFAULTS = ("TensorCoreMatmul",)
+
+
+def space_kind(target: Target, precision: str, default_kind: str) -> str:
+    """The MetaSchedule rule set a task is searched with: the target's own ("llvm", "cuda"),
+    "cuda-tensorcore" for the fp16 GEMMs whose default is on tensor cores."""
+    if target.device != "cuda":
+        return "llvm"
+    return "cuda-tensorcore" if precision == "fp16" and default_kind in TENSOR_CORE_DEFAULTS else "cuda"
+
+
+def _tensor_core_rules() -> list:
+    """MetaSchedule's CUDA rules with its tensor-core tiling (WMMA, fp16 operands) in place of
+    the plain one, which it falls back to on blocks that are no fp16 GEMM.
+
+    TVM 0.27: its own "cuda-tensorcore" rules stage the accumulators in dynamic shared memory,
+    and the build of an fp32 accumulator merged there with the fp16 operand tiles fails
+    ("tvm_access_ptr element type must match the source buffer"): every candidate of the micro
+    ConvNeXt's smaller GEMMs. The accumulators go through static shared memory here, as
+    dlight's tensor-core matmul (our default) does."""
+    from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
+
+    rule = ms.schedule_rule
+    tensor_cores = rule.MultiLevelTilingTensorCore(
+        intrin_groups=[get_wmma_intrin_group(load_scope="shared.dyn", store_scope="shared", in_dtype="float16",
+                                             out_dtype=out_dtype, trans_b=trans_b)
+                       for out_dtype in ("float32", "float16") for trans_b in (False, True)],
+        structure="SSSRRSRS", tile_binds=["blockIdx.y", "blockIdx.x", "threadIdx.y"], max_innermost_factor=4,
+        vector_load_lens=[1, 2, 3, 4, 8, 16],
+        reuse_read=rule.ReuseType(req="must", levels=[4], scope="shared.dyn"),
+        reuse_write=rule.ReuseType(req="must", levels=[2], scope="shared"),
+        use_software_pipeline=False,
+    )
+    return [tensor_cores if isinstance(r, rule.MultiLevelTiling) else r for r in rule.ScheduleRule.create("cuda")]
+
+
+def space_generator(kind: str):
+    """The design space of rule set `kind` (space_kind)."""
+    if kind == "llvm":
+        return "post-order-apply"
+    rules = _tensor_core_rules() if kind == "cuda-tensorcore" else kind
+    return ms.space_generator.PostOrderApply(sch_rules=rules, postprocs=kind, mutator_probs=kind)
+
+
+def local_gpu_arch() -> str | None:
+    """The architecture ("sm_87") of this machine's first GPU as TVM sees it; None without one."""
+    import tvm
+
+    device = tvm.cuda(0)
+    return f"sm_{device.compute_version.replace('.', '')}" if device.exist else None
+
+
+def _machine_triple() -> str:
+    import platform
+
+    from targets import AARCH64_TRIPLE, X86_TRIPLE
+
+    return AARCH64_TRIPLE if platform.machine() in ("aarch64", "arm64") else X86_TRIPLE
+
+
+def local_measure_problem(target: Target) -> str | None:
+    """Why this machine cannot time `target`'s candidates itself (None: it can): a GPU target
+    needs a GPU of its architecture here, and host code this machine runs (on a Jetson itself,
+    jetson-orin is measured locally); a CPU target measured over RPC needs its board."""
+    if target.device != "cuda":
+        return "rpc" if target.runner == "rpc" else None
+    arch = local_gpu_arch()
+    if arch == target.cuda_arch and target.host_triple == _machine_triple():
+        return None
+    here = f"this machine's GPU is {arch}" if arch else "this machine has no GPU TVM can use"
+    return f"target '{target.name}' is measured on an {target.cuda_arch} GPU and {here}"
 
 
 @derived_object
@@ -113,7 +226,8 @@ def make_builder(target: Target, settings: TuneSettings) -> "ms.builder.Builder"
         max_workers=1,
         timeout_sec=settings.builder_timeout_s,
         initializer=load_tensor_intrinsics,
-        f_export=functools.partial(_export_library, target.cross_compiler),
+        f_build=functools.partial(_build_candidate, target),
+        f_export=functools.partial(_export_library, target),
     )
     # Candidates timed on a device over RPC do not share its cores with the build.
     return builder if settings.rpc_tracker is not None else _SettlingBuilder(builder, LOCAL_SETTLE_S)
@@ -154,8 +268,15 @@ def check_rpc(target: Target, settings: TuneSettings) -> None:
         f"--rpc-tracker HOST:9190 --rpc-key {key}"
     )
     if settings.rpc_tracker is None:
-        if target.runner == "rpc":
+        problem = local_measure_problem(target)
+        if problem == "rpc":
             raise PipelineError(f"target '{target.name}' is measured on the device itself, through an RPC tracker; {connect_hint}")
+        if problem is not None:
+            raise PipelineError(
+                f"{problem}; measure on the board or a machine with that GPU through an RPC tracker "
+                f"(--rpc-tracker HOST:PORT; on it: `python -m tvm.exec.rpc_server --tracker HOST:PORT --key {key}`), "
+                f"or with no network path to it offline with --measure-bundle DIR (README.md, Jetson)"
+            )
         return
     from tvm import rpc
 
@@ -372,7 +493,7 @@ def tune(
             raise PipelineError(f"cannot resume: {problem}; delete the directory to start over")
     db_dir.mkdir(parents=True, exist_ok=True)
     # The defaults its records were timed against: a resumed run keeps the oldest.
-    version = DEFAULT_SCHEDULE_VERSION
+    version = defaults_version(target.tvm_target)
     if settings.resume and (db_dir / META_FILE).is_file():
         version = min(version, read_meta(db_dir).get("default_schedule_version", 0))
     write_meta(db_dir, target, key, onnx_sha256=artifacts.file_sha256(onnx_path), default_schedule_version=version)
@@ -401,7 +522,7 @@ def tune(
         f"({len(chosen) - len(todo)} already done) with up to {budget_trials} trials -> {db_dir}; "
         f"first the baselines (each task's default schedule, timed), then the search")
 
-    tuner = _Tuner(target, tvm_target, settings, database, db_dir, command, say)
+    tuner = _Tuner(target, tvm_target, settings, database, db_dir, command, say, precision)
     stop_reason = None
     with _CtrlC(say) as ctrl_c:
         try:
@@ -498,20 +619,28 @@ class _Tuner:
     """Rounds of MetaSchedule search for one task at a time, into one database."""
 
     def __init__(self, target: Target, tvm_target, settings: TuneSettings, database, db_dir: Path,
-                 command: str, say: Callable[[str], None]):
-        self.target, self.tvm_target, self.settings = target, tvm_target, settings
+                 command: str, say: Callable[[str], None], precision: str = "fp32"):
+        self.target, self.tvm_target, self.settings, self.precision = target, tvm_target, settings, precision
         self.database, self.db_dir, self.command, self.say = database, db_dir, command, say
         self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.builder, self.runner = make_builder(target, settings), make_runner(target, settings)
         # One cost model for the whole run: what it learns on one task helps the next.
         self.cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=self.cores)
         self.spent = 0
+        self._space_kinds: dict[str, str] = {}
+
+    def space_kind(self, task: Task) -> str:
+        """The rule set the task is searched with (space_kind), decided once per task."""
+        if task.key not in self._space_kinds:
+            default_kind = default_schedule(self.target, task.mod, self.tvm_target)[1] if self.target.device == "cuda" else ""
+            self._space_kinds[task.key] = space_kind(self.target, self.precision, default_kind)
+        return self._space_kinds[task.key]
 
     def run_round(self, task: Task, trials: int, seed: int) -> _RoundResults:
         """Search, build and measure `trials` candidates; records go to the database."""
         results = _RoundResults()
         context = ms.TuneContext(
-            mod=task.mod, target=self.tvm_target, space_generator="post-order-apply",
+            mod=task.mod, target=self.tvm_target, space_generator=space_generator(self.space_kind(task)),
             search_strategy=ms.search_strategy.EvolutionarySearch(
                 population_size=self.settings.population,
                 init_min_unmeasured=min(50, self.settings.population),
@@ -562,7 +691,7 @@ class _Tuner:
         wanted: list[tuple[str, Schedule, str]] = []
         kind = None
         if progress.default_s is None:
-            sch, kind = default_schedule(task.mod, self.tvm_target)
+            sch, kind = default_schedule(self.target, task.mod, self.tvm_target)
             wanted.append(("default_s", sch, f"default schedule ({kind.replace('_', ' ')})"))
         if seed_database is not None and progress.seed_s is None:
             sch = self._seed_schedule(task, seed_database)
@@ -591,6 +720,8 @@ class _Tuner:
         settings = self.settings
         progress = state[task.key]
         progress.status = "tuning"
+        if self.target.device == "cuda":
+            self.say(f"[tune] task {index} of {count} {task.name}: searching MetaSchedule's {self.space_kind(task)} space")
         progress.best_s = _best_record_seconds(self.database, task) or progress.best_s
         stale = failed_rounds = rounds = 0
         while progress.trials < settings.trials_per_task:

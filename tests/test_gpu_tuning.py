@@ -1,0 +1,188 @@
+"""MetaSchedule tuning for GPU targets, on a machine without a GPU: `jetson` names Jetson Orin;
+candidates from MetaSchedule's CUDA design space (tensor-core rules for an fp16 GEMM) build with
+the project's nvcc for jetson-orin and cuda-sm90 and compute what the default schedule computes
+on the CUDA emulator; tuning without a GPU says how to measure; compile applies a GPU record and
+says which kernel came from which database."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from edge_models import micro_onnx
+
+from targets import get_target
+
+
+def test_jetson_means_jetson_orin_and_targets_lists_the_alias(tmp_path, capfd):
+    target = get_target("jetson")
+    assert target.name == "jetson-orin" and target.cuda_arch == "sm_87"
+    note = capfd.readouterr().err
+    assert "'jetson' means 'jetson-orin'" in note and "--target jetson-thor" in note
+    listed = run_cli("targets", cwd=tmp_path, check=True).stdout
+    assert any(line.startswith("jetson ") and "jetson-orin" in line and "jetson-thor" in line
+               for line in listed.splitlines()[listed.splitlines().index("aliases:"):])
+
+
+def _user_error(result) -> str:
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("name,precision", [("jetson", "fp16"), ("cuda-sm90", "fp32")])
+def test_tuning_a_gpu_target_without_a_gpu_says_how_to_measure(tmp_path, name, precision):
+    # Before any model work: the model options are never used.
+    result = run_cli("tune", "--target", name, "--variant", "micro", "--input-size", "32", "--precision", precision,
+                     "--artifacts", str(tmp_path / "artifacts"), cwd=tmp_path)
+    error = _user_error(result)
+    assert "--rpc-tracker HOST:PORT" in error and "--measure-bundle DIR" in error, error
+    if name == "jetson":
+        assert result.stderr.splitlines()[0].startswith("note: target 'jetson' means 'jetson-orin'")
+    assert not (tmp_path / "artifacts" / "tune").exists()
+
+
+def test_gpu_targets_tune_fp16_and_fp32_not_int8(tmp_path):
+    error = _user_error(run_cli("tune", "--target", "jetson-orin", "--precision", "int8", cwd=tmp_path))
+    assert "use one of: fp32, fp16" in error
+
+
+# ---------------------------------------------------------------------------
+# Candidates of the CUDA design space, built and emulated
+
+
+@pytest.fixture(scope="module")
+def small_onnx(tmp_path_factory):
+    return micro_onnx(tmp_path_factory)
+
+
+def _gemm_task(onnx_path: Path, target):
+    """The smallest fp16 GEMM whose default schedule is on tensor cores, and its default."""
+    from pipeline.compiler.tuning import tuner
+    from pipeline.compiler.tuning.tasks import extract_tasks, fused_module
+
+    mod, tvm_target = fused_module(onnx_path, target, None, "fp16")
+    for task in sorted(extract_tasks(mod, tvm_target), key=lambda t: t.flops):
+        sch, kind = tuner.default_schedule(target, task.mod, tvm_target)
+        if kind in tuner.TENSOR_CORE_DEFAULTS:
+            return task, sch, tvm_target
+    raise AssertionError("no tensor-core GEMM among the micro model's fp16 kernels")
+
+
+def _sampled(task, tvm_target, kind: str, count: int, seed: int = 1) -> list:
+    """`count` candidates as the search draws them: traces of the design space replayed with
+    fresh decisions and post-processed (tensorized, verified for the GPU)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.compiler.tuning import tuner
+
+    context = ms.TuneContext(
+        mod=task.mod, target=tvm_target, space_generator=tuner.space_generator(kind),
+        search_strategy=ms.search_strategy.ReplayTrace(), task_name=task.name, rand_state=seed, num_threads=1,
+    ).clone()
+    context.pre_tuning(max_trials=count, num_trials_per_iter=count,
+                       design_spaces=context.generate_design_space(), database=None, cost_model=None)
+    return [candidate.sch for candidate in context.generate_measure_candidates()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target_name", ["jetson-orin", "cuda-sm90"])
+def test_tensor_core_candidates_build_with_nvcc_and_compute_like_the_default(small_onnx, target_name):
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.compiler import nvcc
+    from pipeline.compiler.tensor_intrinsics import load_tensor_intrinsics
+    from pipeline.compiler.tuning import tuner
+    from pipeline.verify.cuda_emulator import gpu_build, kernel_check
+
+    target = get_target(target_name)
+    load_tensor_intrinsics()
+    task, default, tvm_target = _gemm_task(small_onnx, target)
+    assert tuner.space_kind(target, "fp16", "TensorCoreMatmul") == "cuda-tensorcore"
+    candidates = _sampled(task, tvm_target, "cuda-tensorcore", 3)
+    on_tensor_cores = [sch for sch in candidates if "wmma" in sch.mod.script() or "mma" in sch.mod.script()]
+    assert on_tensor_cores, "no tensor-core candidate sampled"
+
+    # The tuner's own builder: the project's nvcc, linked for the target (aarch64 for Jetson).
+    assert not nvcc.FAST_MATH
+    built = tuner.make_builder(target, tuner.TuneSettings()).build(
+        [ms.builder.BuilderInput(sch.mod, tvm_target) for sch in [default, *on_tensor_cores[:2]]])
+    try:
+        ok = [sch for sch, result in zip([default, *on_tensor_cores[:2]], built) if result.error_msg is None]
+        # Every one: with TVM 0.27's own tensor-core rules none of this GEMM's did
+        # (tuner._tensor_core_rules says why).
+        assert len(ok) == len(built), [str(r.error_msg)[-300:] for r in built]
+        for result in built:
+            if result.error_msg is None:
+                library = Path(result.artifact_path).read_bytes()
+                assert library[:4] == b"\x7fELF" and (b"\xb7\x00" if target_name == "jetson-orin" else b"\x3e\x00") == library[18:20]
+    finally:
+        for result in built:
+            if result.artifact_path:
+                shutil.rmtree(os.path.dirname(result.artifact_path), ignore_errors=True)
+
+    # The built tensor-core candidate and the default, each run by the emulator against the
+    # kernel's CPU build: both compute the same as it.
+    unscheduled = task.mod["main"]
+    kernels = gpu_build.scheduled_gpu_kernels(
+        {"candidate": unscheduled, "default": unscheduled},
+        {"candidate": ok[1].mod["main"], "default": default.mod["main"]},
+        {"candidate": "cuda-tensorcore candidate", "default": "default"}, target)
+    checks = {check.kernel: check for check in kernel_check.check_kernels(kernels)}
+    assert checks["default"].status == "match", checks["default"]
+    assert checks["candidate"].status == "match", checks["candidate"]
+
+
+@pytest.mark.slow
+def test_compile_applies_a_gpu_record_and_says_from_which_database(small_onnx, tmp_path):
+    """A database of cuda-sm90 fp16 records where compile looks (artifacts/tune/<target>/<model>/):
+    compile's tuning lookup finds it, and its schedule phase (which fills compile's info["tuning"]
+    and the GPU kernels' rules) builds the kernel from its record and says from which database.
+    The phase alone, not the whole compile: nvcc on every kernel takes minutes on two cores."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.compiler import phases
+    from pipeline.compiler.fused import CompileOptions, fuse_model
+    from pipeline.compiler.tensor_intrinsics import load_tensor_intrinsics
+    from pipeline.compiler.tuning import database
+    from pipeline.config import PipelineConfig
+    from pipeline.stages import compile as compile_stage
+
+    target = get_target("cuda-sm90")
+    load_tensor_intrinsics()
+    task, default, tvm_target = _gemm_task(small_onnx, target)
+    (candidate,) = _sampled(task, tvm_target, "cuda", 1)
+    config = PipelineConfig(variant="micro", input_size=64, num_classes=10, precision="fp16",
+                            artifacts=tmp_path / "artifacts")
+    key = database.config_model_key(config)
+    db_dir = database.local_database_dir(tmp_path / "artifacts", target.name, key)
+    db_dir.mkdir(parents=True)
+    database.write_meta(db_dir, target, key, default_schedule_version=database.defaults_version(target.tvm_target))
+    for name in (database.WORKLOAD_FILE, database.RECORD_FILE):
+        (db_dir / name).touch()
+    records = database.open_database(db_dir, target, strict=True)
+    records.commit_tuning_record(ms.database.TuningRecord(
+        candidate.trace, records.commit_workload(task.mod), [1e-3], tvm_target,
+        ms.arg_info.ArgInfo.from_entry_func(candidate.mod, remove_preproc=True)))
+
+    # GPU fp16 builds look their records up (they were never looked up before).
+    assert compile_stage.tuning_database(config, target) == db_dir.resolve()
+    assert compile_stage.tuning_settings(config, target)["tuning_database_sha256"] == database.database_digest(db_dir)
+
+    fused = fuse_model(small_onnx, target, CompileOptions(precision="fp16"))
+    report: dict = {}
+    with fused.tvm_target, tvm.transform.PassContext(config=phases.pass_config(target)):
+        scheduled = phases.schedule_pass(target, db_dir, report)(fused.module)
+    assert report["database"] == str(db_dir) and report["tasks_from_records"] == 1
+    assert report["kernel_schedules"] == {task.name: "record"}
+    # The GPU rules scheduled every other kernel, not this one (compile's info: "tuning record").
+    assert task.name not in report["gpu_kernels"] and len(report["gpu_kernels"]) == report["tasks_total"] - 1
+    # The record's schedule (CUDA cores), not the default (tensor cores: WMMA).
+    assert "wmma" in default.mod.script() and "wmma" not in scheduled[task.name].script()
