@@ -46,13 +46,14 @@ def test_targets_and_precisions_in_one_table_per_model(tmp_path):
     assert cells["median ms"] == "10.00"
     assert cells["p99 ms"] == "15.00"
     assert cells["throughput img/s"] == "100.0"
-    assert cells["speed-up vs PyTorch"] == "4.00x"
+    assert cells["speed-up vs fastest PyTorch"] == "4.00x vs PyTorch eager"
     assert cells["speed-up vs ONNX Runtime"] == "2.00x"
     assert cells["top-1"] == "80.00%" and cells["top-5"] == "98.00%"
     assert cells["top-1 agreement with FP32 ref"] == "100.00%"
     assert cells["artifact MB"] == "1.73"
     assert cells["tuning"] == "untuned"
-    assert cells["device"] == "AMD EPYC" and cells["date"] == "2026-01-01" and cells["commit"] == "aaaaaaaaaaaa"
+    assert cells["measured on"] == "AMD EPYC" and cells["date"] == "2026-01-01" and cells["commit"] == "aaaaaaaaaaaa"
+    assert cells["evaluated on"] == "16 random inputs (no labels)"
     assert table_row(micro, "x86", "int8")[COL["top-1 agreement with FP32 ref"]] == "93.75%"
     assert table_row(micro, "cuda", "fp16")[COL["median ms"]] == "0.500"
     # The tiny model's x86 row is in its own table, not in micro's.
@@ -346,3 +347,67 @@ def test_compile_matrix_is_linked_once_written(tmp_path):
     # The matrix folder holds no latency or accuracy report: it adds no row and no warning.
     assert summary.warnings == [] and [row.folder for rows in summary.tables.values() for row in rows
                                        if row.measured] == ["x86"]
+
+
+def test_speedup_divides_by_the_fastest_pytorch_configuration_and_names_it(tmp_path):
+    # As gpu_check.py records a GPU run: eager fp16 (also as "pytorch"), channels_last, torch.compile
+    # and torch.compile with CUDA graphs, all beside TVM's 0.584 ms.
+    from report_samples import stats
+
+    record = latency(target="cuda", precision="fp16", median=0.584)
+    record["backends"] = {
+        "tvm": stats(0.584), "pytorch": stats(4.807), "pytorch_fp16": stats(4.807),
+        "pytorch_fp16_channels_last": stats(4.778), "torch_compile_fp16": stats(2.271),
+        "torch_compile_cudagraphs_fp16": stats(0.733),
+    }
+    record["tvm_speedup"] = {"vs_pytorch": 4.807 / 0.584}
+    write_report(tmp_path, "cuda-fp16", record, accuracy(target="cuda", precision="fp16"))
+    eager_only = latency(median=10.0)
+    write_report(tmp_path, "x86", eager_only, accuracy())
+
+    markdown = run(tmp_path).readme.read_text()
+
+    # 0.733 / 0.584, not eager's 8.23x.
+    assert table_row(markdown, "cuda", "fp16")[COL["speed-up vs fastest PyTorch"]] == (
+        "1.26x vs torch.compile reduce-overhead (CUDA graphs) fp16")
+    assert table_row(markdown, "x86", "fp32")[COL["speed-up vs fastest PyTorch"]] == "4.00x vs PyTorch eager"
+    assert aggregate.pytorch_config("pytorch_fp16_channels_last") == "PyTorch eager fp16 channels_last"
+
+
+def emulated_pair(target="arm-a76", precision="int8", count=10000, total=10000):
+    """The records the report stage writes for `pipeline report --emulate` (stages/report.py)."""
+    from reports.target_report import BOARD_LATENCY
+
+    record = latency(target, precision)
+    record.update(warmup=None, backends={"tvm": {"not_measured": BOARD_LATENCY}}, tvm_speedup={})
+    measured = accuracy(target, precision, 0.995, top1=0.92)
+    measured["data"] = {"source": "fashion-mnist:test", "count": count, "labeled": True,
+                        "description": f"Fashion-MNIST test split: split has {total} images: using {count}"}
+    measured["emulator"] = {"name": "qemu-aarch64 7.2.22", "kind": "user-mode CPU emulator",
+                            "binary": "same binary as the board"}
+    return record, measured
+
+
+def test_an_emulated_row_shows_accuracy_no_time_and_what_it_stands_on(tmp_path):
+    write_pair(tmp_path, "x86", top1=0.92)
+    write_report(tmp_path, "arm-a76-int8", *emulated_pair())
+    write_pair(tmp_path, "cuda-fp16", target="cuda", precision="fp16", median=0.5)
+
+    markdown = run(tmp_path).readme.read_text()
+
+    cells = dict(zip(aggregate.COLUMNS, table_row(markdown, "arm-a76", "int8")))
+    assert cells["median ms"] == "needs the board (RPC)"
+    assert all(cells[name] == "n/a" for name in ("p99 ms", "throughput img/s", "speed-up vs fastest PyTorch",
+                                                 "speed-up vs ONNX Runtime"))
+    assert cells["top-1"] == "92.00%" and cells["top-1 agreement with FP32 ref"] == "99.50%"
+    assert cells["measured on"] == ("qemu-aarch64 7.2.22 (user-mode CPU emulator, same binary as the board) "
+                                    "on AMD EPYC")
+    assert cells["evaluated on"] == "fashion-mnist:test, all 10000 images"
+    # The other GPU targets than the one measured still need a GPU.
+    assert not_measured(markdown, "jetson-orin") == {"fp16": "no device: needs an NVIDIA GPU (RPC key 'orin')"}
+
+
+def test_a_row_of_part_of_the_set_says_how_many(tmp_path):
+    write_report(tmp_path, "arm-a76-int8", *emulated_pair(count=256))
+    cells = table_row(run(tmp_path).readme.read_text(), "arm-a76", "int8")
+    assert cells[COL["evaluated on"]] == "fashion-mnist:test, 256 of 10000 images"

@@ -47,3 +47,26 @@ def test_report_shows_every_backend_and_unmeasured_reasons():
     assert "not measured: no model" in text
     assert "top-1 (TVM artifact) | 50.00%" in text
     assert len(latency_table(latency)) == 5
+
+
+def test_an_emulated_report_says_so_and_shows_no_time():
+    # As stages/report.py writes it for `pipeline report --emulate`.
+    latency = {
+        "target": "arm-a72", "precision": "int8", "batch_size": 1, "input_shape": [1, 1, 32, 32], "warmup": None,
+        "backends": {"tvm": {"not_measured": "needs the board (RPC)"}}, "tvm_speedup": {}, "artifact_bytes": 1_000_000,
+    }
+    accuracy = {
+        "reference": "pytorch", "data": {"source": "fashion-mnist:test", "count": 300, "labeled": True},
+        "metrics": {"top1": 0.9, "top5": 1.0, "reference_top1": 0.9, "reference_top5": 1.0, "top1_agreement": 0.99,
+                    "max_abs_error": 1e-2, "mean_abs_error": 1e-3, "cosine_min": 0.99, "cosine_mean": 0.999},
+        "emulator": {"name": "qemu-aarch64 7.2.22", "kind": "user-mode CPU emulator",
+                     "binary": "same binary as the board"},
+    }
+    provenance = {"device": "Intel Xeon", "date": "d", "commit": "c", "command": "pipeline report --emulate",
+                  "tools": {"tvm": "0.27"}}
+    text = render_report(latency, accuracy, {"variant": "micro"}, provenance)
+    assert "Accuracy measured under qemu-aarch64 7.2.22 (same binary as the board); latency needs the board (RPC)." in text
+    assert "- device: qemu-aarch64 7.2.22 (user-mode CPU emulator, same binary as the board) on Intel Xeon" in text
+    assert "Not measured: needs the board (RPC)" in text
+    assert " ms" not in text.split("## Accuracy")[0].split("## Latency")[1]
+    assert "top-1 (TVM artifact) | 90.00%" in text

@@ -249,7 +249,10 @@ def run_images_under_qemu(library: Path, images: np.ndarray, progress=None) -> n
             str(library), str(output), *map(str, inputs), "--batch", str(batch),
         ]
         with open(work / "stderr.txt", "w+") as stderr:
-            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+            # One runtime thread: under qemu, TVM's thread pool spends its time spinning and
+            # syncing emulated threads (10x slower for the demo model on 2 cores, 2026-12-07).
+            env = {**os.environ, "TVM_NUM_THREADS": "1"}
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
             lines = []
             for line in process.stdout:
                 lines.append(line)
