@@ -39,6 +39,8 @@ def _tune_options(
     resume: Annotated[bool, typer.Option(help="Continue an earlier (interrupted) run into the same database.")] = False,
     rpc_timeout: Annotated[float, typer.Option(help="Seconds to wait for the tracker to answer.")] = 30.0,
     round_trials: Annotated[int, typer.Option(help="Candidates built and measured per round.")] = 16,
+    measure_bundle: Annotated[Optional[Path], typer.Option(help="No network path to the board: write the round's candidates and measure.py into this folder, to run on the board (README.md).")] = None,
+    measure_results: Annotated[Optional[Path], typer.Option(help="The results.json measure.py wrote on the board: add its timings to the database, then write the next round's bundle.")] = None,
 ) -> None:
     """Signature holder: tune's own options, appended to the model options."""
 
@@ -89,12 +91,20 @@ def tune_command(**options) -> None:
         max_tasks=max_tasks, resume=options["resume"], rpc_tracker=rpc_tracker, rpc_key=rpc_key,
         rpc_timeout_s=options["rpc_timeout"], round_trials=round_trials, seed=config.seed,
     )
-    # A device target without a tracker, or a tracker that does not answer, fails here,
-    # before the model is built.
-    tuner.check_rpc(resolved, settings)
     key = database.config_model_key(config)
     db_dir = database.local_database_dir(config.artifacts, resolved.name, key)
-    log(f"pipeline tune for target {resolved.name}: {resolved.target_json()} -> {db_dir}")
+    rounds = None
+    if options["measure_bundle"] is not None or options["measure_results"] is not None:
+        from pipeline.compiler.tuning.measure_bundle import MeasureRounds
+
+        # A results file that does not belong to this database is refused here, before any work.
+        rounds = MeasureRounds(resolved, settings, db_dir, key, options["measure_bundle"], options["measure_results"])
+        workers = rounds.workers_line()
+    else:
+        # A device target without a tracker, or a tracker that does not answer, fails here,
+        # before the model is built.
+        workers = tuner.workers_line(resolved, settings, tuner.check_rpc(resolved, settings))
+    log(f"pipeline tune for target {resolved.name}: {resolved.target_json()} -> {db_dir}; {workers}")
     log(config.describe())
     log(settings.describe())
 
@@ -112,6 +122,11 @@ def tune_command(**options) -> None:
         # Tuning starts from the records compile would otherwise use (shipped ones, possibly
         # timed on another CPU model); tasks a resumed run already seeded are not redone.
         seed_dir = database.seed_database(config.artifacts, resolved, key, exclude=db_dir)
+        if rounds is not None:
+            print(rounds.report(rounds.run(
+                onnx_path, precision=precision, seed_dir=seed_dir, command="pipeline " + shlex.join(sys.argv[1:]),
+                input_shape=(config.batch_size, config.in_chans, config.input_size, config.input_size))))
+            return
         summary = tuner.tune(
             onnx_path, resolved, db_dir, key, settings, precision=precision, seed_dir=seed_dir,
             input_shape=(config.batch_size, config.in_chans, config.input_size, config.input_size),

@@ -65,6 +65,30 @@ def _free_by_key(summary: dict) -> dict[str, tuple[int, int]]:
     return {key: (count, int(queue.get(key, {}).get("free", 0))) for key, count in servers.items()}
 
 
+def tracker_summary(host: str, port: int, timeout: float) -> dict:
+    """The tracker's summary (what `python -m tvm.exec.query_rpc_tracker` prints): its
+    registered servers and, per key, the free ones. Bounded by `timeout` seconds."""
+    from tvm import rpc
+
+    check_tracker(host, port, timeout)
+    try:
+        session = rpc.connect_tracker(host, port)
+        # TVM 0.27: TrackerSession keeps its socket in ._sock, with no timeout of its own.
+        session._sock.settimeout(timeout)
+        try:
+            return session.summary()
+        finally:
+            session.close()
+    except (OSError, RuntimeError) as exc:
+        raise PipelineError(f"the RPC tracker at {host}:{port} did not answer a summary request ({exc})") from None
+
+
+def servers_under_key(summary: dict, key: str) -> tuple[int, int]:
+    """(registered servers, free servers) under `key` in a tracker summary."""
+    registered, free = _free_by_key(summary).get(key, (0, 0))
+    return registered, max(free, int(summary.get("queue_info", {}).get(key, {}).get("free", 0)))
+
+
 class RpcRunner:
     """An artifact on a remote device: ``infer(batch)`` and ``measure(warmup, repeats)``."""
 

@@ -221,23 +221,54 @@ class _SettlingBuilder(ms.builder.PyBuilder):
         return results
 
 
-def make_builder(target: Target, settings: TuneSettings) -> "ms.builder.Builder":
+def build_workers() -> int:
+    """Candidates are built on every core this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def make_builder(target: Target, settings: TuneSettings, *, measured_here: bool | None = None) -> "ms.builder.Builder":
+    """A builder on build_workers() processes. `measured_here` (default: without a tracker)
+    waits after each build for this machine to be quiet enough to time kernels."""
     builder = ms.builder.LocalBuilder(
-        max_workers=1,
+        max_workers=build_workers(),
         timeout_sec=settings.builder_timeout_s,
         initializer=load_tensor_intrinsics,
         f_build=functools.partial(_build_candidate, target),
         f_export=functools.partial(_export_library, target),
     )
-    # Candidates timed on a device over RPC do not share its cores with the build.
-    return builder if settings.rpc_tracker is not None else _SettlingBuilder(builder, LOCAL_SETTLE_S)
+    # Candidates timed on a device over RPC or from a measure bundle do not share its cores
+    # with the build.
+    if measured_here is None:
+        measured_here = settings.rpc_tracker is None
+    return _SettlingBuilder(builder, LOCAL_SETTLE_S) if measured_here else builder
 
 
 def _evaluator() -> "ms.runner.EvaluatorConfig":
     return ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=50, enable_cpu_cache_flush=False)
 
 
-def make_runner(target: Target, settings: TuneSettings):
+def rpc_boards(target: Target, settings: TuneSettings) -> int:
+    """How many boards the tracker has free under the key (at least 1): candidates are
+    measured on that many at once."""
+    from pipeline.runtime.rpc import parse_tracker, servers_under_key, tracker_summary
+
+    host, port = parse_tracker(settings.rpc_tracker)
+    summary = tracker_summary(host, port, settings.rpc_timeout_s)
+    return max(1, servers_under_key(summary, settings.rpc_key or target.rpc_key or target.name)[1])
+
+
+def workers_line(target: Target, settings: TuneSettings, boards: int) -> str:
+    """Where candidates are built and measured, for the command's first line."""
+    if settings.rpc_tracker is None:
+        return f"building on {build_workers()} cores, measuring on this machine"
+    key = settings.rpc_key or target.rpc_key or target.name
+    return (f"building on {build_workers()} cores, measuring on {boards} board{'s' if boards != 1 else ''} "
+            f"under key {key}")
+
+
+def make_runner(target: Target, settings: TuneSettings, boards: int | None = None):
+    """The local runner, or over RPC one that measures on `boards` boards at once (default:
+    as many as the tracker has free under the key)."""
     if settings.rpc_tracker is None:
         # Candidates are timed in worker processes that inherit TVM_NUM_THREADS: on as
         # many cores as the artifact will run on (runtime_only.configure_cpu_threads).
@@ -254,13 +285,15 @@ def make_runner(target: Target, settings: TuneSettings):
             session_priority=1, session_timeout_sec=int(settings.runner_timeout_s),
         ),
         evaluator_config=_evaluator(),
-        max_workers=1,
+        # One worker per board: each holds a session with one of them while it measures.
+        max_workers=boards if boards is not None else rpc_boards(target, settings),
     )
 
 
-def check_rpc(target: Target, settings: TuneSettings) -> None:
+def check_rpc(target: Target, settings: TuneSettings) -> int:
     """Before any work: a device target needs a tracker, and the tracker must answer and
-    have a device registered under the key."""
+    have a device registered under the key. Returns how many boards measure candidates at
+    once: the tracker's free ones under the key (at least 1), or 1 on this machine."""
     key = settings.rpc_key or target.rpc_key or target.name
     connect_hint = (
         f"start a tracker (`python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port 9190`), on the board run "
@@ -277,28 +310,23 @@ def check_rpc(target: Target, settings: TuneSettings) -> None:
                 f"(--rpc-tracker HOST:PORT; on it: `python -m tvm.exec.rpc_server --tracker HOST:PORT --key {key}`), "
                 f"or with no network path to it offline with --measure-bundle DIR (README.md, Jetson)"
             )
-        return
-    from tvm import rpc
-
-    from pipeline.runtime.rpc import check_tracker, parse_tracker
+        return 1
+    from pipeline.runtime.rpc import check_tracker, parse_tracker, servers_under_key, tracker_summary
 
     host, port = parse_tracker(settings.rpc_tracker)
     check_tracker(host, port, settings.rpc_timeout_s)
     try:
-        session = rpc.connect_tracker(host, port)
-        # TVM 0.27: TrackerSession keeps its socket in ._sock, with no timeout of its own.
-        session._sock.settimeout(settings.rpc_timeout_s)
-        summary = session.summary()
-        session.close()
-    except (OSError, RuntimeError) as exc:
-        raise PipelineError(f"the RPC tracker at {host}:{port} did not answer a summary request ({exc}); {connect_hint}") from None
-    free = int(summary.get("queue_info", {}).get(key, {}).get("free", 0))
-    registered = [info["key"].split(":", 1)[-1] for info in summary.get("server_info", [])]
-    if key not in registered and free == 0:
+        summary = tracker_summary(host, port, settings.rpc_timeout_s)
+    except PipelineError as exc:
+        raise PipelineError(f"{exc}; {connect_hint}") from None
+    registered, free = servers_under_key(summary, key)
+    if registered == 0 and free == 0:
+        known = sorted({info["key"].split(":", 1)[-1] for info in summary.get("server_info", [])})
         raise PipelineError(
             f"no device with key '{key}' is registered with the RPC tracker at {host}:{port} "
-            f"(registered: {', '.join(sorted(set(registered))) or 'none'}); {connect_hint}"
+            f"(registered: {', '.join(known) or 'none'}); {connect_hint}"
         )
+    return max(1, free)
 
 
 @derived_object
