@@ -186,3 +186,47 @@ def test_compile_applies_a_gpu_record_and_says_from_which_database(small_onnx, t
     assert task.name not in report["gpu_kernels"] and len(report["gpu_kernels"]) == report["tasks_total"] - 1
     # The record's schedule (CUDA cores), not the default (tensor cores: WMMA).
     assert "wmma" in default.mod.script() and "wmma" not in scheduled[task.name].script()
+
+
+@pytest.mark.slow
+def test_the_tuner_times_the_default_gpu_schedule_first_then_searches_tensor_core_candidates(small_onnx, tmp_path,
+                                                                                             monkeypatch):
+    """The one tuner on a GPU target, with a stand-in for the GPU (none here): each candidate
+    is built with nvcc for sm_90, and the stand-in 'times' it as faster than the one before.
+    The default schedule is timed first and is the task's first record; the search rounds
+    draw from the tensor-core space and add their records."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.compiler.tuning import database, tuner
+
+    @derived_object
+    class StandIn(ms.runner.PyRunner):
+        def __init__(self):
+            super().__init__()
+            self.artifacts: list[str] = []
+
+        def run(self, inputs):
+            futures = []
+            for runner_input in inputs:
+                assert runner_input.device_type == "cuda" and Path(runner_input.artifact_path).is_file()
+                self.artifacts.append(runner_input.artifact_path)
+                futures.append(ms.runner.LocalRunnerFuture([1e-3 / len(self.artifacts)] * 3, None))
+            return futures
+
+    stand_in = StandIn()
+    monkeypatch.setattr(tuner, "make_runner", lambda *args, **kwargs: stand_in)
+    monkeypatch.setattr(tuner, "local_measure_problem", lambda target: None)
+    lines: list[str] = []
+    db_dir = tmp_path / "db"
+    summary = tuner.tune(small_onnx, get_target("cuda-sm90"), db_dir, "micro", precision="fp16", say=lines.append,
+                         settings=tuner.TuneSettings(trials_per_task=1, round_trials=1, max_tasks=1, population=8))
+    (task,) = [t for t in summary["tasks"] if t["trials"]]
+    assert task["default_s"] is not None and task["trials"] == 1 and task["best_s"] < task["default_s"]
+    assert lines.index(next(l for l in lines if l.startswith("[tune] baseline 1/1"))) < \
+        lines.index(next(l for l in lines if "searching MetaSchedule's cuda-tensorcore space" in l))
+    assert "default schedule (TensorCoreMatmul)" in next(l for l in lines if l.startswith("[tune] baseline"))
+    records = database.open_database(db_dir, get_target("cuda-sm90"), strict=True).get_all_tuning_records()
+    assert len(records) == 2 and summary["records"] == 2
+    meta = database.read_meta(db_dir)
+    assert meta["target_json"]["arch"] == "sm_90" and meta["default_schedule_version"] == database.defaults_version(meta["target_json"])
