@@ -16,7 +16,7 @@ from targets import get_target
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_WEIGHTS = REPO / "models" / "convnext-micro-fmnist.pth"
-IMAGES = 300
+IMAGES = 200
 needs_qemu = pytest.mark.skipif(
     not (shutil.which("qemu-aarch64-static") and shutil.which("aarch64-linux-gnu-g++")),
     reason="needs qemu-user-static and g++-aarch64-linux-gnu",
@@ -41,7 +41,7 @@ def test_emulated_evaluation_matches_x86_and_its_report_has_no_latency(tmp_path)
 
     config = PipelineConfig(
         variant="micro", weights=DEMO_WEIGHTS, num_classes=10, in_chans=1, input_size=32,
-        data=str(labeled_set(tmp_path / "fmnist-300.npz")), preprocessing="fashion-mnist", eval_limit=None,
+        data=str(labeled_set(tmp_path / "fmnist-set.npz")), preprocessing="fashion-mnist", eval_limit=None,
         emulate=True, artifacts=tmp_path / "artifacts", reports_dir=tmp_path / "reports",
     )
     results = run_stages("report", config, get_target("arm-a53"))
@@ -53,7 +53,7 @@ def test_emulated_evaluation_matches_x86_and_its_report_has_no_latency(tmp_path)
     assert arm["data"]["count"] == x86["data"]["count"] == IMAGES
     assert arm["emulator"]["binary"] == "same binary as the board" and "emulator" not in x86
     # The two builds vectorize differently, so their logits differ in the last bits: at most a
-    # near-tie may flip, one image of the 300.
+    # near-tie may flip, one image of the set.
     tolerance = 1 / IMAGES
     assert abs(arm["metrics"]["top1"] - x86["metrics"]["top1"]) <= tolerance
     assert arm["metrics"]["top1"] > 0.8  # the trained demo model, not noise
@@ -69,17 +69,17 @@ def test_emulated_evaluation_matches_x86_and_its_report_has_no_latency(tmp_path)
 
     # A narrowed run (fewer images) goes beside the whole-set report, never over it.
     committed = (folder / "accuracy.json").read_text()
-    run_stages("report", config.replace(eval_limit=200), get_target("arm-a53"))
+    run_stages("report", config.replace(eval_limit=100), get_target("arm-a53"))
     assert (folder / "accuracy.json").read_text() == committed
-    beside = json.loads((folder / "images-200" / "accuracy.json").read_text())
-    assert beside["data"]["count"] == 200
+    beside = json.loads((folder / "images-100" / "accuracy.json").read_text())
+    assert beside["data"]["count"] == 100
 
     markdown = regenerate(tmp_path / "reports").readme.read_text()
     row = next(line for line in markdown.splitlines() if line.startswith("| [arm-a53](arm-a53/report.md) | fp32 |"))
     cells = dict(zip(COLUMNS, [cell.strip() for cell in row.strip().strip("|").split(" | ")]))
     assert cells["median ms"] == "needs the board (RPC)"
     assert cells["top-1"] == f"{100 * arm['metrics']['top1']:.2f}%"
-    assert cells["evaluated on"] == f"fmnist-300.npz, all {IMAGES} images"
+    assert cells["evaluated on"].endswith(f"fmnist-set.npz, all {IMAGES} images")
     assert cells["measured on"].startswith("qemu-aarch64 ")
 
 
