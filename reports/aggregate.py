@@ -523,7 +523,12 @@ def render_readme(
         "`accuracy.json`; do not edit by hand. Each target's full report is its `report.md`.",
         "",
         "Latency is the TVM artifact's time per call after warm-up; the speed-ups divide the median of "
-        "PyTorch and of ONNX Runtime, measured on the same input, each alone in a process of its own, by TVM's. "
+        "the fastest PyTorch configuration measured in the same run (named in the cell: eager, channels_last, "
+        "torch.compile, CUDA graphs; each target's report.md lists them all) and of ONNX Runtime, measured on "
+        "the same input, each alone in a process of its own, by TVM's. "
+        "A row measured under qemu-aarch64 ran the board's own binary on an emulated CPU: its outputs, so "
+        "its accuracy, are the board's, but its latency needs the board (RPC) and is never shown. "
+        "\"Measured on\" names the device or the emulator, \"evaluated on\" the data and how many of its images. "
         "Top-1 agreement is the share of inputs whose top class matches the FP32 reference's (PyTorch, or "
         "ONNX Runtime for a user-supplied ONNX file; see Provenance); "
         "top-1 and top-5 need labeled data. A flag marks a regression against the previous "
