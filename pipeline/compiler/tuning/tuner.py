@@ -195,7 +195,7 @@ def local_measure_problem(target: Target) -> str | None:
     if target.device != "cuda":
         return "rpc" if target.runner == "rpc" else None
     arch = local_gpu_arch()
-    if arch == target.cuda_arch and target.host_triple == _machine_triple():
+    if arch is not None and arch == target.cuda_arch and target.host_triple == _machine_triple():
         return None
     here = f"this machine's GPU is {arch}" if arch else "this machine has no GPU TVM can use"
     return f"target '{target.name}' is measured on an {target.cuda_arch} GPU and {here}"
@@ -300,6 +300,8 @@ def check_rpc(target: Target, settings: TuneSettings) -> int:
         f"`python -m tvm.exec.rpc_server --tracker HOST:9190 --key {key}`, then pass "
         f"--rpc-tracker HOST:9190 --rpc-key {key}"
     )
+    # `cuda` on a machine without a GPU: the one line that names the fixed architectures.
+    target.check_available()
     if settings.rpc_tracker is None:
         problem = local_measure_problem(target)
         if problem == "rpc":
