@@ -422,7 +422,8 @@ def evaluated_on(accuracy: dict | None) -> str:
     count, source = data.get("count"), data.get("source") or "unknown data"
     if not isinstance(count, int):
         return "n/a"
-    if source == "random normal inputs":
+    # The pipeline's evaluate stage and gpu_check.py name random inputs so.
+    if source in ("random normal inputs", "random"):
         return f"{count} random inputs (no labels)"
     size = SET_SIZE.search(str(data.get("description") or ""))
     total = int(size.group(1)) if size else None
@@ -625,7 +626,8 @@ def write_plots(reports_dir: Path, tables: dict[ModelKey, list[Row]], warnings: 
                 *(_num(row.tvm.get(name)) for name in ("min_ms", "median_ms", "p90_ms", "p99_ms", "max_ms")),
                 samples_ms=row.samples_ms,
             )
-            for row in measured if row.latency is not None
+            # Not the rows evaluated under an emulator: they have no time to draw.
+            for row in measured if row.latency is not None and (row.median_ms is not None or row.samples_ms)
         ]
         path = plots.latency_distribution(summaries, plots_dir / f"{key.slug()}-latency.png", title)
         if path is not None:
