@@ -174,3 +174,19 @@ def test_verify_checks_the_given_model_on_images_of_its_data(tmp_path):
     meta = json.loads(Path(verified["library"] + ".json").read_text())
     assert meta["input"]["shape"] == [2, 1, 32, 32] and meta["output"]["shape"] == [2, 4]
     assert meta["target"] == "arm-a72"
+
+
+@needs_qemu
+@pytest.mark.slow
+def test_many_images_run_in_chunks_of_one_qemu_process_each(tmp_path_factory):
+    library = compiled(tmp_path_factory, "arm-a53")
+    images = np.concatenate([sample(seed) for seed in range(5)])
+    expected = load_artifact(compiled(tmp_path_factory, "x86")).infer(images[:1])
+    done = []
+    # Two images' bytes a process: chunks of 2, 2 and 1.
+    outputs = cross.run_images_under_qemu(library, images, progress=done.append, chunk_bytes=2 * images[0].nbytes)
+    assert outputs.shape == (5, 10)
+    np.testing.assert_allclose(outputs[:1], expected, atol=ATOL)
+    assert done == [2, 4, 5]
+    # Each image's output is its own, in order, whichever process ran it.
+    np.testing.assert_allclose(outputs[3:4], cross.run_under_qemu(library, images[3:4])[0], atol=ATOL)

@@ -40,6 +40,9 @@ RUNNER_SOURCE = Path(__file__).with_name("cross_runner.cc")
 # The platform tags the aarch64 TVM wheels are published under.
 AARCH64_WHEEL_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux2014_aarch64")
 QEMU_TIMEOUT_S = 600
+# Images given to one qemu process at most, in bytes: the demo's 10 000 test images (40 MB) in
+# one, ImageNet's 50 000 at 224 (30 GB) in chunks of some 400.
+QEMU_CHUNK_BYTES = 256 * 1024 * 1024
 
 
 # ---------------------------------------------------------------------------
@@ -224,10 +227,12 @@ def run_under_qemu(library: Path, x: np.ndarray, repeat: int = 1) -> tuple[np.nd
         return np.load(output), timing
 
 
-def run_images_under_qemu(library: Path, images: np.ndarray, progress=None) -> np.ndarray:
-    """An aarch64 artifact's outputs for every image, all in one qemu process (starting the
-    runtime under qemu costs far more than a small image): `images` is cut into batches of
-    the compiled batch size, the last one padded with copies of its last image.
+def run_images_under_qemu(library: Path, images: np.ndarray, progress=None,
+                          chunk_bytes: int = QEMU_CHUNK_BYTES) -> np.ndarray:
+    """An aarch64 artifact's outputs for every image, in one qemu process per chunk of about
+    `chunk_bytes` of images (starting the runtime under qemu costs far more than a small
+    image; the chunks bound the memory and the file each process reads): `images` is cut into
+    batches of the compiled batch size, the last one padded with copies of its last image.
     `progress(done)` is called with the images done so far as the runner reports them."""
     library = Path(library).resolve()
     meta = _aarch64_artifact(library)
@@ -236,33 +241,36 @@ def run_images_under_qemu(library: Path, images: np.ndarray, progress=None) -> n
     padded = -total % batch
     if padded:
         images = np.concatenate([images, np.repeat(images[-1:], padded, axis=0)])
+    image_bytes = max(1, images[:1].astype(np.float32).nbytes)
+    chunk = max(1, chunk_bytes // (image_bytes * batch)) * batch
     qemu = _qemu()
     runtime = aarch64_runtime()
+    outputs = []
     with tempfile.TemporaryDirectory(prefix="qemu-run-") as temp:
         work = Path(temp)
-        inputs = [work / "images.npy"]
-        np.save(inputs[0], np.ascontiguousarray(images, dtype=np.float32))
-        inputs += _weight_files(library, meta, work)
-        output = work / "output.npy"
-        command = [
-            qemu, "-L", str(AARCH64_SYSROOT), str(runtime / "tvm_runner"),
-            str(library), str(output), *map(str, inputs), "--batch", str(batch),
-        ]
-        with open(work / "stderr.txt", "w+") as stderr:
-            # One runtime thread: under qemu, TVM's thread pool spends its time spinning and
-            # syncing emulated threads (10x slower for the demo model on 2 cores, 2026-12-07).
-            env = {**os.environ, "TVM_NUM_THREADS": "1"}
-            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
-            lines = []
-            for line in process.stdout:
-                lines.append(line)
-                if line.startswith("progress ") and progress is not None:
-                    progress(min(total, int(line.split()[1])))
-            process.wait()
-            if process.returncode != 0:
-                stderr.seek(0)
-                raise _failure(library, stderr.read(), "".join(lines))
-        return np.load(output)[:total]
+        weights = _weight_files(library, meta, work)
+        for start in range(0, images.shape[0], chunk):
+            np.save(work / "images.npy", np.ascontiguousarray(images[start:start + chunk], dtype=np.float32))
+            command = [
+                qemu, "-L", str(AARCH64_SYSROOT), str(runtime / "tvm_runner"), str(library),
+                str(work / "output.npy"), str(work / "images.npy"), *map(str, weights), "--batch", str(batch),
+            ]
+            with open(work / "stderr.txt", "w+") as stderr:
+                # One runtime thread: under qemu, TVM's thread pool spends its time spinning and
+                # syncing emulated threads (10x slower for the demo model on 2 cores, 2026-12-07).
+                env = {**os.environ, "TVM_NUM_THREADS": "1"}
+                process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+                lines = []
+                for line in process.stdout:
+                    lines.append(line)
+                    if line.startswith("progress ") and progress is not None:
+                        progress(min(total, start + int(line.split()[1])))
+                process.wait()
+                if process.returncode != 0:
+                    stderr.seek(0)
+                    raise _failure(library, stderr.read(), "".join(lines))
+            outputs.append(np.load(work / "output.npy"))
+    return np.concatenate(outputs)[:total]
 
 
 def _runs_under_qemu(target) -> bool:
