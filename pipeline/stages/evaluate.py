@@ -55,8 +55,8 @@ def run_batched(runner, images: np.ndarray, batch_size: int, label: str) -> np.n
 
 
 def run_emulated(library: Path, images: np.ndarray) -> tuple[np.ndarray, dict]:
-    """The aarch64 artifact's logits for every image under qemu-user, all in one process, and
-    what ran them: the board's binary on an emulated CPU gives the board's outputs."""
+    """The aarch64 artifact's logits for every image under qemu-user (one process for many
+    images), and what ran them: the board's binary on an emulated CPU gives the board's outputs."""
     from pipeline.runtime.cross import qemu_version, run_images_under_qemu
 
     progress = Progress("[evaluate] tvm under qemu-aarch64", images.shape[0])
