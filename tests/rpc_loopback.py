@@ -43,22 +43,25 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def loopback_tracker(logs: Path, key: str, timeout: float = 120) -> Iterator[str]:
-    """host:port of a tracker with one device registered under `key`; stopped on exit."""
+def loopback_tracker(logs: Path, key: str, timeout: float = 120, servers: int = 1) -> Iterator[str]:
+    """host:port of a tracker with `servers` devices registered under `key` (each logs to
+    server.log, server-2.log, ...); stopped on exit."""
     from tvm import rpc
 
     port = free_port()
     processes = [_start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
                          "--port-end", str(port + 1)], logs / "tracker.log")]
     try:
-        server_port = free_port()
-        processes.append(_start(
-            ["tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key", key, "--host", "127.0.0.1",
-             "--port", str(server_port), "--port-end", str(server_port + 20)], logs / "server.log"))
+        for number in range(1, servers + 1):
+            server_port = free_port()
+            processes.append(_start(
+                ["tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key", key, "--host", "127.0.0.1",
+                 "--port", str(server_port), "--port-end", str(server_port + 20)],
+                logs / ("server.log" if number == 1 else f"server-{number}.log")))
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if rpc.connect_tracker("127.0.0.1", port).summary()["queue_info"].get(key, {}).get("free", 0):
+                if rpc.connect_tracker("127.0.0.1", port).summary()["queue_info"].get(key, {}).get("free", 0) >= servers:
                     break
             except (OSError, RuntimeError):
                 pass

@@ -3,8 +3,11 @@ machine acting as the device, key "loopback"), and every bounded failure."""
 
 from __future__ import annotations
 
+import re
 import socket
 import time
+from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,3 +122,49 @@ def test_tracker_address(address, expected):
 def test_bad_tracker_address(address):
     with pytest.raises(PipelineError, match="is not HOST:PORT"):
         parse_tracker(address)
+
+
+def _sessions(log: Path) -> list[tuple[float, float]]:
+    """(start, end) seconds of each session an rpc_server's log records."""
+    stamp = lambda line: datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S.%f").timestamp()  # noqa: E731
+    started, sessions = {}, []
+    for line in log.read_text().splitlines():
+        peer = re.search(r"(connected from|finish serving) (\(.*\))", line)
+        if peer and peer.group(1) == "connected from":
+            started[peer.group(2)] = stamp(line)
+        elif peer and peer.group(2) in started:
+            sessions.append((started.pop(peer.group(2)), stamp(line)))
+    return sessions
+
+
+@pytest.mark.slow
+def test_a_farm_of_boards_under_one_key_measures_candidates_at_once(tmp_path):
+    """Two boards free under the key: the tuner's runner measures on both at the same time."""
+    import tvm
+    from tvm import te
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.compiler.tuning import tuner
+
+    target = get_target("x86")
+    # An unscheduled 640^3 matmul: most of a second a call, so a session (9 calls) outlasts
+    # a runner worker's start, and two workers' sessions overlap when they run at once.
+    a = te.placeholder((640, 640), name="a")
+    k = te.reduce_axis((0, 640), name="k")
+    c = te.compute((640, 640), lambda i, j: te.sum(a[i, k] * a[k, j], axis=k), name="c")
+    mod = tvm.IRModule({"main": te.create_prim_func([a, c])})
+    with loopback_tracker(tmp_path, "farm", servers=2) as address:
+        settings = tuner.TuneSettings(rpc_tracker=address, rpc_key="farm")
+        boards = tuner.check_rpc(target, settings)
+        assert boards == 2
+        assert tuner.workers_line(target, settings, boards) == (
+            f"building on {tuner.build_workers()} cores, measuring on 2 boards under key farm")
+        built = tuner.make_builder(target, settings).build([ms.builder.BuilderInput(mod, tvm.target.Target(target.tvm_target))])
+        assert built[0].error_msg is None, built[0].error_msg
+        runner = tuner.make_runner(target, settings)  # N from the tracker's summary
+        inputs = [ms.runner.RunnerInput(built[0].artifact_path, "cpu", ms.arg_info.ArgInfo.from_prim_func(mod["main"]))] * 3
+        results = [future.result() for future in runner.run(inputs)]
+    assert all(r.error_msg is None and r.run_secs for r in results), [r.error_msg for r in results]
+    first, second = _sessions(tmp_path / "server.log"), _sessions(tmp_path / "server-2.log")
+    assert first and second, "both boards must receive candidates"
+    assert any(s1 < e2 and s2 < e1 for s1, e1 in first for s2, e2 in second), (first, second)

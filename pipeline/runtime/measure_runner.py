@@ -33,8 +33,9 @@ import sys
 import time
 from pathlib import Path
 
-if "tvm" not in sys.modules:
-    # TVM 0.27: only the runtime library, without the compiler (see runtime_only.py).
+if __name__ == "__main__" and "tvm" not in sys.modules:
+    # TVM 0.27: only the runtime library, without the compiler (see runtime_only.py); only
+    # as a script, since a process that compiles later must not opt in.
     os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
 
 MANIFEST = "manifest.json"
@@ -188,8 +189,10 @@ class Worker:
     candidate only (a CUDA fault leaves a process's context unusable)."""
 
     def __init__(self, bundle: Path):
+        # The interpreter as this one was started (-S: a board's Python without site packages).
+        flags = ["-S"] if sys.flags.no_site else []
         self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--bundle", str(bundle), "--worker"],
+            [sys.executable, *flags, str(Path(__file__).resolve()), "--bundle", str(bundle), "--worker"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
 
