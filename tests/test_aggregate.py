@@ -89,7 +89,8 @@ def test_known_targets_without_measurements_say_why(tmp_path):
     # One line per target and reason, its precisions together, never a number.
     assert "| cuda | fp32, fp16 | no device: needs an NVIDIA GPU |" in markdown
     assert not_measured(markdown, "jetson-orin") == {"fp16": "no device: needs an NVIDIA GPU (RPC key 'orin')"}
-    assert not_measured(markdown, "arm-a76") == {"fp32": "no device: needs aarch64 hardware"}
+    assert not_measured(markdown, "arm-a76") == {"fp32": "no device: needs aarch64 hardware; its accuracy under "
+                                                         "qemu: pipeline report --emulate --target arm-a76"}
     # An expected row the target does not declare still appears, with that reason.
     assert not_measured(markdown, "x86") == {
         "int8": "no measurement committed", "fp16": "x86 does not support fp16 (precisions: fp32, int8)"}
