@@ -59,7 +59,7 @@ def tvm_artifacts(config, target, schedules: tuple[str, ...], kernels) -> tuple[
     tuning records are found for some of the model's kernels (its own, or other models').
     ``kernels`` (``fused_model``) are looked up in the records before a build with them:
     other models' records often hold none of a model's kernels."""
-    from pipeline.compiler.schedules import cpu as cpu_schedules
+    from pipeline.compiler.schedules import apply as schedule_apply
     from pipeline.engine import run_pipeline
     from pipeline.stages import STAGES
     from pipeline.stages.compile import tuning_database
@@ -72,7 +72,7 @@ def tvm_artifacts(config, target, schedules: tuple[str, ...], kernels) -> tuple[
     if database is not None:
         mod, tvm_target = kernels
         with tvm_target:
-            found = cpu_schedules.kernels_scheduled(cpu_schedules.apply_tuning_records(mod, target, database)[0])
+            found = schedule_apply.kernels_scheduled(schedule_apply.apply_tuning_records(mod, target, database)[0])
         if not found:
             print(f"  no tuning records for any kernel of {config.variant} batch {config.batch_size} in {database}: "
                   f"no 'tvm records' build", file=sys.stderr, flush=True)

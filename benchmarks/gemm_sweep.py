@@ -3,7 +3,7 @@ in each block tile, and split over K as split_k.py would split it, as one librar
 kernels that the GPU check times one by one (gpu_check.measure_gemm_sweep).
 
 The default GPU schedules choose tiles and splits without measuring
-(schedules/gpu_matmul.py: the largest tile that fills the SMs; split-K by a model whose
+(gpu_cost_model.py: the largest tile that fills the SMs; split-K by a model whose
 constants are assumptions). A GPU session is short and rare, so one call should bring
 back what those choices are worth: each GEMM's time in every tile, next to the tile the
 defaults chose and the steps the model predicted, and each split's partial GEMM (the
@@ -48,6 +48,7 @@ def sweep_kernels(onnx_path: Path, target, batch: int) -> tuple[dict, list[dict]
     import tvm
 
     from pipeline.verify.cuda_emulator.gpu_build import fused_model
+    from pipeline.compiler import gpu_cost_model
     from pipeline.compiler.schedules import gpu_matmul
 
     sm_count = target.sm_count
@@ -62,26 +63,26 @@ def sweep_kernels(onnx_path: Path, target, batch: int) -> tuple[dict, list[dict]
             if plan is None or plan["gemm"][0] != 1:
                 continue
             _, m, n, k = plan["gemm"]
-            default_tile = gpu_matmul.choose_tile(m, n, sm_count)
-            chosen_splits = gpu_matmul.split_k_factor(m, n, k, sm_count)
-            for tile in gpu_matmul.TILES:
-                rows, columns = gpu_matmul.tile_shape(tile)
+            default_tile = gpu_cost_model.choose_tile(m, n, sm_count)
+            chosen_splits = gpu_cost_model.split_k_factor(m, n, k, sm_count)
+            for tile in gpu_cost_model.TILES:
+                rows, columns = gpu_cost_model.tile_shape(tile)
                 name = _kernel_name("b", batch, gvar.name_hint, "t", rows, columns)
                 _add(kernels, entries, name, func, gpu_matmul.tensor_core_matmul_schedule(func, sm_count, tile), {
                     "gemm": gvar.name_hint, "batch": batch, "m": m, "n": n, "k": k, "splits": 1, "tile": [rows, columns],
                     "default": chosen_splits == 1 and tile == default_tile,
-                    "modeled_steps": gpu_matmul.modeled_steps(m, n, k, 1, tile, sm_count),
+                    "modeled_steps": gpu_cost_model.modeled_steps(m, n, k, 1, tile, sm_count),
                 })
-            for splits in gpu_matmul.allowed_splits(k):
+            for splits in gpu_cost_model.allowed_splits(k):
                 depth = k // splits
                 partial = _partial_gemm(m, n, k, splits)
-                tile = gpu_matmul.choose_tile(m, n, sm_count, splits, depth)
-                rows, columns = gpu_matmul.tile_shape(tile)
+                tile = gpu_cost_model.choose_tile(m, n, sm_count, splits, depth)
+                rows, columns = gpu_cost_model.tile_shape(tile)
                 name = _kernel_name("b", batch, gvar.name_hint, "split", splits, "t", rows, columns)
                 _add(kernels, entries, name, partial, gpu_matmul.tensor_core_matmul_schedule(partial, sm_count, tile), {
                     "gemm": gvar.name_hint, "batch": batch, "m": m, "n": n, "k": k, "splits": splits,
                     "tile": [rows, columns], "default": splits == chosen_splits,
-                    "modeled_steps": gpu_matmul.modeled_steps(m, n, depth, splits, tile, sm_count),
+                    "modeled_steps": gpu_cost_model.modeled_steps(m, n, depth, splits, tile, sm_count),
                 })
     return kernels, entries
 

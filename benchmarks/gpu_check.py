@@ -296,7 +296,7 @@ def gemm_sweep_markdown(sweep: dict) -> str:
     lines = ["# GEMM sweep", "",
              "Each tensor-core GEMM of the bundled fp16 models timed alone in every block tile, and its split-K "
              "partial GEMMs (without the kernel that adds them: see the kernel tables). * marks what the default "
-             "schedules choose; steps are schedules/gpu_matmul.modeled_steps.", ""]
+             "schedules choose; steps are gpu_cost_model.modeled_steps.", ""]
     if sweep.get("error"):
         lines += [f"Stopped: {sweep['error']}.", ""]
     groups: dict[tuple, list[dict]] = {}

@@ -48,7 +48,7 @@ def kernel_times(trace: dict, calls: int) -> list[dict]:
 def with_costs(times: list[dict], costs: list[dict] | None) -> list[dict]:
     """``times`` with compile's record of each kernel: rule, blocks, threads, its roofline
     bound per call of the model and the measured time's multiple of it, and for tensor-core
-    GEMMs the schedule's modeled steps (schedules/gpu_matmul.modeled_steps) and the ns
+    GEMMs the schedule's modeled steps (pipeline/compiler/gpu_cost_model.modeled_steps) and the ns
     each took."""
     by_name = {cost["kernel"]: cost for cost in costs or []}
     rows = []
@@ -101,7 +101,7 @@ def markdown(rows: list[dict], totals: dict, calls: int, top: int = 20) -> str:
     if step_ns:
         lines += ["", f"Tensor-core GEMMs: {statistics.median(step_ns):.0f} ns per modeled step, median of "
                       f"{len(step_ns)} kernels (the unit of the split-K model's assumptions, "
-                      f"pipeline/compiler/schedules/gpu_matmul.py)."]
+                      f"pipeline/compiler/gpu_cost_model.py)."]
     return "\n".join(lines) + "\n"
 
 

@@ -13,7 +13,8 @@ from tvm import relax
 from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
 from pipeline.compiler.schedules import cpu_rows
-from pipeline.compiler.schedules.cpu import default_schedule, register_block
+from pipeline.compiler.schedules.cpu import default_schedule
+from pipeline.compiler.schedules.cpu_tiled import register_block
 from targets import get_target
 
 X86 = tvm.target.Target(get_target("x86").tvm_target)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from edge_models import micro_onnx
-from pipeline.compiler.schedules import gpu_matmul
+from pipeline.compiler import gpu_cost_model
 from targets import get_target
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def test_every_gemm_in_every_tile_and_split_computes_on_the_cuda_emulator(tmp_pa
     assert len(by_gemm) >= 8  # the micro model's expand, project and patch GEMMs
     for gemm, variants in by_gemm.items():
         whole = [v for v in variants if v["splits"] == 1]
-        assert sorted(tuple(v["tile"]) for v in whole) == sorted(gpu_matmul.tile_shape(t) for t in gpu_matmul.TILES)
+        assert sorted(tuple(v["tile"]) for v in whole) == sorted(gpu_cost_model.tile_shape(t) for t in gpu_cost_model.TILES)
         assert sum(v["default"] for v in variants) == 1, gemm  # what the default schedules take
         assert all(v["args"] and v["modeled_steps"] > 0 for v in variants)
     split = [e for e in entries if e["splits"] > 1]

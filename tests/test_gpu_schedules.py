@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import tvm
 
-from pipeline.compiler import cuda_code
-from pipeline.compiler.schedules import gpu_depthwise, gpu_matmul, gpu_row_reduction
+from pipeline.compiler import cuda_code, gpu_cost_model
+from pipeline.compiler.schedules import gpu_depthwise, gpu_row_reduction
 from edge_models import seeded_simplified_onnx
 from targets import SM_COUNTS, get_target
 
@@ -49,14 +49,14 @@ def test_depthwise_tile_on_a_small_gpu_keeps_wide_channel_tiles():
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("m, k, n", CONVNEXT_T_GEMMS)
 def test_gemm_tiles_fill_every_sm_of_an_h200(batch, m, k, n):
-    tile = gpu_matmul.choose_tile(batch * m, n, H200_SMS)
-    assert gpu_matmul.grid_blocks(batch * m, n, tile) >= H200_SMS
-    larger = gpu_matmul.TILES[:gpu_matmul.TILES.index(tile)]
-    assert all(gpu_matmul.grid_blocks(batch * m, n, t) < H200_SMS for t in larger)  # the largest that fills
+    tile = gpu_cost_model.choose_tile(batch * m, n, H200_SMS)
+    assert gpu_cost_model.grid_blocks(batch * m, n, tile) >= H200_SMS
+    larger = gpu_cost_model.TILES[:gpu_cost_model.TILES.index(tile)]
+    assert all(gpu_cost_model.grid_blocks(batch * m, n, t) < H200_SMS for t in larger)  # the largest that fills
 
 
 def test_gemm_tile_is_the_smallest_when_nothing_fills_the_gpu():
-    assert gpu_matmul.choose_tile(16, 16, H200_SMS) == gpu_matmul.TILES[-1]
+    assert gpu_cost_model.choose_tile(16, 16, H200_SMS) == gpu_cost_model.TILES[-1]
 
 
 @pytest.mark.parametrize("batch", [1, 8])

@@ -1,4 +1,4 @@
-"""pipeline/compiler/split_k.py and the split-K choice in schedules/gpu_matmul.py: GEMMs of
+"""pipeline/compiler/split_k.py and the split-K choice in gpu_cost_model.py: GEMMs of
 few rows and deep K become partial GEMMs plus one kernel that adds them and applies the
 epilogue; the model computes the same (CPU builds), and both GPU kernels compute on the
 CUDA emulator what their CPU builds do."""
@@ -14,7 +14,7 @@ from tvm.script import relax as R
 from pipeline.compiler import phases, split_k
 from pipeline.verify.cuda_emulator import gpu_build, kernel_check
 from pipeline.compiler.schedules import gpu as gpu_schedules
-from pipeline.compiler.schedules import gpu_matmul
+from pipeline.compiler import gpu_cost_model
 from targets import SM_COUNTS, get_target
 
 H200_SMS = SM_COUNTS["sm_90"]
@@ -25,11 +25,11 @@ H200_SMS = SM_COUNTS["sm_90"]
     (8, 49, 768, 3072),  # the same at batch 8
 ])
 def test_small_m_deep_k_gemms_are_split_into_slices_of_at_least_256(batch, m, n, k):
-    splits = gpu_matmul.split_k_factor(batch * m, n, k, H200_SMS)
-    assert splits in gpu_matmul.SPLITS
+    splits = gpu_cost_model.split_k_factor(batch * m, n, k, H200_SMS)
+    assert splits in gpu_cost_model.SPLITS
     assert k % splits == 0 and k // splits >= 256
-    tile = gpu_matmul.choose_tile(batch * m, n, H200_SMS, splits, k // splits)
-    assert splits * gpu_matmul.grid_blocks(batch * m, n, tile) >= H200_SMS
+    tile = gpu_cost_model.choose_tile(batch * m, n, H200_SMS, splits, k // splits)
+    assert splits * gpu_cost_model.grid_blocks(batch * m, n, tile) >= H200_SMS
 
 
 @pytest.mark.parametrize("m, n, k", [
@@ -39,17 +39,17 @@ def test_small_m_deep_k_gemms_are_split_into_slices_of_at_least_256(batch, m, n,
     (1, 1000, 768),  # the classifier at batch 1: a GEMV, not a tensor-core GEMM
 ])
 def test_gemms_with_enough_blocks_or_shallow_k_are_not_split(m, n, k):
-    assert gpu_matmul.split_k_factor(m, n, k, H200_SMS) == 1
+    assert gpu_cost_model.split_k_factor(m, n, k, H200_SMS) == 1
     if m == 1:
-        assert gpu_matmul.split_k_factor(m, n, k, SM_COUNTS["sm_87"]) == 1  # Orin's 16 SMs too
+        assert gpu_cost_model.split_k_factor(m, n, k, SM_COUNTS["sm_87"]) == 1  # Orin's 16 SMs too
 
 
 def test_a_split_is_modeled_faster_than_the_gemm_unsplit():
     m, n, k = 49, 768, 3072
-    splits = gpu_matmul.split_k_factor(m, n, k, H200_SMS)
+    splits = gpu_cost_model.split_k_factor(m, n, k, H200_SMS)
     depth = k // splits
-    unsplit = gpu_matmul.modeled_steps(m, n, k, 1, gpu_matmul.choose_tile(m, n, H200_SMS), H200_SMS)
-    split = gpu_matmul.modeled_steps(m, n, depth, splits, gpu_matmul.choose_tile(m, n, H200_SMS, splits, depth),
+    unsplit = gpu_cost_model.modeled_steps(m, n, k, 1, gpu_cost_model.choose_tile(m, n, H200_SMS), H200_SMS)
+    split = gpu_cost_model.modeled_steps(m, n, depth, splits, gpu_cost_model.choose_tile(m, n, H200_SMS, splits, depth),
                                      H200_SMS)
     assert split < unsplit
 

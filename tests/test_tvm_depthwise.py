@@ -9,7 +9,8 @@ import tvm
 from tvm import relax
 from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
-from pipeline.compiler.schedules.depthwise import depthwise_nhwc_schedule, is_depthwise_nhwc
+from pipeline.compiler.kernel_kinds import is_depthwise_nhwc
+from pipeline.compiler.schedules.depthwise import depthwise_nhwc_schedule
 from pipeline.compiler.schedules.cpu import default_schedule
 from targets import get_target
 

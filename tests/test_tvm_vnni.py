@@ -101,7 +101,7 @@ def test_vnni_kernel_with_its_epilogue_is_exact_and_uses_vpdpbusd():
     import tvm
 
     from pipeline.compiler import phases
-    from pipeline.compiler.schedules import cpu as cpu_schedules
+    from pipeline.compiler.schedules import apply as schedule_apply
 
     m, k, n = 56, 96, 128  # 56 rows: a register tile of 8 rows, not a power of two
     rng = np.random.default_rng(1)
@@ -118,7 +118,7 @@ def test_vnni_kernel_with_its_epilogue_is_exact_and_uses_vpdpbusd():
         fused = [str(gv.name_hint) for gv in mod.functions if "vnni_matmul" in str(gv.name_hint)]
         # The requantize epilogue is fused into the kernel, which gets the VNNI schedule.
         assert len(fused) == 1 and "round" in fused[0] and "clip" in fused[0], fused
-        mod, counts = cpu_schedules.apply_default_schedules(mod, tvm_target)
+        mod, counts = schedule_apply.apply_default_schedules(mod, tvm_target)
         assert counts["vnni"] == 1
     executable = tvm.compile(mod, target=tvm_target)
     asm = "".join(lib.inspect_source("asm") for lib in executable.mod.imports if lib.kind == "llvm")

@@ -16,7 +16,7 @@ import tvm
 from tvm import relax
 
 from pipeline.compiler.producer_fusion import fuse_producers, is_call_tir
-from pipeline.compiler.schedules.depthwise import is_depthwise_nhwc
+from pipeline.compiler.kernel_kinds import is_depthwise_nhwc
 
 
 def _is_cast(func) -> bool:

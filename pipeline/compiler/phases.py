@@ -10,7 +10,7 @@ from tvm import relax
 
 from pipeline.compiler import cast_fusion, graph_rewrites, layout, nhwc_gemms, prepack, split_k, weight_params
 from pipeline.compiler.cost import kernel_costs
-from pipeline.compiler.schedules import cpu as cpu_schedules
+from pipeline.compiler.schedules import apply as schedule_apply
 from pipeline.compiler.schedules import gpu as gpu_schedules
 from pipeline.config import PRECISIONS
 from pipeline.errors import PipelineError
@@ -35,7 +35,7 @@ def schedule_pass(target: Target, tuning_database: Path | None, report: dict) ->
             # What each kernel must cost at least (on the unscheduled kernels, whose FLOPs
             # TVM counts exactly): the bound a GPU schedule is measured against.
             report["gpu_cost"] = kernel_costs(mod)
-        mod, counts = cpu_schedules.schedule_module(mod, tvm_target, target, tuning_database)
+        mod, counts = schedule_apply.schedule_module(mod, tvm_target, target, tuning_database)
         report.update(counts)
         if target.device == "cuda":
             mod, report["gpu_kernels"] = gpu_schedules.schedule_module(mod, tvm_target, target.sm_count)

@@ -2,7 +2,7 @@
 
 ConvNeXt's last stages are GEMMs of few pixels and deep channels (batch 1, stage 3: M 49,
 K 3072). Tiled over M x N alone, their grid is a few hundred one-warp blocks, each
-walking all of K in series. Where schedules/gpu_matmul.split_k_factor says it pays, a
+walking all of K in series. Where gpu_cost_model.split_k_factor says it pays, a
 float16 matmul with a 2-D weight becomes
 
     partial[s, ..., n] = sum over k in slice s of a[..., k] * w[k, n]   (float32)
@@ -24,7 +24,7 @@ from tvm import relax, te
 
 from pipeline.compiler.relax_graph import static_shape
 from pipeline.compiler.producer_fusion import fuse_producers
-from pipeline.compiler.schedules.gpu_matmul import split_k_factor, takes_arch
+from pipeline.compiler.gpu_cost_model import split_k_factor, takes_arch
 
 PARTIAL_GEMM_NAME = "split_k_matmul"
 PARTIAL_SUM_NAME = "split_k_sum"

@@ -16,6 +16,8 @@ from __future__ import annotations
 import tvm
 from tvm.s_tir import Schedule
 
+from pipeline.compiler.kernel_kinds import depthwise_block
+
 # Output pixels along W per register tile, at most (the largest divisor of W up to it).
 _MAX_PIXELS = 8
 _MIN_PARALLEL_ROWS = 16
@@ -23,21 +25,6 @@ _MIN_PARALLEL_ROWS = 16
 
 def _largest_divisor(n: int, cap: int) -> int:
     return max(d for d in range(1, max(1, min(n, cap)) + 1) if n % d == 0)
-
-
-def depthwise_block(sch: Schedule):
-    """The group_conv2d_nhwc block with one input channel per group, or None."""
-    for block in sch.get_child_blocks(sch.get_sblock("root")):
-        if not sch.get(block).name_hint.startswith("group_conv2d_nhwc"):
-            continue
-        loops = sch.get_loops(block)
-        if len(loops) == 7 and int(sch.get(loops[6]).extent) == 1:  # n y x c ry rx rc
-            return block
-    return None
-
-
-def is_depthwise_nhwc(func: tvm.tirx.PrimFunc) -> bool:
-    return depthwise_block(Schedule(tvm.IRModule({"main": func}))) is not None
 
 
 def inline_epilogue(sch: Schedule, conv) -> list:

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import tvm
 from tvm.s_tir import Schedule
 
-from pipeline.compiler.schedules.depthwise import depthwise_block, inline_epilogue
+from pipeline.compiler.kernel_kinds import depthwise_block
+from pipeline.compiler.schedules.depthwise import inline_epilogue
 
 _MAX_THREADS = 512
 _MIN_THREADS = 32

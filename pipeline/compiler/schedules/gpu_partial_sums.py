@@ -14,7 +14,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import ScheduleError
 from tvm.s_tir.dlight.analysis import get_root_block
 
-from pipeline.compiler.schedules.gpu_matmul import SPLITS
+from pipeline.compiler.gpu_cost_model import SPLITS
 
 THREADS = (256, 128, 64, 32)
 
