@@ -248,10 +248,12 @@ def _role(sch: Schedule, loop_rv, tiles: int) -> str:
     rows ("rows": the spatial axis before it), an axis outside the tile ("outer": the other
     spatial axes) or the reduction ("reduction")."""
     kind, index, types = _tiled_axis(sch, loop_rv)
-    expected = {_SPATIAL: _SPATIAL_TILES, _REDUCTION: _REDUCTION_TILES}.get(kind)
-    if expected != tiles:
-        raise SketchMismatch(f"a loop of iterator type {kind} is split in {tiles}, the tiled default "
-                             f"decides {expected} tiles" if expected else f"a loop of iterator type {kind} is tiled")
+    if kind not in (_SPATIAL, _REDUCTION):
+        raise SketchMismatch(f"a loop over an axis of iterator type {kind} is tiled")
+    expected = _SPATIAL_TILES if kind == _SPATIAL else _REDUCTION_TILES
+    if tiles != expected:
+        axis = "spatial" if kind == _SPATIAL else "reduction"
+        raise SketchMismatch(f"a {axis} loop is split in {tiles}, the tiled default splits it in {expected}")
     if kind == _REDUCTION:
         return "reduction"
     spatial = types.count(_SPATIAL)
