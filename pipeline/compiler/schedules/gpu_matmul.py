@@ -16,9 +16,9 @@ overlap this step's math; the epilogue (bias, GELU, layer scale, residual, casts
 applied on the way out of the accumulators. Where M is small and K deep, split_k.py
 first splits the GEMM over K (``split_k_factor``, by ``modeled_steps``); its partial
 GEMMs are a batch here, tiled by the same model. The tiles, pipelines and that model are
-pure integer planning in pipeline/compiler/gpu_cost_model.py, which split_k.py asks too. Measured on an H200 before split-K
-(reports/cuda-sm90-fp16*): ConvNeXt-T fp16 0.58 ms at batch 1, 1.47 ms at batch 8, with
-the depthwise kernel of gpu_depthwise.py.
+pure integer planning in pipeline/compiler/gpu_cost_model.py, which split_k.py asks too.
+Measured on an H200 before split-K (reports/cuda-sm90-fp16*): ConvNeXt-T fp16 0.58 ms at
+batch 1, 1.47 ms at batch 8, with the depthwise kernel of gpu_depthwise.py.
 """
 
 from __future__ import annotations
