@@ -6,7 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-PRECISIONS = ("fp32", "fp16", "int8")
+# The names of pipeline/precisions.py's records (what each precision needs and adds).
+from pipeline.precisions import PRECISIONS  # noqa: F401 -- the settings' vocabulary, imported from here
+
 PARAMS_MODES = ("embedded", "separate")
 
 

@@ -4,7 +4,8 @@ A target names everything the compile and measure stages need: the full TVM
 target JSON (never a TVM tag: tags drift between releases, and TVM 0.27's
 ``nvidia/jetson-orin-nano`` tag names Xavier's Carmel CPU), the host triple the
 artifact's host code is built for, the cross compiler that links it, the
-precisions it supports and how it is measured.
+precisions it supports (those its device kind is offered: pipeline/precisions.py) and
+how it is measured.
 
 The table (``_TARGETS``) is in display order:
 
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable
 
+from pipeline import precisions as precision_plan
 from pipeline.errors import PipelineError
 
 X86_TRIPLE = "x86_64-linux-gnu"
@@ -41,20 +43,8 @@ AARCH64_GCC = "aarch64-linux-gnu-gcc"
 AARCH64_GCC_PACKAGE = "gcc-aarch64-linux-gnu"
 
 
-# GPU targets: FP32, and FP16 (mixed precision) where tensor cores pay off. No INT8 (issue #16):
-# TVM 0.27 cannot lower dlight's int8 tensor-core matmul (FloatMatmul in
-# pipeline/compiler/schedules/gpu.py skips it), so the integer kernels of
-# pipeline/compiler/int8.py run on dlight's non-tensor-core rules. Measured on an NVIDIA H200
-# (reports/cuda-sm90-int8/report.md, 2026-12-04): ConvNeXt-T int8 28.1 ms per image at batch 1
-# against 4.99 ms for fp16, 5.6x slower, at 95.3% top-1 agreement with PyTorch fp32.
-GPU_PRECISIONS = ("fp32", "fp16")
-# Why, in one sentence for users: `pipeline targets` prints it on GPU rows, and asking a GPU
-# target for int8 fails with it (Target.precision_note).
-GPU_INT8_REASON = (
-    "int8 is not offered on GPU targets because without integer tensor-core kernels (TVM 0.27 cannot "
-    "lower dlight's int8 tensor-core matmul) ConvNeXt-T int8 ran 5.6x slower than fp16 on an H200 "
-    "(28.1 vs 4.99 ms, batch 1, 2026-12-04); use --precision fp16"
-)
+# Re-exported for the tests and benchmarks that name it (pipeline/precisions.py says why).
+GPU_INT8_REASON = precision_plan.GPU_INT8_REASON
 
 
 @dataclass(frozen=True)
@@ -68,7 +58,6 @@ class Target:
     # Debian package that provides cross_compiler, named in the error when it is missing.
     cross_compiler_package: str | None = None
     default_precision: str = "fp32"
-    precisions: tuple[str, ...] = ("fp32",)
     # "local": measured in this process; "rpc": through a TVM RPC tracker.
     runner: str = "local"
     rpc_key: str | None = None
@@ -92,12 +81,18 @@ class Target:
         if self.unavailable is not None:
             raise PipelineError(self.unavailable)
 
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """The precisions this target offers: those pipeline/precisions.py offers on its device kind."""
+        return precision_plan.offered(self.device)
+
     def precision_note(self, precision: str) -> str | None:
-        """Why this target does not offer `precision`, where that has a reason of its own
-        (int8 on a GPU target: GPU_INT8_REASON); None otherwise."""
-        if precision == "int8" and self.device == "cuda" and precision not in self.precisions:
-            return GPU_INT8_REASON
-        return None
+        """Why this target does not offer `precision`, where the precision plan gives its device
+        kind a reason (int8 on a GPU target: GPU_INT8_REASON); None otherwise."""
+        plan = precision_plan.PLAN.get(precision)
+        if plan is None or plan.offered(self.device):
+            return None
+        return plan.not_offered.get(self.device)
 
     def check_precision(self, precision: str) -> None:
         """Raise a one-line error when this target does not offer `precision`: the reason where
@@ -183,7 +178,6 @@ def _arm_cpu_target(name: str, board: str, mcpu: str, mattr: tuple[str, ...]) ->
         host_triple=AARCH64_TRIPLE,
         cross_compiler=AARCH64_GCC,
         cross_compiler_package=AARCH64_GCC_PACKAGE,
-        precisions=("fp32", "int8"),
         runner="rpc",
         rpc_key=name,
         needs=_ARM_NEEDS,
@@ -229,7 +223,6 @@ def _cuda_sm_target(arch: str, gpus: str) -> Target:
         description=f"NVIDIA {arch} GPUs ({gpus}), x86-64 host code; kernels compiled by nvcc",
         tvm_target=_cuda_gpu(arch, _X86_64_HOST),
         host_triple=X86_TRIPLE,
-        precisions=GPU_PRECISIONS,
         device="cuda",
         needs=_CUDA_NEEDS,
         sm_count=SM_COUNTS[arch],
@@ -247,7 +240,6 @@ def _jetson_target(name: str, board: str, arch: str, mcpu: str, mattr: tuple[str
         host_triple=AARCH64_TRIPLE,
         cross_compiler=AARCH64_GCC,
         cross_compiler_package=AARCH64_GCC_PACKAGE,
-        precisions=GPU_PRECISIONS if gpu else ("fp32", "int8"),
         runner="rpc",
         rpc_key=name,
         device="cuda" if gpu else "cpu",
@@ -281,7 +273,6 @@ def _x86_host() -> Target:
         description="this machine's x86-64 CPU (LLVM, detected -mcpu and core count)",
         tvm_target={"kind": "llvm", "mcpu": _host_cpu(), "num-cores": int(cores or 1)},
         host_triple=X86_TRIPLE,
-        precisions=("fp32", "int8"),
     )
 
 
@@ -321,7 +312,6 @@ def _local_cuda() -> Target:
             description=f"this machine's NVIDIA GPU (none found here; use one of {fixed})",
             tvm_target={"kind": "cuda", "host": host},
             host_triple=host_triple,
-            precisions=GPU_PRECISIONS,
             device="cuda",
             needs=_CUDA_NEEDS,
             unavailable=(
@@ -334,7 +324,6 @@ def _local_cuda() -> Target:
         description=f"this machine's NVIDIA GPU ({arch}, detected), host code for this CPU",
         tvm_target=_cuda_gpu(arch, host),
         host_triple=host_triple,
-        precisions=GPU_PRECISIONS,
         device="cuda",
         needs=_CUDA_NEEDS,
         sm_count=_local_sm_count(arch),

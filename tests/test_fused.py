@@ -23,7 +23,7 @@ def _compiled_kernels(monkeypatch, onnx_path, target, **options) -> dict[str, in
         seen["tasks"] = extract_tasks(mod, tvm_target)
         raise RuntimeError("scheduling reached")  # enough: no kernel needs building
 
-    monkeypatch.setattr(phases.cpu_schedules, "schedule_module", capture)
+    monkeypatch.setattr(phases.schedule_apply, "schedule_module", capture)
     # Raised inside a pass, it comes back through TVM's FFI as some other exception.
     with pytest.raises(Exception):
         backend.compile_onnx(onnx_path, target, onnx_path.parent / "never.so", **options)
@@ -59,3 +59,29 @@ def test_options_are_checked_before_any_work(tmp_path):
         fuse_model(tmp_path / "missing.onnx", get_target("x86"), CompileOptions(precision="int8", params_mode="separate"))
     with pytest.raises(PipelineError, match="unknown params_mode 'shared'"):
         fuse_model(tmp_path / "missing.onnx", get_target("x86"), CompileOptions(params_mode="shared"))
+
+
+def test_the_int8_report_is_read_off_the_fused_module(qdq_model):
+    from pipeline.compiler import pass_results
+
+    fused = fuse_model(qdq_model, get_target("x86"), CompileOptions(precision="int8"))
+    assert fused.int8_report["integer_ops"] == {"conv2d": 9, "matmul": 11}
+    # Read and taken off: the module the schedule phase gets carries no result.
+    assert pass_results.take_results(fused.module)[1] == {}
+
+
+@pytest.mark.slow  # schedules micro's kernels with the CPU defaults (no kernel is built)
+def test_the_schedule_phase_reports_its_counts_on_the_module(tmp_path_factory):
+    import tvm
+
+    from pipeline.compiler import pass_results
+
+    target = get_target("x86")
+    fused = fuse_model(micro_onnx(tmp_path_factory), target)
+    with fused.tvm_target, tvm.transform.PassContext(config=phases.pass_config(target)):
+        scheduled, results = pass_results.take_results(phases.schedule_pass(target, None)(fused.module))
+    report = results["schedule"]
+    assert report["tasks_total"] == len(fused.prim_funcs()) == report["tasks_default"]
+    assert report["database"] is None and report["tasks_from_records"] == 0
+    assert set(report["kernel_schedules"]) == set(fused.prim_funcs())
+    assert dict(scheduled.attrs or {}) == dict(fused.module.attrs or {})

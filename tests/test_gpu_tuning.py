@@ -158,7 +158,7 @@ def test_compile_applies_a_gpu_record_and_says_from_which_database(small_onnx, t
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline.compiler import phases
+    from pipeline.compiler import pass_results, phases
     from pipeline.compiler.fused import CompileOptions, fuse_model
     from pipeline.compiler.tensor_intrinsics import load_tensor_intrinsics
     from pipeline.compiler.tuning import database
@@ -187,9 +187,9 @@ def test_compile_applies_a_gpu_record_and_says_from_which_database(small_onnx, t
     assert compile_stage.tuning_settings(config, target)["tuning_database_sha256"] == database.database_digest(db_dir)
 
     fused = fuse_model(small_onnx, target, CompileOptions(precision="fp16"))
-    report: dict = {}
     with fused.tvm_target, tvm.transform.PassContext(config=phases.pass_config(target)):
-        scheduled = phases.schedule_pass(target, db_dir, report)(fused.module)
+        scheduled, results = pass_results.take_results(phases.schedule_pass(target, db_dir)(fused.module))
+    report = results["schedule"]
     assert report["database"] == str(db_dir) and report["tasks_from_records"] == 1
     assert report["kernel_schedules"] == {task.name: "record"}
     # The GPU rules scheduled every other kernel, not this one (compile's info: "tuning record").

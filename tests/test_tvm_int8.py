@@ -57,6 +57,20 @@ def test_every_conv_and_matmul_becomes_int8_x_int8_to_int32(qdq_requantized):
     assert report.with_requantize == MICRO_LAYERS and report.float_kept == []
 
 
+def test_the_lowering_pass_hands_its_report_on_the_module_it_returns(qdq_requantized):
+    """A pure pass: nothing outside it is written to; what it lowered is a result on the
+    module (pass_results.py), and taking it off leaves the module lower_qdq_to_integer makes."""
+    from pipeline.compiler import pass_results
+    from pipeline.compiler.int8 import INT8_RESULT, int8_lowering_pass, lower_qdq_to_integer
+
+    mod = relax_module(qdq_requantized)
+    lowered, results = pass_results.take_results(int8_lowering_pass()(mod))
+    assert results[INT8_RESULT]["integer_ops"] == {"conv2d": 9, "matmul": 11}
+    assert results[INT8_RESULT]["requantize_epilogues"] == MICRO_LAYERS
+    assert pass_results.take_results(lowered)[1] == {}
+    assert lowered.script(show_meta=True) == lower_qdq_to_integer(mod).script(show_meta=True)
+
+
 def test_the_requantize_epilogue_is_fused_into_the_integer_kernel(qdq_requantized):
     import tvm
     from tvm import relax

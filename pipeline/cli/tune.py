@@ -67,15 +67,16 @@ def tune_command(**options) -> None:
         raise PipelineError(f"--time-budget is in minutes and must be positive, got {time_budget:g}")
     if rpc_key is not None and rpc_tracker is None:
         raise PipelineError("--rpc-key needs --rpc-tracker HOST:PORT")
-    from pipeline.stages.compile import TUNABLE_PRECISIONS, tunable
+    from pipeline import precisions
 
     resolved = get_target(options["target"])
-    if not tunable(resolved, precision):
+    plan = precisions.get(precision)
+    if not plan.tunable(resolved.device):
         raise PipelineError(f"--precision {precision} cannot be tuned for target '{resolved.name}'; use one of: "
-                            f"{', '.join(TUNABLE_PRECISIONS[resolved.device])}")
-    if precision == "int8" and options["data"] is None:
+                            f"{', '.join(precisions.tunable(resolved.device))}")
+    if plan.quantized and options["data"] is None:
         raise PipelineError(
-            "--precision int8 tunes the quantized model, which needs calibration images; "
+            f"--precision {precision} tunes the quantized model, which needs calibration images; "
             "pass --data (the folder `pipeline quantize` uses, or e.g. --data fashion-mnist --preprocessing imagenet)"
         )
     config = config_from_options(options)
@@ -109,15 +110,11 @@ def tune_command(**options) -> None:
     log(settings.describe())
 
     provided = {"weights": config.weights} if config.weights is not None else {}
-    if precision == "int8":
-        # The tasks compile will look up: the QDQ model with its integer lowering. Their
-        # zero points are part of the kernels, so records fit this calibration's model;
-        # kernels of another calibration that differ fall back to default schedules.
-        results = run_pipeline(STAGES, config, resolved, "quantize", provided)
-        onnx_path = results["quantize"].outputs["onnx_quantized"]
-    else:
-        results = run_pipeline(STAGES, config, resolved, "simplify", provided)
-        onnx_path = results["simplify"].outputs["onnx_simplified"]
+    # The tasks compile will look up: the precision's model, as compile takes it. A QDQ
+    # model's zero points are part of its kernels, so int8 records fit this calibration's
+    # model; kernels of another calibration that differ fall back to default schedules.
+    results = run_pipeline(STAGES, config, resolved, plan.model_stage, provided)
+    onnx_path = results[plan.model_stage].outputs[plan.model_output]
     try:
         # Tuning starts from the records compile would otherwise use (shipped ones, possibly
         # timed on another CPU model); tasks a resumed run already seeded are not redone.

@@ -30,7 +30,8 @@ import tvm
 
 from pipeline import toolchain
 from pipeline.compiler import cuda_code, nvcc, weight_params
-from pipeline.compiler.fused import CompileOptions, compile_phases, fuse_model
+from pipeline.compiler.cost import kernel_costs
+from pipeline.compiler.fused import CompileOptions, compile_phases, fuse_model, run_phases
 from pipeline.compiler.phases import pass_config, phases_before
 from pipeline.errors import PipelineError
 from pipeline.runtime import runtime_only
@@ -273,18 +274,20 @@ def compile_onnx(
     and ``cuda_graph_captures``: how many kernel sequences run as captured CUDA graphs.
 
     The settings that decide the kernels make a ``fused.CompileOptions``, and the phases up
-    to scheduling run in ``fused.fuse_model``, as tuning and the CUDA emulator run them:
-    ``precision="int8"`` compiles a QDQ model with its convolutions and matmuls lowered to
-    integers (pipeline/compiler/int8.py; the summary's "int8" says what was lowered);
-    ``precision="fp16"`` adds TVM's mixed precision rewrite for GPU targets;
-    ``gpu_split_k=False`` keeps every GPU GEMM unsplit (pipeline/compiler/split_k.py).
+    to scheduling run in ``fused.fuse_model``, as tuning and the CUDA emulator run them.
+    ``precision`` names a record of pipeline/precisions.py, which says the phases it adds:
+    "int8" compiles a QDQ model with its convolutions and matmuls lowered to integers
+    (pipeline/compiler/int8.py; the summary's "int8" says what was lowered), "fp16" adds
+    TVM's mixed precision rewrite for GPU targets. ``gpu_split_k=False`` keeps every GPU
+    GEMM unsplit (pipeline/compiler/split_k.py). What the passes report (the int8 lowering,
+    the schedule phase) is read off the module after each phase (pass_results.py).
     """
     start = time.perf_counter()
     onnx_path, library_path = Path(onnx_path), Path(library_path)
     dump_ir_dir = Path(dump_ir_dir) if dump_ir_dir is not None else None
     options = CompileOptions(precision=precision, params_mode=params_mode, gpu_split_k=gpu_split_k,
                              input_name=input_name, input_shape=input_shape)
-    options.check()
+    options.check(target)
 
     _check_build_tools(target)
     log.info(
@@ -297,23 +300,20 @@ def compile_onnx(
     output = fused.output
 
     tvm_target = fused.tvm_target
-    tuning: dict = {}
-    phases = compile_phases(target, options, tuning_database=tuning_database, schedule_report=tuning)
+    phases = compile_phases(target, options, tuning_database=tuning_database)
     first = len(phases_before(phases, "schedule"))
-    mod = fused.module
+    # What each GPU kernel must cost at least, on the kernels as fused (whose FLOPs TVM counts
+    # exactly, before scheduling): the bound a GPU schedule is measured against.
+    gpu_cost = kernel_costs(fused.module, target.cuda_arch) if target.device == "cuda" else None
     with tvm_target, cuda_source_codegen(target), tvm.transform.PassContext(config=pass_config(target)):
-        param_transforms = fused.param_transforms
-        for index, (phase, passes) in enumerate(phases[first:], start=2 + first):
-            if passes:
-                mod = tvm.transform.Sequential(passes, name=phase)(mod)
-                _dump(dump_ir_dir, index, phase, mod)
-                if weight_params.PARAM_TRANSFORMS_ATTR in (mod["main"].attrs or {}):
-                    param_transforms = weight_params.param_transforms(mod["main"])
+        mod, results, param_transforms = run_phases(
+            fused.module, phases[first:], 2 + first, lambda *args: _dump(dump_ir_dir, *args), fused.param_transforms)
         num_primfuncs = _count_primfuncs(mod)
         # Regions RewriteCUDAGraph lifted out of main to capture as CUDA graphs (GPU targets).
         cuda_graphs = sum(1 for gv in mod.functions if "cuda_graph_capture" in gv.name_hint)
-        gpu_cost = tuning.pop("gpu_cost", None)
-        # Each GPU kernel's schedule beside its cost: the rule that made it, its grid and block.
+        # The schedule phase's counts (schedules/cpu.py), and each GPU kernel's schedule beside
+        # its cost: the rule that made it, its grid and block.
+        tuning = results["schedule"]
         gpu_kernels = tuning.pop("gpu_kernels", {})
         for kernel in (gpu_cost or {}).get("kernels", []):
             kernel.update(gpu_kernels.get(kernel["kernel"], {"rule": "tuning record"}))
@@ -388,7 +388,7 @@ def compile_onnx(
         "num_primfuncs": num_primfuncs,
         "tuning": tuning,
         **({"gpu_cost": gpu_cost, "cuda_graph_captures": cuda_graphs} if gpu_cost else {}),
-        **({"int8": fused.int8_report.to_dict()} if fused.int8_report is not None else {}),
+        **({"int8": fused.int8_report} if fused.int8_report is not None else {}),
         "compile_s": round(time.perf_counter() - start, 3),
         "tvm_version": tvm.__version__,
         "target": target.name,

@@ -29,7 +29,7 @@ alone, as are patterns this pass cannot prove exact (non-constant scales, weight
 points, layouts other than NCHW/OIHW): those keep computing in float and are counted.
 
 On x86 CPUs with AVX-512 VNNI (`vnni=True`, which compile decides from the
-target: fused.compile_phases) a matmul whose weight fits the instruction computes instead
+target: phases.precision_phases) a matmul whose weight fits the instruction computes instead
 
     xu8 = cast<uint8>(xq + 128)                   elementwise: fuses into xq's producer
     acc = vnni_matmul(xu8, pack(wq))              R.call_tir, pipeline/compiler/vnni.py
@@ -54,7 +54,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from pipeline.compiler import layout
+from pipeline.compiler import layout, pass_results
 from pipeline.compiler.relax_graph import Bindings, static_shape
 from pipeline.compiler import vnni as vnni_kernel
 from pipeline.errors import PipelineError
@@ -464,12 +464,18 @@ def lower_qdq_to_integer(mod: tvm.IRModule, report: Int8Report | None = None, vn
     return relax.transform.DeadCodeElimination()(lowered)
 
 
-def int8_lowering_pass(report: Int8Report, vnni: bool = False) -> tvm.transform.Pass:
-    """`lower_qdq_to_integer` as a module pass, for a Relax pass list."""
+# The name of the lowering's result on the module it returns (pass_results.py): Int8Report.to_dict().
+INT8_RESULT = "int8"
+
+
+def int8_lowering_pass(vnni: bool = False) -> tvm.transform.Pass:
+    """`lower_qdq_to_integer` as a module pass, for a Relax pass list: what it lowered travels
+    on the module it returns, as its result INT8_RESULT (read with pass_results.take_results)."""
 
     @tvm.transform.module_pass(opt_level=0, name="LowerQDQToInteger")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return lower_qdq_to_integer(mod, report, vnni)
+        report = Int8Report()
+        return pass_results.with_result(lower_qdq_to_integer(mod, report, vnni), INT8_RESULT, report.to_dict())
 
     return _pass
 

@@ -8,54 +8,46 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
-from pipeline.compiler import cast_fusion, graph_rewrites, layout, nhwc_gemms, prepack, split_k, weight_params
-from pipeline.compiler.cost import kernel_costs
+from pipeline import precisions
+from pipeline.compiler import (cast_fusion, graph_rewrites, int8, layout, nhwc_gemms, pass_results, prepack, split_k,
+                               vnni, weight_params)
 from pipeline.compiler.schedules import apply as schedule_apply
 from pipeline.compiler.schedules import gpu as gpu_schedules
-from pipeline.config import PRECISIONS
-from pipeline.errors import PipelineError
 from targets import Target
 
 # (phase name, its passes in order)
 Phase = tuple[str, list[tvm.transform.Pass]]
 
 
-def schedule_pass(target: Target, tuning_database: Path | None, report: dict) -> tvm.transform.Pass:
+def schedule_pass(target: Target, tuning_database: Path | None) -> tvm.transform.Pass:
     """Every kernel gets a schedule: its tuning record where ``tuning_database`` has one,
     else its device kind's default: on CPU the defaults of schedules/cpu.py, then the
     weights packed in the order the tiles read them (prepack.py); on GPU dlight's rules
-    (schedules/gpu.py). ``report`` receives the counts compile reports and, for GPU
-    targets, each kernel's roofline bound (pipeline/compiler/cost.py). Runs inside
-    ``with tvm_target``, as compile runs every phase."""
+    (schedules/gpu.py). The module it returns carries its result "schedule"
+    (pass_results.py): the counts compile reports and, for GPU targets, each kernel's rule,
+    grid and block ("gpu_kernels"). Runs inside ``with tvm_target``, as compile runs every phase."""
 
     @tvm.transform.module_pass(opt_level=0, name="Schedule")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         tvm_target = tvm.target.Target.current(allow_none=False)
-        if target.device == "cuda":
-            # What each kernel must cost at least (on the unscheduled kernels, whose FLOPs
-            # TVM counts exactly): the bound a GPU schedule is measured against.
-            report["gpu_cost"] = kernel_costs(mod)
-        mod, counts = schedule_apply.schedule_module(mod, tvm_target, target, tuning_database)
-        report.update(counts)
+        mod, report = schedule_apply.schedule_module(mod, tvm_target, target, tuning_database)
         if target.device == "cuda":
             mod, report["gpu_kernels"] = gpu_schedules.schedule_module(mod, tvm_target, target.sm_count)
-            return mod
-        return tvm.transform.Sequential(prepack.pack_weights(), name="pack_weights")(mod)
+        else:
+            mod = tvm.transform.Sequential(prepack.pack_weights(), name="pack_weights")(mod)
+        return pass_results.with_result(mod, "schedule", report)
 
     return _pass
 
 
-def relax_phases(
-    target: Target, tuning_database: Path | None = None, schedule_report: dict | None = None,
-    gpu_split_k: bool = True,
-) -> list[Phase]:
+def relax_phases(target: Target, tuning_database: Path | None = None, gpu_split_k: bool = True) -> list[Phase]:
     """The Relax passes from an imported graph to VM-ready code, in order, per phase.
 
     This follows TVM's own per-target pipeline (relax/backend/cpu_generic/pipeline.py)
     rather than relax.build's "default", because on CPU that default skips fusion
     (TVM 0.27: vm_build.py keeps the unfused pipeline for CPU because fusion can drop
     side-effecting call_pure_packed calls; ONNX vision graphs have none). The schedule
-    phase applies ``tuning_database``'s records and fills ``schedule_report``. On GPU,
+    phase applies ``tuning_database``'s records (schedule_pass). On GPU,
     ``gpu_split_k=False`` leaves every GEMM unsplit (to compare with; split_k.py).
     """
     transform = relax.transform
@@ -118,7 +110,7 @@ def relax_phases(
                   transform.FuseTIR(), *([] if is_gpu else [prepack.mark_weights()])]),
         # Schedule: every kernel gets its tuning record, else its device kind's default
         # (schedule_pass).
-        ("schedule", [schedule_pass(target, tuning_database, {} if schedule_report is None else schedule_report)]),
+        ("schedule", [schedule_pass(target, tuning_database)]),
         # Dataflow lowering: leave the pure dataflow world; call_tir becomes explicit
         # output allocation plus a call.
         ("lower_dataflow", [
@@ -162,22 +154,27 @@ def phases_before(phases: list[Phase], name: str) -> list[Phase]:
     return phases[:names.index(name)]
 
 
-def precision_phases(precision: str, target: Target) -> list[tuple[str, list[tvm.transform.Pass]]]:
-    """Passes that change the arithmetic precision, run before legalization.
+def _int8_phase(target: Target) -> list[tvm.transform.Pass]:
+    """int8: the QDQ model's convolutions and matmuls lowered to integers (int8.py), first,
+    once the weights are bound, which it needs; on x86 CPUs with AVX-512 VNNI, the matmuls
+    that fit it on that instruction."""
+    return [int8.int8_lowering_pass(vnni.has_vnni(tvm.target.Target(target.tvm_target)))]
 
-    FP16: convolutions and matmuls take float16 operands and accumulate in float32
+
+def _fp16_phase(target: Target) -> list[tvm.transform.Pass]:
+    """FP16: convolutions and matmuls take float16 operands and accumulate in float32
     (ToMixedPrecision's out_dtype), the rest of the graph follows the float16 values where
-    it is numerically safe; the model's input and output stay float32. Only GPU targets
-    offer it: their tensor cores are where FP16 pays off. Weights passed in at run time
-    (params_mode="separate") become float16 parameters, cast once when they are saved.
-    """
-    if precision not in PRECISIONS:
-        raise PipelineError(f"unknown precision '{precision}'; use one of: {', '.join(PRECISIONS)}")
-    if precision != "fp16":
-        return []
-    if target.device != "cuda":
-        raise PipelineError(f"precision fp16 is for GPU targets, not '{target.name}'; use --precision fp32 or int8")
-    return [("fp16", [
-        relax.transform.ToMixedPrecision(out_dtype="float32"),
-        weight_params.cast_weight_params_once(),
-    ])]
+    it is numerically safe; the model's input and output stay float32. Weights passed in at
+    run time (params_mode="separate") become float16 parameters, cast once when they are saved."""
+    return [relax.transform.ToMixedPrecision(out_dtype="float32"), weight_params.cast_weight_params_once()]
+
+
+# The compiler phases pipeline/precisions.py's records name (Precision.phases), by key: the
+# passes each runs for a target.
+PRECISION_PHASES = {"int8": _int8_phase, "fp16": _fp16_phase}
+
+
+def precision_phases(precision: str, target: Target) -> list[Phase]:
+    """The phases ``precision`` runs before compile's Relax phases (its record's ``phases``,
+    pipeline/precisions.py), for ``target``."""
+    return [(key, PRECISION_PHASES[key](target)) for key in precisions.get(precision).phases]

@@ -6,31 +6,33 @@ import functools
 import hashlib
 from pathlib import Path
 
+from pipeline import precisions
 from pipeline.config import PipelineConfig
 from pipeline.engine import Stage, log
 from targets import Target
 
 
-# What `pipeline tune` can make records for, by the target's device kind (Target.device): the
-# precisions each kind offers (targets/__init__.py).
-TUNABLE_PRECISIONS = {"cpu": ("fp32", "int8"), "cuda": ("fp32", "fp16")}
-
-
 def tunable(target: Target, precision: str) -> bool:
-    return precision in TUNABLE_PRECISIONS.get(target.device, ())
+    """`pipeline tune` makes records for ``precision`` on this target's device kind (pipeline/precisions.py)."""
+    return precision in precisions.PLAN and precisions.PLAN[precision].tunable(target.device)
 
 
 COMPILER_DIR = Path(__file__).resolve().parents[1] / "compiler"
+# The precision plan decides which compiler phases a precision runs, so it is compiler source too.
+PRECISION_PLAN = Path(precisions.__file__).resolve()
 
 
 @functools.lru_cache(maxsize=1)
 def compiler_digest() -> str:
-    """sha256 of the compiler's sources (pipeline/compiler/**/*.py): a changed schedule or
-    pass rebuilds the artifact, where the stage version alone was easy to forget to bump."""
+    """sha256 of the compiler's sources (pipeline/compiler/**/*.py, and the precision plan):
+    a changed schedule, pass or precision record rebuilds the artifact, where the stage
+    version alone was easy to forget to bump."""
     digest = hashlib.sha256()
     for path in sorted(COMPILER_DIR.rglob("*.py")):
         digest.update(str(path.relative_to(COMPILER_DIR)).encode())
         digest.update(path.read_bytes())
+    digest.update(PRECISION_PLAN.name.encode())
+    digest.update(PRECISION_PLAN.read_bytes())
     return digest.hexdigest()
 
 
@@ -96,8 +98,7 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
     # One line: the reason where the target has one (int8 on a GPU target), else what it offers.
     target.check_precision(config.precision)
     library = out_dir / "model.so"
-    # int8: the QDQ model from the quantize stage (model_input), its convolutions and
-    # matmuls lowered to int8 x int8 -> int32 (pipeline/compiler/int8.py).
+    # The precision's model (model_input): int8's is the QDQ model from the quantize stage.
     info = compile_onnx(
         inputs[model_input(config)[0]], target, library, precision=config.precision,
         gpu_split_k=config.gpu_split_k if target.device == "cuda" else True,
@@ -141,8 +142,9 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
 
 
 def model_input(config: PipelineConfig) -> tuple[str, ...]:
-    """INT8 compiles the quantized model; every other precision the simplified one."""
-    return ("onnx_quantized",) if config.precision == "int8" else ("onnx_simplified",)
+    """The ONNX model the precision compiles (pipeline/precisions.py): the quantized one for
+    int8, the simplified one for the float precisions."""
+    return (precisions.get(config.precision).model_output,)
 
 
 STAGE = Stage(

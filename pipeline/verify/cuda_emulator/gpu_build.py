@@ -39,7 +39,9 @@ class FusedModel:
 def fused_model(onnx_path: Path, target: Target, *, precision: str = "fp16",
                 input_shape: tuple[int, ...] | None = None, gpu_split_k: bool = True) -> FusedModel:
     """Compile's phases up to scheduling on ``onnx_path`` (fused.fuse_model), weights passed
-    separately (as the GPU bundle compiles); ``gpu_split_k`` as compile's."""
+    separately (as the GPU bundle compiles); ``gpu_split_k`` as compile's. ``precision`` is
+    one the target offers (pipeline/precisions.py): the emulator checks what the pipeline builds."""
+    target.check_precision(precision)
     options = CompileOptions(precision=precision, params_mode="separate", gpu_split_k=gpu_split_k,
                              input_shape=input_shape)
     fused = fuse_model(onnx_path, target, options)
