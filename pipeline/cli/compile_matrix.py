@@ -25,6 +25,7 @@ from typing import Annotated, Any
 import typer
 
 from pipeline.errors import PipelineError
+from pipeline.precisions import PLAN as PRECISION_PLAN
 
 MATRIX_FILE = "matrix.json"
 README = "README.md"
@@ -414,7 +415,8 @@ def compile_matrix(**options) -> None:
     # Every bad argument is reported before the first (long) build starts.
     validate_config(config, None)
     plan = plan_cells(resolve_targets(targets), resolve_precisions(precisions))
-    if any(precision == "int8" and precision in target.precisions for target, precision in plan):
+    # Cells of a quantized precision (int8) calibrate (pipeline/precisions.py).
+    if any(PRECISION_PLAN[precision].quantized and precision in target.precisions for target, precision in plan):
         check_calibration(config)
     settings = matrix_settings(config, targets, precisions)
     committed = None if options["replace_report"] else read_record(output / MATRIX_FILE)
