@@ -85,6 +85,7 @@ register_compile_matrix(app)
 @app.command()
 def targets() -> None:
     """List the targets and what each needs, then the aliases a target may be named by."""
+    from pipeline.config import PRECISIONS
     from targets import ALIASES, get_target, known_targets
 
     for name in known_targets():
@@ -93,8 +94,11 @@ def targets() -> None:
         needs = f"; needs {', '.join(target.needs)}" if target.needs else ""
         print(f"{'':<18} tvm target {target.target_json()}; precisions {', '.join(target.precisions)}; "
               f"measured {target.runner}{needs}")
-        if target.device == "cuda":
-            print(f"{'':<18} {target.precision_note('int8')}")
+        # Why it lacks a precision, where the precision plan gives a reason (int8 on GPU targets).
+        for precision in PRECISIONS:
+            note = target.precision_note(precision)
+            if note:
+                print(f"{'':<18} {note}")
     print("aliases:")
     for alias, (name, means) in ALIASES.items():
         print(f"{alias:<18} = {name}: {means}")
