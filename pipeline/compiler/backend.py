@@ -311,7 +311,7 @@ def compile_onnx(
         num_primfuncs = _count_primfuncs(mod)
         # Regions RewriteCUDAGraph lifted out of main to capture as CUDA graphs (GPU targets).
         cuda_graphs = sum(1 for gv in mod.functions if "cuda_graph_capture" in gv.name_hint)
-        # The schedule phase's counts (schedules/cpu.py), and each GPU kernel's schedule beside
+        # The schedule phase's counts (schedules/apply.py), and each GPU kernel's schedule beside
         # its cost: the rule that made it, its grid and block.
         tuning = results["schedule"]
         gpu_kernels = tuning.pop("gpu_kernels", {})

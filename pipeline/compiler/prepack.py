@@ -90,7 +90,7 @@ def schedule_from_unmarked_record(database, mod: tvm.IRModule) -> Schedule | Non
         return None
     if sch is None:
         return None
-    # As a postprocessor (see tuner._tiled_default): a search seeded with this
+    # As a postprocessor (see schedules/cpu_tiled.tiled_default): a search seeded with this
     # record replays the trace without it and rewrites the layout itself.
     sch.enter_postproc()
     if not ms.postproc.RewriteLayout().apply(sch):
