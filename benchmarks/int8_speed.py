@@ -121,7 +121,7 @@ def held_out_images(config, count: int) -> tuple[np.ndarray, dict]:
     """`count` images of the run's data source that the quantize stage did not calibrate on."""
     from calibration import load_dataset
     from pipeline.errors import PipelineError
-    from pipeline.quantize import calibration_source
+    from pipeline.quantization.calibrate import calibration_source
 
     calibrated_on, _ = calibration_source(config.calib_data, config.data)
     # Like the evaluate stage: 'fashion-mnist' means its test split (quantize calibrates on train).

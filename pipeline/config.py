@@ -44,7 +44,7 @@ class PipelineConfig:
     # Evaluate an aarch64 artifact under qemu-user here: the board's binary, so its outputs and
     # accuracy, but no latency (pipeline/runtime/cross.py).
     emulate: bool = False
-    # Quantize (precision int8; see pipeline/quantize.py)
+    # Quantize (precision int8; see pipeline/quantization/)
     calib_data: str | None = None  # None: the evaluation `data` (Fashion-MNIST: its train split)
     calib_size: int = 256
     calib_method: str = "minmax"  # minmax, percentile, entropy, mse

@@ -14,7 +14,7 @@ from calibration import fashion_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "int8_speed.py"
-# Calibration needs at least 8 images (pipeline/quantize.py MIN_CALIBRATION_IMAGES).
+# Calibration needs at least 8 images (pipeline/quantization/calibrate.py MIN_CALIBRATION_IMAGES).
 TINY = ["--variant", "micro", "--input-size", "32", "--num-classes", "10", "--warmup", "1", "--repeats", "2",
         "--calib-size", "8", "--eval-images", "4"]
 
@@ -83,7 +83,7 @@ def test_held_out_images_skip_the_calibration_images_of_the_same_source(tmp_path
 
     from pipeline.config import PipelineConfig
     from pipeline.errors import PipelineError
-    from pipeline.quantize import load_calibration_images
+    from pipeline.quantization.calibrate import load_calibration_images
 
     source = tmp_path / "images.npy"
     np.save(source, np.random.default_rng(0).standard_normal((20, 3, 32, 32), dtype=np.float32))

@@ -1,4 +1,4 @@
-"""INT8 post-training quantization (pipeline/quantize.py, the quantize stage and command).
+"""INT8 post-training quantization (pipeline/quantization/, the quantize stage and command).
 
 Models are the "micro" variant at 64x64 with 10 classes and layer scale 0.5 (the 1e-6 init
 would make every block's branch invisible to the output). Calibration uses real
@@ -16,9 +16,10 @@ import onnx
 import pytest
 from PIL import Image
 
-from pipeline import quantize as q
 from pipeline.errors import PipelineError
-from pipeline.sensitivity import logit_metrics
+from pipeline.quantization import calibrate, qdq, sensitivity
+from pipeline.quantization.sensitivity import logit_metrics
+from pipeline.quantization.settings import METHODS, QuantizeSettings
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -64,7 +65,7 @@ def save_model_checkpoint(path: Path, **model_args) -> Path:
 
 
 def calibration_images(count: int = 32) -> np.ndarray:
-    images, _ = q.load_calibration_images("fashion-mnist:train", (3, SIZE, SIZE), "fashion-mnist", count, seed=0)
+    images, _ = calibrate.load_calibration_images("fashion-mnist:train", (3, SIZE, SIZE), "fashion-mnist", count, seed=0)
     return images
 
 
@@ -87,11 +88,11 @@ def images() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def reference(float_onnx, images) -> np.ndarray:
-    return q.infer(float_onnx, images, 1)
+    return sensitivity.infer(float_onnx, images, 1)
 
 
 def quantize(float_onnx: Path, images: np.ndarray, work: Path, **settings):
-    calibrated, excluded = q.prepare(q.load_float_model(float_onnx), images, q.QuantizeSettings(**settings), work)
+    calibrated, excluded = qdq.prepare(qdq.load_float_model(float_onnx), images, QuantizeSettings(**settings), work)
     return calibrated, calibrated.quantize(work / "model.int8.onnx", exclude=excluded)
 
 
@@ -104,12 +105,12 @@ def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
 # --- methods -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", q.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_every_method_quantizes_every_layer_and_keeps_the_logits(method, float_onnx, images, reference, tmp_path):
     calibrated, path = quantize(float_onnx, images, tmp_path, method=method)
     assert len(calibrated.layers) == MICRO_LAYERS
-    assert len(q.quantized_layers(path)) == MICRO_LAYERS
-    metrics = logit_metrics(reference, q.infer(path, images, 1))
+    assert len(qdq.quantized_layers(path)) == MICRO_LAYERS
+    metrics = logit_metrics(reference, sensitivity.infer(path, images, 1))
     # 8 bits per layer over 20 layers: about 28 dB on this model with every method.
     assert metrics["sqnr_db"] > 20, metrics
     assert metrics["cosine_min"] > 0.98, metrics
@@ -124,7 +125,7 @@ def _ranges(calibrated) -> dict[str, tuple[float, float]]:
 
 def test_percentile_and_mse_clip_inside_the_minmax_range(float_onnx, images, tmp_path):
     ranges = {
-        method: _ranges(q.prepare(q.load_float_model(float_onnx), images, q.QuantizeSettings(method=method, percentile=99.0), tmp_path / method)[0])
+        method: _ranges(qdq.prepare(qdq.load_float_model(float_onnx), images, QuantizeSettings(method=method, percentile=99.0), tmp_path / method)[0])
         for method in ("minmax", "percentile", "mse")
     }
     assert ranges["minmax"].keys() == ranges["percentile"].keys() == ranges["mse"].keys()
@@ -142,19 +143,19 @@ def test_mse_range_clips_a_heavy_tail_where_that_lowers_the_error():
     values = np.random.default_rng(0).laplace(0, 1, 200_000)
     threshold = np.abs(values).max()
     counts, edges = np.histogram(values, bins=2048, range=(-threshold, threshold))
-    lo, hi = q.mse_range(counts, edges, float(values.min()), float(values.max()))
+    lo, hi = calibrate.mse_range(counts, edges, float(values.min()), float(values.max()))
     assert 7 < hi < 0.95 * values.max() and values.min() * 0.95 < lo < -7, (lo, hi, values.min(), values.max())
     centers = (edges[:-1] + edges[1:]) / 2
-    error = lambda a, b: q._int8_error(centers, counts.astype(float), np.array([a]), np.array([b]))[0]  # noqa: E731
+    error = lambda a, b: calibrate._int8_error(centers, counts.astype(float), np.array([a]), np.array([b]))[0]  # noqa: E731
     assert error(lo, hi) < error(values.min(), values.max())
     assert error(lo, hi) < error(lo * 0.7, hi * 0.7)
 
 
 def test_unknown_method_and_bad_percentile_are_user_errors():
     with pytest.raises(PipelineError, match="unknown calibration method 'kl'.*minmax, percentile, entropy, mse"):
-        q.QuantizeSettings(method="kl")
+        QuantizeSettings(method="kl")
     with pytest.raises(PipelineError, match="--percentile 120"):
-        q.QuantizeSettings(method="percentile", percentile=120)
+        QuantizeSettings(method="percentile", percentile=120)
 
 
 # --- weights: per channel vs per tensor -----------------------------------------------------
@@ -175,11 +176,11 @@ def test_per_channel_weights_have_one_scale_per_output_channel(float_onnx, image
 
 def test_per_channel_survives_a_weight_outlier_that_per_tensor_does_not(tmp_path, images):
     model = make_float_onnx(tmp_path / "outlier.onnx", stem_outlier=20.0)
-    reference = q.infer(model, images, 1)
+    reference = sensitivity.infer(model, images, 1)
     sqnr = {}
     for per_channel in (True, False):
         _, path = quantize(model, images, tmp_path / str(per_channel), per_channel=per_channel)
-        sqnr[per_channel] = logit_metrics(reference, q.infer(path, images, 1))["sqnr_db"]
+        sqnr[per_channel] = logit_metrics(reference, sensitivity.infer(path, images, 1))["sqnr_db"]
     assert sqnr[True] > sqnr[False] + 1.5, sqnr
 
 
@@ -187,9 +188,9 @@ def test_per_channel_survives_a_weight_outlier_that_per_tensor_does_not(tmp_path
 
 
 def test_layers_get_readable_names(float_onnx):
-    model = q.load_float_model(float_onnx)
-    renamed = q.name_layers(model)
-    layers = q.quantizable_layers(model, renamed)
+    model = qdq.load_float_model(float_onnx)
+    renamed = qdq.name_layers(model)
+    layers = qdq.quantizable_layers(model, renamed)
     assert all(layer.name.startswith("/") for layer in layers)
     assert len({layer.name for layer in layers}) == len(layers)
     names = [layer.name for layer in layers]
@@ -199,19 +200,19 @@ def test_layers_get_readable_names(float_onnx):
 
 def test_exclude_by_name_pattern_and_by_op_type(float_onnx, images, tmp_path):
     _, path = quantize(float_onnx, images, tmp_path / "stage3", exclude=("*/stages.3/*",))
-    quantized = q.quantized_layers(path)
+    quantized = qdq.quantized_layers(path)
     assert len(quantized) == MICRO_LAYERS - 3 and not any("/stages.3/" in n for n in quantized)
 
     _, path = quantize(float_onnx, images, tmp_path / "gemm", exclude=("Gemm", "MatMul"))
-    assert {n.split("/")[-1] for n in q.quantized_layers(path)} == {"Conv"}
+    assert {n.split("/")[-1] for n in qdq.quantized_layers(path)} == {"Conv"}
 
 
 def test_exclude_pattern_matching_nothing_is_an_error_but_float_ops_are_fine(float_onnx):
-    model = q.load_float_model(float_onnx)
-    layers = q.quantizable_layers(model, q.name_layers(model))
+    model = qdq.load_float_model(float_onnx)
+    layers = qdq.quantizable_layers(model, qdq.name_layers(model))
     with pytest.raises(PipelineError, match="--exclude 'pwconv9' matches no node"):
-        q.resolve_exclude(model, layers, ["pwconv9"])
-    assert q.resolve_exclude(model, layers, ["LayerNormalization"]) == {}
+        qdq.resolve_exclude(model, layers, ["pwconv9"])
+    assert qdq.resolve_exclude(model, layers, ["LayerNormalization"]) == {}
 
 
 def test_layernorm_gelu_and_residual_ops_stay_float_and_read_float(float_onnx, images, tmp_path):
@@ -225,7 +226,7 @@ def test_layernorm_gelu_and_residual_ops_stay_float_and_read_float(float_onnx, i
         assert not rounded & set(node.input), f"{node.name} reads an int8-rounded copy"
     head = next(n for n in model.graph.node if n.name == "/head/Gemm")
     assert head.output[0] == "logits"  # the logits are not rounded to 8 bits either
-    families = {f["family"]: f for f in q.float_op_families(q.load_float_model(float_onnx))}
+    families = {f["family"]: f for f in qdq.float_op_families(qdq.load_float_model(float_onnx))}
     assert families["LayerNorm"]["ops"]["LayerNormalization"] == 6
     assert "convnext-facts.md" in families["LayerNorm"]["reason"]
     assert "Erf" in families["GELU"]["ops"]
@@ -235,7 +236,7 @@ def test_float_consumers_reading_float_beats_onnxruntime_layout(float_onnx, imag
     sqnr = {}
     for float_outputs in (True, False):
         _, path = quantize(float_onnx, images, tmp_path / str(float_outputs), float_outputs=float_outputs)
-        sqnr[float_outputs] = logit_metrics(reference, q.infer(path, images, 1))["sqnr_db"]
+        sqnr[float_outputs] = logit_metrics(reference, sensitivity.infer(path, images, 1))["sqnr_db"]
     assert sqnr[True] > sqnr[False] + 1.0, sqnr
 
 
@@ -245,14 +246,14 @@ def test_float_consumers_reading_float_beats_onnxruntime_layout(float_onnx, imag
 def test_an_already_quantized_model_is_refused(float_onnx, images, tmp_path):
     _, path = quantize(float_onnx, images, tmp_path)
     with pytest.raises(PipelineError, match="already quantized.*QuantizeLinear|already quantized.*DequantizeLinear"):
-        q.load_float_model(path)
+        qdq.load_float_model(path)
 
 
 def test_no_calibration_data_names_the_option():
     with pytest.raises(PipelineError, match="--calib-data"):
-        q.calibration_source(None, None)
-    assert q.calibration_source(None, "fashion-mnist")[0] == "fashion-mnist:train"
-    assert q.calibration_source("some/folder", "fashion-mnist")[0] == "some/folder"
+        calibrate.calibration_source(None, None)
+    assert calibrate.calibration_source(None, "fashion-mnist")[0] == "fashion-mnist:train"
+    assert calibrate.calibration_source("some/folder", "fashion-mnist")[0] == "some/folder"
 
 
 def _write_pngs(folder: Path, count: int, mode: str = "RGB") -> Path:
@@ -268,25 +269,25 @@ def test_calibration_folder_empty_small_or_too_small(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(PipelineError, match="holds no images"):
-        q.load_calibration_images(str(empty), (3, SIZE, SIZE), "imagenet", 256, 0)
+        calibrate.load_calibration_images(str(empty), (3, SIZE, SIZE), "imagenet", 256, 0)
 
-    images, description = q.load_calibration_images(str(_write_pngs(tmp_path / "ten", 10)), (3, SIZE, SIZE), "imagenet", 256, 0)
+    images, description = calibrate.load_calibration_images(str(_write_pngs(tmp_path / "ten", 10)), (3, SIZE, SIZE), "imagenet", 256, 0)
     assert images.shape == (10, 3, SIZE, SIZE)
     assert "asked for 256 calibration images" in description["note"] and "using 10" in description["note"]
 
     with pytest.raises(PipelineError, match="at least 8 images.*has 5 usable"):
-        q.load_calibration_images(str(_write_pngs(tmp_path / "five", 5)), (3, SIZE, SIZE), "imagenet", 256, 0)
+        calibrate.load_calibration_images(str(_write_pngs(tmp_path / "five", 5)), (3, SIZE, SIZE), "imagenet", 256, 0)
     with pytest.raises(PipelineError, match="--calib-size 4 is too small"):
-        q.load_calibration_images(str(tmp_path / "ten"), (3, SIZE, SIZE), "imagenet", 4, 0)
+        calibrate.load_calibration_images(str(tmp_path / "ten"), (3, SIZE, SIZE), "imagenet", 4, 0)
 
 
 def test_calibration_images_of_the_wrong_channel_count(tmp_path):
     two_channels = tmp_path / "two.npy"
     np.save(two_channels, np.zeros((16, 2, SIZE, SIZE), np.uint8))
     with pytest.raises(PipelineError, match="channel"):
-        q.load_calibration_images(str(two_channels), (3, SIZE, SIZE), "imagenet", 16, 0)
+        calibrate.load_calibration_images(str(two_channels), (3, SIZE, SIZE), "imagenet", 16, 0)
     # Grayscale files for an RGB model are adapted (1 -> 3 channels), not refused.
-    images, _ = q.load_calibration_images(str(_write_pngs(tmp_path / "gray", 8, "L")), (3, SIZE, SIZE), "imagenet", 8, 0)
+    images, _ = calibrate.load_calibration_images(str(_write_pngs(tmp_path / "gray", 8, "L")), (3, SIZE, SIZE), "imagenet", 8, 0)
     assert images.shape == (8, 3, SIZE, SIZE)
 
 

@@ -8,8 +8,8 @@ the fallback must put it back in float first.
 import numpy as np
 import pytest
 
-from pipeline import quantize as q
-from pipeline import sensitivity
+from pipeline.quantization import qdq, sensitivity
+from pipeline.quantization.settings import QuantizeSettings
 from test_quantize import calibration_images, make_float_onnx
 
 STEM = "/downsample_layers.0/downsample_layers.0.0/Conv"
@@ -20,10 +20,10 @@ def setup(tmp_path_factory):
     work = tmp_path_factory.mktemp("sensitivity")
     model = make_float_onnx(work / "outlier.onnx", stem_outlier=20.0)
     images = calibration_images(32)
-    calibrated, excluded = q.prepare(
-        q.load_float_model(model), images, q.QuantizeSettings(per_channel=False), work / "work"
+    calibrated, excluded = qdq.prepare(
+        qdq.load_float_model(model), images, QuantizeSettings(per_channel=False), work / "work"
     )
-    reference = q.infer(calibrated.float_model, images, calibrated.batch_size)
+    reference = sensitivity.infer(calibrated.float_model, images, calibrated.batch_size)
     return calibrated, images, reference, work
 
 
@@ -65,7 +65,7 @@ def test_analysis_of_a_subset_only_quantizes_those(setup):
 
 def test_max_drop_puts_the_most_sensitive_layers_back_in_float(setup, analysis):
     calibrated, images, reference, work = setup
-    full = sensitivity.logit_metrics(reference, q.infer(calibrated.quantize(work / "full.onnx"), images, 1))
+    full = sensitivity.logit_metrics(reference, sensitivity.infer(calibrated.quantize(work / "full.onnx"), images, 1))
     max_drop = 0.0
     assert 1 - full["top1_agreement"] > max_drop, "the model must lose agreement for this test to mean anything"
     excluded: dict[str, str] = {}
@@ -79,7 +79,7 @@ def test_max_drop_puts_the_most_sensitive_layers_back_in_float(setup, analysis):
     assert [s["float_layers"] for s in result["steps"]] == list(range(len(result["kept_float"]) + 1))
     assert result["steps"][-1]["sqnr_db"] > result["steps"][0]["sqnr_db"]
     # The written model is the last step's: those layers are float, the rest int8.
-    quantized = set(q.quantized_layers(output))
+    quantized = set(qdq.quantized_layers(output))
     assert quantized == {layer.name for layer in calibrated.layers} - set(excluded)
 
 

@@ -10,15 +10,14 @@ from conftest import run_cli
 from pipeline.checkpoints import load_model_from_checkpoint, save_checkpoint
 from pipeline.errors import PipelineError
 from pipeline.model import create_model
-from pipeline.train import (
+from pipeline.training.loop import resume_path, train
+from pipeline.training.recipe import (
     TrainConfig,
     lr_factor,
     param_groups,
     random_crop,
     random_erase,
     random_hflip,
-    resume_path,
-    train,
 )
 from pipeline.cli.train import train_command
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import quantize as q
 from pipeline.errors import PipelineError
-from pipeline.sensitivity import logit_metrics
+from pipeline.quantization import qdq, sensitivity
+from pipeline.quantization.sensitivity import logit_metrics
+from pipeline.quantization.settings import QuantizeSettings
 from test_quantize import MICRO_LAYERS, SIZE, calibration_images, make_float_onnx, save_model_checkpoint
 
 TINY = ["--variant", "micro", "--input-size", str(SIZE), "--num-classes", "10", "--warmup", "1", "--repeats", "3"]
@@ -28,8 +29,8 @@ def relax_module(onnx_path: Path):
 
 def quantized(tmp_path: Path, **settings) -> Path:
     images = calibration_images(16)
-    calibrated, excluded = q.prepare(
-        q.load_float_model(make_float_onnx(tmp_path / "float.onnx")), images, q.QuantizeSettings(**settings), tmp_path
+    calibrated, excluded = qdq.prepare(
+        qdq.load_float_model(make_float_onnx(tmp_path / "float.onnx")), images, QuantizeSettings(**settings), tmp_path
     )
     return calibrated.quantize(tmp_path / "model.int8.onnx", exclude=excluded)
 
@@ -130,7 +131,7 @@ def _cross_check(onnx_path: Path, library: Path) -> dict:
     from pipeline.runtime.runners import TvmRunner
 
     images = _test_images()
-    runtime = q.infer(onnx_path, images, 1)
+    runtime = sensitivity.infer(onnx_path, images, 1)
     artifact = TvmRunner(library)
     compiled = np.concatenate([artifact.infer(images[i:i + 1]) for i in range(len(images))])
     metrics = logit_metrics(runtime, compiled)

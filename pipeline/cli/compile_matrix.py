@@ -132,7 +132,8 @@ def check_calibration(config) -> None:
     them the same way after their float builds, so it is an error before any work starts."""
     from calibration import fashion_mnist, sample_photos
     from calibration.preprocess import resolve_preprocessing
-    from pipeline.quantize import MIN_CALIBRATION_IMAGES, QuantizeSettings
+    from pipeline.quantization.calibrate import MIN_CALIBRATION_IMAGES
+    from pipeline.quantization.settings import QuantizeSettings
 
     resolve_preprocessing(config.preprocessing)
     QuantizeSettings.from_config(config)

@@ -82,7 +82,7 @@ def quantize_command(**options) -> None:
     from pipeline import artifacts
     from pipeline.engine import log
     from pipeline.cli.options import run_stages
-    from pipeline.quantize import METHODS
+    from pipeline.quantization.settings import METHODS
     from pipeline.stages.quantize import check_max_drop
     from targets import get_target
 

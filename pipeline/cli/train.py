@@ -1,4 +1,4 @@
-"""`pipeline train`: train or fine-tune a ConvNeXt (options mirror `pipeline.train.TrainConfig`).
+"""`pipeline train`: train or fine-tune a ConvNeXt (options mirror `pipeline.training.recipe.TrainConfig`).
 
 Registered on the main app by `pipeline.cli` with `register(app)`.
 """
@@ -44,7 +44,8 @@ def train_command(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from <output>.resume.pth.")] = False,
 ) -> None:
     """Train or fine-tune a ConvNeXt; report test accuracy every epoch; write a checkpoint and its record."""
-    from pipeline.train import TrainConfig, resume_path, train
+    from pipeline.training.loop import resume_path, train
+    from pipeline.training.recipe import TrainConfig
 
     for name, value in (("train-limit", train_limit), ("test-limit", test_limit), ("threads", threads)):
         if value < 0:

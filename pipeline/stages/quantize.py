@@ -1,8 +1,8 @@
 """quantize: simplified float ONNX -> INT8 QDQ ONNX (post-training, calibrated on images).
 
 Runs only for precision int8: the compile stage then reads `onnx_quantized` instead of
-`onnx_simplified`. See pipeline/quantize.py for what is quantized and why, and
-pipeline/sensitivity.py for --analyze and --max-drop.
+`onnx_simplified`. See pipeline/quantization/ for what is quantized and why (qdq.py), how it
+is calibrated (calibrate.py), and --analyze and --max-drop (sensitivity.py).
 """
 
 from __future__ import annotations
@@ -52,26 +52,26 @@ def check_max_drop(max_drop: float | None) -> None:
 
 
 def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir: Path) -> dict:
-    from pipeline import quantize as q
-    from pipeline import sensitivity
+    from pipeline.quantization import calibrate, qdq, sensitivity
+    from pipeline.quantization.settings import QuantizeSettings
 
-    quant_settings = q.QuantizeSettings.from_config(config)
+    quant_settings = QuantizeSettings.from_config(config)
     check_max_drop(config.quant_max_drop)
-    model = q.load_float_model(inputs["onnx_simplified"])
-    _, channels, height, width = q.input_shape(model)
-    source, why = q.calibration_source(config.calib_data, config.data)
+    model = qdq.load_float_model(inputs["onnx_simplified"])
+    _, channels, height, width = qdq.input_shape(model)
+    source, why = calibrate.calibration_source(config.calib_data, config.data)
     log(f"[quantize] calibration images from {source} ({why})")
-    images, calibration = q.load_calibration_images(
+    images, calibration = calibrate.load_calibration_images(
         source, (channels, height, width), config.preprocessing, config.calib_size, config.seed
     )
     log(f"[quantize] {calibration.get('note') or calibration['description']}")
     calibration["chosen_by"] = why
 
     work = out_dir / "work"
-    calibrated, patterns = q.prepare(model, images, quant_settings, work)
+    calibrated, patterns = qdq.prepare(model, images, quant_settings, work)
     float_layers = {name: f"--exclude '{pattern}'" for name, pattern in patterns.items()}
     float_layers.update(calibrated.always_float)
-    reference = q.infer(calibrated.float_model, images, calibrated.batch_size)
+    reference = sensitivity.infer(calibrated.float_model, images, calibrated.batch_size)
     output = out_dir / "model.int8.onnx"
 
     sensitivities = None
@@ -86,14 +86,14 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
     else:
         calibrated.quantize(output, exclude=float_layers)
 
-    quantized = q.quantized_layers(output)
+    quantized = qdq.quantized_layers(output)
     if not quantized:
         hint = (
             f"--max-drop {config.quant_max_drop} needs every layer float: raise it"
             if fallback else "every layer is excluded: drop some --exclude patterns"
         )
         raise PipelineError(f"nothing was quantized; {hint}")
-    check = sensitivity.logit_metrics(reference, q.infer(output, images, calibrated.batch_size))
+    check = sensitivity.logit_metrics(reference, sensitivity.infer(output, images, calibrated.batch_size))
     log(
         f"[quantize] {len(quantized)}/{len(calibrated.layers)} layers int8; on the calibration images "
         f"top-1 agreement with FP32 {check['top1_agreement']:.4f}, SQNR {check['sqnr_db']:.1f} dB"
@@ -113,7 +113,7 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
         "layer_count": len(calibrated.layers),
         "quantized_layers": quantized,
         "float_layers": float_layers,
-        "float_ops": q.float_op_families(model),
+        "float_ops": qdq.float_op_families(model),
         "fp32_vs_int8": {"data": "calibration images, ONNX Runtime", **check},
         "sensitivity": sensitivity.as_records(sensitivities) if sensitivities else None,
         "max_drop": fallback,

@@ -22,7 +22,16 @@ import numpy as np
 from pipeline.compare import compare_logits
 from pipeline.engine import log
 from pipeline.progress import Progress
-from pipeline.quantize import Calibrated, infer
+from pipeline.quantization.calibrate import batches
+from pipeline.quantization.qdq import Calibrated
+
+
+def infer(model_path: Path, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Logits of a model under ONNX Runtime (all graph optimizations, as users run it)."""
+    from pipeline.runtime.runners import OnnxRuntimeRunner
+
+    runner = OnnxRuntimeRunner(model_path)
+    return np.concatenate([runner.infer(batch)[:real] for batch, real in batches(images, batch_size)])
 
 
 # Reported for identical outputs, so that reports stay plain JSON (no Infinity).
