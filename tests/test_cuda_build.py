@@ -19,7 +19,7 @@ from pipeline.runtime.runners import load_artifact
 from pipeline import toolchain
 from pipeline.compiler import cuda_code
 from pipeline.compiler.schedules import gpu as gpu_schedules
-from pipeline.compiler import backend
+from pipeline.compiler import backend, tvm_compat
 from pipeline.errors import PipelineError
 from pipeline.runtime.runtime_only import metadata_path
 from targets import get_target
@@ -69,7 +69,7 @@ def test_cuda_modules_are_rewritten_from_source_to_fatbin_keeping_the_function_t
     cuda = u64(4) + b"cuda" + table + u64(len(source)) + source.encode()
     blob = _serialized([(b"_lib", None), (b"cuda", cuda)])
 
-    new, count = backend.fatbin_module_blob(blob, [source], lambda s: b"FATBIN<" + s.encode() + b">")
+    new, count = tvm_compat.fatbin_module_blob(blob, [source], lambda s: b"FATBIN<" + s.encode() + b">")
 
     expected_cuda = u64(6) + b"fatbin" + table + u64(len(source) + 8) + b"FATBIN<" + source.encode() + b">"
     assert count == 1
@@ -79,7 +79,7 @@ def test_cuda_modules_are_rewritten_from_source_to_fatbin_keeping_the_function_t
 def test_a_serialization_tvm_might_change_to_is_refused_not_misread():
     blob = _serialized([(b"_lib", None)])
     with pytest.raises(RuntimeError, match="length header"):
-        backend.fatbin_module_blob(blob + b"x", [], str.encode)
+        tvm_compat.fatbin_module_blob(blob + b"x", [], str.encode)
 
 
 def test_missing_nvcc_is_an_error_naming_the_toolkit_before_any_work(monkeypatch, tmp_path):

@@ -1,9 +1,13 @@
-"""ONNX -> TVM Relax -> shared library: the only module that touches TVM's compiler.
+"""ONNX -> TVM Relax -> shared library: compile's driver (``compile_onnx``) and how an
+artifact is linked and written.
 
-TVM's Python API moves between releases (0.27 renamed half of it), so every
-compiler import lives here, and each quirk of the pinned version carries a
-comment that starts with "TVM 0.27:". Running an artifact needs none of this:
-see ``pipeline/runtime/runtime_only.py`` (``pipeline.runtime.runners.load_artifact`` in the pipeline).
+TVM's compiler is imported only inside pipeline/compiler/ (the runtime and the stages never
+import it; import-linter contracts in pyproject.toml). What the pipeline relies on that TVM
+offers no API for (its module serialization, an environment switch, a patched
+inspect.stack) is in tvm_compat.py, written against one TVM version; renamed public APIs of
+the pinned version carry a comment that starts with "TVM 0.27:" where they are used.
+Running an artifact needs none of this: see ``pipeline/runtime/runtime_only.py``
+(``pipeline.runtime.runners.load_artifact`` in the pipeline).
 
 Artifact layout (all in the library's directory, written atomically):
 
@@ -19,7 +23,6 @@ import contextlib
 import json
 import logging
 import os
-import struct
 import subprocess
 import time
 from pathlib import Path
@@ -29,7 +32,7 @@ import numpy as np
 import tvm
 
 from pipeline import toolchain
-from pipeline.compiler import cuda_code, nvcc, weight_params
+from pipeline.compiler import cuda_code, nvcc, tvm_compat, weight_params
 from pipeline.compiler.cost import kernel_costs
 from pipeline.compiler.fused import CompileOptions, compile_phases, fuse_model, run_phases
 from pipeline.compiler.phases import pass_config, phases_before
@@ -72,15 +75,8 @@ def _link_function(target: Target):
 
 
 # ---------------------------------------------------------------------------
-# Cross builds and CUDA device code
-#
-# TVM 0.27: without libcuda.so.1 (any machine with no GPU driver) the CUDA runtime module
-# does not load, so codegen silently keeps the kernels as CUDA *source* in a placeholder
-# module (CUDAFallbackModuleNode), which a GPU machine would have to JIT-compile at load
-# time with NVRTC or nvcc. Artifacts must carry machine code instead, so for CUDA targets
-# we always take that source path (TVM_COMPILE_FORCE_FALLBACK=1, the same on machines with
-# and without a GPU), compile the source with nvcc for the target's sm_XX at export time,
-# and write the module as a fatbin (SASS for sm_XX plus PTX for newer GPUs).
+# Cross builds and CUDA device code (kernels kept as source, compiled by nvcc at export:
+# tvm_compat.py says why)
 
 
 def _check_build_tools(target: Target) -> None:
@@ -116,81 +112,8 @@ def cuda_source_codegen(target: Target):
     if target.cuda_arch is None:
         yield
         return
-    previous = os.environ.get("TVM_COMPILE_FORCE_FALLBACK")
-    os.environ["TVM_COMPILE_FORCE_FALLBACK"] = "1"
-    try:
+    with tvm_compat.cuda_codegen_as_source():
         yield
-    finally:
-        if previous is None:
-            del os.environ["TVM_COMPILE_FORCE_FALLBACK"]
-        else:
-            os.environ["TVM_COMPILE_FORCE_FALLBACK"] = previous
-
-
-def _u64(value: int) -> bytes:
-    return struct.pack("<Q", value)
-
-
-def _string(value: bytes) -> bytes:
-    return _u64(len(value)) + value
-
-
-def fatbin_module_blob(blob: bytes, sources: list[str], compile_source) -> tuple[bytes, int]:
-    """Rewrite the "cuda" modules of a serialized module tree from source to fatbin.
-
-    TVM 0.27 (tvm-ffi) serialization, every integer u64 little-endian, strings and byte
-    strings length-prefixed: total length, import-tree row pointers (vector), child
-    indices (vector), then per module its kind and, unless the kind is "_lib", its bytes.
-    A CUDA module's bytes are: format, function table, code; the code is the CUDA source
-    for format "cuda". Only the format and the code change; the function table is kept
-    byte for byte. Returns the new blob and the number of modules rewritten.
-    """
-    view = memoryview(blob)
-    offset = 0
-
-    def read_u64() -> int:
-        nonlocal offset
-        (value,) = struct.unpack_from("<Q", view, offset)
-        offset += 8
-        return value
-
-    def read_bytes() -> bytes:
-        nonlocal offset
-        size = read_u64()
-        value = bytes(view[offset:offset + size])
-        offset += size
-        return value
-
-    if read_u64() != len(blob) - 8:
-        raise RuntimeError("unexpected TVM module serialization: length header mismatch")
-    header_start = offset
-    row_ptr = [read_u64() for _ in range(read_u64())]
-    for _ in range(read_u64()):
-        read_u64()
-    out = [bytes(view[header_start:offset])]
-    encoded_sources = [source.encode() for source in sources]
-    rewritten = 0
-    for _ in range(len(row_ptr) - 1):
-        kind = read_bytes()
-        out.append(_string(kind))
-        if kind == b"_lib":
-            continue
-        payload = read_bytes()
-        fmt_length = struct.unpack_from("<Q", payload, 0)[0]
-        if kind == b"cuda" and payload[8:8 + fmt_length] == b"cuda":
-            source = next(
-                (s for s in encoded_sources if payload.endswith(_string(s))), None
-            )
-            if source is None:
-                raise RuntimeError("unexpected TVM module serialization: CUDA source not found")
-            function_table = payload[8 + fmt_length:len(payload) - len(source) - 8]
-            payload = _string(b"fatbin") + function_table + _string(compile_source(source.decode()))
-            rewritten += 1
-        out.append(_string(payload))
-    if offset != len(blob):
-        raise RuntimeError("unexpected TVM module serialization: trailing bytes")
-    body = b"".join(out)
-    return _u64(len(body)) + body, rewritten
 
 
 def _fatbin_import_packer(target: Target, sources: list[str]):
@@ -205,7 +128,7 @@ def _fatbin_import_packer(target: Target, sources: list[str]):
             m.inspect_source("cuda")
             for m in module._collect_from_import_tree(lambda m: m.kind == "cuda")
         )
-        blob, rewritten = fatbin_module_blob(
+        blob, rewritten = tvm_compat.fatbin_module_blob(
             blob, sources, lambda source: nvcc.compile_source(source, target.cuda_arch)
         )
         if rewritten == 0:
@@ -233,10 +156,7 @@ def _export_library(executable, path: Path, target: Target) -> tuple[list[str], 
         executable.export_library(str(path), fcompile=_link_function(target))
         return [], ""
     sources: list[str] = []
-    # TVM 0.27: Executable.export_library does not pass fpack_imports on; its .mod does.
-    executable.mod.export_library(
-        str(path), fcompile=_link_function(target), fpack_imports=_fatbin_import_packer(target, sources)
-    )
+    tvm_compat.export_with_packer(executable, str(path), _link_function(target), _fatbin_import_packer(target, sources))
     code = cuda_code.cuda_device_code(path)
     if not any(entry.kind == "sass" and entry.arch == target.cuda_arch for entry in code):
         raise RuntimeError(
