@@ -4,8 +4,9 @@ artifact is linked and written.
 TVM's compiler is imported only inside pipeline/compiler/ (the runtime and the stages never
 import it; import-linter contracts in pyproject.toml). What the pipeline relies on that TVM
 offers no API for (its module serialization, an environment switch, a patched
-inspect.stack) is in tvm_compat.py, written against one TVM version; renamed public APIs of
-the pinned version carry a comment that starts with "TVM 0.27:" where they are used.
+inspect.stack) is in tvm_compat.py, written against one TVM version, with the IR quirks
+several modules share and the renamed public APIs used throughout; a rename used in one
+module carries a comment that starts with "TVM 0.27:" there.
 Running an artifact needs none of this: see ``pipeline/runtime/runtime_only.py``
 (``pipeline.runtime.runners.load_artifact`` in the pipeline).
 
@@ -60,7 +61,6 @@ def _dump(dump_ir_dir: Path | None, index: int, phase: str, mod: tvm.IRModule) -
 
 
 def _count_primfuncs(mod: tvm.IRModule) -> int:
-    # TVM 0.27: TIR lives in tvm.tirx (was tvm.tir).
     return sum(isinstance(func, tvm.tirx.PrimFunc) for func in mod.functions.values())
 
 

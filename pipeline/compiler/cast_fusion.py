@@ -17,6 +17,7 @@ from tvm import relax
 
 from pipeline.compiler.producer_fusion import fuse_producers, is_call_tir
 from pipeline.compiler.kernel_kinds import is_depthwise_nhwc
+from pipeline.compiler.tvm_compat import prim_func_buffers
 
 
 def _is_cast(func) -> bool:
@@ -25,8 +26,7 @@ def _is_cast(func) -> bool:
         return False
     if int((func.attrs or {}).get("op_pattern", -1)) != 0:  # kElemWise (AnnotateTIROpPattern)
         return False
-    # TVM 0.27: a PrimFunc's parameters are its buffers (shape, dtype).
-    source, result = func.params
+    source, result = prim_func_buffers(func)
     return str(source.dtype) != str(result.dtype) and [int(d) for d in source.shape] == [int(d) for d in result.shape]
 
 

@@ -15,6 +15,7 @@ import tvm
 from tvm import relax
 from tvm.s_tir.analysis import estimate_tir_flops
 
+from pipeline.compiler.tvm_compat import prim_func_buffers
 from targets import GPU_PEAKS, GpuPeaks
 
 # An architecture without figures of its own (a detected GPU newer than the table) is bounded
@@ -49,9 +50,8 @@ def _calls(main: relax.Function) -> Counter:
 
 
 def _argument_bytes(func: tvm.tirx.PrimFunc) -> int:
-    # TVM 0.27: a PrimFunc's parameters are its buffers (shape, dtype); there is no buffer_map.
     total = 0
-    for param in func.params:
+    for param in prim_func_buffers(func):
         shape = getattr(param, "shape", None)
         if shape is None:
             continue
@@ -61,7 +61,7 @@ def _argument_bytes(func: tvm.tirx.PrimFunc) -> int:
 
 
 def _reads_half(func: tvm.tirx.PrimFunc) -> bool:
-    return any(str(getattr(param, "dtype", "")) == "float16" for param in func.params)
+    return any(str(getattr(param, "dtype", "")) == "float16" for param in prim_func_buffers(func))
 
 
 def kernel_costs(mod: tvm.IRModule, arch: str | None = None) -> dict:

@@ -17,6 +17,7 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 from pipeline.compiler.relax_graph import static_shape
+from pipeline.compiler.tvm_compat import constant_value
 
 # Exponents written out as multiplications; a larger one would be a longer chain than pow.
 _MAX_EXPONENT = 4
@@ -24,9 +25,7 @@ _MAX_EXPONENT = 4
 
 def _integer_exponent(constant: relax.Expr) -> int | None:
     """The exponent of a scalar (or all-equal) constant when it is an integer 1..4."""
-    # TVM 0.27: relax.Constant is gone; a constant is a tvm.ir.expr.GenericConst whose
-    # .value is a runtime tensor.
-    values = constant.value.numpy()
+    values = constant_value(constant)
     if values.size == 0 or values.dtype.kind not in "fiu":
         return None
     first = values.flat[0]
@@ -95,7 +94,7 @@ def divide_by_constant_to_multiply(mod: tvm.IRModule) -> tvm.IRModule:
     pattern = is_op("relax.divide")(numerator, denominator)
 
     def rewrite(call: relax.Call, matches) -> relax.Expr:
-        values = matches[denominator].value.numpy()
+        values = constant_value(matches[denominator])
         if values.size != 1 or values.dtype.kind != "f" or values.flat[0] == 0 or not _output_shape_kept(
                 call, matches[numerator]):
             return call
@@ -166,7 +165,7 @@ def layer_norm_from_parts(mod: tvm.IRModule) -> tvm.IRModule:
                     return call
                 params.append(matches[weight] if weight_shape == (channels,)
                               else relax.op.reshape(matches[weight], (channels,)))
-            epsilon = float(matches[eps].value.numpy().reshape(-1)[0])
+            epsilon = float(constant_value(matches[eps]).reshape(-1)[0])
             return relax.op.nn.layer_norm(matches[x], params[0], params[1], axes=[-1], epsilon=epsilon)
 
         for gvar, func in list(result.functions.items()):

@@ -40,6 +40,17 @@ the same integers (the shift is one more zero point), at 64 multiply-adds per in
 Everything constant is computed here in NumPy, so the weights must be bound as constants
 (params "embedded"). Compile with precision "int8" (backend.compile_onnx), or use
 `lower_qdq_to_integer` on an IRModule.
+
+The chain is matched by a walk over the bindings (_match_one), not with the pattern
+language (tvm.relax.dpl) that graph_rewrites.py uses, for two reasons. Every conv2d/matmul
+left in float is reported with the first check it fails (float_compute_reasons), and a
+pattern that fails says nothing, so the walk would stay beside it to find the reason. And
+the optional bias and quantize steps go from the conv2d/matmul to its reader, taken only
+where that is its one reader (then the add's) and the bias a per-channel constant, the
+chain ending one step earlier otherwise: rewrite_call's patterns match an expression's
+producers and do not see other readers, so this would take rewrite_bindings with
+only_used_by and a pattern per variant (bias or not, quantize or not), more code than
+the walk.
 """
 
 from __future__ import annotations
@@ -57,6 +68,7 @@ from tvm import relax
 from pipeline.compiler import layout, pass_results
 from pipeline.compiler.relax_graph import Bindings, static_shape
 from pipeline.compiler import vnni as vnni_kernel
+from pipeline.compiler.tvm_compat import constant_value, is_constant, prim_func_buffers
 from pipeline.errors import PipelineError
 
 INT8_MIN, INT8_MAX = -128, 127
@@ -109,22 +121,15 @@ def _is_op(expr: relax.Expr, name: str) -> bool:
 
 
 def _dtype(expr: relax.Expr) -> str | None:
-    # TVM 0.27: an expression's type is `.ty` (was `.struct_info`), a relax.TensorType.
     ty = expr.ty
     return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
-
-
-def _is_constant(expr: relax.Expr) -> bool:
-    # TVM 0.27: relax.Constant is gone; relax.const makes a tvm.ir.expr.GenericConst whose
-    # `.value` is a runtime Tensor.
-    return isinstance(expr, tvm.ir.expr.GenericConst) and hasattr(expr.value, "numpy")
 
 
 def _constant(graph: Bindings, expr: relax.Expr) -> np.ndarray | None:
     """The value of a constant subexpression (dequantize/reshape/permute of constants), or None."""
     expr = graph.resolve(expr)
-    if _is_constant(expr):
-        return expr.value.numpy()
+    if is_constant(expr):
+        return constant_value(expr)
     if _is_op(expr, "relax.dequantize"):
         parts = [_constant(graph, arg) for arg in expr.args]
         if any(p is None for p in parts):
@@ -507,14 +512,12 @@ def primfunc_compute_dtypes(mod: tvm.IRModule) -> list[dict[str, Any]]:
     dtypes of what it multiplies and of what it accumulates into."""
     found = []
     for gvar, func in mod.functions.items():
-        # TVM 0.27: TIR lives in tvm.tirx (was tvm.tir).
         if not isinstance(func, tvm.tirx.PrimFunc):
             continue
         name = str(gvar.name_hint)
         if "conv2d" not in name and "matmul" not in name:
             continue
-        # TVM 0.27: PrimFunc params are buffer vars with a dtype (no buffer_map any more).
-        params = list(func.params)
+        params = prim_func_buffers(func)
         found.append({
             "name": name,
             "inputs": [str(p.dtype) for p in params[:2]],

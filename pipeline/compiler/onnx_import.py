@@ -96,14 +96,12 @@ def import_relax(
     mod, params = detach_params(mod)
     main = mod["main"]
     num_input = int(main.attrs["num_input"])
-    # TVM 0.27: relax.Var's name is `.name` (was `.name_hint`) and its type is `.ty`
-    # (was `.struct_info`); the frontend strips a leading "onnx::" from weight names.
+    # The frontend strips a leading "onnx::" from weight names.
     param_names = [str(var.name) for var in main.params[num_input:]]
     return mod, param_names, list(params.get("main", []))
 
 
 def output_spec(mod: tvm.IRModule) -> dict[str, Any]:
-    # TVM 0.27: a function's return type is `.ret_ty` (was `.ret_struct_info`).
     ret = mod["main"].ret_ty
     if not isinstance(ret, relax.TensorType) or ret.shape is None:
         raise PipelineError(f"the model must have exactly one tensor output; TVM sees {ret}")

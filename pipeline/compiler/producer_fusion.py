@@ -32,7 +32,6 @@ def is_fused_group(func) -> bool:
 def _merged(group: relax.Function, position: int, producer: relax.Call) -> relax.Function:
     """``group`` taking the producer's inputs in place of its parameter at ``position``,
     whose value the producer now computes inside (not one more output of the kernel)."""
-    # TVM 0.27: an expression's type is `.ty` (was `.struct_info`).
     inputs = [relax.Var(value.name if isinstance(value, relax.Var) else f"producer_input{i}", value.ty)
               for i, value in enumerate(producer.args[1].fields)]
     replaced = group.params[position]

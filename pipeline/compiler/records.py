@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import tvm
-
-# TVM 0.27: MetaSchedule and the TensorIR schedule moved to tvm.s_tir.
 from tvm.s_tir import meta_schedule as ms
 
 from pipeline import artifacts

@@ -11,8 +11,21 @@ there. On a TVM upgrade, this module is the list to read first.
 - ``import_tensor_intrinsics_fast``: inspect.stack replaced while TVM's ~250 tensor
   intrinsics are parsed, which took 45-95 s here otherwise.
 
-Renamed public APIs of the pinned version (tvm.tirx, tvm.s_tir, an expression's ``.ty``)
-are not corners; the code that uses them says so beside it ("TVM 0.27: ...").
+Quirks of the IR that several modules read the same way, each said once here:
+
+- ``prim_func_buffers``: a PrimFunc's parameters are its buffers (no buffer_map).
+- ``is_constant`` and ``constant_value``: a Relax constant is a tvm.ir.expr.GenericConst
+  (relax.Constant is gone).
+
+Renamed public APIs of the pinned version are not corners. Used in many places, they are
+listed here rather than beside each use: TIR lives in ``tvm.tirx`` (was ``tvm.tir``);
+MetaSchedule, the TensorIR schedule and dlight in ``tvm.s_tir`` (were
+``tvm.meta_schedule``, ``tvm.tir.schedule``, ``tvm.dlight``); an expression's type is
+``.ty`` (was ``.struct_info``), a function's return type ``.ret_ty`` (was
+``.ret_struct_info``), call_tir's ``out_ty`` (was ``out_sinfo``), a relax.Var's name
+``.name`` (was ``.name_hint``). Block iterator kinds are compared with
+tvm.tirx.IterVar.DataPar and .CommReduce. A rename used in one module says so beside it
+("TVM 0.27: ...").
 """
 
 from __future__ import annotations
@@ -25,7 +38,27 @@ import struct
 import sys
 from typing import Callable
 
+import numpy as np
+import tvm
+
 WRITTEN_FOR = "0.27.0.post1"
+
+
+def prim_func_buffers(func: tvm.tirx.PrimFunc) -> list:
+    """A PrimFunc's buffers in parameter order, each with its ``.shape`` and ``.dtype``.
+    TVM 0.27: a PrimFunc's parameters are its buffers; there is no buffer_map."""
+    return list(func.params)
+
+
+def is_constant(expr) -> bool:
+    """Whether a Relax expression is a constant tensor. TVM 0.27: relax.Constant is gone;
+    relax.const makes a tvm.ir.expr.GenericConst whose ``.value`` is a runtime Tensor."""
+    return isinstance(expr, tvm.ir.expr.GenericConst) and hasattr(expr.value, "numpy")
+
+
+def constant_value(expr) -> np.ndarray:
+    """The value of a Relax constant (see is_constant) as a numpy array."""
+    return expr.value.numpy()
 
 # ---------------------------------------------------------------------------
 # CUDA kernels as source, compiled by nvcc at export

@@ -28,6 +28,12 @@ DEFAULT_PORT = 9190
 _TRACKER_MAGIC = 0x2F271
 
 
+def _bound_requests(session, timeout: float) -> None:
+    """Every request on a tracker session fails after ``timeout`` seconds without an answer.
+    TVM 0.27: TrackerSession keeps its socket in ._sock, with no timeout of its own."""
+    session._sock.settimeout(timeout)
+
+
 def parse_tracker(address: str) -> tuple[str, int]:
     """"host:port" (or "host", port 9190) -> (host, port)."""
     host, _, port = address.rpartition(":") if ":" in address else (address, ":", str(DEFAULT_PORT))
@@ -73,8 +79,7 @@ def tracker_summary(host: str, port: int, timeout: float) -> dict:
     check_tracker(host, port, timeout)
     try:
         session = rpc.connect_tracker(host, port)
-        # TVM 0.27: TrackerSession keeps its socket in ._sock, with no timeout of its own.
-        session._sock.settimeout(timeout)
+        _bound_requests(session, timeout)
         try:
             return session.summary()
         finally:
@@ -125,9 +130,8 @@ class RpcRunner:
         except RuntimeError as exc:
             raise PipelineError(f"cannot connect to the RPC tracker at {tracker}: {exc}") from None
         try:
-            # TVM 0.27: TrackerSession keeps its socket in ._sock with no timeout; a timeout
-            # bounds the wait for a busy device (the request is dropped when we hang up).
-            session._sock.settimeout(request_timeout)
+            # Bounds the wait for a busy device (the request is dropped when we hang up).
+            _bound_requests(session, request_timeout)
             devices = _free_by_key(session.summary())
             if self.key not in devices:
                 known = ", ".join(f"{k} ({free}/{count} free)" for k, (count, free) in sorted(devices.items()))

@@ -9,8 +9,6 @@ from __future__ import annotations
 import logging
 
 import tvm
-
-# TVM 0.27: the TensorIR schedule moved to tvm.s_tir.
 from tvm.s_tir import Schedule
 
 from pipeline.compiler.kernel_kinds import is_depthwise_nhwc

@@ -14,6 +14,9 @@ import math
 import tvm
 from tvm.s_tir import Schedule, ScheduleError
 from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.tirx import IterVar
+
+from pipeline.compiler.tvm_compat import prim_func_buffers
 
 # Below this many output elements a parallel loop costs more than it saves (waking the
 # thread pool is a few microseconds): the head's 768-channel LayerNorm, the logits.
@@ -21,8 +24,7 @@ MIN_PARALLEL_ELEMENTS = 4096
 
 
 def _output_elements(func: tvm.tirx.PrimFunc) -> int:
-    # TVM 0.27: a PrimFunc's parameters are its buffers.
-    return math.prod(int(dim) for dim in func.params[-1].shape)
+    return math.prod(int(dim) for dim in prim_func_buffers(func)[-1].shape)
 
 
 def _leading_spatial(dom_kind: str) -> int:
@@ -71,7 +73,7 @@ def reduction_rows_schedule(func: tvm.tirx.PrimFunc, vector_lanes: int) -> Sched
     for block in producers:
         if any(sch.get(block).same_as(sch.get(rf)) for rf in partial_sums):
             _vectorize_partial_sums(sch, block, vector_lanes)
-        elif all(int(iv.iter_type) == 0 for iv in sch.get(block).iter_vars):
+        elif all(int(iv.iter_type) == IterVar.DataPar for iv in sch.get(block).iter_vars):
             _vectorize_inner(sch, block, vector_lanes)
     return sch
 
@@ -118,7 +120,7 @@ def injective_schedule(func: tvm.tirx.PrimFunc, vector_lanes: int) -> Schedule |
     if len(block) != 1:
         return None
     block = block[0]
-    if any(int(iv.iter_type) != 0 for iv in sch.get(block).iter_vars):
+    if any(int(iv.iter_type) != IterVar.DataPar for iv in sch.get(block).iter_vars):
         return None
     loops = sch.get_loops(block)
     if len(loops) < 2:
@@ -142,8 +144,8 @@ def gemv_schedule(func: tvm.tirx.PrimFunc, vector_lanes: int) -> Schedule | None
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     product, epilogue = blocks[0], blocks[1:]
     iters = sch.get(product).iter_vars
-    kinds = [int(iv.iter_type) for iv in iters]  # TVM 0.27: 0 data parallel, 2 reduction
-    if kinds != [0] * (len(iters) - 1) + [2] or len(iters) < 2:
+    kinds = [int(iv.iter_type) for iv in iters]
+    if kinds != [IterVar.DataPar] * (len(iters) - 1) + [IterVar.CommReduce] or len(iters) < 2:
         return None
     if any(int(iv.dom.extent) != 1 for iv in iters[:-2]):  # more than one row: a GEMM
         return None
@@ -154,7 +156,7 @@ def gemv_schedule(func: tvm.tirx.PrimFunc, vector_lanes: int) -> Schedule | None
         and _indexed_by(region.region[-1], columns)
         and _indexed_by(region.region[-2], reduction)
     ]
-    if not weights or any(_block_kinds(sch, block) != {0} for block in epilogue):
+    if not weights or any(_block_kinds(sch, block) != {IterVar.DataPar} for block in epilogue):
         return None
     # Whole vectors where the columns allow, else the largest power of two dividing them
     # (1000 classes: 8 lanes), as RegisterBlock.columns picks a narrow tile's width.

@@ -20,8 +20,6 @@ import math
 from dataclasses import dataclass
 
 import tvm
-
-# TVM 0.27: MetaSchedule and the TensorIR schedule moved to tvm.s_tir.
 from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir import Schedule
@@ -34,8 +32,7 @@ log = logging.getLogger(__name__)
 # levels), each reduction loop in 2.
 _SPATIAL_TILES = 4
 _REDUCTION_TILES = 2
-# TVM 0.27: IterVar.iter_type 0 = data parallel, 2 = commutative reduction.
-_SPATIAL, _REDUCTION = 0, 2
+_SPATIAL, _REDUCTION = tvm.tirx.IterVar.DataPar, tvm.tirx.IterVar.CommReduce
 
 _MIN_CONV_REDUCTION = 64
 # Accumulator types the tiled default was measured for. Integer kernels need it most: the

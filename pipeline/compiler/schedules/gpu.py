@@ -10,8 +10,6 @@ import math
 import re
 
 import tvm
-
-# TVM 0.27: MetaSchedule moved to tvm.s_tir.meta_schedule and dlight to tvm.s_tir.dlight.
 from tvm.s_tir import dlight
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 

@@ -21,9 +21,8 @@ THREADS = (256, 128, 64, 32)
 
 def _is_sum_over_first_axis(block) -> bool:
     """``block`` adds its one read buffer over the first axis: out[i...] += in[s, i...]."""
-    # TVM 0.27: IterVar.iter_type 0 = data parallel, 2 = commutative reduction.
-    spatial = [v for v in block.iter_vars if int(v.iter_type) == 0]
-    reduce = [v for v in block.iter_vars if int(v.iter_type) == 2]
+    spatial = [v for v in block.iter_vars if int(v.iter_type) == tirx.IterVar.DataPar]
+    reduce = [v for v in block.iter_vars if int(v.iter_type) == tirx.IterVar.CommReduce]
     if len(reduce) != 1 or len(block.reads) != 1 or len(spatial) + 1 != len(block.iter_vars):
         return False
     extent = reduce[0].dom.extent
@@ -47,7 +46,7 @@ def partial_sums_schedule(func: tirx.PrimFunc, sm_count: int) -> s_tir.Schedule 
     if not blocks or not _is_sum_over_first_axis(sch.get(blocks[0])):
         return None
     reduction, epilogue = blocks[0], blocks[1:]
-    if any(int(v.iter_type) != 0 for b in epilogue for v in sch.get(b).iter_vars):
+    if any(int(v.iter_type) != tirx.IterVar.DataPar for b in epilogue for v in sch.get(b).iter_vars):
         return None
     try:
         for block in epilogue[:-1]:

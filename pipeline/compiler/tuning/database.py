@@ -32,8 +32,6 @@ from typing import Any
 
 import tvm
 import tvm_ffi
-
-# TVM 0.27: MetaSchedule and the TensorIR schedule moved to tvm.s_tir.
 from tvm.s_tir import meta_schedule as ms
 
 from pipeline import artifacts

@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tvm.ir.utils import derived_object
-
-# TVM 0.27: MetaSchedule and the TensorIR schedule moved to tvm.s_tir.
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir import Schedule
 
