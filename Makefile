@@ -126,7 +126,8 @@ reports: install
 # Accuracy of every aarch64 CPU target (arm-*, jetson-*-cpu), FP32 and INT8, with the board's own
 # binary run under qemu-aarch64 here over the whole evaluation set (pipeline report --emulate): its
 # outputs are the board's; its latency is not measured (that needs the board, over RPC). Then
-# reports/README.md is rebuilt. Slow: about 15 ms per image under qemu, so some 3 minutes per cell;
+# reports/README.md is rebuilt. Slow: about 20 ms per image under qemu, some 3-5 minutes a cell, but
+# the SVE targets (jetson-thor-cpu, arm-neoverse-v1) far more (qemu 7.2: FP32 at about 2 images/s);
 # INT8 first, the precision a board's choice most depends on.
 reports-emulated: install
 	targets="$$($(PY) -c 'from pipeline.runtime.cross import emulated_targets; print(*emulated_targets())')" && \
