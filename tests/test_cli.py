@@ -164,7 +164,9 @@ def test_onnx_with_wrong_input_shape(tiny_run, tmp_path):
 
 def test_unwritable_artifacts_directory(tmp_path):
     (tmp_path / "file").write_text("")
-    assert_user_error(run_cli("build", *TINY_ARGS, "--artifacts", "file/sub", cwd=tmp_path), "not writable")
+    # A file where a folder must be: the cache root cannot be created (a cache hit would still be served).
+    assert_user_error(run_cli("build", *TINY_ARGS, "--artifacts", "file/sub", cwd=tmp_path),
+                      "artifacts directory 'file/sub' cannot be created", "--artifacts DIR")
 
 
 def test_targets_and_variants_listings(tmp_path):
