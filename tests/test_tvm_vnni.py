@@ -148,7 +148,7 @@ def test_tiny_convnext_int8_with_vnni_equals_the_generic_int8_path(qdq_requantiz
     import dataclasses
 
     from pipeline.compiler import backend
-    from pipeline.compiler import fused
+    from pipeline.compiler import vnni
     from targets import get_target
 
     # Built for this CPU where it has VNNI (and run), else for Zen 4 (built and read only):
@@ -166,7 +166,7 @@ def test_tiny_convnext_int8_with_vnni_equals_the_generic_int8_path(qdq_requantiz
     assert _objdump_has(tmp_path / "vnni.so", "vpdpbusd")
 
     # The same target with the VNNI kernel turned off: the generic integer kernels.
-    monkeypatch.setattr(fused.vnni, "has_vnni", lambda _target: False)
+    monkeypatch.setattr(vnni, "has_vnni", lambda _target: False)
     generic = backend.compile_onnx(qdq_requantized, target, tmp_path / "generic.so", precision="int8")
     assert generic["int8"]["integer_ops"] == {"conv2d": 9, "matmul": 11} and not generic["int8"]["vnni_ops"]
     assert not _objdump_has(tmp_path / "generic.so", "vpdpbusd")
