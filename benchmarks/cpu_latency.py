@@ -141,16 +141,12 @@ def recorded_settings(record: dict) -> dict:
 
 def destination(args: argparse.Namespace) -> Path | None:
     """Where --json goes: there, or beside a record of other settings (printing so)."""
-    from reports.committed import place, read_record
+    from reports.committed import json_destination
 
     if args.json is None:
         return None
-    committed = None if args.replace_report else read_record(args.json)
-    folder, note = place(args.json.parent, None if committed is None else recorded_settings(committed),
-                         settings(args), args.json.name)
-    if note:
-        print(note, file=sys.stderr, flush=True)
-    return folder / args.json.name
+    return json_destination(args.json, settings(args), recorded_settings, args.replace_report,
+                            lambda note: print(note, file=sys.stderr, flush=True))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pipeline.errors import PipelineError
 
@@ -86,3 +86,16 @@ def place(folder: Path, committed: dict[str, Any] | None, new: dict[str, Any],
     shown = "; ".join(f"{key} {_text(old)} there, {_text(value)} here" for key, (old, value) in changed.items())
     return beside, (f"{there} holds a measurement of other settings ({shown}): this run is written beside it, "
                     f"to {here}; pass {REPLACE_FLAG} to replace it instead")
+
+
+def json_destination(path: Path, new: dict[str, Any], recorded_settings: Callable[[dict], dict[str, Any]],
+                     replace: bool, say: Callable[[str], None]) -> Path:
+    """Where a JSON record measuring `new` goes: `path`, or beside the record of other
+    settings already there (`place`), saying so; `recorded_settings` reads what a committed
+    record measured. With `replace`, `path` whatever it holds."""
+    path = Path(path)
+    committed = None if replace else read_record(path)
+    folder, note = place(path.parent, None if committed is None else recorded_settings(committed), new, path.name)
+    if note:
+        say(note)
+    return folder / path.name

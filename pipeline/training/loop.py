@@ -10,7 +10,6 @@ boundaries from `<output>.resume.pth`.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.artifacts import file_sha256
 from pipeline.checkpoints import atomic_torch_save
 from pipeline.errors import PipelineError
 from pipeline.model import create_model
@@ -133,14 +133,6 @@ def _load_resume(path: Path, config: TrainConfig) -> dict[str, Any]:
             "pass the same settings to resume, or delete the file to start again"
         )
     return state
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _duration(seconds: float) -> str:
@@ -346,7 +338,7 @@ def _train(
     resume_file.unlink(missing_ok=True)
     record = {
         "checkpoint": output_path.name,
-        "sha256": sha256_file(output_path),
+        "sha256": file_sha256(output_path),
         "size_bytes": output_path.stat().st_size,
         "variant": config.variant,
         "num_classes": config.num_classes,
