@@ -7,11 +7,14 @@ import pytest
 import tvm
 
 from pipeline import precisions
+from pipeline.cli.options import option_help, validate_config
 from pipeline.compiler import phases
 from pipeline.compiler.fused import CompileOptions, compile_phases
 from pipeline.config import PRECISIONS, PipelineConfig
 from pipeline.errors import PipelineError
+from pipeline.stages import bench as bench_stage
 from pipeline.stages import compile as compile_stage
+from pipeline.stages import report as report_stage
 from targets import get_target, known_targets
 from conftest import run_cli
 
@@ -110,3 +113,25 @@ def test_tune_refuses_a_precision_the_plan_does_not_tune_on_the_targets_device(t
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [
         "error: --precision int8 cannot be tuned for target 'cuda-sm90'; use one of: fp32, fp16"]
+
+
+def test_a_new_precision_reaches_the_cli_and_the_measuring_stages_from_its_record(monkeypatch):
+    """--precision's help and check, and what bench and report read, come from the plan: a
+    new record (a float bf16, a quantized int4) needs no edit there."""
+    monkeypatch.setitem(precisions.PLAN, "bf16", precisions.Precision(
+        "bf16", model_stage="simplify", model_output="onnx_simplified", phases=(),
+        offered_on=("cuda",), builds_on=("cuda",), tunable_on=()))
+    monkeypatch.setitem(precisions.PLAN, "int4", precisions.Precision(
+        "int4", model_stage="quantize", model_output="onnx_quantized", phases=(),
+        offered_on=("cpu",), builds_on=("cpu",), tunable_on=()))
+
+    _, _, help_text = option_help("precision")
+    assert "fp32, fp16, int8, bf16, int4" in help_text
+    validate_config(PipelineConfig(variant="micro", input_size=32, precision="bf16"), None)
+    with pytest.raises(PipelineError, match=r"^unknown precision 'fp8'; use one of: fp32, fp16, int8, bf16, int4$"):
+        validate_config(PipelineConfig(variant="micro", input_size=32, precision="fp8"), None)
+
+    assert "onnx_quantized" in bench_stage.bench_inputs(PipelineConfig(precision="int4"))
+    assert "onnx_quantized" not in bench_stage.bench_inputs(PipelineConfig(precision="bf16"))
+    assert "quantization_report" in report_stage.report_inputs(PipelineConfig(precision="int4"))
+    assert "quantization_report" not in report_stage.report_inputs(PipelineConfig(precision="bf16"))

@@ -18,7 +18,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from pipeline.config import PARAMS_MODES, PRECISIONS, PipelineConfig
+from pipeline import precisions
+from pipeline.config import PARAMS_MODES, PipelineConfig
 from pipeline.errors import PipelineError
 
 # Options that only matter when the artifact is measured (bench, evaluate, report, run).
@@ -37,7 +38,7 @@ def _options(
     batch_size: Annotated[int, typer.Option(help="Batch size compiled into the artifact.")] = 1,
     opset: Annotated[int, typer.Option(help="ONNX opset (17 or higher).")] = 17,
     dynamic_batch: Annotated[bool, typer.Option(help="Export the ONNX model with a dynamic batch dimension.")] = False,
-    precision: Annotated[str, typer.Option(help="fp32, fp16 or int8.")] = "fp32",
+    precision: Annotated[str, typer.Option(help=f"One of {', '.join(precisions.PLAN)} (pipeline/precisions.py); `pipeline targets` lists the ones each target offers.")] = "fp32",
     params: Annotated[str, typer.Option(help="'embedded' weights in the .so, or 'separate' .params.npz file.")] = "embedded",
     tuning_records: Annotated[bool, typer.Option(help="Compile with tuning records where there are (this model's, else other models' with the same kernels); --no-tuning-records: default schedules only.")] = True,
     gpu_split_k: Annotated[bool, typer.Option(help="GPU targets: split GEMMs of few rows and deep K into partial GEMMs where the default schedules' model says it pays; --no-gpu-split-k: never (to compare).")] = True,
@@ -143,8 +144,7 @@ def validate_config(config: PipelineConfig, onnx: Optional[Path]) -> None:
         raise PipelineError(f"weights file '{config.weights}' does not exist; pass a .pth checkpoint or --weights none")
     if onnx is not None and not onnx.is_file():
         raise PipelineError(f"ONNX file '{onnx}' does not exist; pass an existing file to --onnx")
-    if config.precision not in PRECISIONS:
-        raise PipelineError(f"unknown precision '{config.precision}'; use one of: {', '.join(PRECISIONS)}")
+    precisions.get(config.precision)  # refuses an unknown name in one line that lists the known ones
     if config.params_mode not in PARAMS_MODES:
         raise PipelineError(f"unknown --params '{config.params_mode}'; use one of: {', '.join(PARAMS_MODES)}")
     if config.input_size < 32 or config.input_size % 32:

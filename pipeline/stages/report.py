@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline import artifacts
+from pipeline import artifacts, precisions
 from pipeline.config import PipelineConfig
 from pipeline.engine import Stage, log
 from pipeline.provenance import portable, provenance
@@ -199,7 +199,7 @@ def run(config: PipelineConfig, target: Target, inputs: dict[str, Path], out_dir
 def report_inputs(config: PipelineConfig) -> tuple[str, ...]:
     # Under emulation nothing is timed: no bench stage, no latency.json of it.
     common = (() if config.emulate else ("latency",)) + ("accuracy", "library", "onnx_simplified", "checkpoint")
-    return common + (("quantization_report",) if config.precision == "int8" else ())
+    return common + (("quantization_report",) if precisions.get(config.precision).quantized else ())
 
 
 STAGE = Stage(
