@@ -160,6 +160,8 @@ def test_compile_applies_a_gpu_record_and_says_from_which_database(small_onnx, t
 
     from pipeline.compiler import pass_results, phases
     from pipeline.compiler.fused import CompileOptions, fuse_model
+    from pipeline.compiler.records import RECORD_FILE, WORKLOAD_FILE, open_database
+    from pipeline.compiler.schedules.apply import defaults_version
     from pipeline.compiler.tensor_intrinsics import load_tensor_intrinsics
     from pipeline.compiler.tuning import database
     from pipeline.config import PipelineConfig
@@ -174,10 +176,10 @@ def test_compile_applies_a_gpu_record_and_says_from_which_database(small_onnx, t
     key = database.config_model_key(config)
     db_dir = database.local_database_dir(tmp_path / "artifacts", target.name, key)
     db_dir.mkdir(parents=True)
-    database.write_meta(db_dir, target, key, default_schedule_version=database.defaults_version(target.tvm_target))
-    for name in (database.WORKLOAD_FILE, database.RECORD_FILE):
+    database.write_meta(db_dir, target, key, default_schedule_version=defaults_version(target.tvm_target))
+    for name in (WORKLOAD_FILE, RECORD_FILE):
         (db_dir / name).touch()
-    records = database.open_database(db_dir, target, strict=True)
+    records = open_database(db_dir, target, strict=True)
     records.commit_tuning_record(ms.database.TuningRecord(
         candidate.trace, records.commit_workload(task.mod), [1e-3], tvm_target,
         ms.arg_info.ArgInfo.from_entry_func(candidate.mod, remove_preproc=True)))
@@ -208,7 +210,9 @@ def test_the_tuner_times_the_default_gpu_schedule_first_then_searches_tensor_cor
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline.compiler.tuning import database, tuner
+    from pipeline.compiler.records import open_database, read_meta
+    from pipeline.compiler.schedules.apply import defaults_version
+    from pipeline.compiler.tuning import tuner
 
     @derived_object
     class StandIn(ms.runner.PyRunner):
@@ -236,7 +240,7 @@ def test_the_tuner_times_the_default_gpu_schedule_first_then_searches_tensor_cor
     assert lines.index(next(l for l in lines if l.startswith("[tune] baseline 1/1"))) < \
         lines.index(next(l for l in lines if "searching MetaSchedule's cuda-tensorcore space" in l))
     assert "default schedule (TensorCoreMatmul)" in next(l for l in lines if l.startswith("[tune] baseline"))
-    records = database.open_database(db_dir, get_target("cuda-sm90"), strict=True).get_all_tuning_records()
+    records = open_database(db_dir, get_target("cuda-sm90"), strict=True).get_all_tuning_records()
     assert len(records) == 2 and summary["records"] == 2
-    meta = database.read_meta(db_dir)
-    assert meta["target_json"]["arch"] == "sm_90" and meta["default_schedule_version"] == database.defaults_version(meta["target_json"])
+    meta = read_meta(db_dir)
+    assert meta["target_json"]["arch"] == "sm_90" and meta["default_schedule_version"] == defaults_version(meta["target_json"])

@@ -85,7 +85,7 @@ def test_tune_over_rpc_writes_records_with_their_target(tuned):
     progress = (tuned / "tune.log").read_text()
     assert "task 1 of 1" in progress and "2/2 trials" in progress
     # A tuning curve for the reports: trials so far against the estimated model latency.
-    from pipeline.compiler.tuning.database import read_curve
+    from pipeline.compiler.records import read_curve
 
     curve = read_curve(db_dir)
     assert curve and curve[-1]["trials"] == 2 and curve[-1]["best_ms"] > 0
@@ -163,7 +163,7 @@ def test_a_second_run_needs_resume_and_resume_skips_finished_tasks(tuned):
 def test_records_tvm_cannot_load_back_are_skipped_or_removed(tuned, tmp_path):
     """TVM 0.27 writes records its own reader rejects (a trace that does not replay), and one
     such record made the whole database unreadable."""
-    from pipeline.compiler.tuning.database import open_database
+    from pipeline.compiler.records import open_database
 
     copy = tmp_path / "db"
     shutil.copytree(tuned / DB, copy)
@@ -375,7 +375,7 @@ def test_a_garbage_line_costs_that_line_only_and_is_named(tmp_path, capsys):
     model's shipped records, opened as compile and merge do (target None: any CPU)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline.compiler.tuning.database import open_database
+    from pipeline.compiler.records import open_database
 
     copy = shutil.copytree(REPO / "tuning" / "x86" / "micro-32-b1-c10-in1-fp32" / "znver4", tmp_path / "db")
     workloads_file, records_file = copy / "database_workload.json", copy / "database_tuning_record.json"
@@ -427,7 +427,7 @@ def test_a_database_with_a_broken_meta_json_is_skipped_with_a_warning_that_says_
 def test_records_of_another_cpu_model_fit_but_not_another_kind_or_triple():
     import dataclasses
 
-    from pipeline.compiler.tuning.database import target_fit
+    from pipeline.compiler.records import target_fit
     from targets import get_target
 
     x86 = dataclasses.replace(get_target("x86"), tvm_target={"kind": "llvm", "mcpu": "znver5", "num-cores": 2})
@@ -583,7 +583,7 @@ def test_int8_tuning_makes_records_that_compile_applies_to_the_integer_kernels(t
 
 
 def test_tuning_cost_counts_trials_and_time_to_within_ten_percent_across_resumed_runs():
-    from pipeline.compiler.tuning.database import tuning_cost
+    from pipeline.compiler.records import tuning_cost
 
     curve = [
         {"trials": 0, "best_ms": 100.0, "kernels_measured": 3, "seconds": 10.0},

@@ -68,12 +68,13 @@ def tuning_database(config: PipelineConfig, target: Target) -> Path | None:
 def tuning_settings(config: PipelineConfig, target: Target) -> dict:
     if not tunable(target, config.precision):
         return {}
+    from pipeline.compiler.schedules.apply import defaults_version
     from pipeline.compiler.tuning import database
 
     records = tuning_database(config, target)
     return {
         "tuning_database_sha256": database.database_digest(records) if records else None,
-        "default_schedules": database.defaults_version(target.tvm_target),
+        "default_schedules": defaults_version(target.tvm_target),
     }
 
 
@@ -81,10 +82,11 @@ def _note_records_of_other_models(tuning: dict, config: PipelineConfig) -> None:
     """Records found by kernel in other models' databases (pipeline/compiler/tuning/database.py):
     say whose, and drop the tuning cost, which is the tuning of those models, not of this one
     (the report would draw their curve as this artifact's)."""
+    from pipeline.compiler.records import read_meta
     from pipeline.compiler.tuning import database
 
     try:
-        made_for = database.read_meta(Path(tuning["database"])).get("model_key")
+        made_for = read_meta(Path(tuning["database"])).get("model_key")
     except (OSError, ValueError):  # a database without its meta.json: nothing to say
         return
     if made_for != database.config_model_key(config):

@@ -34,7 +34,7 @@ def tuning_curve(tuning) -> list[dict]:
     (none where those were other models' records: their curve is those models' tuning)."""
     if not isinstance(tuning, dict) or not tuning.get("database") or tuning.get("records_of_models"):
         return []
-    from pipeline.compiler.tuning.database import read_curve
+    from pipeline.compiler.records import read_curve
 
     return read_curve(Path(tuning["database"]))
 

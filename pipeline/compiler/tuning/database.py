@@ -1,6 +1,6 @@
 """Tuning databases: where MetaSchedule records live, which one compile uses, and writing,
-merging and shipping them. Reading and repairing one is pipeline/compiler/records.py's (its
-names are importable from here too), below the schedule phase that applies the records.
+merging and shipping them. Reading and repairing one is pipeline/compiler/records.py's,
+below the schedule phase that applies the records.
 
 A tuning database is a directory with MetaSchedule's two JSON tables and a ``meta.json``
 naming the target and the TVM version that made it (a MetaSchedule database ignores the
@@ -36,11 +36,11 @@ from tvm.s_tir import meta_schedule as ms
 
 from pipeline import artifacts
 from pipeline.errors import PipelineError
-from pipeline.compiler.records import (  # noqa: F401 -- part of this module's interface
+from pipeline.compiler.records import (
     CURVE_FILE, META_FILE, RECORD_FILE, STATE_FILE, WORKLOAD_FILE, database_problem, meta_problem, note_once,
-    open_database, read_curve, read_meta, target_fit, timed_against, tuning_cost, warn, warn_once,
+    open_database, read_meta, target_fit, timed_against, warn_once,
 )
-from pipeline.compiler.schedules.apply import defaults_version  # noqa: F401 -- part of this module's interface
+from pipeline.compiler.schedules.apply import defaults_version
 from targets import Target
 
 

@@ -41,10 +41,9 @@ from tvm.s_tir import meta_schedule as ms
 
 from pipeline import artifacts
 from pipeline.compiler.tuning import tuner
-from pipeline.compiler.tuning.database import (
-    META_FILE, RECORD_FILE, WORKLOAD_FILE, cpu_tag, database_problem, defaults_version, open_database,
-    read_meta, write_json, write_meta,
-)
+from pipeline.compiler.records import META_FILE, RECORD_FILE, WORKLOAD_FILE, database_problem, open_database, read_meta
+from pipeline.compiler.schedules.apply import defaults_version
+from pipeline.compiler.tuning.database import cpu_tag, write_json, write_meta
 from pipeline.compiler.tuning.tasks import Task, extract_tasks, fused_module
 from pipeline.engine import log
 from pipeline.errors import PipelineError

@@ -29,6 +29,9 @@ import tvm_ffi
 from tvm.s_tir import Schedule
 from tvm.s_tir import meta_schedule as ms
 
+from pipeline.compiler.records import (
+    CURVE_FILE, META_FILE, RECORD_FILE, STATE_FILE, WORKLOAD_FILE, database_problem, open_database, read_meta,
+)
 from pipeline.compiler.schedules.cpu import DEFAULT_SCHEDULE_VERSION, default_schedule
 from pipeline.compiler.tensor_intrinsics import load_tensor_intrinsics
 from pipeline.compiler.tuning import database as db
@@ -51,10 +54,10 @@ def remeasure_database(db_dir: Path, *, margin: float = DEFAULT_MARGIN,
     db_dir = Path(db_dir)
     if not 0 <= margin < 1:
         raise PipelineError(f"--margin is a fraction of a record's time in [0, 1), got {margin:g}")
-    problem = db.database_problem(db_dir, None)
+    problem = database_problem(db_dir, None)
     if problem is not None:
         raise PipelineError(f"cannot re-measure: {problem}")
-    meta = db.read_meta(db_dir)
+    meta = read_meta(db_dir)
     target = get_target(meta["target"])
     if target.cuda_arch is not None or target.runner == "rpc":
         raise PipelineError(
@@ -67,7 +70,7 @@ def remeasure_database(db_dir: Path, *, margin: float = DEFAULT_MARGIN,
             f"re-measure them on a {made_on} machine"
         )
     load_tensor_intrinsics()
-    database = db.open_database(db_dir, None, strict=True)
+    database = open_database(db_dir, None, strict=True)
     tvm_target = tvm.target.Target(target.tvm_target)
     settings = tuner.TuneSettings()
     builder, runner = tuner.make_builder(target, settings), tuner.make_runner(target, settings)
@@ -136,7 +139,7 @@ def _hash_key(mod: tvm.IRModule) -> str:
 def _kernel_names(db_dir: Path) -> dict[str, str]:
     """Kernel names by workload hash, from the tuning run's state file (if it has one)."""
     try:
-        tasks = json.loads((db_dir / db.STATE_FILE).read_text())["tasks"]
+        tasks = json.loads((db_dir / STATE_FILE).read_text())["tasks"]
     except (OSError, ValueError, KeyError, TypeError):
         return {}
     return {key.rsplit("#", 1)[1]: key.rsplit("#", 1)[0] for key in tasks if "#" in key}
@@ -146,21 +149,21 @@ def _rewrite(db_dir: Path, database, kept: list[tvm.IRModule], meta: dict[str, A
              remeasured: dict[str, Any]) -> None:
     temp = Path(tempfile.mkdtemp(prefix=f".{db_dir.name}.tmp-", dir=db_dir.parent))
     try:
-        out = ms.database.JSONDatabase(str(temp / db.WORKLOAD_FILE), str(temp / db.RECORD_FILE), allow_missing=True)
+        out = ms.database.JSONDatabase(str(temp / WORKLOAD_FILE), str(temp / RECORD_FILE), allow_missing=True)
         for mod in kept:
             workload = out.commit_workload(mod)
             for record in database.get_top_k(database.commit_workload(mod), 1 << 20):
                 out.commit_tuning_record(ms.database.TuningRecord(
                     record.trace, workload, record.run_secs, record.target, record.args_info,
                 ))
-        for name in (db.WORKLOAD_FILE, db.RECORD_FILE):
+        for name in (WORKLOAD_FILE, RECORD_FILE):
             (temp / name).touch()
             (temp / name).chmod(0o644)
-        for name in (db.STATE_FILE, db.CURVE_FILE):
+        for name in (STATE_FILE, CURVE_FILE):
             if (db_dir / name).is_file():
                 shutil.copyfile(db_dir / name, temp / name)
                 (temp / name).chmod(0o644)
-        db.write_json(temp / db.META_FILE, {**meta, "remeasured": remeasured})
+        db.write_json(temp / META_FILE, {**meta, "remeasured": remeasured})
         temp.chmod(0o755)
         # Directories cannot be swapped in one rename: the old one steps aside first, and
         # comes back if the new one cannot take its place.

@@ -28,16 +28,17 @@ from tvm.s_tir import Schedule
 
 from pipeline import artifacts
 from pipeline.compiler import prepack
-from pipeline.engine import log
-from pipeline.errors import PipelineError
+from pipeline.compiler.records import (
+    CURVE_FILE, META_FILE, RECORD_FILE, STATE_FILE, WORKLOAD_FILE, database_problem, open_database, read_meta, warn,
+)
 from pipeline.compiler.schedules import cpu as cpu_schedules
 from pipeline.compiler.schedules import gpu as gpu_schedules
+from pipeline.compiler.schedules.apply import defaults_version
 from pipeline.compiler.tensor_intrinsics import load_tensor_intrinsics
+from pipeline.compiler.tuning.database import cpu_tag, write_json, write_meta
 from pipeline.compiler.tuning.tasks import Task, extract_tasks, fused_module
-from pipeline.compiler.tuning.database import (
-    CURVE_FILE, META_FILE, RECORD_FILE, STATE_FILE, WORKLOAD_FILE, cpu_tag, database_problem, defaults_version,
-    open_database, read_meta, warn, write_json, write_meta,
-)
+from pipeline.engine import log
+from pipeline.errors import PipelineError
 from targets import Target
 
 
