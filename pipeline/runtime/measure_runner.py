@@ -48,14 +48,6 @@ class BundleError(Exception):
     """A bundle or machine this script cannot measure on; said in one line, exit code 2."""
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def results_digest(body: dict) -> str:
     """The sha256 a results file carries of everything else in it: `pipeline tune` refuses a
     file whose content does not match (cut short, edited, or not written by this script)."""
@@ -77,11 +69,13 @@ def read_manifest(bundle: Path) -> dict:
 
 def check_files(bundle: Path, manifest: dict) -> None:
     """Every candidate file is there and has the sha256 the manifest lists."""
+    import runtime_only  # beside this file in the bundle
+
     for candidate in manifest["candidates"]:
         path = bundle / candidate["file"]
         if not path.is_file():
             raise BundleError(f"{path} is missing; copy the whole bundle folder again")
-        if file_sha256(path) != candidate["sha256"]:
+        if runtime_only._file_sha256(path) != candidate["sha256"]:
             raise BundleError(f"{path} does not match {bundle / MANIFEST} (sha256 differs): it was damaged "
                               f"or changed since `pipeline tune` wrote it; copy the bundle again")
 
