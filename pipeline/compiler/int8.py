@@ -41,32 +41,33 @@ Everything constant is computed here in NumPy, so the weights must be bound as c
 (params "embedded"). Compile with precision "int8" (backend.compile_onnx), or use
 `lower_qdq_to_integer` on an IRModule.
 
-The chain is matched by a walk over the bindings (_match_one), not with the pattern
-language (tvm.relax.dpl) that graph_rewrites.py uses, for two reasons. Every conv2d/matmul
-left in float is reported with the first check it fails (float_compute_reasons), and a
-pattern that fails says nothing, so the walk would stay beside it to find the reason. And
-the optional bias and quantize steps go from the conv2d/matmul to its reader, taken only
-where that is its one reader (then the add's) and the bias a per-channel constant, the
-chain ending one step earlier otherwise: rewrite_call's patterns match an expression's
-producers and do not see other readers, so this would take rewrite_bindings with
-only_used_by and a pattern per variant (bias or not, quantize or not), more code than
-the walk.
+The chain is written once in the pattern language (tvm.relax.dpl, as graph_rewrites.py
+uses it: _patterns), and matched against every binding from the last one back. A match
+holds where each of its variables has one reader, the next step (a value read elsewhere
+too must stay), and its values pass the checks the pattern cannot state (constants, int8,
+per-channel weight scales and biases, NCHW/OIHW); the first chain that holds for a
+conv2d/matmul claims it. Going backwards, its quantize is tried before its bias add and
+the add before the conv2d/matmul alone, so each gets the longest chain that holds, and
+a rejected quantize or bias leaves the shorter one. Every conv2d/matmul is first checked
+alone, with the sub-patterns of its weight and its input in that order; one that fails
+stays float and is reported with the first check it failed (float_compute_reasons).
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 import tvm
 from tvm import relax
+from tvm.relax.dpl import DFPattern, is_op, wildcard
 
 from pipeline.compiler import layout, pass_results
-from pipeline.compiler.relax_graph import Bindings, static_shape
+from pipeline.compiler.relax_graph import Bindings, op_name, static_shape
 from pipeline.compiler import vnni as vnni_kernel
 from pipeline.compiler.tvm_compat import constant_value, is_constant, prim_func_buffers
 from pipeline.errors import PipelineError
@@ -116,10 +117,6 @@ class Int8Report:
         }
 
 
-def _is_op(expr: relax.Expr, name: str) -> bool:
-    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
-
-
 def _dtype(expr: relax.Expr) -> str | None:
     ty = expr.ty
     return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
@@ -130,17 +127,17 @@ def _constant(graph: Bindings, expr: relax.Expr) -> np.ndarray | None:
     expr = graph.resolve(expr)
     if is_constant(expr):
         return constant_value(expr)
-    if _is_op(expr, "relax.dequantize"):
+    if op_name(expr) == "relax.dequantize":
         parts = [_constant(graph, arg) for arg in expr.args]
         if any(p is None for p in parts):
             return None
         data, scale, zero = parts
         return _dequantize_np(data, scale, zero, int(expr.attrs.axis)).astype(np.float32)
-    if _is_op(expr, "relax.reshape"):
+    if op_name(expr) == "relax.reshape":
         data = _constant(graph, expr.args[0])
         shape = [int(d) for d in expr.ty.shape]
         return None if data is None else data.reshape(shape)
-    if _is_op(expr, "relax.permute_dims"):
+    if op_name(expr) == "relax.permute_dims":
         data = _constant(graph, expr.args[0])
         axes = None if expr.attrs.axes is None else [int(a) for a in expr.attrs.axes]
         return None if data is None else np.transpose(data, axes)
@@ -161,27 +158,57 @@ def _scalar(graph: Bindings, expr: relax.Expr) -> float | None:
     return None if value is None or value.size != 1 else value.reshape(()).item()
 
 
-def _weight(graph: Bindings, expr: relax.Expr, op: str) -> tuple[np.ndarray, np.ndarray] | str:
+@dataclass(frozen=True)
+class _Patterns:
+    """The chain of the module docstring in the pattern language (tvm.relax.dpl), with the
+    parts that the checks of its values read."""
+
+    input: DFPattern  # dequantize(xq, sx, zx)
+    weight: DFPattern  # dequantize(wq, sw, zw)
+    transposed: DFPattern  # permute_dims(weight)
+    matmul_weight: DFPattern  # weight | transposed
+    compute: DFPattern  # conv2d(input, weight) | matmul(input, matmul_weight)
+    biased: DFPattern  # add(compute, bias), either way round
+    quantized: DFPattern  # quantize(biased | compute, sy, zy)
+    chain: DFPattern  # quantized | biased | compute
+
+
+def _patterns() -> _Patterns:
+    """dequantize -> conv2d/matmul (+ bias) (-> quantize), as in the module docstring."""
+    weight = is_op("relax.dequantize")(wildcard(), wildcard(), wildcard())
+    transposed = is_op("relax.permute_dims")(weight)  # a Gemm's transB
+    matmul_weight = weight | transposed
+    data = is_op("relax.dequantize")(wildcard(), wildcard(), wildcard())
+    compute = is_op("relax.nn.conv2d")(data, weight) | is_op("relax.matmul")(data, matmul_weight)
+    # The pattern language tries an add's operands both ways round: the bias may come first.
+    biased = is_op("relax.add")(compute, wildcard())
+    quantized = is_op("relax.quantize")(biased | compute, wildcard(), wildcard())
+    return _Patterns(data, weight, transposed, matmul_weight, compute, biased, quantized,
+                     chain=quantized | biased | compute)
+
+
+def _weight(graph: Bindings, patterns: _Patterns, var2val: Any, expr: relax.Expr,
+            op: str) -> tuple[np.ndarray, np.ndarray] | str:
     """(int8 weight in the layout the op uses, float32 scale per output channel), or why not."""
-    expr = graph.resolve(expr)
-    transposed = False
-    if op == "relax.matmul" and _is_op(expr, "relax.permute_dims"):
-        axes = expr.attrs.axes
+    permute = graph.resolve(expr)
+    if op == "relax.matmul" and op_name(permute) == "relax.permute_dims":
+        axes = permute.attrs.axes
         if axes is not None and [int(a) for a in axes] != [1, 0]:
             return "weight permuted other than a 2-D transpose"
-        transposed = True
-        expr = graph.resolve(expr.args[0])
-    if not _is_op(expr, "relax.dequantize"):
+    pattern = patterns.matmul_weight if op == "relax.matmul" else patterns.weight
+    found = pattern.extract_matched_expr(expr, var2val)
+    if found is None:
         return "weight is float (layer not quantized)"
-    wq, sw, zw = (_constant(graph, arg) for arg in expr.args)
+    dequantize = found[patterns.weight]
+    wq, sw, zw = (_constant(graph, arg) for arg in dequantize.args)
     if wq is None or sw is None or zw is None:
         return "weight or its scale is not a constant (params not embedded)"
     if wq.dtype != np.int8:
         return f"weight is {wq.dtype}, not int8"
     if np.any(zw != 0):
         return "weight zero point is not 0 (asymmetric weights)"
-    axis = int(expr.attrs.axis) % wq.ndim
-    if transposed:
+    axis = int(dequantize.attrs.axis) % wq.ndim
+    if patterns.transposed in found:
         wq = wq.T
         axis = 1 - axis
     channel_axis = 0 if op == "relax.nn.conv2d" else wq.ndim - 1
@@ -193,30 +220,19 @@ def _weight(graph: Bindings, expr: relax.Expr, op: str) -> tuple[np.ndarray, np.
     return np.ascontiguousarray(wq), sw.reshape(-1).astype(np.float32)
 
 
-def _find_matches(func: relax.Function, report: Int8Report) -> dict[relax.Var, _Match]:
-    graph = Bindings(func)
-    matches: dict[relax.Var, _Match] = {}
-    for var in graph.order:
-        call = graph.value[var]
-        if not (_is_op(call, "relax.nn.conv2d") or _is_op(call, "relax.matmul")):
-            continue
-        op = call.op.name
-        match_or_reason = _match_one(graph, var, call, op)
-        if isinstance(match_or_reason, str):
-            report.float_kept.append(match_or_reason)
-        else:
-            matches[match_or_reason.end] = match_or_reason
-    return matches
-
-
-def _match_one(graph: Bindings, var: relax.Var, call: relax.Call, op: str) -> _Match | str:
-    weight = _weight(graph, call.args[1], op)
+def _compute(graph: Bindings, patterns: _Patterns, var2val: Any, var: relax.Var) -> _Match | str:
+    """The conv2d/matmul bound to `var` as a chain of its own (no bias, float output), or
+    the first check it fails: its weight's, then its input's, then its layout's."""
+    call = graph.value[var]
+    op = op_name(call)
+    weight = _weight(graph, patterns, var2val, call.args[1], op)
     if isinstance(weight, str):
         return weight
     wq, sw = weight
-    x = graph.resolve(call.args[0])
-    if not _is_op(x, "relax.dequantize"):
+    found = patterns.input.extract_matched_expr(call.args[0], var2val)
+    if found is None:
         return "input is float"
+    x = found[patterns.input]
     xq = x.args[0]
     if _dtype(xq) != "int8":
         return f"input is {_dtype(xq)}, not int8"
@@ -229,30 +245,73 @@ def _match_one(graph: Bindings, var: relax.Var, call: relax.Call, op: str) -> _M
             return f"conv2d layout {attrs.data_layout}/{attrs.kernel_layout} (only NCHW/OIHW)"
         if attrs.out_layout not in ("", "NCHW", None):
             return f"conv2d out_layout {attrs.out_layout}"
-    channels = sw.size
     if op == "relax.matmul" and ((xq.ty.ndim or 0) < 2 or wq.ndim != 2):
         return "matmul is not (..., K) x (K, N)"
+    return _Match(op, call, xq, int(zx), float(sx), wq, sw, None, None, None, None, var)
 
-    end, bias_float, bias_int = var, None, None
-    user = graph.only_reader(end)
-    if user is not None and _is_op(graph.value[user], "relax.add"):
-        add = graph.value[user]
-        other = add.args[1] if add.args[0].same_as(end) else add.args[0]
+
+def _find_matches(func: relax.Function, report: Int8Report) -> dict[relax.Var, _Match]:
+    graph = Bindings(func)
+    patterns = _patterns()
+    var2val = tvm.runtime.convert(graph.value)  # the patterns see through variables as graph.resolve does
+    computes = {var: _compute(graph, patterns, var2val, var)
+                for var in graph.order if op_name(graph.value[var]) in COMPUTE_OPS}
+    report.float_kept.extend(reason for reason in computes.values() if isinstance(reason, str))
+    # From the last binding back, so each conv2d/matmul's longest chain (quantize, else its
+    # bias add, else itself) is tried first; one whose steps fail a check leaves the
+    # conv2d/matmul unclaimed for its next shorter chain, and itself always holds.
+    matches: dict[relax.Var, _Match] = {}
+    claimed: set[relax.Var] = set()
+    for var in reversed(graph.order):
+        value = graph.value[var]
+        found = patterns.chain.extract_matched_expr(value, var2val) if isinstance(value, relax.Call) else None
+        steps = None if found is None else _steps(graph, var, found, patterns)
+        if steps is None or steps[0] in claimed or isinstance(computes[steps[0]], str):
+            continue
+        match = _extended(graph, computes[steps[0]], found, patterns)
+        if match is not None:
+            matches[var] = replace(match, end=var)
+            claimed.add(steps[0])
+    return matches
+
+
+def _steps(graph: Bindings, var: relax.Var, found: Any, patterns: _Patterns) -> list[relax.Var] | None:
+    """The variables of a chain matched at `var`, its conv2d/matmul's first, when each is
+    the only reader of the one before (a value read elsewhere too must stay); else None."""
+    calls = [found[part] for part in (patterns.compute, patterns.biased, patterns.quantized) if part in found]
+    steps, outer = [var], calls[-1]
+    for inner in reversed(calls[:-1]):
+        bound = [arg for arg in outer.args if arg in graph.value and graph.value[arg].same_as(inner)]
+        inner_var = bound[0] if bound else None
+        reader = None if inner_var is None else graph.only_reader(inner_var)
+        if reader is None or not reader.same_as(steps[-1]):
+            return None
+        steps.append(inner_var)
+        outer = inner
+    return steps[::-1]
+
+
+def _extended(graph: Bindings, match: _Match, found: Any, patterns: _Patterns) -> _Match | None:
+    """`match` (a conv2d/matmul alone) with the bias and int8 output of the chain found,
+    None when the bias is not a per-channel constant or the output's quantization not a
+    per-tensor constant int8 one."""
+    if patterns.biased in found:
+        add = found[patterns.biased]
+        compute_var = match.end  # a conv2d/matmul alone ends at its own binding
+        other = add.args[1] if add.args[0].same_as(compute_var) else add.args[0]
         bias = _constant(graph, other)
-        if bias is not None and bias.size == channels and _bias_broadcasts(bias.shape, op):
-            bias = bias.reshape(-1).astype(np.float32)
-            bias_int = _as_int32_bias(graph, other, sx * sw)
-            if bias_int is None:
-                bias_float = bias
-            end = user
-    sy = zy = None
-    user = graph.only_reader(end)
-    if user is not None and _is_op(graph.value[user], "relax.quantize"):
-        quantize = graph.value[user]
+        if bias is None or bias.size != match.sw.size or not _bias_broadcasts(bias.shape, match.op):
+            return None
+        bias_int = _as_int32_bias(graph, other, match.sx * match.sw)
+        bias_float = bias.reshape(-1).astype(np.float32) if bias_int is None else None
+        match = replace(match, bias_int=bias_int, bias_float=bias_float)
+    if patterns.quantized in found:
+        quantize = found[patterns.quantized]
         scale, zero = _scalar(graph, quantize.args[1]), _scalar(graph, quantize.args[2])
-        if str(quantize.attrs.out_dtype) == "int8" and scale is not None and zero is not None:
-            sy, zy, end = float(scale), int(zero), user
-    return _Match(op, call, xq, int(zx), float(sx), wq, sw, bias_int, bias_float, sy, zy, end)
+        if str(quantize.attrs.out_dtype) != "int8" or scale is None or zero is None:
+            return None
+        match = replace(match, sy=float(scale), zy=int(zero))
+    return match
 
 
 def _bias_broadcasts(shape: tuple[int, ...], op: str) -> bool:
@@ -265,9 +324,9 @@ def _as_int32_bias(graph: Bindings, expr: relax.Expr, scale: np.ndarray) -> np.n
     """The bias as int32 in the accumulator's scale sx*sw, when it was quantized that way
     (ORT quantizes biases with exactly that scale); None otherwise."""
     expr = graph.resolve(expr)
-    if _is_op(expr, "relax.reshape"):
+    if op_name(expr) == "relax.reshape":
         expr = graph.resolve(expr.args[0])
-    if not _is_op(expr, "relax.dequantize"):
+    if op_name(expr) != "relax.dequantize":
         return None
     bq, sb, zb = (_constant(graph, arg) for arg in expr.args)
     if bq is None or sb is None or zb is None or bq.dtype != np.int32:
