@@ -95,12 +95,14 @@ package: install
 	$(PIPELINE) package --target $(TARGET) $(MODEL_ARGS) $(ARGS)
 
 # The one-call GPU check, packed (benchmarks/gpu_bundle.py): ConvNeXt-T artifacts for cuda-sm90
-# (fp32 b1, fp16 b1 and b8; GPU targets offer no int8), the TVM runtime without its compiler and
-# benchmarks/gpu_check.py, in dist/gpu-bundle/ (at most 60 MiB). On the GPU machine:
-# `bash dist/gpu-bundle/run.sh --out OUT`, then copy OUT/reports/* into reports/.
+# (fp32 b1, fp16 b1 and b8; GPU targets offer no int8) and the MODEL_ARGS model's (the demo's: fp32
+# and fp16 b1, from its checkpoint, carried and checked by sha256, with its 10 000 labeled test
+# images), the TVM runtime without its compiler and benchmarks/gpu_check.py, in dist/gpu-bundle/
+# (at most 60 MiB). On the GPU machine: `bash dist/gpu-bundle/run.sh --out OUT [--pack]`, then copy
+# OUT/reports/* into reports/: cuda-sm90*/ are ConvNeXt-T's rows, cuda-sm90-demo*/ the demo table's.
 GPU_BUNDLE_ARGS ?= --variant tiny --input-size 224 --target cuda-sm90
 gpu-bundle: install
-	$(PY) benchmarks/gpu_bundle.py $(GPU_BUNDLE_ARGS) --output dist/gpu-bundle $(ARGS)
+	$(PY) benchmarks/gpu_bundle.py $(GPU_BUNDLE_ARGS) --demo-args "$(MODEL_ARGS)" --output dist/gpu-bundle $(ARGS)
 
 # The cached aarch64 TVM runtime and runner that check ARM artifacts under qemu.
 # Every GPU kernel of the bundle's configurations run on this CPU by the CUDA emulator and

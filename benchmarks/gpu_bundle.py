@@ -1,20 +1,22 @@
 """The GPU check in one folder: CUDA artifacts, the TVM runtime and the check, for a machine
 that has a GPU and PyTorch but no TVM, no network and room for at most 64 MiB.
 
-    make gpu-bundle                                   # ConvNeXt-T, cuda-sm90 -> dist/gpu-bundle/
+    make gpu-bundle                     # ConvNeXt-T and the demo model, cuda-sm90 -> dist/gpu-bundle/
     .venv/bin/python benchmarks/gpu_bundle.py --variant micro --input-size 32 --configs fp32:1,fp16:1
 
 On the GPU machine: ``bash dist/gpu-bundle/run.sh`` (installs the bundled runtime once, then
 runs gpu_check.py; see the README.md it writes). What the folder holds:
 
-    gpu_check.py, run.sh, README.md, manifest.json
+    gpu_check.py, gpu_check_report.py, run.sh, README.md, manifest.json
     lib/pipeline/             model.py, seeded_weights.py, runtime/runtime_only.py, compare.py,
                               latency_stats.py, errors.py: what the check imports, nothing else
     runtime/tvm-runtime.tar.xz    the installed apache-tvm package without its compiler
                               (lib/libtvm_compiler.so, 3rdparty/, include/, src/): 2-3 MB
     runtime/apache_tvm_ffi-*-cp312-*.whl   the FFI wheel for the GPU machine's Python
     artifacts.tar.xz          one folder per configuration: model.so, model.so.json, model.cu
-                              and the weights (model.params.npz)
+                              and the weights (model.params.npz); with --demo-args also
+                              demo-<config>/ and demo/: the demo's checkpoint and its labeled
+                              test images (raw uint8, with a few preprocessed ones)
 
 Every configuration is compiled through the pipeline's own stages (build -> export ->
 simplify -> [quantize] -> compile), as `pipeline compile` does, from weights made from a
@@ -23,6 +25,10 @@ rebuilds the same weights into PyTorch from the seed. Float artifacts take their
 separately (params_mode "separate") and the weights are stored once: a configuration whose
 weights equal another's up to a cast (fp32 vs fp16: the grid is exact in both) is derived
 from it on the GPU machine, and the check verifies the derived arrays against a digest.
+
+The demo model (--demo-args, the Makefile's MODEL_ARGS) is compiled from its trained
+checkpoint instead, which travels as it is and is checked by its sha256, with its whole
+labeled test set, so that the check measures the demo's top-1 on the GPU.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -46,7 +53,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from gpu_check import params_digest  # noqa: E402  (the check verifies what this takes)
+from gpu_check import file_sha256, params_digest, preprocess  # noqa: E402  (the check verifies what this takes)
+from gpu_check_report import DEMO  # noqa: E402
 
 from pipeline.runtime.cross import cache_root  # noqa: E402
 
@@ -56,6 +64,12 @@ BUNDLED_MODULES = (
     "errors.py", "model.py", "seeded_weights.py", "runtime/runtime_only.py", "compare.py", "latency_stats.py",
     "kernel_profile.py",
 )
+# The check and its report writer, beside each other at the bundle's top.
+CHECK_SCRIPTS = ("gpu_check.py", "gpu_check_report.py")
+# The options of the demo model (--demo-args: the Makefile's MODEL_ARGS) the bundle reads.
+DEMO_OPTIONS = ("variant", "weights", "num_classes", "in_chans", "input_size", "data", "preprocessing")
+# Preprocessed images carried beside the raw ones, for the check to hold its preprocessing to.
+PREPROCESSED_SAMPLE = 64
 # Parts of the apache-tvm wheel a machine that only runs artifacts does not need.
 COMPILER_PARTS = ("lib/libtvm_compiler.so", "3rdparty", "include", "src")
 # The GPU machine's Python (the tvm-ffi wheel has compiled code per Python version).
@@ -81,6 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gemm-sweep", action=argparse.BooleanOptionalAction, default=True,
                         help="add the GEMM sweep (benchmarks/gemm_sweep.py: every fp16 GEMM in every tile and "
                              "split, timed by the check); CUDA targets only")
+    parser.add_argument("--demo-args", default="",
+                        help="the demo model as `pipeline compile` takes it (the Makefile passes its MODEL_ARGS): its "
+                             "checkpoint, artifacts (--demo-configs) and labeled test images go into the bundle too, "
+                             "for the demo's rows (default: none)")
+    parser.add_argument("--demo-configs",
+                        help="precision:batch pairs of the demo model (default: fp32:1 and fp16:1, those the target offers)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of the check's inputs")
     parser.add_argument("--calib-data", default="fashion-mnist",
                         help="INT8 calibration images (any source `pipeline quantize --data` takes)")
@@ -169,8 +189,10 @@ class Compiled(NamedTuple):
     onnx: Path
 
 
-def compile_configs(args: argparse.Namespace, target, configs, weights: Path) -> dict[str, Compiled]:
-    """Config name -> what compiling it gave (Compiled)."""
+def compile_configs(args: argparse.Namespace, target, configs, weights: Path, model: dict | None = None,
+                    prefix: str = "") -> dict[str, Compiled]:
+    """Config name (after ``prefix``) -> what compiling it gave (Compiled); ``model`` holds the
+    settings of a model other than --variant's (the demo's: variant, classes, channels...)."""
     from pipeline.config import PipelineConfig
     from pipeline.engine import run_pipeline
     from pipeline.stages import STAGES
@@ -179,10 +201,10 @@ def compile_configs(args: argparse.Namespace, target, configs, weights: Path) ->
         variant=args.variant, weights=weights, num_classes=args.num_classes, seed=args.seed,
         input_size=args.input_size, data=args.calib_data, calib_size=args.calib_size,
         calib_method="percentile", artifacts=args.artifacts,
-    )
+    ).replace(**(model or {}))
     folders = {}
     for index, bundled in enumerate(configs, start=1):
-        log(f"compile {index}/{len(configs)}: {args.variant} {bundled.name} for {target.name}")
+        log(f"compile {index}/{len(configs)}: {base.variant} {bundled.name} for {target.name}")
         # INT8 folds its weights into integer constants at import, so it keeps them embedded.
         config = base.replace(precision=bundled.precision, batch_size=bundled.batch, gpu_split_k=bundled.split_k,
                               params_mode="embedded" if bundled.precision == "int8" else "separate")
@@ -190,10 +212,100 @@ def compile_configs(args: argparse.Namespace, target, configs, weights: Path) ->
         compiled = results["compile"]
         onnx = results["quantize" if bundled.precision == "int8" else "simplify"].outputs[
             "onnx_quantized" if bundled.precision == "int8" else "onnx_simplified"]
-        folders[bundled.name] = Compiled(Path(compiled.outputs["library"]).parent,
+        folders[prefix + bundled.name] = Compiled(Path(compiled.outputs["library"]).parent,
                                          compiled.manifest.get("info", {}).get("gpu_cost", {}).get("kernels", []),
                                          Path(onnx))
     return folders
+
+
+# ---------------------------------------------------------------------------
+# The demo model
+
+
+def parse_demo_args(text: str) -> dict:
+    """--demo-args (the Makefile's MODEL_ARGS) -> the demo model's settings, by PipelineConfig name."""
+    from calibration import fashion_mnist
+    from calibration.datasets import check_source
+    from pipeline.cli.options import option_help
+    from pipeline.errors import PipelineError
+
+    parser = argparse.ArgumentParser(prog="--demo-args", add_help=False, exit_on_error=False)
+    for name in DEMO_OPTIONS:
+        kind, default, _ = option_help(name)
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default)
+    try:
+        values, unknown = parser.parse_known_args(shlex.split(text))
+    except argparse.ArgumentError as exc:
+        raise PipelineError(f"--demo-args: {exc}; give the model options as `pipeline compile` takes them") from None
+    if unknown:
+        raise PipelineError(f"--demo-args: '{unknown[0]}' is not one of the options the bundle reads "
+                            f"({', '.join('--' + n.replace('_', '-') for n in DEMO_OPTIONS)})")
+    weights = Path(values.weights)
+    if values.weights.lower() == "none" or not weights.is_file():
+        raise PipelineError(f"--demo-args: --weights {values.weights} is not a checkpoint file; the demo's rows are "
+                            f"of its trained weights, e.g. --weights models/convnext-micro-fmnist.pth")
+    if values.data is None or check_source(values.data) != "fashion-mnist":
+        raise PipelineError(f"--demo-args: --data {values.data} is not Fashion-MNIST; the bundle carries that set's "
+                            f"labeled test images only (--data fashion-mnist)")
+    fashion_mnist.load_raw(values.data.partition(":")[2] or "test")  # missing or damaged: said before compiling
+    return {**{name: getattr(values, name) for name in DEMO_OPTIONS}, "weights": weights}
+
+
+def demo_checkpoint(demo: dict, into: Path) -> dict:
+    """into/demo/<checkpoint>, copied as it is; the manifest's demo "model"."""
+    import torch
+
+    from pipeline.checkpoints import load_weights
+    from pipeline.errors import PipelineError
+    from pipeline.model import create_model
+    from pipeline.stages.report import training_record
+
+    weights = demo["weights"]
+    net = create_model(demo["variant"], num_classes=demo["num_classes"], in_chans=demo["in_chans"]).eval()
+    load_weights(net, weights, demo["variant"])  # says what does not fit, as compile would
+    # The check loads it with torch alone: a plain state_dict, or one under "model" (the official layout).
+    raw = torch.load(weights, map_location="cpu", weights_only=True)
+    key = "model" if isinstance(raw, dict) and isinstance(raw.get("model"), dict) else None
+    state, own = (raw[key] if key else raw), net.state_dict()
+    if not isinstance(state, dict) or set(state) != set(own) or any(not torch.equal(state[k], own[k]) for k in own):
+        raise PipelineError(f"checkpoint {weights} is not a ConvNeXt state_dict (plain or under 'model'), which the "
+                            f"GPU check loads with torch alone; re-save it with torch.save({{'model': state_dict}}, path)")
+    (into / DEMO).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(weights, into / DEMO / weights.name)
+    return {"variant": demo["variant"], "num_classes": demo["num_classes"], "in_chans": demo["in_chans"],
+            "input_size": demo["input_size"], "weights": str(weights), "checkpoint": f"{DEMO}/{weights.name}",
+            "checkpoint_sha256": file_sha256(weights), "state_dict_key": key,
+            "training": training_record(str(weights))}
+
+
+def demo_test_set(demo: dict, into: Path) -> dict:
+    """into/demo/<set>.npz: the raw uint8 test images and labels (they compress; preprocessed
+    floats would not), and a few preprocessed ones for the check to hold its preprocessing to;
+    the manifest's demo "data"."""
+    from calibration import fashion_mnist, load_dataset
+    from calibration.preprocess import get_preprocessing, input_recipe, resize_geometry
+    from pipeline.errors import PipelineError
+
+    split = demo["data"].partition(":")[2] or "test"
+    raw, labels = fashion_mnist.load_raw(split)
+    dataset = load_dataset(demo["data"], demo["input_size"], demo["preprocessing"], demo["in_chans"], split=split)
+    spec = get_preprocessing(demo["preprocessing"])
+    recipe = input_recipe(spec, demo["in_chans"], demo["input_size"])
+    height, width, top, left = resize_geometry(*raw.shape[1:], demo["input_size"], spec.crop_pct)
+    recipe = {"name": spec.name, "mean": recipe["mean"], "std": recipe["std"],
+              "repeat_channels": recipe["repeat_channels"], "input_size": demo["input_size"],
+              "resize": [height, width], "crop_at": [top, left], "antialias": spec.interpolation != "nearest",
+              "torch_mode": "nearest-exact" if spec.interpolation == "nearest" else spec.interpolation}
+    if not np.array_equal(preprocess(raw, recipe), dataset.images) or not np.array_equal(labels, dataset.labels):
+        raise PipelineError(f"the GPU check's preprocessing of '{demo['data']}' ({spec.name}, {demo['in_chans']} "
+                            f"channels) differs from the pipeline's (calibration/preprocess.py); the demo cannot be "
+                            f"bundled with it: pass --demo-args without it or fix gpu_check.preprocess")
+    name = f"{dataset.source.replace(':', '-')}.npz"
+    arrays = {"images": raw, "labels": labels}
+    np.savez(into / DEMO / name, **arrays, preprocessed_sample=dataset.images[:PREPROCESSED_SAMPLE])
+    return {"file": f"{DEMO}/{name}", "digest": params_digest(arrays, ["images", "labels"]), "source": dataset.source,
+            "name": dataset.description.split(":")[0], "set_size": len(raw), "class_names": dataset.class_names,
+            "preprocessing": recipe}
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -370,6 +482,16 @@ benchmarks/gemm_sweep.py): every fp16 GEMM in every block tile and split over K,
 on random arguments (`--sweep-ms`: GPU time per repeat, 0: none), into `OUT/gemm_sweep.md`
 and `gpu_check.json`.
 """ if sweep else "")
+    demo = manifest.get(DEMO)
+    demo_text = (f"""
+The demo model, ConvNeXt-{demo['model']['variant']} ({demo['model']['weights']}, sha256
+{demo['model']['checkpoint_sha256'][:12]}, checked before use), is measured too: its artifacts
+({', '.join(c['name'] for c in demo['configs'])}) on its {demo['data']['set_size']} labeled
+{demo['data']['source']} images (`--demo-images N`: the first N) against PyTorch float32 from the
+same checkpoint on the same GPU: top-1, top-5, agreement and the errors, and the latency beside
+PyTorch's. Its reports go to `OUT/reports/{manifest['target']}-{DEMO}*/`, which the repository's
+reports/README.md shows in the demo model's table.
+""" if demo else "")
     return f"""# GPU check bundle: ConvNeXt-{model['variant']} for {manifest['target']}
 
 Built {manifest['created']} from commit {manifest['commit']} by `{manifest['command']}`.
@@ -395,7 +517,7 @@ table of each kernel's GPU time beside its roofline bound (`--profile-calls 0`: 
 the repository's `reports/`), `OUT/gpu_check.json` and `OUT/summary.md`, and
 exits 0 when the criteria hold (no NaN, fp32 max abs error <= 1e-4, fp16 top-1 agreement
 >= 99%), 1 when one fails, 2 when it cannot run (no GPU, a damaged bundle).
-{sweep_text}
+{demo_text}{sweep_text}
 | configuration | input | weights | weights file |
 |---|---|---|---|
 {rows}
@@ -411,11 +533,15 @@ def build_bundle(args: argparse.Namespace) -> dict:
         raise PipelineError(f"--target {args.target} is not a CUDA target; use e.g. cuda-sm90 "
                             f"(or x86, to try the check on this CPU: gpu_check.py --device cpu)")
     configs = parse_configs(args.configs, target)
+    demo = parse_demo_args(args.demo_args) if args.demo_args.strip() else None
+    demo_configs = parse_configs(args.demo_configs or ",".join(
+        f"{p}:1" for p in ("fp32", "fp16") if p in target.precisions), target) if demo else []
     target.check_available()
 
     weights = seeded_checkpoint(args.variant, args.num_classes, args.seed, args.artifacts / "gpu-bundle")
     compiled = compile_configs(args, target, configs, weights)
     folders = {name: c.folder for name, c in compiled.items()}
+    demo_compiled = compile_configs(args, target, demo_configs, demo["weights"], demo, prefix=f"{DEMO}-") if demo else {}
 
     output = args.output.resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -430,14 +556,24 @@ def build_bundle(args: argparse.Namespace) -> dict:
                 package.mkdir(parents=True, exist_ok=True)
                 (package / "__init__.py").touch()
             shutil.copy2(REPO / "pipeline" / module, destination)
-        shutil.copy2(REPO / "benchmarks" / "gpu_check.py", bundle / "gpu_check.py")
+        for script in CHECK_SCRIPTS:
+            shutil.copy2(REPO / "benchmarks" / script, bundle / script)
         (bundle / "run.sh").write_text(RUN_SH)
         (bundle / "run.sh").chmod(0o755)
         (bundle / "runtime").mkdir()
         runtime = {**tvm_runtime_archive(bundle / "runtime"), **ffi_wheel(bundle / "runtime", args.ffi_wheel)}
 
         entries = stage_artifacts(folders, work / "artifacts")
-        for name, c in compiled.items():
+        demo_part = None
+        if demo:
+            # Weights of their own (a trained checkpoint), stored apart from the seeded ones.
+            entries.update(stage_artifacts({name: c.folder for name, c in demo_compiled.items()}, work / "artifacts"))
+            log(f"the demo's checkpoint and {demo['data']} test images")
+            demo_part = {"model": demo_checkpoint(demo, work / "artifacts"),
+                         "data": demo_test_set(demo, work / "artifacts"),
+                         "configs": [{"name": f"{DEMO}-{c.name}", "precision": c.precision, "batch_size": c.batch,
+                                      "gpu_split_k": c.split_k} for c in demo_configs]}
+        for name, c in {**compiled, **demo_compiled}.items():
             entries[name]["kernels"] = c.kernels  # what the check's kernel profile is set beside
         sweep = None
         sweep_models = {c.batch: compiled[c.name].onnx for c in configs if c.precision == "fp16" and c.split_k}
@@ -459,6 +595,7 @@ def build_bundle(args: argparse.Namespace) -> dict:
             "configs": [{"name": c.name, "precision": c.precision, "batch_size": c.batch, "gpu_split_k": c.split_k}
                         for c in configs],
             "artifacts": entries,
+            **({DEMO: demo_part} if demo_part else {}),
             **({"gemm_sweep": sweep} if sweep else {}),
             "runtime": runtime,
             "commit": _commit(),

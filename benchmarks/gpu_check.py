@@ -15,8 +15,14 @@ For every artifact of the bundle it reports
   CUPTI), beside the rule, grid and roofline bound compile recorded (pipeline/kernel_profile.py),
   and the time between kernels.
 
+Where the bundle carries the demo model (gpu_bundle.py --demo-args), its artifacts run on its
+labeled test images (all of them, or --demo-images) against PyTorch float32 from the same
+checkpoint (sha256-checked) on the same device: top-1, top-5, agreement and the errors, and
+the same latency rows.
+
 It writes OUT/reports/<folder>/{latency,accuracy,kernels}.json and report.md in the layout of the
-repository's reports/ (folders cuda-sm90, cuda-sm90-fp16, cuda-sm90-fp16-b8, ...),
+repository's reports/ (folders cuda-sm90, cuda-sm90-fp16, cuda-sm90-fp16-b8, ...; the demo's
+cuda-sm90-demo, cuda-sm90-demo-fp16: gpu_check_report.py writes them all),
 OUT/gpu_check.json (everything) and OUT/summary.md. Exit 0 when the criteria hold (no NaN;
 fp32 max abs error <= 1e-4; fp16 top-1 agreement >= 99%), 1 when one fails, 2 when the check
 cannot run (no GPU, a damaged bundle), with one line saying why.
@@ -29,7 +35,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -37,30 +42,21 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# In the bundle the pipeline's modules sit in lib/; in the repository, one folder up.
-sys.path.insert(0, str(HERE / "lib") if (HERE / "lib" / "pipeline").is_dir() else str(HERE.parent))
+# In the bundle the pipeline's modules sit in lib/; in the repository, one folder up. The
+# check's report writer (gpu_check_report.py) sits beside this script in both.
+sys.path[:0] = [str(HERE), str(HERE / "lib") if (HERE / "lib" / "pipeline").is_dir() else str(HERE.parent)]
 
 import numpy as np  # noqa: E402
+from gpu_check_report import (  # noqa: E402
+    BASELINES, DEMO, TORCH_MODES, config_variant, failed_criteria, summary_markdown, write_outputs,
+)
 
-FP32_MAX_ABS_ERROR = 1e-4
-FP16_MIN_AGREEMENT = 0.99
 MIN_REPEATS = 200
-# PyTorch rows, by name: (dtype, channels_last, torch.compile mode or None).
-TORCH_MODES = {
-    "pytorch_fp32": ("float32", False, None),
-    "pytorch_fp16": ("float16", False, None),
-    "pytorch_fp16_channels_last": ("float16", True, None),
-    "torch_compile_fp16": ("float16", False, "default"),
-    "torch_compile_cudagraphs_fp16": ("float16", False, "reduce-overhead"),
-}
-# What each precision is compared with; the first is the report's "pytorch" baseline.
-BASELINES = {
-    "fp32": ("pytorch_fp32",),
-    "fp16": ("pytorch_fp16", "pytorch_fp16_channels_last", "torch_compile_fp16", "torch_compile_cudagraphs_fp16"),
-    # Bundles for x86 only: GPU targets do not offer int8 (targets.GPU_INT8_REASON).
-    "int8": ("pytorch_fp16", "pytorch_fp32"),
-}
-
+# The demo's PyTorch reference runs this many images a call (any batch gives the same logits
+# within float noise; a large one keeps 10 000 images quick).
+DEMO_REFERENCE_BATCH = 250
+# The GPU machine's torch may resize a few ulp apart from the one that built the bundle.
+PREPROCESSING_TOLERANCE = 1e-5
 
 class CheckError(Exception):
     """The check cannot run; the message says why and what to do."""
@@ -81,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pack", action="store_true",
                         help="write the report folders as OUT/reports.tar.gz (three files in all: for a "
                              "machine that hands back only a few files)")
+    parser.add_argument("--demo-images", type=int, default=0,
+                        help="evaluate the demo model on the first N of its labeled test images (0: all; the "
+                             "reports then say how many)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                         help="cpu: try the check on a bundle built with --target x86 (no GPU needed)")
     return parser.parse_args(argv)
@@ -124,7 +123,21 @@ def unpack_artifacts(bundle: Path, manifest: dict) -> Path:
                 arrays = {n: data[n] for n in data.files}
             if params_digest(arrays, meta["params_order"]) != entry["params_digest"]:
                 raise CheckError(f"the weights of {name} differ from the ones it was compiled with; rebuild the bundle")
+    demo = manifest.get("demo")
+    if demo:
+        checkpoint = folder / demo["model"]["checkpoint"]
+        if not checkpoint.is_file() or file_sha256(checkpoint) != demo["model"]["checkpoint_sha256"]:
+            raise CheckError(f"the demo checkpoint {demo['model']['checkpoint']} is missing or differs from the one "
+                             f"its artifacts were compiled from; rebuild the bundle")
     return folder
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def params_digest(arrays: dict[str, np.ndarray], order: list[str]) -> str:
@@ -142,6 +155,78 @@ def inputs(manifest: dict, count: int) -> np.ndarray:
     model = manifest["model"]
     shape = (count, model["in_chans"], model["input_size"], model["input_size"])
     return np.random.default_rng(model["seed"]).standard_normal(shape, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------
+# The demo model: its checkpoint and its labeled test images
+
+
+def preprocess(raw: np.ndarray, recipe: dict) -> np.ndarray:
+    """Raw (N, H, W) uint8 gray images -> the model's float32 (N, C, S, S) input, in the same
+    torch operations as calibration/preprocess.py's preprocess_array (the bundle is built only
+    where the two agree bit for bit; the check is not given that package)."""
+    import torch
+    import torch.nn.functional as F
+
+    mean = torch.tensor(recipe["mean"], dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(recipe["std"], dtype=torch.float32).view(-1, 1, 1)
+    (height, width), (top, left), size = recipe["resize"], recipe["crop_at"], recipe["input_size"]
+    out = np.empty((len(raw), len(recipe["mean"]) * recipe["repeat_channels"], size, size), np.float32)
+    for start in range(0, len(raw), 1024):
+        batch = torch.from_numpy(np.array(raw[start:start + 1024, None])).float() * (1.0 / 255.0)
+        if len(recipe["mean"]) == 3:
+            batch = batch.expand(-1, 3, -1, -1)
+        if (height, width) != tuple(raw.shape[1:]):
+            batch = F.interpolate(batch, size=(height, width), mode=recipe["torch_mode"],
+                                  antialias=recipe["antialias"]).clamp_(0.0, 1.0)
+        batch = (batch[:, :, top:top + size, left:left + size] - mean) / std
+        if recipe["repeat_channels"] > 1:
+            batch = batch.repeat(1, recipe["repeat_channels"], 1, 1)
+        out[start:start + 1024] = batch.numpy()
+    return out
+
+
+def demo_images(folder: Path, demo: dict, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(preprocessed images, labels) of the demo's evaluation set, the first ``limit`` (0: all),
+    checked against the digest taken where the bundle was built and against the pipeline's
+    own preprocessing of its first images."""
+    data = demo["data"]
+    with np.load(folder / data["file"]) as stored:
+        arrays = {name: stored[name] for name in stored.files}
+    if params_digest(arrays, ["images", "labels"]) != data["digest"]:
+        raise CheckError(f"the demo's test images ({data['file']}) differ from the ones the bundle was built with; "
+                         f"rebuild the bundle")
+    sample = arrays["preprocessed_sample"]
+    mine = preprocess(arrays["images"][:len(sample)], data["preprocessing"])
+    worst = float(np.abs(mine - sample).max())
+    if not worst <= PREPROCESSING_TOLERANCE:
+        raise CheckError(f"this machine's torch preprocesses the demo's images up to {worst:.3g} away from the pipeline "
+                         f"(tolerance {PREPROCESSING_TOLERANCE:g}); rebuild the bundle with this torch version")
+    count = len(arrays["labels"]) if limit == 0 else min(limit, len(arrays["labels"]))
+    return preprocess(arrays["images"][:count], data["preprocessing"]), arrays["labels"][:count].astype(np.int64)
+
+
+def demo_model(folder: Path, demo: dict):
+    """The demo model in PyTorch with the checkpoint its artifacts were compiled from."""
+    import torch
+
+    from pipeline.model import create_model
+
+    model = demo["model"]
+    net = create_model(model["variant"], num_classes=model["num_classes"], in_chans=model["in_chans"]).eval()
+    state = torch.load(folder / model["checkpoint"], map_location="cpu", weights_only=True)
+    net.load_state_dict(state[model["state_dict_key"]] if model.get("state_dict_key") else state, strict=True)
+    return net
+
+
+def demo_data(demo: dict, count: int) -> dict:
+    """accuracy.json's "data" of the demo's rows: the set, how many of its images."""
+    data = demo["data"]
+    return {"source": data["source"], "count": count, "labeled": True, "class_names": data["class_names"],
+            "preprocessing": data["preprocessing"]["name"],
+            # The aggregate reads the set's size from "has N images" (reports/aggregate.py SET_SIZE).
+            "description": f"{data['name']}: the set has {data['set_size']} images: using "
+                           + (f"all {count}" if count == data["set_size"] else f"the first {count}")}
 
 
 # ---------------------------------------------------------------------------
@@ -239,7 +324,7 @@ def profile_kernels(call, calls: int, costs: list[dict], latency_ms: float, trac
 
 def measure_artifact(folder: Path, x_all: np.ndarray, reference: np.ndarray, batch: int,
                      warmup: int, repeats: int, device: str, profile_calls: int = 0,
-                     kernel_costs: list[dict] | None = None) -> dict:
+                     kernel_costs: list[dict] | None = None, labels: np.ndarray | None = None) -> dict:
     from pipeline.compare import compare_logits
     from pipeline.latency_stats import latency_stats
     from pipeline.runtime.runtime_only import ArtifactError, LoadedArtifact
@@ -251,7 +336,7 @@ def measure_artifact(folder: Path, x_all: np.ndarray, reference: np.ndarray, bat
     count = len(x_all) - len(x_all) % batch
     outputs = np.concatenate([artifact.infer(x_all[i:i + batch]) for i in range(0, count, batch)])
     measured = {
-        "accuracy": compare_logits(reference[:count], outputs),
+        "accuracy": compare_logits(reference[:count], outputs, None if labels is None else labels[:count]),
         "latency": latency_stats(artifact.time_calls(x_all[:batch], warmup, repeats), batch),
         "artifact_bytes": sum((folder / f).stat().st_size for f in ("model.so", "model.params.npz")
                               if (folder / f).is_file()),
@@ -289,31 +374,6 @@ def measure_gemm_sweep(folder: Path, listing: dict, device: str, min_ms: int) ->
     return {"rows": rows}
 
 
-def gemm_sweep_markdown(sweep: dict) -> str:
-    """Per GEMM: its time in each tile and split, the defaults' choice marked, and the
-    fastest tile of the whole GEMM (a split's partial GEMM lacks its sum kernel's time, so
-    it is not a rival here)."""
-    lines = ["# GEMM sweep", "",
-             "Each tensor-core GEMM of the bundled fp16 models timed alone in every block tile, and its split-K "
-             "partial GEMMs (without the kernel that adds them: see the kernel tables). * marks what the default "
-             "schedules choose; steps are gpu_cost_model.modeled_steps.", ""]
-    if sweep.get("error"):
-        lines += [f"Stopped: {sweep['error']}.", ""]
-    groups: dict[tuple, list[dict]] = {}
-    for row in sweep["rows"]:
-        groups.setdefault((row["batch"], row["gemm"], row["m"], row["n"], row["k"]), []).append(row)
-    lines += ["| batch | GEMM (M x N x K) | variant | us | modeled steps |", "|---|---|---|---|---|"]
-    for (batch, gemm, m, n, k), rows in groups.items():
-        best = min((r["us"] for r in rows if r["splits"] == 1), default=None)
-        for row in sorted(rows, key=lambda r: r["us"]):
-            variant = (f"{row['tile'][0]}x{row['tile'][1]}" + (f", {row['splits']} slices" if row["splits"] > 1 else "")
-                       + (" *" if row["default"] else ""))
-            mark = " (best)" if row["splits"] == 1 and row["us"] == best else ""
-            lines.append(f"| {batch} | {gemm} ({m} x {n} x {k}) | {variant} | {row['us']:.1f}{mark} | "
-                         f"{row['modeled_steps']:.0f} |")
-    return "\n".join(lines) + "\n"
-
-
 def environment(device: str) -> dict:
     import torch
 
@@ -348,183 +408,50 @@ def environment(device: str) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Judging and writing
 
 
-def report_folder(target: str, precision: str, batch: int) -> str:
-    """reports/ folder of one configuration: cuda-sm90, cuda-sm90-fp16, cuda-sm90-fp16-b8, ..."""
-    return target + ("" if precision == "fp32" else f"-{precision}") + ("" if batch == 1 else f"-b{batch}")
+def measure_baselines(net, configs: list[dict], images: np.ndarray, args: argparse.Namespace) -> dict[str, dict]:
+    """Batch -> PyTorch row name -> latency stats, for the rows the configurations compare with."""
+    pytorch: dict[str, dict] = {}
+    for batch in sorted({c["batch_size"] for c in configs}):
+        wanted = {mode for c in configs if c["batch_size"] == batch for mode in BASELINES[c["precision"]]}
+        for mode in (m for m in TORCH_MODES if m in wanted):
+            if args.skip_compile and TORCH_MODES[mode][2]:
+                continue
+            print(f"[gpu_check] {mode} batch {batch}", file=sys.stderr, flush=True)
+            pytorch.setdefault(str(batch), {})[mode] = measure_torch(
+                net, mode, images[:batch], args.device, args.warmup, args.repeats)
+    return pytorch
 
 
-def config_variant(config: dict) -> str:
-    """How a bundle configuration differs from the default compile ("" where it does not):
-    "no-split-k" for one compiled with --no-gpu-split-k, to compare with."""
-    return "" if config.get("gpu_split_k", True) else "no-split-k"
+def measure_configs(folder: Path, manifest: dict, configs: list[dict], images: np.ndarray, reference: np.ndarray,
+                    args: argparse.Namespace, labels: np.ndarray | None = None) -> list[dict]:
+    """One row per configuration: its artifact against the reference, and timed."""
+    rows = []
+    for config in configs:
+        print(f"[gpu_check] TVM {config['name']}", file=sys.stderr, flush=True)
+        measured = measure_artifact(folder / config["name"], images, reference, config["batch_size"],
+                                    args.warmup, args.repeats, args.device, args.profile_calls,
+                                    manifest["artifacts"][config["name"]].get("kernels"), labels)
+        rows.append({"name": config["name"], "precision": config["precision"],
+                     "batch_size": config["batch_size"], "variant": config_variant(config), **measured})
+    return rows
 
 
-def row_label(row: dict, batch: str = "b") -> str:
-    """"fp16 b8", "fp16 b8 no-split-k" (``batch="batch "``: "fp16 batch 8 ...")."""
-    return f"{row['precision']} {batch}{row['batch_size']}" + (f" {row['variant']}" if row.get("variant") else "")
-
-
-def failed_criteria(rows: list[dict]) -> list[str]:
-    """What keeps the check from passing, one line each (empty: it passes)."""
-    failures = []
+def run_demo(folder: Path, manifest: dict, args: argparse.Namespace) -> dict:
+    """The demo model's rows: its artifacts on its labeled test images against PyTorch float32
+    from the same checkpoint on the same device (top-1, top-5, agreement, errors), and timed."""
+    demo = manifest["demo"]
+    images, labels = demo_images(folder, demo, args.demo_images)
+    net = demo_model(folder, demo)
+    print(f"[gpu_check] demo: PyTorch float32 reference on {len(images)} labeled images", file=sys.stderr, flush=True)
+    reference = reference_logits(net, images, args.device, batch=DEMO_REFERENCE_BATCH)
+    pytorch = measure_baselines(net, demo["configs"], images, args)
+    rows = measure_configs(folder, manifest, demo["configs"], images, reference, args, labels)
     for row in rows:
-        accuracy = row["accuracy"]
-        name = row_label(row, batch="batch ")
-        if accuracy["nan_count"]:
-            failures.append(f"{name}: {accuracy['nan_count']} NaN outputs")
-        if row["precision"] == "fp32" and not accuracy["max_abs_error"] <= FP32_MAX_ABS_ERROR:
-            failures.append(f"{name}: max abs error {accuracy['max_abs_error']:.3g} > {FP32_MAX_ABS_ERROR:g}")
-        if row["precision"] == "fp16" and not accuracy["top1_agreement"] >= FP16_MIN_AGREEMENT:
-            failures.append(f"{name}: top-1 agreement {accuracy['top1_agreement']:.2%} < {FP16_MIN_AGREEMENT:.0%}")
-    return failures
-
-
-def speedups(tvm_ms: float, baselines: dict[str, dict]) -> dict[str, float]:
-    """Baseline median / TVM median per measured baseline (above 1: TVM is faster)."""
-    return {f"vs_{name}": stats["median_ms"] / tvm_ms for name, stats in baselines.items() if "median_ms" in stats}
-
-
-def row_reports(row: dict, results: dict) -> tuple[dict, dict]:
-    """latency.json and accuracy.json of one configuration, as reports/ holds them."""
-    manifest, env = results["manifest"], results["environment"]
-    measured = results["pytorch"].get(str(row["batch_size"]), {})
-    names = BASELINES[row["precision"]]
-    baselines = {name: measured[name] for name in names if name in measured}
-    backends = {"tvm": row["latency"], **{n: s for n, s in baselines.items() if "median_ms" in s}}
-    if names[0] in backends:
-        backends["pytorch"] = backends[names[0]]  # the aggregate report's PyTorch column
-    provenance = {
-        "device": env["gpu"], "gpu": f"{env['gpu']} ({env['compute_capability']}), driver {env['driver']}, CUDA {env['cuda']}",
-        "host": {"cpu": env["cpu"], "cores": env["cores"], "gpu": env["gpu"], "driver": env["driver"], "cuda": env["cuda"]},
-        "tools": env["tools"], "date": results["date"], "commit": manifest["commit"],
-        "command": results["command"],
-    }
-    model = {**manifest["model"], "batch_size": row["batch_size"]}
-    latency = {
-        "target": manifest["target"], "precision": row["precision"], "batch_size": row["batch_size"],
-        **({"variant": row["variant"]} if row.get("variant") else {}),
-        "input_shape": [row["batch_size"], model["in_chans"], model["input_size"], model["input_size"]],
-        "warmup": results["settings"]["warmup"], "model": model, "artifact_bytes": row["artifact_bytes"],
-        "timing": f"synchronized calls on the {results['settings']['device']}, input already on the device, "
-                  f"host copies excluded",
-        "backends": backends,
-        "backend_errors": {n: s["error"] for n, s in baselines.items() if "error" in s},
-        "tvm_speedup": speedups(row["latency"]["median_ms"], {"pytorch": backends.get("pytorch", {}), **baselines}),
-        "provenance": provenance,
-    }
-    accuracy = {
-        "target": manifest["target"], "precision": row["precision"],
-        "reference": f"pytorch float32 on the same {results['settings']['device']}, TF32 off",
-        "data": {"description": f"{results['settings']['images']} random normal inputs (seed {manifest['model']['seed']})",
-                 "count": row["accuracy"]["count"], "labeled": False, "source": "random"},
-        "metrics": row["accuracy"], "model": model, "provenance": provenance,
-    }
-    return latency, accuracy
-
-
-def _ms(stats: dict | None) -> str:
-    if not stats:
-        return "n/a"
-    return f"{stats['median_ms']:.3f}" if "median_ms" in stats else f"failed: {stats['error']}"
-
-
-def row_markdown(latency: dict, accuracy: dict) -> str:
-    origin = latency["provenance"]
-    lines = [
-        f"# ConvNeXt-{latency['model']['variant']} on `{latency['target']}` ({latency['precision'].upper()}, "
-        f"batch {latency['batch_size']}" + (f", {latency['variant']}" if latency.get("variant") else "") + ")", "",
-        f"- device: {origin['gpu']}", f"- host: {origin['host']['cpu']} ({origin['host']['cores']} cores)",
-        f"- date: {origin['date']}", f"- bundle built at commit: {origin['commit']}",
-        f"- tools: " + ", ".join(f"{k} {v}" for k, v in origin["tools"].items()),
-        f"- weights: {latency['model']['weights']}, seed {latency['model']['seed']}",
-        f"- artifact: {latency['artifact_bytes'] / 1e6:.2f} MB", "",
-        f"## Latency ({latency['warmup']} warm-up calls, {latency['backends']['tvm']['repeats']} timed; "
-        f"{latency['timing']})", "",
-        "| backend | median ms | p90 ms | p99 ms | throughput img/s | TVM speed-up |", "|---|---|---|---|---|---|",
-    ]
-    for name, stats in latency["backends"].items():
-        if name == "pytorch":
-            continue
-        speedup = latency["tvm_speedup"].get(f"vs_{name}")
-        lines.append(f"| {name} | {stats['median_ms']:.3f} | {stats['p90_ms']:.3f} | {stats['p99_ms']:.3f} | "
-                     f"{stats['throughput_ips']:.1f} | {f'{speedup:.2f}x' if speedup else '1.00x'} |")
-    for name, error in latency["backend_errors"].items():
-        lines.append(f"| {name} | failed: {error} | | | | |")
-    metrics = accuracy["metrics"]
-    lines += [
-        "", f"## Correctness ({accuracy['data']['description']}; reference: {accuracy['reference']})", "",
-        "| metric | value |", "|---|---|",
-        f"| NaN outputs | {metrics['nan_count']} |", f"| max abs logit error | {metrics['max_abs_error']:.3g} |",
-        f"| relative L2 error | {metrics['relative_l2']:.3g} |",
-        f"| top-1 agreement | {metrics['top1_agreement']:.2%} |", "",
-    ]
-    return "\n".join(lines)
-
-
-def profile_markdown(profile: dict | None) -> str:
-    """report.md's kernel section: the table, or why there is none."""
-    from pipeline import kernel_profile
-
-    if not profile:
-        return ""
-    if "error" in profile:
-        return f"## Kernels\n\nNo kernel table: {profile['error']}.\n"
-    return kernel_profile.markdown(profile["kernels"], profile["summary"], profile["calls"])
-
-
-def summary_markdown(results: dict) -> str:
-    env, manifest = results["environment"], results["manifest"]
-    lines = [
-        f"# GPU check: ConvNeXt-{manifest['model']['variant']} ({manifest['target']}) on {env['gpu']}", "",
-        f"{results['date']}; driver {env['driver']}, CUDA {env['cuda']}, torch {env['tools']['torch']}, "
-        f"TVM {env['tools']['apache-tvm']} (runtime only); bundle from commit {manifest['commit']}.", "",
-        "| configuration | TVM ms | " + " | ".join(TORCH_MODES) + " | NaN | max abs err | rel L2 | top-1 agree |",
-        "|---|---|" + "---|" * len(TORCH_MODES) + "---|---|---|---|",
-    ]
-    for row in results["rows"]:
-        torch_rows = results["pytorch"].get(str(row["batch_size"]), {})
-        accuracy = row["accuracy"]
-        lines.append(
-            f"| {row_label(row)} | {row['latency']['median_ms']:.3f} | "
-            + " | ".join(_ms(torch_rows.get(mode)) for mode in TORCH_MODES)
-            + f" | {accuracy['nan_count']} | {accuracy['max_abs_error']:.3g} | {accuracy['relative_l2']:.3g} | "
-            f"{accuracy['top1_agreement']:.2%} |")
-    failures = results["failures"]
-    lines += ["", "Criteria: " + ("all hold." if not failures else "FAILED: " + "; ".join(failures)), ""]
-    return "\n".join(lines)
-
-
-def write_outputs(results: dict, out: Path, pack: bool = False) -> None:
-    """OUT/gpu_check.json, OUT/summary.md and OUT/reports/<folder>/ for every configuration
-    (with ``pack``, OUT/reports.tar.gz holding those folders instead)."""
-    out.mkdir(parents=True, exist_ok=True)
-    reports = out / ("reports.tmp" if pack else "reports")
-    for row in results["rows"]:
-        latency, accuracy = row_reports(row, results)
-        folder = reports / report_folder(results["manifest"]["target"], row["precision"], row["batch_size"])
-        if row.get("variant"):  # beside the configuration it varies, where reports/aggregate.py does not look
-            folder = folder / row["variant"]
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "latency.json").write_text(json.dumps(latency, indent=2, sort_keys=True) + "\n")
-        (folder / "accuracy.json").write_text(json.dumps(accuracy, indent=2, sort_keys=True) + "\n")
-        profile = row.get("kernel_profile")
-        if profile:
-            (folder / "kernels.json").write_text(json.dumps(profile, indent=2, sort_keys=True) + "\n")
-        (folder / "report.md").write_text(row_markdown(latency, accuracy) + profile_markdown(profile))
-    if pack:
-        with tarfile.open(out / "reports.tar.gz", "w:gz") as archive:
-            archive.add(reports, arcname="reports")
-        shutil.rmtree(reports)
-    if results.get("gemm_sweep") is not None:
-        (out / "gemm_sweep.md").write_text(gemm_sweep_markdown(results["gemm_sweep"]))
-    (out / "gpu_check.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    (out / "summary.md").write_text(summary_markdown(results))
-
-
-# ---------------------------------------------------------------------------
+        row["model"] = DEMO
+    return {"model": demo["model"], "configs": demo["configs"], "data": demo_data(demo, len(images)),
+            "pytorch": pytorch, "rows": rows}
 
 
 def run_check(args: argparse.Namespace) -> dict:
@@ -532,6 +459,8 @@ def run_check(args: argparse.Namespace) -> dict:
 
     if args.repeats < MIN_REPEATS and args.device == "cuda":
         raise CheckError(f"--repeats {args.repeats} is below {MIN_REPEATS}; the report's medians need at least that")
+    if args.demo_images < 0:
+        raise CheckError(f"--demo-images {args.demo_images} is negative; give a count of images, or 0 for all of them")
     if args.profile_calls < 0:
         raise CheckError(f"--profile-calls {args.profile_calls} is negative; give a count of calls, or 0 for no kernel table")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -544,24 +473,9 @@ def run_check(args: argparse.Namespace) -> dict:
     print(f"[gpu_check] PyTorch float32 reference on {len(images)} inputs", file=sys.stderr, flush=True)
     reference = reference_logits(net, images, args.device)
 
-    batches = sorted({c["batch_size"] for c in manifest["configs"]})
-    pytorch: dict[str, dict] = {}
-    for batch in batches:
-        wanted = {mode for c in manifest["configs"] if c["batch_size"] == batch for mode in BASELINES[c["precision"]]}
-        for mode in (m for m in TORCH_MODES if m in wanted):
-            if args.skip_compile and TORCH_MODES[mode][2]:
-                continue
-            print(f"[gpu_check] {mode} batch {batch}", file=sys.stderr, flush=True)
-            pytorch.setdefault(str(batch), {})[mode] = measure_torch(
-                net, mode, images[:batch], args.device, args.warmup, args.repeats)
-    rows = []
-    for config in manifest["configs"]:
-        print(f"[gpu_check] TVM {config['name']}", file=sys.stderr, flush=True)
-        measured = measure_artifact(folder / config["name"], images, reference, config["batch_size"],
-                                    args.warmup, args.repeats, args.device, args.profile_calls,
-                                    manifest["artifacts"][config["name"]].get("kernels"))
-        rows.append({"name": config["name"], "precision": config["precision"],
-                     "batch_size": config["batch_size"], "variant": config_variant(config), **measured})
+    pytorch = measure_baselines(net, manifest["configs"], images, args)
+    rows = measure_configs(folder, manifest, manifest["configs"], images, reference, args)
+    demo = run_demo(folder, manifest, args) if manifest.get("demo") else None
     sweep = None
     if manifest.get("gemm_sweep") and args.device == "cuda" and args.sweep_ms > 0:
         print(f"[gpu_check] GEMM sweep: {len(manifest['gemm_sweep']['kernels'])} kernels", file=sys.stderr, flush=True)
@@ -575,8 +489,9 @@ def run_check(args: argparse.Namespace) -> dict:
         "command": "gpu_check.py " + " ".join(sys.argv[1:]),
         "pytorch": pytorch,
         "rows": rows,
+        **({DEMO: demo} if demo is not None else {}),
         **({"gemm_sweep": sweep} if sweep is not None else {}),
-        "failures": failed_criteria(rows),
+        "failures": failed_criteria(rows + (demo["rows"] if demo else [])),
     }
 
 

@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from calibration import fashion_mnist
+from demo_model import model_args
+
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_bundle.py"
@@ -41,8 +44,10 @@ def _build(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 def bundle(tmp_path_factory) -> Path:
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc (CUDA toolkit) is not installed")
+    if not fashion_mnist.available():
+        pytest.skip("Fashion-MNIST is not installed (the demo's test images)")
     tmp_path = tmp_path_factory.mktemp("gpu-bundle")
-    built = _build(tmp_path, "--target", "cuda-sm90", "--configs", "fp32:1,fp16:1,fp16:8")
+    built = _build(tmp_path, "--target", "cuda-sm90", "--configs", "fp32:1,fp16:1,fp16:8", "--demo-args", model_args())
     assert built.returncode == 0, built.stderr
     return tmp_path / "bundle"
 
@@ -52,7 +57,7 @@ def test_the_bundle_holds_the_check_the_runtime_and_the_artifacts(bundle):
     names = sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file())
     wheel = [n for n in names if n.startswith("runtime/apache_tvm_ffi-")]
     assert len(wheel) == 1 and "-cp312-" in wheel[0]
-    assert {"README.md", "artifacts.tar.xz", "gpu_check.py", "manifest.json", "run.sh",
+    assert {"README.md", "artifacts.tar.xz", "gpu_check.py", "gpu_check_report.py", "manifest.json", "run.sh",
             "runtime/tvm-runtime.tar.xz"} <= set(names)
     assert sorted(n for n in names if n.startswith("lib/")) == sorted(
         ["lib/pipeline/__init__.py", "lib/pipeline/runtime/__init__.py"]
@@ -68,8 +73,8 @@ def test_the_bundle_holds_the_check_the_runtime_and_the_artifacts(bundle):
         members = {m.name.removeprefix("./") for m in archive.getmembers() if m.isfile()}
     for name in ("fp32-b1", "fp16-b1", "fp16-b8"):
         assert {f"{name}/model.so", f"{name}/model.so.json", f"{name}/model.cu"} <= members
-    # One weights file: fp32 and fp16 b8 are derived from fp16 b1 on the GPU machine.
-    assert [m for m in members if m.endswith(".npz")] == ["fp16-b1/model.params.npz"]
+    # One seeded weights file: fp32 and fp16 b8 are derived from fp16 b1 on the GPU machine.
+    assert [m for m in members if m.endswith(".npz") and not m.startswith("demo")] == ["fp16-b1/model.params.npz"]
     assert manifest["artifacts"]["fp32-b1"]["derived_params"]["from"] == "fp16-b1/model.params.npz"
     # Compile's record of each kernel travels along, for the check's kernel table.
     for name in ("fp32-b1", "fp16-b1", "fp16-b8"):
@@ -155,3 +160,36 @@ def test_bad_settings_are_one_line_errors(tmp_path):
         assert result.stderr.strip().startswith(message), result.stderr
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "bundle").exists()
+
+
+@pytest.mark.slow
+def test_the_bundle_carries_the_demo_model_its_checkpoint_and_its_labeled_test_set(bundle, tmp_path):
+    """make gpu-bundle's --demo-args: the MODEL_ARGS model's cuda-sm90 artifacts from its trained
+    checkpoint (carried as it is, checked by sha256) and its 10 000 labeled test images."""
+    gpu_check = _gpu_check()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    demo = manifest["demo"]
+    assert [c["name"] for c in demo["configs"]] == ["demo-fp32-b1", "demo-fp16-b1"]
+    assert [c["name"] for c in manifest["configs"]] == ["fp32-b1", "fp16-b1", "fp16-b8"]  # the demo's apart
+    record = json.loads((REPO / "models" / "convnext-micro-fmnist.json").read_text())
+    assert demo["model"]["checkpoint_sha256"] == record["sha256"]
+    assert demo["data"]["source"] == "fashion-mnist:test" and demo["data"]["set_size"] == 10000
+    with tarfile.open(bundle / "artifacts.tar.xz") as archive:
+        members = {m.name.removeprefix("./") for m in archive.getmembers() if m.isfile()}
+    assert {demo["model"]["checkpoint"], demo["data"]["file"]} <= members
+    for name in ("demo-fp32-b1", "demo-fp16-b1"):
+        entry = manifest["artifacts"][name]
+        assert entry["input"]["shape"] == [1, 1, 32, 32] and entry["output"]["shape"] == [1, 10]
+        # Trained weights are not a cast of each other: each artifact stores its own.
+        assert f"{name}/model.params.npz" in members and "derived_params" not in entry
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    folder = gpu_check.unpack_artifacts(copy, manifest)  # every digest holds
+    images, labels = gpu_check.demo_images(folder, demo)
+    assert images.shape == (10000, 1, 32, 32) and labels.shape == (10000,)
+    import torch
+
+    trained = torch.load(REPO / "models" / "convnext-micro-fmnist.pth", weights_only=True)["model"]
+    loaded = gpu_check.demo_model(folder, demo).state_dict()
+    assert set(loaded) == set(trained) and all(torch.equal(loaded[k], trained[k]) for k in trained)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from calibration import fashion_mnist
+from demo_model import model_args
 from pipeline.compare import compare_logits
 from pipeline.latency_stats import latency_stats
 
@@ -29,6 +30,7 @@ def _load(name: str):
 
 
 gpu_check = _load("gpu_check")
+check_report = _load("gpu_check_report")
 
 
 def _row(precision: str, batch: int, reference: np.ndarray, output: np.ndarray, ms: float) -> dict:
@@ -165,7 +167,7 @@ def test_the_gemm_sweep_times_each_kernel_of_its_library_and_tables_them_per_gem
     sweep = gpu_check.measure_gemm_sweep(tmp_path, listing, "cpu", 1)
     assert "error" not in sweep and [r["kernel"] for r in sweep["rows"]] == ["t64", "t16"]
     assert all(r["us"] > 0 and "args" not in r for r in sweep["rows"])
-    text = gpu_check.gemm_sweep_markdown(sweep)
+    text = check_report.gemm_sweep_markdown(sweep)
     assert "| 1 | fused_matmul1 (64 x 64 x 64) | 64x64 * |" in text and "| 16x16, 2 slices |" in text
     assert text.count("(best)") == 1
     # A split's partial GEMM lacks its sum kernel's time: never the best, however fast.
@@ -182,10 +184,10 @@ def test_a_negative_profile_count_is_a_one_line_error(capsys):
 
 
 def test_report_folders_follow_the_repository_naming():
-    assert gpu_check.report_folder("cuda-sm90", "fp32", 1) == "cuda-sm90"
-    assert gpu_check.report_folder("cuda-sm90", "fp16", 1) == "cuda-sm90-fp16"
-    assert gpu_check.report_folder("cuda-sm90", "fp16", 8) == "cuda-sm90-fp16-b8"
-    assert gpu_check.report_folder("x86", "int8", 1) == "x86-int8"
+    assert check_report.report_folder("cuda-sm90", "fp32", 1) == "cuda-sm90"
+    assert check_report.report_folder("cuda-sm90", "fp16", 1) == "cuda-sm90-fp16"
+    assert check_report.report_folder("cuda-sm90", "fp16", 8) == "cuda-sm90-fp16-b8"
+    assert check_report.report_folder("x86", "int8", 1) == "x86-int8"
 
 
 def test_the_default_bundle_offers_no_int8_on_gpu_targets():
@@ -250,17 +252,19 @@ def test_the_whole_check_runs_on_a_cpu_bundle(tmp_path):
     """Everything but CUDA, end to end: a bundle built for x86, unpacked, weights derived and
     verified, PyTorch reference, TVM rows, reports; so a GPU session spends no time on bugs."""
     configs = "fp32:1,int8:1" if fashion_mnist.available() else "fp32:1"
+    # The demo model on part of its test set (x86 offers no fp16: its fp32 only).
+    demo = ["--demo-args", model_args()] if fashion_mnist.available() else []
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     built = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "gpu_bundle.py"), "--variant", "micro", "--input-size", "32",
-         "--num-classes", "10", "--target", "x86", "--configs", configs, "--calib-size", "8",
+         "--num-classes", "10", "--target", "x86", "--configs", configs, "--calib-size", "8", *demo,
          "--output", str(tmp_path / "bundle"), "--artifacts", str(tmp_path / "artifacts")],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert built.returncode == 0, built.stderr
     checked = subprocess.run(
         [sys.executable, str(tmp_path / "bundle" / "gpu_check.py"), "--device", "cpu", "--skip-compile",
-         "--images", "16", "--warmup", "1", "--repeats", "5", "--out", str(tmp_path / "out")],
+         "--images", "16", "--demo-images", "400", "--warmup", "1", "--repeats", "5", "--out", str(tmp_path / "out")],
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, capture_output=True, text=True,
         timeout=600,
     )
@@ -273,3 +277,11 @@ def test_the_whole_check_runs_on_a_cpu_bundle(tmp_path):
     assert "kernel_profile" not in fp32  # the profiler's table is for CUDA devices
     assert results["settings"]["profile_calls"] == 0
     assert (tmp_path / "out" / "reports" / "x86" / "report.md").is_file()
+    if demo:
+        [row] = results["demo"]["rows"]
+        assert row["name"] == "demo-fp32-b1" and row["accuracy"]["count"] == 400
+        # The TVM build of the trained checkpoint scores as PyTorch does on the same labeled images.
+        assert row["accuracy"]["top1_agreement"] == 1.0 and row["accuracy"]["max_abs_error"] < 1e-4
+        assert row["accuracy"]["top1"] == row["accuracy"]["reference_top1"] > 0.85
+        accuracy = json.loads((tmp_path / "out" / "reports" / "x86-demo" / "accuracy.json").read_text())
+        assert accuracy["data"]["description"].endswith("the set has 10000 images: using the first 400")
