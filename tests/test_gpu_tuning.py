@@ -108,7 +108,7 @@ def test_tensor_core_candidates_build_with_nvcc_and_compute_like_the_default(sma
 
     from pipeline.compiler import nvcc
     from pipeline.compiler.tensor_intrinsics import load_tensor_intrinsics
-    from pipeline.compiler.tuning import tuner
+    from pipeline.compiler.tuning import measuring, tuner
     from pipeline.verify.cuda_emulator import gpu_build, kernel_check
 
     target = get_target(target_name)
@@ -121,7 +121,7 @@ def test_tensor_core_candidates_build_with_nvcc_and_compute_like_the_default(sma
 
     # The tuner's own builder: the project's nvcc, linked for the target (aarch64 for Jetson).
     assert not nvcc.FAST_MATH
-    built = tuner.make_builder(target, tuner.TuneSettings()).build(
+    built = measuring.make_builder(target, measuring.TuneSettings()).build(
         [ms.builder.BuilderInput(sch.mod, tvm_target) for sch in [default, *on_tensor_cores[:2]]])
     try:
         ok = [sch for sch, result in zip([default, *on_tensor_cores[:2]], built) if result.error_msg is None]
@@ -212,7 +212,7 @@ def test_the_tuner_times_the_default_gpu_schedule_first_then_searches_tensor_cor
 
     from pipeline.compiler.records import open_database, read_meta
     from pipeline.compiler.schedules.apply import defaults_version
-    from pipeline.compiler.tuning import tuner
+    from pipeline.compiler.tuning import measuring, tuner
 
     @derived_object
     class StandIn(ms.runner.PyRunner):
@@ -229,12 +229,12 @@ def test_the_tuner_times_the_default_gpu_schedule_first_then_searches_tensor_cor
             return futures
 
     stand_in = StandIn()
-    monkeypatch.setattr(tuner, "make_runner", lambda *args, **kwargs: stand_in)
-    monkeypatch.setattr(tuner, "local_measure_problem", lambda target: None)
+    monkeypatch.setattr(measuring, "make_runner", lambda *args, **kwargs: stand_in)
+    monkeypatch.setattr(measuring, "local_measure_problem", lambda target: None)
     lines: list[str] = []
     db_dir = tmp_path / "db"
     summary = tuner.tune(small_onnx, get_target("cuda-sm90"), db_dir, "micro", precision="fp16", say=lines.append,
-                         settings=tuner.TuneSettings(trials_per_task=1, round_trials=1, max_tasks=1, population=8))
+                         settings=measuring.TuneSettings(trials_per_task=1, round_trials=1, max_tasks=1, population=8))
     (task,) = [t for t in summary["tasks"] if t["trials"]]
     assert task["default_s"] is not None and task["trials"] == 1 and task["best_s"] < task["default_s"]
     assert lines.index(next(l for l in lines if l.startswith("[tune] baseline 1/1"))) < \

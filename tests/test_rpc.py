@@ -144,7 +144,7 @@ def test_a_farm_of_boards_under_one_key_measures_candidates_at_once(tmp_path):
     from tvm import te
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline.compiler.tuning import tuner
+    from pipeline.compiler.tuning import measuring
 
     target = get_target("x86")
     # An unscheduled 640^3 matmul: most of a second a call, so a session (9 calls) lasts
@@ -154,14 +154,14 @@ def test_a_farm_of_boards_under_one_key_measures_candidates_at_once(tmp_path):
     c = te.compute((640, 640), lambda i, j: te.sum(a[i, k] * a[k, j], axis=k), name="c")
     mod = tvm.IRModule({"main": te.create_prim_func([a, c])})
     with loopback_tracker(tmp_path, "farm", servers=2) as address:
-        settings = tuner.TuneSettings(rpc_tracker=address, rpc_key="farm")
-        boards = tuner.check_rpc(target, settings)
+        settings = measuring.TuneSettings(rpc_tracker=address, rpc_key="farm")
+        boards = measuring.check_rpc(target, settings)
         assert boards == 2
-        assert tuner.workers_line(target, settings, boards) == (
-            f"building on {tuner.build_workers()} cores, measuring on 2 boards under key farm")
-        built = tuner.make_builder(target, settings).build([ms.builder.BuilderInput(mod, tvm.target.Target(target.tvm_target))])
+        assert measuring.workers_line(target, settings, boards) == (
+            f"building on {measuring.build_workers()} cores, measuring on 2 boards under key farm")
+        built = measuring.make_builder(target, settings).build([ms.builder.BuilderInput(mod, tvm.target.Target(target.tvm_target))])
         assert built[0].error_msg is None, built[0].error_msg
-        runner = tuner.make_runner(target, settings)  # N from the tracker's summary
+        runner = measuring.make_runner(target, settings)  # N from the tracker's summary
         inputs = [ms.runner.RunnerInput(built[0].artifact_path, "cpu", ms.arg_info.ArgInfo.from_prim_func(mod["main"]))] * 2
         # The first pair starts the runner's worker processes (seconds apart on a busy
         # machine); the second pair finds both running.

@@ -87,7 +87,7 @@ def test_the_time_budget_stops_the_baselines_keeps_them_and_resume_continues(mic
     """Issue #26: `--time-budget 0.2` measured the baselines of every task for 417 s, with no
     counter. The budget now ends the baseline phase between tasks, the tasks measured are
     kept, and a resumed run measures the next one; the search checks it before each round."""
-    from pipeline.compiler.tuning import tuner
+    from pipeline.compiler.tuning import measuring, tuner
     from targets import get_target
 
     clock = _Clock()
@@ -102,7 +102,7 @@ def test_the_time_budget_stops_the_baselines_keeps_them_and_resume_continues(mic
 
     monkeypatch.setattr(tuner._Tuner, "measure_baselines", measure_then_spend_the_budget)
     db_dir = tmp_path / "db"
-    settings = tuner.TuneSettings(time_budget_s=600.0, max_tasks=2, trials_per_task=2, round_trials=2)
+    settings = measuring.TuneSettings(time_budget_s=600.0, max_tasks=2, trials_per_task=2, round_trials=2)
 
     def run(resume: bool) -> tuple[dict, list[str]]:
         clock.offset = 0.0

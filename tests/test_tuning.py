@@ -183,7 +183,7 @@ def test_compile_and_resume_keep_every_good_record_beside_a_garbage_line(tuned, 
     """Issue 26: compile dropped all records for one bad line, and --resume refused the
     database and said to delete it."""
     from pipeline.compiler.backend import compile_onnx
-    from pipeline.compiler.tuning import tuner
+    from pipeline.compiler.tuning import measuring, tuner
     from targets import get_target
 
     target = get_target("x86")
@@ -201,7 +201,7 @@ def test_compile_and_resume_keep_every_good_record_beside_a_garbage_line(tuned, 
     # A resumed run (its tasks done already: nothing to time) keeps them all.
     state = json.loads((copy / "tune_state.json").read_text())["tasks"]
     done = max(task["trials"] for task in state.values())
-    tuner.tune(onnx_path, target, copy, DB.name, tuner.TuneSettings(trials_per_task=done, max_tasks=1, resume=True),
+    tuner.tune(onnx_path, target, copy, DB.name, measuring.TuneSettings(trials_per_task=done, max_tasks=1, resume=True),
                input_shape=(1, 3, 32, 32), say=lambda line: None)
     assert _records(copy) == records
     assert "line 2 not a record" in capsys.readouterr().err
@@ -453,7 +453,7 @@ def _as_tuned_on(db_dir: Path, copy: Path, mcpu: str) -> Path:
 def test_records_shipped_for_another_cpu_are_not_applied_but_seed_tuning_timed_here(
         tuned, tmp_path, monkeypatch, capsys):
     from pipeline.compiler.tuning import database
-    from pipeline.compiler.tuning import tuner
+    from pipeline.compiler.tuning import measuring, tuner
     from targets import get_target
 
     target = get_target("x86")
@@ -481,7 +481,7 @@ def test_records_shipped_for_another_cpu_are_not_applied_but_seed_tuning_timed_h
     assert seed == other
     onnx_path = next((tuned / "artifacts" / "simplify").glob("*/model.sim.onnx"))
     summary = tuner.tune(onnx_path, target, fresh, key,
-                              tuner.TuneSettings(trials_per_task=0, max_tasks=1),
+                              measuring.TuneSettings(trials_per_task=0, max_tasks=1),
                               input_shape=(1, 3, 32, 32), seed_dir=seed, say=lambda line: None)
     top = summary["tasks"][0]
     assert top["seed_s"] is not None and top["default_s"] is not None
@@ -491,11 +491,11 @@ def test_records_shipped_for_another_cpu_are_not_applied_but_seed_tuning_timed_h
 
 
 def test_a_device_target_without_a_tracker_says_how_to_connect_one():
-    from pipeline.compiler.tuning import tuner
+    from pipeline.compiler.tuning import measuring
     from targets import get_target
 
     with pytest.raises(PipelineError, match="--rpc-tracker HOST:9190 --rpc-key arm-a72"):
-        tuner.check_rpc(get_target("arm-a72"), tuner.TuneSettings())
+        measuring.check_rpc(get_target("arm-a72"), measuring.TuneSettings())
 
 
 def test_a_tracker_that_does_not_answer_times_out_clearly(tmp_path):

@@ -83,10 +83,9 @@ def tune_command(**options) -> None:
     validate_config(config, None)
 
     # Imported after the cheap checks: MetaSchedule pulls in all of TVM's compiler.
-    from pipeline.compiler.tuning import database
-    from pipeline.compiler.tuning import tuner
+    from pipeline.compiler.tuning import database, measuring, tuner
 
-    settings = tuner.TuneSettings(
+    settings = measuring.TuneSettings(
         trials=trials, trials_per_task=trials_per_task,
         time_budget_s=time_budget * 60 if time_budget is not None else None,
         max_tasks=max_tasks, resume=options["resume"], rpc_tracker=rpc_tracker, rpc_key=rpc_key,
@@ -104,7 +103,7 @@ def tune_command(**options) -> None:
     else:
         # A device target without a tracker, or a tracker that does not answer, fails here,
         # before the model is built.
-        workers = tuner.workers_line(resolved, settings, tuner.check_rpc(resolved, settings))
+        workers = measuring.workers_line(resolved, settings, measuring.check_rpc(resolved, settings))
     log(f"pipeline tune for target {resolved.name}: {resolved.target_json()} -> {db_dir}; {workers}")
     log(config.describe())
     log(settings.describe())

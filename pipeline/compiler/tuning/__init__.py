@@ -1,3 +1,4 @@
-"""MetaSchedule tuning: database.py (where records live, reading, merging, shipping) and
-tuner.py (tasks and the tuning loop).
+"""MetaSchedule tuning: database.py (where records live, reading, merging, shipping),
+tasks.py (the kernels to tune), tuner.py (the tuning loop) and measuring.py (how and where
+candidates are built and timed).
 """

@@ -40,9 +40,9 @@ from tvm.s_tir import Schedule, Trace
 from tvm.s_tir import meta_schedule as ms
 
 from pipeline import artifacts
-from pipeline.compiler.tuning import tuner
 from pipeline.compiler.records import META_FILE, RECORD_FILE, WORKLOAD_FILE, database_problem, open_database, read_meta
 from pipeline.compiler.schedules.apply import defaults_version
+from pipeline.compiler.tuning import measuring, tuner
 from pipeline.compiler.tuning.database import cpu_tag, write_json, write_meta
 from pipeline.compiler.tuning.tasks import Task, extract_tasks, fused_module
 from pipeline.engine import log
@@ -144,7 +144,7 @@ class _Candidate:
 class MeasureRounds:
     """`pipeline tune --measure-bundle/--measure-results` for one target, model and database."""
 
-    def __init__(self, target: Target, settings: "tuner.TuneSettings", db_dir: Path, key: str,
+    def __init__(self, target: Target, settings: "measuring.TuneSettings", db_dir: Path, key: str,
                  bundle_dir: Path | None, results_path: Path | None, say: Callable[[str], None] = log):
         self.target, self.settings, self.db_dir, self.key = target, settings, Path(db_dir), key
         self.say = say
@@ -190,7 +190,7 @@ class MeasureRounds:
         return "\n".join(lines)
 
     def workers_line(self) -> str:
-        return (f"building on {tuner.build_workers()} cores, measuring on the board with "
+        return (f"building on {measuring.build_workers()} cores, measuring on the board with "
                 f"{self.bundle_dir}/measure.py (no network path)")
 
     # -- the round ------------------------------------------------------------------------
@@ -319,7 +319,7 @@ class MeasureRounds:
         """An XGBoost cost model trained on every record of the tasks (as MetaSchedule's
         UpdateCostModel trains it during a search), and the structural hashes of the
         schedules already measured per task: the search does not offer them again."""
-        cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=tuner.build_workers())
+        cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=measuring.build_workers())
         by_workload = {tvm_ffi.structural_hash(database.commit_workload(t.mod).mod): t for t in tasks}
         grouped: dict[str, tuple[Task, list, list]] = {}
         for record in database.get_all_tuning_records():
@@ -347,7 +347,7 @@ class MeasureRounds:
             mod=task.mod, target=self.tvm_target, space_generator=tuner.space_generator(kind),
             search_strategy=ms.search_strategy.EvolutionarySearch(
                 population_size=population, init_min_unmeasured=min(50, population)),
-            task_name=task.name, rand_state=seed, num_threads=tuner.build_workers(),
+            task_name=task.name, rand_state=seed, num_threads=measuring.build_workers(),
         ).clone()
 
     def _search(self, task: Task, count: int, seed: int, database, cost_model, measured: set[int]) -> list[Schedule]:
@@ -423,13 +423,13 @@ class MeasureRounds:
         """Build every candidate and write the bundle (complete, or not at all), then the
         round in flight."""
         target, say = self.target, self.say
-        builder = tuner.make_builder(target, self.settings, measured_here=False)
+        builder = measuring.make_builder(target, self.settings, measured_here=False)
         bundle_id = f"{target.name}-r{number}-{uuid.uuid4().hex[:12]}"
         self.bundle_dir.parent.mkdir(parents=True, exist_ok=True)
         temp = Path(tempfile.mkdtemp(prefix=f".{self.bundle_dir.name}.tmp-", dir=self.bundle_dir.parent))
         try:
             (temp / "candidates").mkdir()
-            say(f"[tune] round {number}: building {len(candidates)} candidates on {tuner.build_workers()} cores")
+            say(f"[tune] round {number}: building {len(candidates)} candidates on {measuring.build_workers()} cores")
             built = builder.build([ms.builder.BuilderInput(c.sch.mod, self.tvm_target) for c in candidates])
             listed, pending, failures = [], {}, 0
             for index, (candidate, result) in enumerate(zip(candidates, built)):
@@ -453,7 +453,7 @@ class MeasureRounds:
             runner_source = Path(measure_runner.__file__)
             shutil.copyfile(runner_source, temp / "measure.py")
             shutil.copyfile(Path(runtime_only.__file__), temp / "runtime_only.py")
-            evaluator = tuner._evaluator()
+            evaluator = measuring._evaluator()
             manifest = {
                 "format": measure_runner.BUNDLE_FORMAT, "bundle_id": bundle_id, "round": number,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": command,

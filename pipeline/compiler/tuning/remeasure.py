@@ -35,6 +35,7 @@ from pipeline.compiler.records import (
 from pipeline.compiler.schedules.cpu import DEFAULT_SCHEDULE_VERSION, default_schedule
 from pipeline.compiler.tensor_intrinsics import load_tensor_intrinsics
 from pipeline.compiler.tuning import database as db
+from pipeline.compiler.tuning import measuring
 from pipeline.compiler.tuning import tuner
 from pipeline.engine import log
 from pipeline.errors import PipelineError
@@ -72,8 +73,8 @@ def remeasure_database(db_dir: Path, *, margin: float = DEFAULT_MARGIN,
     load_tensor_intrinsics()
     database = open_database(db_dir, None, strict=True)
     tvm_target = tvm.target.Target(target.tvm_target)
-    settings = tuner.TuneSettings()
-    builder, runner = tuner.make_builder(target, settings), tuner.make_runner(target, settings)
+    settings = measuring.TuneSettings()
+    builder, runner = measuring.make_builder(target, settings), measuring.make_runner(target, settings)
     names = _kernel_names(db_dir)
     workloads = _workloads(database)
     rows: list[dict[str, Any]] = []
