@@ -600,7 +600,7 @@ def build_bundle(args: argparse.Namespace) -> dict:
             "runtime": runtime,
             "commit": _commit(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": "benchmarks/gpu_bundle.py " + " ".join(sys.argv[1:]),
+            "command": "benchmarks/gpu_bundle.py " + shlex.join(sys.argv[1:]),
         }
         (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         (bundle / "README.md").write_text(readme(manifest))
