@@ -3,7 +3,7 @@
 
 Registered on the main app by `pipeline.cli` with `register(app)`. Records go to
 ``artifacts/tune/<target>/<model-key>/``; `pipeline compile` with the same model settings
-picks them up (see pipeline/compiler/tuning/tuner.py for the layout and the shipped ``tuning/`` tree).
+picks them up (see pipeline/compiler/tuning/database.py for the layout and the shipped ``tuning/`` tree).
 """
 
 from __future__ import annotations
