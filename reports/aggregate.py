@@ -14,7 +14,6 @@ what it has.
 from __future__ import annotations
 
 import json
-import math
 import platform
 import re
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from pipeline import artifacts
 from pipeline.config import PRECISIONS
 from pipeline.errors import PipelineError
 from reports import history
+from reports.rows import ModelKey, Row, as_dict, as_number
 from reports.target_report import BOARD_LATENCY, emulated_by, pct, stands_on
 from reports.tuning_curve import curve_database
 from reports.warn import warn
@@ -58,156 +58,8 @@ SET_SIZE = re.compile(r"has (\d+) images")
 TargetLookup = Callable[[str], Any]
 
 
-def _dict(value: Any) -> dict:
-    return value if isinstance(value, dict) else {}
-
-
-def _num(value: Any) -> float | None:
-    """A finite number from a report, or None for anything else (absent, null, text, NaN)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-@dataclass(frozen=True)
-class ModelKey:
-    """What makes two reports comparable in one table."""
-
-    variant: str
-    num_classes: int | None
-    input_shape: tuple[int, ...] | None
-
-    def label(self) -> str:
-        classes = "? classes" if self.num_classes is None else f"{self.num_classes} classes"
-        shape = "input ?" if self.input_shape is None else "input " + "x".join(map(str, self.input_shape))
-        return f"{self.variant}, {classes}, {shape}"
-
-    def text(self) -> str:
-        """The model's name in history.jsonl."""
-        shape = "?" if self.input_shape is None else "x".join(map(str, self.input_shape))
-        return f"{self.variant}/{'?' if self.num_classes is None else self.num_classes}/{shape}"
-
-    def slug(self) -> str:
-        """A file-name-safe form, for the plots."""
-        return re.sub(r"[^A-Za-z0-9._-]+", "-", self.text().replace("/", "-")).strip("-") or "model"
-
-    def sort_key(self) -> tuple:
-        return (self.variant, self.num_classes is None, self.num_classes or 0, self.input_shape or ())
-
-
 # The table that holds the "not measured" rows when nothing at all has been measured.
 NO_MEASUREMENTS = ModelKey("no measurements yet", None, None)
-
-
-@dataclass
-class Row:
-    """One target x precision of one model: a measurement (whole or half) or the reason there is none."""
-
-    target: str
-    precision: str
-    model: ModelKey
-    folder: str | None = None
-    latency: dict | None = None
-    accuracy: dict | None = None
-    not_measured: str | None = None
-    flags: list[str] = field(default_factory=list)
-    previous: dict | None = None
-
-    @property
-    def measured(self) -> bool:
-        return self.latency is not None or self.accuracy is not None
-
-    @property
-    def label(self) -> str:
-        return f"{self.target} {self.precision}"
-
-    def _record(self) -> dict:
-        return self.latency if self.latency is not None else self.accuracy or {}
-
-    @property
-    def provenance(self) -> dict:
-        return _dict(self._record().get("provenance"))
-
-    @property
-    def tvm(self) -> dict:
-        return _dict(_dict(_dict(self.latency).get("backends")).get("tvm"))
-
-    @property
-    def metrics(self) -> dict:
-        return _dict(_dict(self.accuracy).get("metrics"))
-
-    @property
-    def median_ms(self) -> float | None:
-        return _num(self.tvm.get("median_ms"))
-
-    def speedup(self, backend: str) -> float | None:
-        return _num(_dict(_dict(self.latency).get("tvm_speedup")).get(f"vs_{backend}"))
-
-    def fastest_pytorch(self) -> tuple[str, float] | None:
-        """(backend name, median ms) of the fastest PyTorch configuration measured beside TVM
-        (eager, channels_last, torch.compile, CUDA graphs...), or None."""
-        timed = [(median, name == "pytorch", name) for name, stats in _dict(_dict(self.latency).get("backends")).items()
-                 if name.startswith(("pytorch", "torch_")) and (median := _num(_dict(stats).get("median_ms")))]
-        # "pytorch" can alias a named configuration of the same time: the named one says more.
-        return (min(timed)[2], min(timed)[0]) if timed else None
-
-    @property
-    def top1(self) -> float | None:
-        return _num(self.metrics.get("top1"))
-
-    @property
-    def agreement(self) -> float | None:
-        return _num(self.metrics.get("top1_agreement"))
-
-    @property
-    def samples_ms(self) -> tuple[float, ...]:
-        """Raw per-call latencies, when bench recorded them (optional `samples_ms`)."""
-        samples = self.tvm.get("samples_ms")
-        if not isinstance(samples, list):
-            return ()
-        values = [_num(v) for v in samples]
-        return tuple(v for v in values if v is not None)
-
-    @property
-    def tuning(self) -> str:
-        """Tuning used, from model.tuning (see reports.target_report.describe_tuning)."""
-        from reports.target_report import describe_tuning
-
-        return describe_tuning(_dict(self._record().get("model")).get("tuning"))
-
-    @property
-    def tuning_database(self) -> str | None:
-        """The tuning database compile applied, as the report recorded it."""
-        database = _dict(_dict(self._record().get("model")).get("tuning")).get("database")
-        return database if isinstance(database, str) else None
-
-    @property
-    def records(self) -> str:
-        """The tuning records the artifact was compiled with: database and content hash, or "none"."""
-        records = _dict(_dict(self._record().get("model")).get("tuning_records"))
-        if not records.get("database"):
-            return "none"
-        return f"{records['database']}@{str(records.get('sha256'))[:12]}"
-
-    def history_entry(self) -> dict[str, Any]:
-        origin = self.provenance
-        host = _dict(origin.get("host"))
-        return {
-            "target": self.target,
-            "precision": self.precision,
-            "model": self.model.text(),
-            "device": origin.get("device"),
-            "cpu": host.get("cpu"),
-            "mcpu": host.get("mcpu"),
-            "cores": host.get("cores"),
-            "records": self.records,
-            "commit": origin.get("commit"),
-            "date": origin.get("date"),
-            "median_ms": self.median_ms,
-            "p99_ms": _num(self.tvm.get("p99_ms")),
-            "top1_agreement": self.agreement,
-            "top1": self.top1,
-        }
 
 
 # ---------------------------------------------------------------- gathering
@@ -232,10 +84,10 @@ def read_report(path: Path, warnings: list[str]) -> dict | None:
 
 def model_key(latency: dict | None, accuracy: dict | None) -> ModelKey:
     """The table a report belongs in. accuracy.json does not record the input shape."""
-    model = _dict(_dict(latency).get("model")) or _dict(_dict(accuracy).get("model"))
+    model = as_dict(as_dict(latency).get("model")) or as_dict(as_dict(accuracy).get("model"))
     variant = model.get("variant") if isinstance(model.get("variant"), str) else "unknown model"
     classes = model.get("num_classes")
-    shape = _dict(latency).get("input_shape")
+    shape = as_dict(latency).get("input_shape")
     valid_shape = isinstance(shape, list) and shape and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
     return ModelKey(
         variant,
@@ -292,7 +144,7 @@ def not_measured_reason(name: str, precision: str, lookup: TargetLookup) -> str:
     precisions = tuple(getattr(target, "precisions", ()) or ())
     if precisions and precision not in precisions:
         return f"{name} does not support {precision} (precisions: {', '.join(precisions)})"
-    kind = _dict(getattr(target, "tvm_target", None)).get("kind")
+    kind = as_dict(getattr(target, "tvm_target", None)).get("kind")
     need = DEVICE_BY_KIND.get(kind) or DEVICE_BY_KIND.get(getattr(target, "device", None))
     arch = _arch(str(getattr(target, "host_triple", "") or ""))
     if need is None and arch and arch != _arch(platform.machine()):
@@ -360,10 +212,10 @@ def regression_flags(current: dict, previous: dict | None, tolerance: float = LA
     if previous is None:
         return []
     flags = []
-    now, before = _num(current.get("median_ms")), _num(previous.get("median_ms"))
+    now, before = as_number(current.get("median_ms")), as_number(previous.get("median_ms"))
     if now is not None and before is not None and before > 0 and now > before * (1 + tolerance):
         flags.append(f"median {_ms(before)} -> {_ms(now)} ms (+{100 * (now / before - 1):.1f}%)")
-    now, before = _num(current.get("top1_agreement")), _num(previous.get("top1_agreement"))
+    now, before = as_number(current.get("top1_agreement")), as_number(previous.get("top1_agreement"))
     if now is not None and before is not None and now < before - AGREEMENT_EPSILON:
         flags.append(f"top-1 agreement {pct(before)} -> {pct(now)}")
     return flags
@@ -421,7 +273,7 @@ def speedup_vs_fastest_pytorch(row: Row) -> str:
 def evaluated_on(accuracy: dict | None) -> str:
     """The evaluation set and how much of it: 'fashion-mnist:test, all 10000 images', or
     '256 of 10000 images' for a sample."""
-    data = _dict(_dict(accuracy).get("data"))
+    data = as_dict(as_dict(accuracy).get("data"))
     count, source = data.get("count"), data.get("source") or "unknown data"
     if not isinstance(count, int):
         return "n/a"
@@ -447,17 +299,17 @@ def row_cells(row: Row, reports_dir: Path | None = None) -> list[str]:
         latency = [BOARD_LATENCY] + ["n/a"] * 4
     else:
         tvm = row.tvm
-        throughput = _num(tvm.get("throughput_ips"))
+        throughput = as_number(tvm.get("throughput_ips"))
         latency = [
-            _ms(row.median_ms), _ms(_num(tvm.get("p99_ms"))),
+            _ms(row.median_ms), _ms(as_number(tvm.get("p99_ms"))),
             "n/a" if throughput is None else f"{throughput:.1f}",
             speedup_vs_fastest_pytorch(row), _times(row.speedup("onnxruntime")),
         ]
     if row.accuracy is None:
         accuracy = ["n/a", "n/a", "no accuracy.json"]
     else:
-        accuracy = [pct(row.top1), pct(_num(row.metrics.get("top5"))), pct(row.agreement)]
-    size = _num(_dict(row.latency).get("artifact_bytes"))
+        accuracy = [pct(row.top1), pct(as_number(row.metrics.get("top5"))), pct(row.agreement)]
+    size = as_number(as_dict(row.latency).get("artifact_bytes"))
     origin = row.provenance
     return [
         target, row.precision, *latency, *accuracy, evaluated_on(row.accuracy),
@@ -485,8 +337,8 @@ def not_measured_lines(rows: Sequence[Row]) -> list[str]:
 def provenance_cells(row: Row) -> list[str]:
     """The provenance table's cells for one measured row."""
     origin = row.provenance
-    host = _dict(origin.get("host"))
-    tools = _dict(origin.get("tools"))
+    host = as_dict(origin.get("host"))
+    tools = as_dict(origin.get("tools"))
     cpu = host.get("cpu", "n/a")
     details = [f"-mcpu={host['mcpu']}"] if host.get("mcpu") else []
     details += [f"{host['cores']} cores"] if host.get("cores") else []
@@ -495,7 +347,7 @@ def provenance_cells(row: Row) -> list[str]:
     gpu = origin.get("gpu") or host.get("gpu") or "none recorded"
     command = origin.get("command")
     return [
-        row.target, row.precision, row.model.label(), _dict(row.accuracy).get("reference", "n/a"),
+        row.target, row.precision, row.model.label(), as_dict(row.accuracy).get("reference", "n/a"),
         origin.get("device", "n/a"), cpu, gpu,
         tools.get("apache-tvm", "n/a"), tools.get("torch", "n/a"), tools.get("onnxruntime", "n/a"),
         origin.get("date", "n/a"), origin.get("commit", "n/a"), f"`{command}`" if command else "n/a",
@@ -626,7 +478,7 @@ def write_plots(reports_dir: Path, tables: dict[ModelKey, list[Row]], warnings: 
         summaries = [
             plots.LatencySummary(
                 f"{row.target}\n{row.precision}",
-                *(_num(row.tvm.get(name)) for name in ("min_ms", "median_ms", "p90_ms", "p99_ms", "max_ms")),
+                *(as_number(row.tvm.get(name)) for name in ("min_ms", "median_ms", "p90_ms", "p99_ms", "max_ms")),
                 samples_ms=row.samples_ms,
             )
             # Not the rows evaluated under an emulator: they have no time to draw.
