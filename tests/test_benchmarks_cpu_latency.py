@@ -1,22 +1,19 @@
 """benchmarks/cpu_latency.py: the committed record is replaced only by a run of the same
 settings; a narrowed run is written beside it."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from benchmark_scripts import load
 from conftest import REPO
 
 COMMITTED = REPO / "reports" / "benchmarks" / "cpu_latency.json"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("cpu_latency", REPO / "benchmarks" / "cpu_latency.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("cpu_latency")
 
 
 def test_the_committed_record_predating_its_settings_is_read_from_its_command_line():

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmark_scripts import load
 from calibration import fashion_mnist
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,12 +71,7 @@ def test_int8_speed_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
 
 
 def _script_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("int8_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("int8_speed")
 
 
 def test_held_out_images_skip_the_calibration_images_of_the_same_source(tmp_path):

@@ -8,6 +8,7 @@ import subprocess
 import pytest
 import typer
 
+from benchmark_scripts import load
 from conftest import REPO
 from pipeline.errors import PipelineError
 from reports.committed import differences, folder_name, place, read_record
@@ -87,11 +88,7 @@ def test_overriding_the_repeats_keeps_the_full_evaluation():
 
 
 def test_narrowing_the_benchmarks_and_the_matrix_keeps_their_other_defaults():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("cpu_latency", REPO / "benchmarks" / "cpu_latency.py")
-    cpu_latency = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cpu_latency)
+    cpu_latency = load("cpu_latency")
     args = cpu_latency.parse_args(make_command("bench", "cpu_latency.py", "BENCH_ARGS=--variants micro"))
     assert (args.variants, args.batches, args.repeats) == ("micro", "1,8", 10)
     params = parsed(make_command("compile-matrix", "pipeline", "MATRIX_ARGS=--targets x86"))

@@ -5,12 +5,12 @@ kernels that compute the right thing."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
+from benchmark_scripts import load
 from edge_models import micro_onnx
 from pipeline.compiler import gpu_cost_model
 from targets import get_target
@@ -20,10 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _load(name: str):
     sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load(name)
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ verified, and a runner that starts and fails cleanly where there is no GPU."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmark_scripts import load
 from calibration import fashion_mnist
 from demo_model import model_args
 
@@ -26,10 +26,7 @@ needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA
 
 
 def _gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("gpu_check")
 
 
 def _build(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

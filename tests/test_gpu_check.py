@@ -4,7 +4,6 @@ reports the aggregate report reads like any other."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from calibration import fashion_mnist
+from benchmark_scripts import load
 from demo_model import model_args
 from pipeline.compare import compare_logits
 from pipeline.latency_stats import latency_stats
@@ -22,15 +22,8 @@ from pipeline.latency_stats import latency_stats
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = _load("gpu_check")
-check_report = _load("gpu_check_report")
+gpu_check = load("gpu_check")
+check_report = load("gpu_check_report")
 
 
 def _row(precision: str, batch: int, reference: np.ndarray, output: np.ndarray, ms: float) -> dict:
@@ -197,7 +190,7 @@ def test_the_default_bundle_offers_no_int8_on_gpu_targets():
     from pipeline.errors import PipelineError
     from targets import GPU_INT8_REASON, get_target
 
-    gpu_bundle = _load("gpu_bundle")
+    gpu_bundle = load("gpu_bundle")
     defaults = gpu_bundle.parse_args([])
     target = get_target(defaults.target)
     assert target.device == "cuda"
@@ -215,7 +208,7 @@ def test_a_bundle_configuration_without_split_k_is_named_for_it_and_only_for_gpu
     from pipeline.errors import PipelineError
     from targets import get_target
 
-    gpu_bundle = _load("gpu_bundle")
+    gpu_bundle = load("gpu_bundle")
     configs = gpu_bundle.parse_configs("fp16:8,fp16:8:no-split-k", get_target("cuda-sm90"))
     assert configs == [("fp16", 8, True), ("fp16", 8, False)]
     assert [c.name for c in configs] == ["fp16-b8", "fp16-b8-no-split-k"]

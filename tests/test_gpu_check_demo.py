@@ -6,7 +6,6 @@ reports/README.md."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmark_scripts import load
 from calibration import fashion_mnist, load_dataset
 from demo_model import model_args
 from pipeline.compare import compare_logits, topk_accuracy
@@ -25,16 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 needs_fashion_mnist = pytest.mark.skipif(not fashion_mnist.available(), reason="Fashion-MNIST is not installed")
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = _load("gpu_check")
-gpu_bundle = _load("gpu_bundle")
-check_report = _load("gpu_check_report")
+gpu_check = load("gpu_check")
+gpu_bundle = load("gpu_bundle")
+check_report = load("gpu_check_report")
 
 
 @pytest.fixture(scope="module")
