@@ -53,10 +53,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from gpu_check import file_sha256, params_digest, preprocess  # noqa: E402  (the check verifies what this takes)
+from gpu_check import params_digest, preprocess  # noqa: E402  (the check verifies what this takes)
 from gpu_check_report import DEMO  # noqa: E402
 
 from pipeline.runtime.cross import cache_root  # noqa: E402
+from pipeline.runtime.runtime_only import file_sha256  # noqa: E402  (as the check takes it)
 
 MIB = 1024 * 1024
 # What the check imports from the pipeline: NumPy, torch and the TVM runtime only.

@@ -125,19 +125,13 @@ def unpack_artifacts(bundle: Path, manifest: dict) -> Path:
                 raise CheckError(f"the weights of {name} differ from the ones it was compiled with; rebuild the bundle")
     demo = manifest.get("demo")
     if demo:
+        from pipeline.runtime.runtime_only import file_sha256
+
         checkpoint = folder / demo["model"]["checkpoint"]
         if not checkpoint.is_file() or file_sha256(checkpoint) != demo["model"]["checkpoint_sha256"]:
             raise CheckError(f"the demo checkpoint {demo['model']['checkpoint']} is missing or differs from the one "
                              f"its artifacts were compiled from; rebuild the bundle")
     return folder
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def params_digest(arrays: dict[str, np.ndarray], order: list[str]) -> str:

@@ -75,7 +75,7 @@ def check_files(bundle: Path, manifest: dict) -> None:
         path = bundle / candidate["file"]
         if not path.is_file():
             raise BundleError(f"{path} is missing; copy the whole bundle folder again")
-        if runtime_only._file_sha256(path) != candidate["sha256"]:
+        if runtime_only.file_sha256(path) != candidate["sha256"]:
             raise BundleError(f"{path} does not match {bundle / MANIFEST} (sha256 differs): it was damaged "
                               f"or changed since `pipeline tune` wrote it; copy the bundle again")
 

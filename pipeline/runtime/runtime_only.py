@@ -313,7 +313,8 @@ BUNDLE_MANIFEST = "manifest.json"
 LABELS = "labels.txt"
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in chunks (the check and measure bundles use it too)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -345,7 +346,7 @@ def check_bundle_files(library: Path) -> None:
         listed = entry.get("sha256") if isinstance(entry, dict) else None
         if listed is None:
             raise ArtifactError(f"{path} is not listed in {manifest_path}; unpack the bundle again")
-        actual = _file_sha256(path)
+        actual = file_sha256(path)
         if actual != listed:
             raise ArtifactError(
                 f"{path} does not match {manifest_path} (sha256 {actual[:12]}, listed {listed[:12]}): it was "
