@@ -194,6 +194,7 @@ def compile_configs(args: argparse.Namespace, target, configs, weights: Path, mo
                     prefix: str = "") -> dict[str, Compiled]:
     """Config name (after ``prefix``) -> what compiling it gave (Compiled); ``model`` holds the
     settings of a model other than --variant's (the demo's: variant, classes, channels...)."""
+    from pipeline import precisions
     from pipeline.config import PipelineConfig
     from pipeline.engine import run_pipeline
     from pipeline.stages import STAGES
@@ -206,13 +207,14 @@ def compile_configs(args: argparse.Namespace, target, configs, weights: Path, mo
     folders = {}
     for index, bundled in enumerate(configs, start=1):
         log(f"compile {index}/{len(configs)}: {base.variant} {bundled.name} for {target.name}")
-        # INT8 folds its weights into integer constants at import, so it keeps them embedded.
+        plan = precisions.get(bundled.precision)
+        # Weights stored apart where the precision allows it (INT8 folds them into integer
+        # constants at import, so it keeps them embedded).
         config = base.replace(precision=bundled.precision, batch_size=bundled.batch, gpu_split_k=bundled.split_k,
-                              params_mode="embedded" if bundled.precision == "int8" else "separate")
+                              params_mode="separate" if "separate" in plan.params_modes else "embedded")
         results = run_pipeline(STAGES, config, target, "compile", {"weights": weights})
         compiled = results["compile"]
-        onnx = results["quantize" if bundled.precision == "int8" else "simplify"].outputs[
-            "onnx_quantized" if bundled.precision == "int8" else "onnx_simplified"]
+        onnx = results[plan.model_stage].outputs[plan.model_output]
         folders[prefix + bundled.name] = Compiled(Path(compiled.outputs["library"]).parent,
                                          compiled.manifest.get("info", {}).get("gpu_cost", {}).get("kernels", []),
                                          Path(onnx))
